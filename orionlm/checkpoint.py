@@ -1,0 +1,209 @@
+"""Read and write a model directory: config.json, safetensors (sharded past a size), tokenizer,
+chat template and generation defaults. Writes are atomic; reads never unpickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .model import OrionLM
+from .tokenizer import Tokenizer
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 256}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be read; the message names the file and the tensor."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on CUDA; fp32 on CPU, where bf16 matmuls have no native support and are slow.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors or of the shards listed in model.safetensors.index.json."""
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is corrupt ({e}); it must hold a 'weight_map'") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory} has no model.safetensors (nor {SAFETENSORS_INDEX})")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {SAFETENSORS_INDEX})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
+    return tensors
+
+
+def model_from_tensors(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: str
+) -> OrionLM:
+    """Build the model on the meta device and adopt the given tensors, checking every name and shape."""
+    with torch.device("meta"):
+        model = OrionLM(config)
+    expected = {name: p for name, p in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    state = {}
+    for name, want in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected a float tensor")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_buffers(device)
+    return model.eval()
+
+
+def load_checkpoint(
+    directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[OrionLM, Tokenizer | None]:
+    """Load an orionlm model directory; the tokenizer is None when the directory has none."""
+    directory = Path(directory)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} is missing; is {directory} a model directory?")
+    try:
+        config = ModelConfig.load(config_path)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    model = model_from_tensors(config, read_safetensors(directory), device, dtype, str(directory))
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
+    return model, tokenizer
+
+
+def read_generation_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def state_dict_for_saving(model: OrionLM) -> dict[str, torch.Tensor]:
+    """The model's tensors, contiguous on CPU, without the tied head (safetensors forbids aliases)."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> None:
+    """model.safetensors, or numbered shards plus an index when the total passes max_shard_bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class atomic_directory:
+    """A context manager yielding a temporary sibling of `target`; on success it replaces target."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    model: OrionLM,
+    directory: str | Path,
+    tokenizer: Tokenizer | None = None,
+    generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write a complete model directory atomically (a temporary directory, then a rename)."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        model.config.save(tmp / "config.json")
+        write_safetensors(state_dict_for_saving(model), tmp, max_shard_bytes)
+        generation = dict(DEFAULT_GENERATION if generation_config is None else generation_config)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id)):
+                if value is not None:
+                    generation.setdefault(key, value)
+            stops = [i for i in (tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")) if i is not None]
+            if stops:
+                generation.setdefault("eos_token_id", stops if len(stops) > 1 else stops[0])
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return directory

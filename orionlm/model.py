@@ -1,0 +1,191 @@
+"""The decoder for every dense, MoE and ALiBi family: embeddings -> blocks -> norm -> LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .nn.alibi import alibi_bias, alibi_slopes
+from .nn.attention import Attention, KVCache
+from .nn.mlp import MLP
+from .nn.moe import MoE, load_balancing_loss, router_z_loss
+from .nn.norm import make_norm
+from .nn.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (unscaled)
+    z_loss: torch.Tensor | None = None  # MoE router z-loss (unscaled)
+    router_logits: list[torch.Tensor] | None = None  # per MoE layer, (B*T, E)
+    expert_counts: torch.Tensor | None = None  # (MoE layers, E) routed slots per expert
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.activation, config.mlp_bias)
+
+    def forward(self, x, rope, mask, is_causal, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            out, logits, counts = self.mlp(h)
+            return x + out, logits, counts
+        return x + self.mlp(h), None, None
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.embedding_norm:
+            self.embed_norm = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config.norm, config.hidden_size, config.norm_eps)
+
+
+class OrionLM(nn.Module):
+    """A causal language model. Parameter names follow Hugging Face's Llama layout
+    (`model.layers.{i}.self_attn.q_proj`), so conversion is a rename."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_buffers()
+        self.reset_parameters()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the position tables; called again after loading weights onto a meta-built model."""
+        self.rotary = None
+        if self.config.position == "rope":
+            self.rotary = RotaryEmbedding(self.config.rotary_dim, self.config.max_seq_len, self.config.rope_theta)
+            self.rotary.to(device)
+        if self.config.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(self.config.num_heads).to(device), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        return KVCache(self.config, batch_size, capacity, self.device, self.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) token ids
+        position_ids: torch.Tensor | None = None,  # (B, T); default: continues after the cache
+        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token, 0 = padding
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if self.config.embedding_norm:
+            x = self.model.embed_norm(x)
+        rope = self.rotary(position_ids) if self.rotary is not None else None
+        mask, is_causal = self._attention_mask(B, T, past, attention_mask, position_ids, x.dtype)
+        router_logits, counts = [], []
+        for layer in self.model.layers:
+            x, logits, layer_counts = layer(x, rope, mask, is_causal, cache)
+            if logits is not None:
+                router_logits.append(logits)
+                counts.append(layer_counts)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        if not router_logits:
+            return ModelOutput(logits)
+        return ModelOutput(
+            logits,
+            aux_loss=load_balancing_loss(router_logits, self.config.experts_per_token),
+            z_loss=router_z_loss(router_logits),
+            router_logits=router_logits,
+            expert_counts=torch.stack(counts),
+        )
+
+    def _attention_mask(self, B, T, past, attention_mask, position_ids, dtype):
+        """The mask for scaled_dot_product_attention, or (None, is_causal) when the plain causal
+        kernel suffices (no padding, no sliding window in reach, no ALiBi)."""
+        L = past + T
+        window = self.config.sliding_window
+        alibi = self.config.position == "alibi"
+        if attention_mask is None and not alibi and (window is None or L <= window):
+            if T == 1:
+                return None, False
+            if past == 0:
+                return None, True
+        device = position_ids.device
+        q_slot = torch.arange(past, L, device=device).view(T, 1)
+        k_slot = torch.arange(L, device=device).view(1, L)
+        allowed = k_slot <= q_slot  # (T, L)
+        if window is not None:
+            allowed = allowed & (q_slot - k_slot < window)
+        allowed = allowed.view(1, 1, T, L)
+        if attention_mask is not None:
+            # Padding keys are hidden; a padding query still sees itself so its softmax stays finite.
+            allowed = allowed & attention_mask.bool().view(B, 1, 1, L)
+            allowed = allowed | (k_slot == q_slot).view(1, 1, T, L)
+        if not alibi:
+            return allowed, False
+        if attention_mask is not None:
+            key_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            key_pos = torch.arange(L, device=device).expand(B, L)
+        bias = alibi_bias(self.alibi_slopes.float(), key_pos)  # (B, H, 1, L)
+        return bias.masked_fill(~allowed, float("-inf")).to(dtype), False
+
+
+def count_parameters(config: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) without building the model: the meta device holds no memory."""
+    with torch.device("meta"):
+        model = OrionLM(config)
+    total = active = 0
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if ".experts." in name:
+            active += p.numel() // config.num_experts * config.experts_per_token
+        else:
+            active += p.numel()
+    return total, active

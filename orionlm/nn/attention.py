@@ -1,0 +1,93 @@
+"""Grouped-query attention over a preallocated KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rotary
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated to `capacity` positions.
+
+    All rows of a batch share one write position (batched prompts are left-padded), so the
+    cache is a pair of (B, kv_heads, capacity, head_dim) tensors per layer and one length.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, device, dtype) -> None:
+        shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv_heads, T, D) after the cached positions; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} were asked for")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (used when finished sequences leave a batch)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.fused = config.fused_qkv
+        if self.fused:
+            # BLOOM layout: output rows grouped per head as (heads, [q, k, v], head_dim)
+            self.qkv_proj = nn.Linear(hidden, 3 * q_dim, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,  # (B, 1 or H, T, L) bool or additive float, or None
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.fused:
+            q, k, v = self.qkv_proj(x).view(B, T, self.num_heads, 3, self.head_dim).unbind(3)
+        else:
+            q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, L, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,110 @@
+"""Mixture-of-experts feed-forward: a top-k router over SwiGLU experts, with an optional
+shared expert (Qwen-MoE), the load-balancing loss (Mixtral) and the router z-loss (ST-MoE)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .mlp import MLP
+
+
+class Experts(nn.Module):
+    """All experts' weights stacked: gate_up_proj (E, 2I, C) holds [gate; up], down_proj (E, C, I)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e applied to x (N, C)."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.experts_per_token
+        self.norm_topk_prob = config.norm_topk_prob
+        self.jitter = config.router_jitter
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size, "swiglu")
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.use_reference = False  # tests flip this to run the readable per-expert path
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (N, E) in float32, top-k weights (N, k) and expert ids (N, k)."""
+        router_in = x
+        if self.training and self.jitter:
+            # Switch Transformer jitter: multiplicative noise on the router input only.
+            router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(router_in.float(), self.gate.weight.float())
+        probs = logits.softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights, ids
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> output (B, T, C), router logits (B*T, E), tokens per expert (E,)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C)
+        logits, weights, ids = self.route(x)
+        weights = weights.to(x.dtype)
+        y = self._reference(x, weights, ids) if self.use_reference else self._dispatch(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
+        return y.view(shape), logits, counts
+
+    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sort the N*k (token, expert) slots by expert, run one matmul per expert on its
+        contiguous slice, then scatter the weighted outputs back to their tokens."""
+        flat_ids = ids.flatten()  # (N*k,)
+        order = flat_ids.argsort(stable=True)
+        token_of_slot = order // self.top_k  # (N*k,)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        xs = x[token_of_slot]  # (N*k, C), grouped by expert
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start : start + n] = self.experts.expert(e, xs[start : start + n])
+                start += n
+        out = out * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+
+    def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, then each token keeps its top-k outputs. Slow and obvious."""
+        all_out = torch.stack([self.experts.expert(e, x) for e in range(self.num_experts)], dim=1)  # (N, E, C)
+        chosen = all_out.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (N, k, C)
+        return (chosen * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Mixtral's auxiliary loss over all MoE layers together: E * sum_e f_e * P_e, where f_e is
+    the fraction of routed slots (per top-k rank) sent to expert e and P_e its mean router probability."""
+    logits = torch.cat(router_logits, dim=0)  # (layers * N, E)
+    num_experts = logits.shape[-1]
+    probs = logits.float().softmax(dim=-1)
+    selected = probs.topk(top_k, dim=-1).indices  # (M, k)
+    tokens_per_expert = F.one_hot(selected, num_experts).float().mean(dim=0)  # (k, E)
+    prob_per_expert = probs.mean(dim=0)  # (E,)
+    return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * num_experts
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE z-loss: the mean squared log-partition of the router logits, averaged over layers."""
+    return torch.stack([torch.logsumexp(lg.float(), dim=-1).square().mean() for lg in router_logits]).mean()
