@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .errors import OrionError
 from .model import OrionLM
 from .tokenizer import Tokenizer
 
@@ -23,7 +24,7 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 256}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OrionError):
     """A model directory that cannot be read; the message names the file and the tensor."""
 
 
@@ -34,6 +35,23 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     # bf16 on CUDA; fp32 on CPU, where bf16 matmuls have no native support and are slow.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def stored_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype of the first floating tensor in a directory's safetensors (float32 when there is none)."""
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                    if dtype is not None:
+                        return dtype
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
+    return torch.float32
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

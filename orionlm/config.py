@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import OrionError
+
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu_tanh", "gelu")
 POSITIONS = ("rope", "alibi", "none")
 
 
-class ConfigError(ValueError):
+class ConfigError(OrionError):
     """A model configuration that cannot be built; the message says what to change."""
 
 
@@ -178,52 +180,110 @@ class ModelConfig:
 
 def _mistral_7b(**changes: Any) -> dict[str, Any]:
     # mistralai/Mistral-7B-v0.1 config.json
-    return dict(
-        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        intermediate_size=14336, rope_theta=10000.0, max_seq_len=32768, sliding_window=4096,
-        norm_eps=1e-5, hf_model_type="mistral",
-    ) | changes
+    return (
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            intermediate_size=14336,
+            rope_theta=10000.0,
+            max_seq_len=32768,
+            sliding_window=4096,
+            norm_eps=1e-5,
+            hf_model_type="mistral",
+        )
+        | changes
+    )
 
 
-_TINY = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-             max_seq_len=256)
+_TINY = dict(
+    vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=256
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny presets: random-init test models of each family (not published models).
     "tiny-dense": dict(_TINY, hf_model_type="llama"),
     "tiny-moe": dict(_TINY, num_experts=4, experts_per_token=2, expert_intermediate_size=96, hf_model_type="mixtral"),
     "tiny-qwen-moe": dict(
-        _TINY, num_experts=4, experts_per_token=2, expert_intermediate_size=64, qkv_bias=True,
-        shared_expert_intermediate_size=128, shared_expert_gate=True, norm_topk_prob=False,
+        _TINY,
+        num_experts=4,
+        experts_per_token=2,
+        expert_intermediate_size=64,
+        qkv_bias=True,
+        shared_expert_intermediate_size=128,
+        shared_expert_gate=True,
+        norm_topk_prob=False,
         hf_model_type="qwen2_moe",
     ),
     "tiny-alibi": dict(
-        _TINY, num_kv_heads=4, norm="layernorm", activation="gelu_tanh", position="alibi", intermediate_size=256,
-        qkv_bias=True, o_bias=True, mlp_bias=True, fused_qkv=True, embedding_norm=True, tie_embeddings=True,
+        _TINY,
+        num_kv_heads=4,
+        norm="layernorm",
+        activation="gelu_tanh",
+        position="alibi",
+        intermediate_size=256,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        fused_qkv=True,
+        embedding_norm=True,
+        tie_embeddings=True,
         hf_model_type="bloom",
     ),
     # mistralai/Mistral-7B-v0.1 config.json
     "mistral-7b": _mistral_7b(),
     # mistralai/Mixtral-8x7B-v0.1 config.json: 46.7B total, 12.9B active
     "mixtral-8x7b": _mistral_7b(
-        max_seq_len=32768, sliding_window=None, rope_theta=1e6, num_experts=8, experts_per_token=2,
-        router_aux_loss_coef=0.02, hf_model_type="mixtral",
+        max_seq_len=32768,
+        sliding_window=None,
+        rope_theta=1e6,
+        num_experts=8,
+        experts_per_token=2,
+        router_aux_loss_coef=0.02,
+        hf_model_type="mixtral",
     ),
     # OrionStarAI/Orion-MoE8x7B: hidden 4096, 32 layers, 32 q / 8 kv heads, FFN 14592, 8 experts top-2,
     # untied embeddings, RoPE, context 8192, vocab 113664
     "orion-moe-8x7b": dict(
-        vocab_size=113664, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14592,
-        max_seq_len=8192, num_experts=8, experts_per_token=2, tie_embeddings=False, hf_model_type="mixtral",
+        vocab_size=113664,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14592,
+        max_seq_len=8192,
+        num_experts=8,
+        experts_per_token=2,
+        tie_embeddings=False,
+        hf_model_type="mixtral",
     ),
     # Harmony-4x7B, a frankenMoE: the Mixtral layout over 4 Mistral-7B experts, top-2 (24.2B total)
     "harmony-4x7b": _mistral_7b(
-        sliding_window=None, num_experts=4, experts_per_token=2, hf_model_type="mixtral",
+        sliding_window=None,
+        num_experts=4,
+        experts_per_token=2,
+        hf_model_type="mixtral",
     ),
     # LumiOpen/Poro-34B config.json (BLOOM architecture with ALiBi): 34.2B parameters
     "poro-34b": dict(
-        vocab_size=128000, hidden_size=7168, num_layers=54, num_heads=56, intermediate_size=4 * 7168,
-        norm="layernorm", norm_eps=1e-5, activation="gelu_tanh", position="alibi", max_seq_len=2048,
-        qkv_bias=True, o_bias=True, mlp_bias=True, fused_qkv=True, embedding_norm=True, tie_embeddings=True,
+        vocab_size=128000,
+        hidden_size=7168,
+        num_layers=54,
+        num_heads=56,
+        intermediate_size=4 * 7168,
+        norm="layernorm",
+        norm_eps=1e-5,
+        activation="gelu_tanh",
+        position="alibi",
+        max_seq_len=2048,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        fused_qkv=True,
+        embedding_norm=True,
+        tie_embeddings=True,
         hf_model_type="bloom",
     ),
 }

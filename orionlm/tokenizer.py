@@ -13,6 +13,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .errors import OrionError
+
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -28,7 +30,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(OrionError):
     pass
 
 

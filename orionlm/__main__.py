@@ -1,0 +1,378 @@
+"""The `orionlm` command line: one verb = one typed function; its docstring is its --help."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .cli import build_parser, run
+from .errors import OrionError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _dtype(name: str, source: Path) -> torch.dtype:
+    from .checkpoint import stored_dtype
+
+    if name != "auto":
+        return DTYPES[name]
+    return torch.float32 if source.is_file() else stored_dtype(source)
+
+
+def info(model: str | None = None, /, *, preset: str | None = None, json: bool = False) -> None:
+    """Print a model's architecture and parameter counts (total, and active per token for MoE).
+
+    Examples:
+      orionlm info --preset mixtral-8x7b
+      orionlm info runs/my-model --json
+
+    Args:
+        model: a model directory (orionlm or Hugging Face) or a .gguf file
+        preset: a preset name instead of a model (see `orionlm info --preset list`)
+        json: print JSON with total_params, active_params and the config
+    """
+    from .config import PRESETS, ModelConfig
+    from .config import preset as get_preset
+    from .model import count_parameters
+
+    if (model is None) == (preset is None):
+        raise OrionError("give either a model path or --preset NAME")
+    if preset == "list":
+        print("\n".join(PRESETS))
+        return
+    if preset is not None:
+        config = get_preset(preset)
+    else:
+        config = _read_config(Path(model))
+    total, active = count_parameters(config)
+    if json:
+        print(jsonlib.dumps({"total_params": total, "active_params": active, "config": config.to_dict()}, indent=2))
+        return
+    rows = [
+        ("name", config.name or "-"),
+        ("family", config.family),
+        ("layers", config.num_layers),
+        ("hidden size", config.hidden_size),
+        ("heads (q / kv), head dim", f"{config.num_heads} / {config.num_kv_heads}, {config.head_dim}"),
+        ("position", _position(config)),
+        ("context", config.max_seq_len),
+        ("vocab", f"{config.vocab_size} ({'tied' if config.tie_embeddings else 'untied'} embeddings)"),
+    ]
+    if config.num_experts:
+        moe_layers = "all" if config.moe_layers is None else ",".join(map(str, config.moe_layers))
+        rows += [
+            ("experts", f"{config.num_experts}, top-{config.experts_per_token}, FFN {config.expert_intermediate_size}"),
+            ("MoE layers", moe_layers),
+        ]
+        if config.shared_expert_intermediate_size:
+            rows.append(("shared expert FFN", config.shared_expert_intermediate_size))
+    if not config.num_experts or config.moe_layers is not None:
+        rows.append(("dense FFN", f"{config.intermediate_size} ({config.activation})"))
+    rows += [("total parameters", _human(total)), ("active per token", _human(active))]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _position(config) -> str:
+    if config.position != "rope":
+        return config.position
+    partial = f", {config.partial_rotary_factor:g} of head dim" if config.partial_rotary_factor < 1 else ""
+    return f"rope (theta {config.rope_theta:g}{partial})"
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.1f}{unit})"
+    return f"{n:,}"
+
+
+def _read_config(path: Path):
+    """The ModelConfig of a model directory or GGUF file, without reading the weights where possible."""
+    from .config import ModelConfig
+    from .loading import resolve_model_path
+
+    path = resolve_model_path(path)
+    if path.is_file():
+        from .loading import load_model
+
+        return load_model(path, device="cpu")[0].config
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise OrionError(f"{config_path} is missing; is {path} a model directory?")
+    data = jsonlib.loads(config_path.read_text())
+    if data.get("model_type", "orionlm") == "orionlm":
+        return ModelConfig.from_dict(data)
+    from .convert.hf import config_from_hf
+
+    return config_from_hf(data)
+
+
+def init(
+    out_dir: Path, /, *, preset: str, seed: int = 0, tokenizer: Path | None = None, force: bool = False
+) -> None:
+    """Write a randomly initialised model directory for a preset.
+
+    Without --tokenizer the model gets a byte-level tokenizer (256 bytes + special tokens).
+    When the tokenizer has more tokens than the preset's vocab_size, the vocabulary grows to fit
+    (rounded up to a multiple of 64).
+
+    Args:
+        out_dir: the directory to create
+        preset: a preset name (`orionlm info --preset list` lists them)
+        seed: the random seed of the initial weights
+        tokenizer: a directory holding tokenizer.json (e.g. from `orionlm tokenizer train`)
+        force: replace out_dir if it exists
+    """
+    from .checkpoint import save_checkpoint
+    from .config import preset as get_preset
+    from .model import OrionLM
+    from .tokenizer import Tokenizer
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise OrionError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    tok = Tokenizer.load(tokenizer) if tokenizer is not None else Tokenizer.byte_level()
+    config = get_preset(preset)
+    if tok.vocab_size > config.vocab_size:
+        config = config.replace(vocab_size=-(-tok.vocab_size // 64) * 64)
+        print(f"vocab_size raised to {config.vocab_size} to fit the tokenizer ({tok.vocab_size} tokens)")
+    torch.manual_seed(seed)
+    model = OrionLM(config)
+    model.reset_parameters(seed)
+    save_checkpoint(model, out_dir, tok)
+    print(f"wrote {out_dir} ({preset}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+
+
+def generate(
+    prompt: str,
+    /,
+    *,
+    model: str,
+    temp: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    rep_pen: float | None = None,
+    presence_pen: float | None = None,
+    frequency_pen: float | None = None,
+    max_tokens: int | None = None,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    chat: bool = False,
+    device: str | None = None,
+) -> None:
+    """Generate a continuation of PROMPT and stream it to stdout.
+
+    Unset sampling options take the model's generation_config.json defaults.
+
+    Example:
+      orionlm generate "The history of" --model runs/quickstart/model --temp 0.7 --top-k 20 --max-tokens 200
+
+    Args:
+        prompt: the text to continue
+        model: a model directory, .gguf file or Hub id
+        temp: sampling temperature; 0 is greedy
+        top_k: keep only the k most likely tokens (0 = off)
+        top_p: nucleus sampling: keep the smallest set with this much probability
+        min_p: drop tokens below min_p times the top token's probability
+        rep_pen: repetition penalty over prompt and output (1.0 = off)
+        presence_pen: subtract this from tokens already generated (OpenAI semantics)
+        frequency_pen: subtract this times the count of each generated token
+        max_tokens: the most tokens to generate
+        stop: stop when one of these strings is produced
+        seed: random seed, for reproducible sampling
+        chat: wrap PROMPT in the model's chat template as a user message
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from .generate import stream
+    from .loading import load_model
+
+    lm, tokenizer, _ = load_model(model, device=device)
+    if tokenizer is None:
+        raise OrionError(f"{model} has no tokenizer.json; generation needs one")
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    sampling = _sampling(temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed)
+    for piece in stream(lm, tokenizer, prompt, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _sampling(temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed) -> dict:
+    """CLI option names -> generation keyword arguments, leaving out what was not given."""
+    values = dict(
+        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep_pen,
+        presence_penalty=presence_pen, frequency_penalty=frequency_pen, max_new_tokens=max_tokens,
+        stop=stop, seed=seed,
+    )  # fmt: skip
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def chat(
+    *,
+    model: str,
+    system: str | None = None,
+    temp: float | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> None:
+    """Chat with a model in the terminal, using its chat template.
+
+    Type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits.
+
+    Args:
+        model: a model directory, .gguf file or Hub id
+        system: a system message to start the conversation with
+        temp: sampling temperature; 0 is greedy
+        top_p: nucleus sampling threshold
+        max_tokens: the most tokens per reply
+        seed: random seed, for reproducible sampling
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from .generate import stream
+    from .loading import load_model
+
+    lm, tokenizer, _ = load_model(model, device=device)
+    if tokenizer is None:
+        raise OrionError(f"{model} has no tokenizer.json; chat needs one")
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    sampling = _sampling(temp, None, top_p, None, None, None, None, max_tokens, None, seed)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if text == "/reset":
+            messages = list(start)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reply = []
+        for piece in stream(lm, tokenizer, prompt, **sampling):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def convert_from_hf(src: str, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
+    """Convert a Hugging Face model directory (or Hub id) into an orionlm model directory.
+
+    Architectures: llama, mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe, bloom.
+
+    Args:
+        src: a Hugging Face model directory or Hub id
+        dst: the orionlm directory to write
+        dtype: the weights' dtype; auto keeps the source's
+        force: replace dst if it exists
+    """
+    from .checkpoint import read_generation_config, save_checkpoint
+    from .convert.hf import load_hf
+    from .loading import resolve_model_path
+
+    _refuse_existing(dst, force)
+    path = resolve_model_path(src)
+    model, tokenizer = load_hf(path, device="cpu", dtype=_dtype(dtype, path))
+    save_checkpoint(model, dst, tokenizer, read_generation_config(path) or None)
+    print(f"wrote {dst}")
+
+
+def convert_to_hf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
+    """Export an orionlm model directory as a Hugging Face directory that transformers loads.
+
+    Args:
+        src: an orionlm model directory
+        dst: the Hugging Face directory to write
+        dtype: the weights' dtype; auto keeps the source's
+        force: replace dst if it exists
+    """
+    from .checkpoint import load_checkpoint
+    from .convert.hf import save_hf
+
+    _refuse_existing(dst, force)
+    model, tokenizer = load_checkpoint(src, device="cpu", dtype=_dtype(dtype, src))
+    save_hf(model, tokenizer, dst)
+    print(f"wrote {dst}")
+
+
+def convert_from_gguf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
+    """Import an unquantized llama-architecture GGUF file, with its embedded tokenizer.
+
+    Args:
+        src: the .gguf file
+        dst: the orionlm directory to write
+        dtype: the weights' dtype; auto is float32
+        force: replace dst if it exists
+    """
+    from .checkpoint import save_checkpoint
+    from .convert.gguf import load_gguf
+
+    _refuse_existing(dst, force)
+    model, tokenizer = load_gguf(src, device="cpu", dtype=_dtype(dtype, src))
+    save_checkpoint(model, dst, tokenizer)
+    print(f"wrote {dst}")
+
+
+def _refuse_existing(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise OrionError(f"{path} exists; pass --force to replace it")
+
+
+def tokenizer_train(files: list[Path], /, *, vocab_size: int, out: Path) -> None:
+    """Train a byte-level BPE tokenizer on text files (.gz files are read too).
+
+    Args:
+        files: the training text files
+        vocab_size: the vocabulary size, special tokens included
+        out: the directory to write tokenizer.json, tokenizer_config.json and chat_template.jinja to
+    """
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(files, vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    print(f"wrote {out} ({tok.vocab_size} tokens)")
+
+
+COMMANDS = {
+    "info": info,
+    "init": init,
+    "generate": generate,
+    "chat": chat,
+    "convert": {"from-hf": convert_from_hf, "to-hf": convert_to_hf, "from-gguf": convert_from_gguf},
+    "tokenizer": {"train": tokenizer_train},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser(
+        "orionlm", "orionlm: define, train, convert, generate with MoE and hybrid language models.", COMMANDS
+    )
+    try:
+        run(parser, argv)
+    except OrionError as e:
+        sys.stderr.write(f"orionlm: error: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

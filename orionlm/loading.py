@@ -1,0 +1,74 @@
+"""`load_model`: one entry point for orionlm directories, Hugging Face directories, GGUF files
+and Hugging Face Hub ids."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import default_device, default_dtype, load_checkpoint, read_generation_config
+from .errors import OrionError
+from .model import OrionLM
+from .tokenizer import Tokenizer
+
+# What a model directory needs; nothing executable is ever fetched.
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A local path as is; anything else is taken as a Hub id and downloaded (safetensors only)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise OrionError(f"{name} does not exist (not a local path, and not a Hub id of the form 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+        offline = " (offline mode is on)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OrionError(
+            f"could not download {name!r} from the Hugging Face Hub{offline}: {reason}. "
+            "Check the id and your connection, or pass a local model directory."
+        ) from None
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[OrionLM, Tokenizer | None, torch.device]:
+    """Load a model and its tokenizer from an orionlm or Hugging Face directory, a .gguf file,
+    or a Hub id; returns (model, tokenizer, device). fp32 on CPU, bf16 on CUDA unless dtype is given."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise OrionError(f"{path} is a file but not a .gguf file; pass a model directory or a GGUF file")
+        from .convert.gguf import load_gguf
+
+        model, tokenizer = load_gguf(path, device=device, dtype=dtype)
+        return model, tokenizer, device
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise OrionError(f"{config_path} is missing; is {path} a model directory?")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type", "orionlm")
+    except json.JSONDecodeError as e:
+        raise OrionError(f"{config_path} is not valid JSON: {e}") from None
+    if model_type == "orionlm":
+        model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
+    else:
+        from .convert.hf import load_hf
+
+        model, tokenizer = load_hf(path, device=device, dtype=dtype)
+    model.generation_defaults = read_generation_config(path)
+    return model, tokenizer, device

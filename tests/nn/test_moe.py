@@ -1,0 +1,62 @@
+import pytest
+import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from orionlm.config import preset
+from orionlm.nn.moe import MoE, load_balancing_loss, router_z_loss
+
+
+def _moe(name="tiny-moe", **changes):
+    torch.manual_seed(0)
+    moe = MoE(preset(name, **changes)).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+    return moe
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-qwen-moe"])
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+def test_sorted_dispatch_equals_reference(name, tokens):
+    moe = _moe(name)
+    x = torch.randn(1, tokens, moe.gate.in_features)
+    fast, logits, counts = moe(x)
+    moe.use_reference = True
+    slow, logits_ref, _ = moe(x)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits, logits_ref)
+    assert counts.sum().item() == tokens * moe.top_k
+
+
+def test_topk_renormalisation():
+    x = torch.randn(10, 64)
+    _, w, _ = _moe(norm_topk_prob=True).route(x)
+    torch.testing.assert_close(w.sum(-1), torch.ones(10))
+    _, w, _ = _moe(norm_topk_prob=False).route(x)
+    assert (w.sum(-1) < 1).all()
+
+
+def test_router_jitter_only_in_training():
+    moe = _moe(router_jitter=0.5)
+    x = torch.randn(32, 64)
+    assert torch.equal(moe.route(x)[0], moe.route(x)[0])
+    moe.train()
+    assert not torch.equal(moe.route(x)[0], moe.route(x)[0])
+
+
+def test_load_balancing_loss_matches_transformers():
+    torch.manual_seed(1)
+    logits = [torch.randn(40, 8) for _ in range(3)]
+    ours = load_balancing_loss(logits, top_k=2)
+    theirs = load_balancing_loss_func(tuple(logits), num_experts=8, top_k=2)
+    torch.testing.assert_close(ours, theirs)
+    # A uniform router gives exactly top_k, the minimum of E * sum f_e P_e
+    assert load_balancing_loss([torch.zeros(16, 4)], top_k=2).item() == pytest.approx(2.0, abs=0.6)
+
+
+def test_z_loss_is_mean_squared_logsumexp():
+    logits = [torch.tensor([[0.0, 0.0], [1.0, 3.0]]), torch.tensor([[2.0, 2.0]])]
+    lse = torch.log(torch.tensor(2.0))
+    first = (lse**2 + torch.logsumexp(torch.tensor([1.0, 3.0]), 0) ** 2) / 2
+    second = (2 + lse) ** 2
+    torch.testing.assert_close(router_z_loss(logits), (first + second) / 2)

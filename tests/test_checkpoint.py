@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from orionlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from orionlm.config import preset
+from orionlm.model import OrionLM
+from orionlm.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = OrionLM(preset("tiny-moe")).eval()
+    return model, save_checkpoint(model, tmp_path / "model", Tokenizer.byte_level())
+
+
+def test_round_trip_is_exact(saved):
+    model, path = saved
+    loaded, tokenizer = load_checkpoint(path, device="cpu")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert tokenizer.encode("hello") == Tokenizer.byte_level().encode("hello")
+    files = sorted(p.name for p in path.iterdir())
+    assert files == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [256, 258]  # <|endoftext|>, <|im_end|>
+
+
+def test_sharded_save_has_an_index(tmp_path):
+    model = OrionLM(preset("tiny-alibi")).eval()
+    path = save_checkpoint(model, tmp_path / "m", max_shard_bytes=50_000)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((path / s).is_file() for s in shards)
+    assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    loaded, _ = load_checkpoint(path, device="cpu")
+    ids = torch.randint(0, 512, (1, 5))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_failed_save_keeps_the_previous_directory(saved, monkeypatch):
+    model, path = saved
+    before = (path / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("orionlm.checkpoint.write_safetensors", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(model, path)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["model"]  # no temporary left behind
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_safetensors_names_the_file(saved):
+    _, path = saved
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or truncated"):
+        load_checkpoint(path)
+
+
+def _rewrite(path, edit):
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_shape_mismatch_names_the_tensor(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(3)}))
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(3,\), config.json implies \(64,\)"):
+        load_checkpoint(path)
+
+
+def test_dtype_and_missing_and_extra_tensors(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype torch.int32"):
+        load_checkpoint(path)
+    _rewrite(path, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is missing"):
+        load_checkpoint(path)
+    _rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(64), "extra": torch.ones(1)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'extra'"):
+        load_checkpoint(path)
+
+
+def test_unknown_config_key(saved):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    config["num_expert"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="did you mean 'num_experts'"):
+        load_checkpoint(path)
