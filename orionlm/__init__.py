@@ -1,8 +1,16 @@
-"""orionlm: sparse (MoE) and hybrid language models, from config to serving."""
+"""orionlm: sparse (MoE) and hybrid language models, from config to serving.
+
+    from orionlm import load_model, generate
+    model, tokenizer, device = load_model("runs/quickstart/model")
+    print(generate(model, tokenizer, device, "The history of"))
+"""
 
 from .config import PRESETS, ModelConfig, preset
+from .errors import OrionError
+from .generate import generate, stream
+from .loading import load_model
 from .model import OrionLM
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "OrionLM", "PRESETS", "preset", "__version__"]
+__all__ = ["ModelConfig", "OrionError", "OrionLM", "PRESETS", "generate", "load_model", "preset", "stream"]

@@ -1,0 +1,101 @@
+"""The `orionlm` command, run as a real process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def orionlm(*args, stdin=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "orionlm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "model"
+    result = orionlm("init", path, "--preset", "tiny-moe", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_help_explains_every_verb():
+    result = orionlm("--help")
+    assert result.returncode == 0
+    for verb in ("info", "init", "generate", "chat", "convert", "tokenizer"):
+        assert verb in result.stdout
+    result = orionlm("generate", "--help")
+    assert "--presence-pen" in result.stdout and "nucleus sampling" in result.stdout
+    assert "--vocab-size" in orionlm("tokenizer", "train", "--help").stdout
+
+
+def test_info_json_counts():
+    result = orionlm("info", "--preset", "mixtral-8x7b", "--json")
+    data = json.loads(result.stdout)
+    assert data["total_params"] == 46_702_792_704
+    assert data["active_params"] == 12_879_925_248
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "--prest", "x"], "unrecognized arguments: --prest"),
+        (["info", "--preset", "mixtrl-8x7b"], "unknown preset 'mixtrl-8x7b' (did you mean mixtral-8x7b"),
+        (["info"], "give either a model path or --preset NAME"),
+        (["generate", "hi"], "the following arguments are required: --model"),
+        (["generate", "hi", "--model", "/nonexistent/dir"], "/nonexistent/dir does not exist"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(args, message):
+    result = orionlm(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_hub_id_offline_is_a_clear_error():
+    result = orionlm("generate", "hi", "--model", "nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "could not download 'nobody/no-such-model' from the Hugging Face Hub (offline mode is on)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_init_refuses_to_overwrite(tiny_model):
+    result = orionlm("init", tiny_model, "--preset", "tiny-dense")
+    assert result.returncode == 2 and "pass --force" in result.stderr
+    info = json.loads(orionlm("info", tiny_model, "--json").stdout)
+    assert info["config"]["num_experts"] == 4 and info["total_params"] == 238_400
+
+
+def test_generate_streams_and_is_reproducible(tiny_model):
+    args = ["generate", "Once upon", "--model", tiny_model, "--max-tokens", "12", "--temp", "0.8", "--seed", "7"]
+    first, second = orionlm(*args), orionlm(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+    greedy = orionlm("generate", "Once upon", "--model", tiny_model, "--max-tokens", "12", "--temp", "0")
+    assert greedy.returncode == 0, greedy.stderr
+
+
+def test_chat_reads_turns_from_stdin(tiny_model):
+    result = orionlm("chat", "--model", tiny_model, "--max-tokens", "5", "--temp", "0", stdin="hello\n/reset\nagain\n")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) >= 2  # one reply line per user turn
+
+
+def test_tokenizer_train_then_init_with_it(tmp_path, shared_data):
+    tok_dir = tmp_path / "tok"
+    result = orionlm("tokenizer", "train", shared_data / "pretrain" / "fi_kalevala.txt.gz", "--vocab-size", "700",
+                     "--out", tok_dir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    result = orionlm("init", tmp_path / "m", "--preset", "tiny-dense", "--tokenizer", tok_dir)
+    assert "vocab_size raised to 704" in result.stdout
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["vocab_size"] == 704
