@@ -68,7 +68,8 @@ class OrionLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_buffers()
-        self.reset_parameters()
+        if not self.lm_head.weight.is_meta:  # meta-built models get their weights from a checkpoint
+            self.reset_parameters()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the position tables; called again after loading weights onto a meta-built model."""
@@ -109,6 +110,7 @@ class OrionLM(nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T); default: continues after the cache
         attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token, 0 = padding
         cache: KVCache | None = None,
+        logits_to_keep: int = 0,  # > 0: logits of the last n positions only (generation needs 1)
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -130,16 +132,17 @@ class OrionLM(nn.Module):
                 counts.append(layer_counts)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.model.norm(x))  # (B, T or logits_to_keep, V)
         if not router_logits:
             return ModelOutput(logits)
-        return ModelOutput(
-            logits,
-            aux_loss=load_balancing_loss(router_logits, self.config.experts_per_token),
-            z_loss=router_z_loss(router_logits),
-            router_logits=router_logits,
-            expert_counts=torch.stack(counts),
-        )
+        out = ModelOutput(logits, router_logits=router_logits, expert_counts=torch.stack(counts))
+        # The router losses only train the router; generation (inference mode) skips their cost.
+        if not torch.is_inference_mode_enabled():
+            out.aux_loss = load_balancing_loss(router_logits, self.config.experts_per_token)
+            out.z_loss = router_z_loss(router_logits)
+        return out
 
     def _attention_mask(self, B, T, past, attention_mask, position_ids, dtype):
         """The mask for scaled_dot_product_attention, or (None, is_causal) when the plain causal

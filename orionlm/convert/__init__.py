@@ -1,0 +1,1 @@
+"""Converters between orionlm model directories and other formats (Hugging Face, GGUF)."""

@@ -1,0 +1,341 @@
+"""Import an unquantized llama-architecture GGUF file (llama.cpp's format) with its embedded tokenizer.
+
+Weights: F32/F16/BF16 tensors are renamed to orionlm's (Hugging Face Llama) names. llama.cpp's
+converters store Q/K rows in the interleaved-pair RoPE layout (rotating features 2i and 2i+1);
+orionlm uses HF's rotate-half layout (rotating i and i + head_dim/2), so those rows are permuted back.
+
+Tokenizer: `tokenizer.ggml.model` "llama" (SentencePiece BPE with byte fallback) is rebuilt as an HF
+`tokenizers` BPE whose merges are ranked by the merged piece's score, which is the order SentencePiece
+BPE applies them in; "gpt2" (byte-level BPE with explicit merges) is rebuilt as GPT-2's byte-level BPE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..checkpoint import CheckpointError, default_device, default_dtype, model_from_tensors
+from ..config import ConfigError, ModelConfig
+from ..model import OrionLM
+from ..tokenizer import Tokenizer
+
+try:
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+except ImportError:  # optional dependency: only needed to read GGUF files
+    GGUFReader = None
+
+ARCHITECTURE = "llama"
+
+# GGUF tensor name (after "blk.N.") -> orionlm name (after "model.layers.N.")
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    # Mixtral-style MoE (llama architecture with llama.expert_count), experts stacked on the first axis
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# llama.cpp's token types (llama_token_type / gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NO_TOKEN = 0xFFFFFFFF  # llama.cpp writes -1 as uint32 for "no such special token"
+SPIECE_SPACE = "\u2581"  # "▁", SentencePiece's visible space
+
+
+class GGUFError(ValueError):
+    """A GGUF file orionlm cannot import; the message says why and what to use instead."""
+
+
+def load_gguf(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[OrionLM, Tokenizer]:
+    """Load an F32/F16/BF16 llama-architecture GGUF file as an OrionLM model and its tokenizer."""
+    path = Path(path)
+    metadata, reader = read_gguf(path)
+    arch = metadata.get("general.architecture")
+    if arch != ARCHITECTURE:
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; only {ARCHITECTURE!r} can be imported")
+    supported = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+    for t in reader.tensors:
+        if t.tensor_type not in supported:
+            raise GGUFError(
+                f"{path}: quantized GGUF ({t.tensor_type.name}) is not supported; use an F16/F32 file "
+                f"(tensor {t.name!r} is {t.tensor_type.name})"
+            )
+    gguf_tensors = {t.name: _to_torch(t) for t in reader.tensors}
+    config = config_from_metadata(metadata, gguf_tensors, str(path))
+    tensors = hf_tensors(gguf_tensors, config, str(path))
+    device = torch.device(device) if device is not None else default_device()
+    try:
+        model = model_from_tensors(config, tensors, device, dtype or default_dtype(device), str(path))
+    except CheckpointError as e:
+        raise GGUFError(str(e)) from None
+    return model, tokenizer_from_metadata(metadata, str(path))
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
+    """The metadata as plain Python values, and the reader (whose tensors are memory-mapped)."""
+    if GGUFReader is None:
+        raise GGUFError("reading GGUF files needs the `gguf` package: pip install 'orionlm[gguf]'")
+    if not path.is_file():
+        raise GGUFError(f"{path} does not exist")
+    try:
+        reader = GGUFReader(path)
+        metadata = {name: _field_value(field) for name, field in reader.fields.items()}
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+        # A truncated file surfaces as a numpy reshape or index error deep in the reader.
+        raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+    if reader.byte_order != "I":
+        raise GGUFError(f"{path} is a GGUF file of the other byte order; convert it to this machine's byte order")
+    return metadata, reader
+
+
+def _field_value(field: Any) -> Any:
+    """A metadata value: a scalar, a string, or a list of scalars/strings (nested arrays: None)."""
+    types = field.types
+    if not types:
+        return None
+
+    def scalar(part: np.ndarray, kind: Any) -> Any:
+        if kind == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        if kind == GGUFValueType.FLOAT32:
+            return float(str(part[0]))  # the shortest decimal of the float32: 1e-05, not 9.99999974e-06
+        return part[0].item()
+
+    if types[0] == GGUFValueType.ARRAY:
+        if len(types) > 2 or types[-1] == GGUFValueType.ARRAY:
+            return None
+        return [scalar(field.parts[i], types[-1]) for i in field.data]
+    return scalar(field.parts[field.data[0]], types[0])
+
+
+def _to_torch(t: Any) -> torch.Tensor:
+    """A tensor copied out of the memory map; GGUF lists dims fastest-first, numpy's shape is the reverse."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if t.tensor_type == GGMLQuantizationType.BF16:
+        # The reader hands BF16 over as raw bytes; reinterpret them (numpy has no bfloat16).
+        raw = np.ascontiguousarray(t.data).view(np.int16).reshape(shape)
+        return torch.from_numpy(raw.copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(t.data).reshape(shape))
+
+
+def config_from_metadata(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> ModelConfig:
+    """ModelConfig from the `llama.*` keys; vocab size and untied head come from the tensors."""
+
+    def key(name: str, default: Any = None) -> Any:
+        value = metadata.get(f"{ARCHITECTURE}.{name}", default)
+        if value is None:
+            raise GGUFError(f"{source}: metadata key {ARCHITECTURE}.{name} is missing")
+        if isinstance(value, list):
+            raise GGUFError(f"{source}: per-layer {ARCHITECTURE}.{name} is not supported (one value for all layers)")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{source}: tensor 'token_embd.weight' is missing")
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", hidden // heads)
+    if key("attention.value_length", head_dim) != head_dim:
+        raise GGUFError(f"{source}: attention.value_length differs from key_length; orionlm needs them equal")
+    rope_dim = key("rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        # llama.cpp's Q/K permutation spans the whole head, so a partial rotary layout cannot be undone.
+        raise GGUFError(f"{source}: rope.dimension_count ({rope_dim}) != head dim ({head_dim}) is not supported")
+    scaling = metadata.get(f"{ARCHITECTURE}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensors:
+        raise GGUFError(f"{source}: RoPE scaling ({scaling}) is not supported; use a model without rope scaling")
+    experts = key("expert_count", 0)
+    ffn = key("feed_forward_length")
+    moe: dict[str, Any] = {}
+    if experts:
+        moe = dict(
+            num_experts=experts,
+            experts_per_token=key("expert_used_count"),
+            expert_intermediate_size=ffn,
+            norm_topk_prob=True,  # llama.cpp's llama MoE renormalizes the top-k softmax weights, as Mixtral does
+        )
+    try:
+        return ModelConfig(
+            name=str(metadata.get("general.name") or ""),
+            vocab_size=tensors["token_embd.weight"].shape[0],
+            hidden_size=hidden,
+            num_layers=key("block_count"),
+            num_heads=heads,
+            num_kv_heads=key("attention.head_count_kv", heads),
+            head_dim=head_dim,
+            intermediate_size=ffn,
+            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=key("rope.freq_base", 10000.0),
+            max_seq_len=key("context_length"),
+            tie_embeddings="output.weight" not in tensors,
+            qkv_bias="blk.0.attn_q.bias" in tensors,
+            o_bias="blk.0.attn_output.bias" in tensors,
+            hf_model_type="mixtral" if experts else "llama",
+            extra={"source": "gguf", "gguf_architecture": ARCHITECTURE},
+            **moe,
+        )
+    except ConfigError as e:
+        raise GGUFError(f"{source}: {e}") from None
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation: within each head, GGUF row 2j+k holds HF row k*head_dim/2 + j."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """GGUF tensors renamed to orionlm's names, Q/K un-permuted and MoE gate/up stacked as [gate; up]."""
+    out: dict[str, torch.Tensor] = {}
+    gate_exps: dict[str, torch.Tensor] = {}
+    up_exps: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit():
+            prefix = f"model.layers.{parts[1]}."
+            kind, suffix = parts[2], parts[3]
+            if kind == "ffn_gate_exps":
+                gate_exps[prefix] = tensor
+                continue
+            if kind == "ffn_up_exps":
+                up_exps[prefix] = tensor
+                continue
+            if kind not in _BLOCK_NAMES:
+                raise GGUFError(f"{source}: unexpected tensor {name!r} for a llama model")
+            if kind == "attn_q":
+                tensor = _unpermute(tensor, config.num_heads)
+            elif kind == "attn_k":
+                tensor = _unpermute(tensor, config.num_kv_heads)
+            if kind == "ffn_down_exps":
+                out[prefix + _BLOCK_NAMES[kind]] = tensor  # (E, C, I): already orionlm's layout
+            else:
+                out[f"{prefix}{_BLOCK_NAMES[kind]}.{suffix}"] = tensor
+        elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+            out[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = tensor
+        else:
+            raise GGUFError(f"{source}: unexpected tensor {name!r} for a llama model")
+    if set(gate_exps) != set(up_exps):
+        raise GGUFError(f"{source}: every ffn_gate_exps needs an ffn_up_exps in the same block")
+    for prefix, gate in gate_exps.items():
+        out[prefix + "mlp.experts.gate_up_proj"] = torch.cat([gate, up_exps[prefix]], dim=1)  # (E, 2I, C)
+    return out
+
+
+def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
+    """The tokenizer embedded in the GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`)."""
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens: list[str] | None = metadata.get("tokenizer.ggml.tokens")
+    if kind is None or not tokens:
+        raise GGUFError(f"{source} has no embedded tokenizer (tokenizer.ggml.model / tokens are missing)")
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise GGUFError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
+
+    def token_id(key: str) -> int | None:
+        i = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return i if i is not None and 0 <= i < len(tokens) and i != NO_TOKEN else None
+
+    def token(key: str) -> str | None:
+        i = token_id(key)
+        return None if i is None else tokens[i]
+
+    if kind == "llama":
+        scores = metadata.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise GGUFError(f"{source}: a SentencePiece ('llama') vocabulary needs one score per token")
+        add_space_prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
+        backend = _sentencepiece_bpe(tokens, scores, types, token("unknown"), add_space_prefix)
+        add_bos_default = True
+    elif kind == "gpt2":
+        merges = metadata.get("tokenizer.ggml.merges")
+        if merges is None:
+            raise GGUFError(f"{source}: a byte-level BPE ('gpt2') vocabulary needs tokenizer.ggml.merges")
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        if pre not in ("default", "gpt-2"):
+            raise GGUFError(f"{source}: pre-tokenizer {pre!r} is not supported; only GPT-2's ('default') is")
+        backend = _byte_level_bpe(tokens, merges)
+        add_bos_default = False
+    else:
+        raise GGUFError(f"{source}: tokenizer model {kind!r} is not supported; only 'llama' and 'gpt2' are")
+
+    typed = list(zip(tokens, types, strict=True))
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in typed if k in (CONTROL, UNKNOWN)]
+    )
+    backend.add_tokens([AddedToken(t, normalized=False) for t, k in typed if k == USER_DEFINED])
+    bos, eos = token_id("bos"), token_id("eos")
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+
+        def template(sequence: str, type_id: int) -> list[str]:
+            start = [f"{tokens[bos]}:{type_id}"] if add_bos else []
+            end = [f"{tokens[eos]}:{type_id}"] if add_eos else []
+            return [*start, f"${sequence}:{type_id}", *end]
+
+        specials = {tokens[i]: i for i, add in ((bos, add_bos), (eos, add_eos)) if add}
+        backend.post_processor = processors.TemplateProcessing(
+            single=template("A", 0), pair=template("A", 0) + template("B", 1), special_tokens=list(specials.items())
+        )
+    return Tokenizer(
+        backend,
+        bos_token=token("bos"),
+        eos_token=token("eos"),
+        pad_token=token("padding"),
+        unk_token=token("unknown"),
+        chat_template=metadata.get("tokenizer.chat_template"),
+        add_bos_token=add_bos,
+    )
+
+
+def _sentencepiece_bpe(
+    tokens: list[str], scores: list[float], types: list[int], unk: str | None, add_space_prefix: bool
+) -> HFTokenizer:
+    """SentencePiece BPE as an HF BPE: at each step SentencePiece merges the adjacent pair whose
+    concatenation is the vocabulary piece with the highest score, so a merge's rank is its result's
+    score order. Characters missing from the vocabulary fall back to the <0xXX> byte tokens."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pieces = {t for t, k in zip(tokens, types, strict=True) if k in (NORMAL, USER_DEFINED)}
+    merges: list[tuple[float, int, int, tuple[str, str]]] = []
+    for i, (piece, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind != NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in pieces and right in pieces:
+                merges.append((-scores[i], i, vocab[left], (left, right)))
+    merges.sort(key=lambda m: m[:3])
+    backend = HFTokenizer(
+        models.BPE(
+            vocab=vocab, merges=[m[3] for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=BYTE in types
+        )
+    )
+    steps = [normalizers.Prepend(SPIECE_SPACE)] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPIECE_SPACE)])
+    decode = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        decode.append(decoders.Strip(" ", 1, 0))  # the space the normalizer prepended
+    backend.decoder = decoders.Sequence(decode)
+    return backend
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str]) -> HFTokenizer:
+    """GPT-2's byte-level BPE: merges are stored as "left right" strings in rank order."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
