@@ -1,0 +1,318 @@
+"""The Hugging Face converter against transformers itself, on tiny random models of every architecture:
+logits (plain and left-padded), greedy generation, export that transformers loads, both MoE expert
+layouts, sharded files, and the errors for what cannot be converted."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from orionlm.checkpoint import CheckpointError
+from orionlm.config import preset
+from orionlm.convert.hf import ConvertError, config_from_hf, hf_architecture, load_hf, save_hf
+from orionlm.model import OrionLM
+from orionlm.tokenizer import Tokenizer
+
+VOCAB = 320  # holds the byte-level tokenizer's 260 tokens
+TOL = 1e-4
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=128,
+)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+# Each architecture with the features that set it apart switched on.
+HF_CONFIGS = {
+    "llama": dict(SMALL, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "mistral": dict(SMALL, head_dim=8, sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "mixtral": dict(SMALL, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": dict(SMALL, tie_word_embeddings=True),
+    "qwen3": dict(SMALL, head_dim=32, attention_bias=True),
+    # layer 1 dense (mlp_only_layers), a sigmoid-gated shared expert, un-normalized top-k weights
+    "qwen2_moe": dict(SMALL, **MOE, num_hidden_layers=3, shared_expert_intermediate_size=48, mlp_only_layers=[1]),
+    # decoder_sparse_step 2: only layer 1 of 3 is MoE
+    "qwen3_moe": dict(SMALL, **MOE, num_hidden_layers=3, head_dim=16, decoder_sparse_step=2, norm_topk_prob=True),
+    "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
+}
+ARCHS = list(HF_CONFIGS)
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random norms and biases too (init leaves them at 1 and 0, which would hide mistakes in them)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if p.dim() == 1:
+                p.copy_((0.0 if name.endswith("bias") else 1.0) + 0.2 * noise)
+            else:
+                p.copy_(noise * p.shape[-1] ** -0.5)
+
+
+def _hf_model(arch: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **HF_CONFIGS[arch]), dtype=torch.float32)
+    _randomize(model.eval())
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """arch -> (transformers model, the directory its save_pretrained wrote, with a tokenizer)."""
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            model = _hf_model(arch)
+            path = tmp_path_factory.mktemp(arch)
+            model.save_pretrained(path)
+            Tokenizer.byte_level().save(path)
+            cache[arch] = model, path
+        return cache[arch]
+
+    return get
+
+
+def _ids(batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _same_logits(ours: OrionLM, theirs: torch.nn.Module) -> float:
+    ids = _ids()
+    with torch.no_grad():
+        diff = _max_diff(ours(ids).logits, theirs(ids).logits)
+    assert diff <= TOL
+    return diff
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_hf_matches_transformers(arch, reference):
+    hf, path = reference(arch)
+    model, tokenizer = load_hf(path, device="cpu")
+    assert model.config.hf_model_type == arch
+    assert tokenizer is not None and tokenizer.encode("hei") == Tokenizer.byte_level().encode("hei")
+    ids = _ids()
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert theirs.abs().max() > 1.0  # the random model is not degenerate
+    assert _max_diff(ours, theirs) <= TOL
+
+    # Left padding: transformers' forward does not derive positions from the mask, so pass them.
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    positions = {} if arch == "bloom" else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        theirs = hf(ids, attention_mask=mask, **positions).logits
+    real = mask.bool()
+    assert _max_diff(ours[real], theirs[real]) <= TOL
+    # the padding changed the logits of the padded row, so the comparison above saw the mask at work
+    with torch.no_grad():
+        assert _max_diff(model(ids).logits[0, 4:], ours[0, 4:]) > 1e-2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_hf_loads_in_transformers_and_back(arch, reference, tmp_path):
+    hf, path = reference(arch)
+    model, tokenizer = load_hf(path, device="cpu")
+    out = save_hf(model, tokenizer, tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["model_type"] == arch
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    if arch in MOE_ARCHS:  # experts are written one tensor per expert, the layout every reader knows
+        assert any(".experts.3." in name for name in names) and not any("gate_up_proj" in name for name in names)
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    _same_logits(model, exported)
+    assert AutoTokenizer.from_pretrained(out).encode("Hei") == tokenizer.encode("Hei")
+
+    again, _ = load_hf(out, device="cpu")
+    assert dataclasses.replace(again.config, name="", extra={}) == dataclasses.replace(model.config, name="", extra={})
+    theirs = again.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_both_expert_layouts_load(arch, reference, tmp_path):
+    hf, path = reference(arch)
+    # transformers 5 writes experts one by one (as transformers 4 did) ...
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        assert any(".experts.0." in name for name in f.keys())
+    # ... and holds them stacked in memory, the layout other tools save.
+    stacked = {name: t.contiguous() for name, t in hf.state_dict().items()}
+    assert any(name.endswith("mlp.experts.gate_up_proj") for name in stacked)
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    save_file(stacked, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_hf(tmp_path, device="cpu")
+    _same_logits(model, hf)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "bloom"])
+def test_sharded_directories(arch, reference, tmp_path):
+    hf, _ = reference(arch)
+    hf.save_pretrained(tmp_path / "theirs", max_shard_size="40KB")
+    assert len(list((tmp_path / "theirs").glob("*.safetensors"))) > 2
+    model, _ = load_hf(tmp_path / "theirs", device="cpu")
+    _same_logits(model, hf)
+    save_hf(model, None, tmp_path / "ours", max_shard_bytes=40_000)
+    assert (tmp_path / "ours" / "model.safetensors.index.json").is_file()
+    _same_logits(model, AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval())
+
+
+@pytest.mark.parametrize(
+    "name, changes, arch",
+    [
+        ("tiny-dense", {}, "llama"),
+        ("tiny-dense", {"sliding_window": 6}, "mistral"),
+        ("tiny-dense", {"qkv_bias": True}, "qwen2"),
+        ("tiny-dense", {"qk_norm": True, "head_dim": 24}, "qwen3"),
+        ("tiny-moe", {}, "mixtral"),
+        ("tiny-qwen-moe", {"moe_layers": [0]}, "qwen2_moe"),
+        ("tiny-moe", {"qk_norm": True, "norm_topk_prob": False}, "qwen3_moe"),
+        ("tiny-alibi", {"tie_embeddings": False}, "bloom"),
+    ],
+)
+def test_native_models_export_to_the_inferred_architecture(name, changes, arch, tmp_path):
+    model = OrionLM(preset(name, hf_model_type=None, **changes)).eval()
+    _randomize(model)
+    assert hf_architecture(model.config) == arch
+    tokenizer = Tokenizer.byte_level()
+    save_hf(model, tokenizer, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == arch
+    _same_logits(model, AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
+    again, _ = load_hf(tmp_path, device="cpu")
+    token_ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    expected = dataclasses.replace(
+        model.config, name=tmp_path.name, hf_model_type=arch, extra={"hf_token_ids": token_ids}
+    )
+    if arch == "mixtral":  # no dense layers, so Mixtral has no place for the dense MLP size
+        expected.intermediate_size = expected.expert_intermediate_size
+    assert again.config == expected
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+# Errors
+
+
+def _config(arch: str, **changes) -> dict:
+    return AutoConfig.for_model(arch, **HF_CONFIGS[arch]).to_dict() | changes
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"model_type": "gpt2"}, ["model_type 'gpt2'", "llama", "bloom"]),
+        (_config("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["rope_scaling", "llama3"]),
+        (_config("llama", rope_parameters={"rope_type": "yarn", "factor": 4.0}), ["rope_parameters", "yarn"]),
+        (_config("llama", partial_rotary_factor=0.5), ["partial_rotary_factor"]),
+        (_config("llama", quantization_config={"quant_method": "gptq"}), ["quantization_config", "gptq"]),
+        (_config("llama", hidden_act="gelu"), ["hidden_act", "'gelu'"]),
+        (_config("bloom", apply_residual_connection_post_layernorm=True), ["apply_residual_connection_post_layernorm"]),
+        (
+            _config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None),
+            ["some layers"],
+        ),
+        ({"model_type": "llama", "num_attention_heads": 4}, ["'vocab_size' is missing"]),
+    ],
+)
+def test_unsupported_configs_are_named(data, words):
+    with pytest.raises(ConvertError) as error:
+        config_from_hf(data, "x/config.json")
+    message = _one_line(error)
+    assert message.startswith("x/config.json: ")
+    for word in words:
+        assert word in message
+
+
+def _copy(path, tmp_path):
+    return shutil.copytree(path, tmp_path / "copy")
+
+
+@pytest.mark.parametrize(
+    "arch, dropped",
+    [
+        ("llama", "model.layers.1.mlp.down_proj.bias"),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.3.w2.weight"),
+    ],
+)
+def test_missing_tensor_is_named(arch, dropped, reference, tmp_path):
+    path = _copy(reference(arch)[1], tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors[dropped]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError) as error:
+        load_hf(path, device="cpu")
+    assert f"tensor '{dropped}' is missing" in _one_line(error)
+
+
+def test_shape_mismatch_is_named(reference, tmp_path):
+    path = _copy(reference("bloom")[1], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"n_head": 8, "hidden_size": 72}))
+    with pytest.raises(CheckpointError) as error:
+        load_hf(path, device="cpu")
+    assert "'transformer.word_embeddings.weight' has shape (320, 64)" in _one_line(error)
+
+
+def test_corrupt_safetensors_names_the_file(reference, tmp_path):
+    path = _copy(reference("qwen2")[1], tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as error:
+        load_hf(path, device="cpu")
+    assert str(path / "model.safetensors") in _one_line(error)
+
+
+def test_save_hf_refuses_what_the_architecture_cannot_express(reference, tmp_path):
+    model, tokenizer = load_hf(reference("qwen2")[1], device="cpu")
+    with pytest.raises(ConvertError) as error:
+        save_hf(model, tokenizer, tmp_path / "out", architecture="mistral")
+    assert "mistral cannot express qkv_bias=True" in _one_line(error)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConvertError, match="shared_expert_intermediate_size=128"):
+        save_hf(OrionLM(preset("tiny-qwen-moe")), None, tmp_path / "out", architecture="mixtral")
+    with pytest.raises(ConvertError, match=r"experts in every layer; this config has moe_layers=\[0\]"):
+        save_hf(OrionLM(preset("tiny-moe", moe_layers=[0])), None, tmp_path / "out")
+    with pytest.raises(ConvertError, match="architecture 'gpt2' is not supported"):
+        save_hf(OrionLM(preset("tiny-moe")), None, tmp_path / "out", architecture="gpt2")
+
+
+# Generation
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_matches_transformers(arch, reference):
+    from orionlm.generate import generate_ids
+
+    hf, path = reference(arch)
+    model, _ = load_hf(path, device="cpu")
+    prompts = [[5, 17, 42, 99, 3, 250], [7, 8, 200]]
+    ours = generate_ids(model, prompts, max_new_tokens=10, do_sample=False)
+    hf.generation_config.eos_token_id = None  # never stop early: compare all 10 tokens
+    for prompt, got in zip(prompts, ours, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10)
+        assert got == out[0, len(prompt) :].tolist()
+        assert len(got) == 10
