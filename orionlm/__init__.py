@@ -1,13 +1,12 @@
 """orionlm: sparse (MoE) and hybrid language models, from config to serving.
 
-    from orionlm import load_model, generate
-    model, tokenizer, device = load_model("runs/quickstart/model")
-    print(generate(model, tokenizer, device, "The history of"))
+Quick use: `model, tokenizer, device = load_model(path)`, then
+`generate(model, tokenizer, device, "The history of")`.
 """
 
 from .config import PRESETS, ModelConfig, preset
 from .errors import OrionError
-from .generate import generate, stream
+from .generation import generate, stream
 from .loading import load_model
 from .model import OrionLM
 

@@ -36,7 +36,7 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
         preset: a preset name instead of a model (see `orionlm info --preset list`)
         json: print JSON with total_params, active_params and the config
     """
-    from .config import PRESETS, ModelConfig
+    from .config import PRESETS
     from .config import preset as get_preset
     from .model import count_parameters
 
@@ -114,9 +114,7 @@ def _read_config(path: Path):
     return config_from_hf(data)
 
 
-def init(
-    out_dir: Path, /, *, preset: str, seed: int = 0, tokenizer: Path | None = None, force: bool = False
-) -> None:
+def init(out_dir: Path, /, *, preset: str, seed: int = 0, tokenizer: Path | None = None, force: bool = False) -> None:
     """Write a randomly initialised model directory for a preset.
 
     Without --tokenizer the model gets a byte-level tokenizer (256 bytes + special tokens).
@@ -190,7 +188,7 @@ def generate(
         chat: wrap PROMPT in the model's chat template as a user message
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
-    from .generate import stream
+    from .generation import stream
     from .loading import load_model
 
     lm, tokenizer, _ = load_model(model, device=device)
@@ -238,7 +236,7 @@ def chat(
         seed: random seed, for reproducible sampling
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
-    from .generate import stream
+    from .generation import stream
     from .loading import load_model
 
     lm, tokenizer, _ = load_model(model, device=device)

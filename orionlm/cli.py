@@ -114,4 +114,3 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Any:
     params = inspect.signature(fn).parameters
     positional = [args.pop(p) for p, v in params.items() if v.kind is inspect.Parameter.POSITIONAL_ONLY]
     return fn(*positional, **args)
-

@@ -10,6 +10,7 @@ from torch import nn
 from .config import ModelConfig
 from .nn.alibi import alibi_bias, alibi_slopes
 from .nn.attention import Attention, KVCache
+from .nn.linear import Linear
 from .nn.mlp import MLP
 from .nn.moe import MoE, load_balancing_loss, router_z_loss
 from .nn.norm import make_norm
@@ -64,7 +65,7 @@ class OrionLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_buffers()

@@ -1,5 +1,6 @@
 """The `orionlm` command, run as a real process."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -99,3 +100,20 @@ def test_tokenizer_train_then_init_with_it(tmp_path, shared_data):
     assert "vocab_size raised to 704" in result.stdout
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["vocab_size"] == 704
+
+
+def test_convert_round_trip_and_generate(tmp_path, shared_data):
+    gguf = tmp_path / "stories.gguf"
+    gguf.write_bytes(gzip.open(shared_data / "models" / "stories260K" / "stories260K.gguf.gz").read())
+    steps = [
+        ("convert", "from-gguf", gguf, tmp_path / "orion"),
+        ("convert", "to-hf", tmp_path / "orion", tmp_path / "hf"),
+        ("convert", "from-hf", tmp_path / "hf", tmp_path / "back"),
+    ]
+    for step in steps:
+        result = orionlm(*step)
+        assert result.returncode == 0, result.stderr
+    result = orionlm("generate", "Once upon a time", "--model", tmp_path / "back", "--temp", "0", "--max-tokens", "12")
+    assert result.stdout.startswith(", there was a little girl named Lily.")
+    again = orionlm("convert", "to-hf", tmp_path / "orion", tmp_path / "hf")
+    assert again.returncode == 2 and "pass --force" in again.stderr

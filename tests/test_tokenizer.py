@@ -37,7 +37,9 @@ def test_chat_template_matches_transformers(tmp_path):
 
 
 def test_chat_template_is_sandboxed():
-    tok = Tokenizer(Tokenizer.byte_level().backend, chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    tok = Tokenizer(
+        Tokenizer.byte_level().backend, chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    )
     with pytest.raises(TokenizerError, match="chat template failed"):
         tok.apply_chat_template(MESSAGES)
     tok.chat_template = "{{ raise_exception('only user turns') }}"

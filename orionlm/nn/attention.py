@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -58,12 +59,12 @@ class Attention(nn.Module):
         self.fused = config.fused_qkv
         if self.fused:
             # BLOOM layout: output rows grouped per head as (heads, [q, k, v], head_dim)
-            self.qkv_proj = nn.Linear(hidden, 3 * q_dim, bias=config.qkv_bias)
+            self.qkv_proj = Linear(hidden, 3 * q_dim, bias=config.qkv_bias)
         else:
-            self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
-            self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-            self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+            self.q_proj = Linear(hidden, q_dim, bias=config.qkv_bias)
+            self.k_proj = Linear(hidden, kv_dim, bias=config.qkv_bias)
+            self.v_proj = Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(q_dim, hidden, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)

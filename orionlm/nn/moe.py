@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import Linear
 from .mlp import MLP
 
 
@@ -32,13 +33,13 @@ class MoE(nn.Module):
         self.top_k = config.experts_per_token
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter = config.router_jitter
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
         self.shared_expert = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size, "swiglu")
             if config.shared_expert_gate:
-                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+                self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
         self.use_reference = False  # tests flip this to run the readable per-expert path
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +61,12 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, C)
         logits, weights, ids = self.route(x)
         weights = weights.to(x.dtype)
-        y = self._reference(x, weights, ids) if self.use_reference else self._dispatch(x, weights, ids)
+        if self.use_reference:
+            y = self._reference(x, weights, ids)
+        elif x.shape[0] == 1:
+            y = self._single_token(x, weights, ids)
+        else:
+            y = self._dispatch(x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if hasattr(self, "shared_expert_gate"):
@@ -85,6 +91,23 @@ class MoE(nn.Module):
                 start += n
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+
+    def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token (batch-1 decoding), without the sort, bincount and scatter that group many tokens by
+        expert. Its k experts, when evenly spaced (always so for k <= 2), are one strided view of the
+        stacked weights, so each projection is a single bmm over them (which also spreads the experts
+        over threads); otherwise they run one by one."""
+        chosen, order = ids[0].sort()
+        e = chosen.tolist()
+        k = len(e)
+        stride = (e[-1] - e[0]) // (k - 1) if k > 1 else 1
+        if e != list(range(e[0], e[-1] + 1, stride)):
+            return sum(w * self.experts.expert(i, x) for i, w in zip(ids[0].tolist(), weights[0], strict=True))
+        experts = slice(e[0], e[-1] + 1, stride)  # a view of the k chosen experts, no copy
+        h = torch.bmm(x.expand(k, 1, -1), self.experts.gate_up_proj[experts].transpose(1, 2))  # (k, 1, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.experts.down_proj[experts].transpose(1, 2))  # (k, 1, C)
+        return (weights[0, order].view(k, 1, 1) * y).sum(dim=0)  # (1, C)
 
     def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, then each token keeps its top-k outputs. Slow and obvious."""

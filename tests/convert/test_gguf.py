@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf", reason="GGUF import needs the `gguf` package 
 
 from orionlm.convert import gguf as orion_gguf  # noqa: E402
 from orionlm.convert.gguf import GGUFError, load_gguf  # noqa: E402
-from orionlm.generate import generate_ids  # noqa: E402
+from orionlm.generation import generate_ids  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STORIES = REPO / ".." / "shared" / "data" / "models" / "stories260K"

@@ -303,7 +303,7 @@ def test_save_hf_refuses_what_the_architecture_cannot_express(reference, tmp_pat
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generation_matches_transformers(arch, reference):
-    from orionlm.generate import generate_ids
+    from orionlm.generation import generate_ids
 
     hf, path = reference(arch)
     model, _ = load_hf(path, device="cpu")

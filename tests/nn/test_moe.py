@@ -60,3 +60,24 @@ def test_z_loss_is_mean_squared_logsumexp():
     first = (lse**2 + torch.logsumexp(torch.tensor([1.0, 3.0]), 0) ** 2) / 2
     second = (2 + lse) ** 2
     torch.testing.assert_close(router_z_loss(logits), (first + second) / 2)
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-qwen-moe"])
+def test_single_token_path_equals_sorted_dispatch(name):
+    moe = _moe(name)
+    x = torch.randn(1, moe.gate.in_features)
+    _, weights, ids = moe.route(x)
+    single = moe._single_token(x, weights, ids)
+    torch.testing.assert_close(single, moe._dispatch(x, weights, ids), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(single, moe._reference(x, weights, ids), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chosen", [[3], [2, 0], [0, 3], [3, 1, 2], [0, 2, 4], [1, 0, 3], [4, 0, 1, 3]])
+def test_single_token_path_for_any_expert_choice(chosen):
+    # evenly spaced ids run as one strided bmm, the others one by one: both must equal the reference
+    moe = _moe("tiny-moe", num_experts=5, experts_per_token=len(chosen))
+    x = torch.randn(1, moe.gate.in_features)
+    ids = torch.tensor([chosen])
+    weights = torch.rand(1, len(chosen))
+    expected = moe._reference(x, weights, ids)
+    torch.testing.assert_close(moe._single_token(x, weights, ids), expected, atol=1e-6, rtol=1e-6)
