@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import Linear
+from .linear import Linear, Packed
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -69,6 +69,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
+        self.packed: Packed | None = None  # q, k and v in one matrix, set by use_decode_layout
+
+    def packable(self) -> list[Linear] | None:
+        return None if self.fused else [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(
         self,
@@ -82,9 +86,13 @@ class Attention(nn.Module):
         if self.fused:
             q, k, v = self.qkv_proj(x).view(B, T, self.num_heads, 3, self.head_dim).unbind(3)
         else:
-            q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+            if self.packed is not None and self.packed.valid():
+                q, k, v = self.packed(x)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(B, T, self.num_heads, self.head_dim)
+            k = k.view(B, T, self.num_kv_heads, self.head_dim)
+            v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)

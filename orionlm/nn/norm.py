@@ -1,6 +1,7 @@
 """RMSNorm and LayerNorm behind one constructor."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -12,10 +13,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 (as Llama and Mistral do) so bf16 activations keep their precision.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:

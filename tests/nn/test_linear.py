@@ -46,3 +46,22 @@ def test_decode_layout_keeps_outputs_state_dict_and_ties(name):
         torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=0)
         # a single-token decode step takes the threaded matrix-vector path and agrees too
         torch.testing.assert_close(model(ids[:, :1]).logits, before[:, :1], atol=1e-5, rtol=0)
+
+
+def test_packed_layers_follow_training_and_fall_back_after_to():
+    torch.manual_seed(0)
+    model = OrionLM(preset("tiny-dense", initializer_range=0.1))
+    use_decode_layout(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.packed is not None and attn.packed.valid()
+    ids = torch.randint(0, 512, (1, 6))
+    # an in-place optimizer step on the parameters is seen by the packed matrix
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(ids).logits.square().mean().backward()
+    optimizer.step()
+    assert torch.equal(attn.packed.weight[: attn.q_proj.out_features], attn.q_proj.weight)
+    with torch.no_grad():
+        packed = model(ids).logits
+        model.to(torch.float64)  # new storage: the packed matrix is stale and must not be used
+        assert not attn.packed.valid()
+        torch.testing.assert_close(model(ids).logits.float(), packed, atol=1e-5, rtol=0)
