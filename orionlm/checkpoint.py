@@ -28,13 +28,26 @@ class CheckpointError(OrionError):
     """A model directory that cannot be read; the message names the file and the tensor."""
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA when available) and dtype: bf16 on CUDA; fp32 on CPU, where bf16 matmuls
+    have no native support and are slow."""
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on CUDA; fp32 on CPU, where bf16 matmuls have no native support and are slow.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def read_config_json(directory: Path) -> dict[str, Any]:
+    """The parsed config.json of a model directory."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; is {directory} a model directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -119,15 +132,11 @@ def load_checkpoint(
 ) -> tuple[OrionLM, Tokenizer | None]:
     """Load an orionlm model directory; the tokenizer is None when the directory has none."""
     directory = Path(directory)
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path} is missing; is {directory} a model directory?")
+    device, dtype = resolve_device(device, dtype)
     try:
-        config = ModelConfig.load(config_path)
+        config = ModelConfig.from_dict(read_config_json(directory))
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
     model = model_from_tensors(config, read_safetensors(directory), device, dtype, str(directory))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer

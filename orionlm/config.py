@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OrionError
+from .errors import OrionError, unknown_names
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu_tanh", "gelu")
@@ -156,11 +156,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = [key for key in data if key not in known]
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown config keys: {', '.join(hints)}")
+            raise ConfigError(f"unknown config keys: {unknown_names(unknown, known)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -202,6 +198,20 @@ _TINY = dict(
     vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=256
 )
 
+# BLOOM's layout: LayerNorm, GELU (tanh) MLP 4x wide, fused QKV, ALiBi, embedding LayerNorm, biases everywhere
+_BLOOM = dict(
+    norm="layernorm",
+    activation="gelu_tanh",
+    position="alibi",
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    fused_qkv=True,
+    embedding_norm=True,
+    tie_embeddings=True,
+    hf_model_type="bloom",
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny presets: random-init test models of each family (not published models).
     "tiny-dense": dict(_TINY, hf_model_type="llama"),
@@ -217,21 +227,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_topk_prob=False,
         hf_model_type="qwen2_moe",
     ),
-    "tiny-alibi": dict(
-        _TINY,
-        num_kv_heads=4,
-        norm="layernorm",
-        activation="gelu_tanh",
-        position="alibi",
-        intermediate_size=256,
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        fused_qkv=True,
-        embedding_norm=True,
-        tie_embeddings=True,
-        hf_model_type="bloom",
-    ),
+    "tiny-alibi": _TINY | _BLOOM | dict(num_kv_heads=4, intermediate_size=256),
     # mistralai/Mistral-7B-v0.1 config.json
     "mistral-7b": _mistral_7b(),
     # mistralai/Mixtral-8x7B-v0.1 config.json: 46.7B total, 12.9B active
@@ -267,24 +263,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         hf_model_type="mixtral",
     ),
     # LumiOpen/Poro-34B config.json (BLOOM architecture with ALiBi): 34.2B parameters
-    "poro-34b": dict(
+    "poro-34b": _BLOOM
+    | dict(
         vocab_size=128000,
         hidden_size=7168,
         num_layers=54,
         num_heads=56,
         intermediate_size=4 * 7168,
-        norm="layernorm",
         norm_eps=1e-5,
-        activation="gelu_tanh",
-        position="alibi",
         max_seq_len=2048,
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        fused_qkv=True,
-        embedding_norm=True,
-        tie_embeddings=True,
-        hf_model_type="bloom",
     ),
 }
 

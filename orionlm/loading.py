@@ -3,13 +3,12 @@ and Hugging Face Hub ids."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from .checkpoint import default_device, default_dtype, load_checkpoint, read_generation_config
+from .checkpoint import load_checkpoint, read_config_json, read_generation_config, resolve_device
 from .errors import OrionError
 from .model import OrionLM
 from .tokenizer import Tokenizer
@@ -47,8 +46,7 @@ def load_model(
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
     """Load a model and its tokenizer from an orionlm or Hugging Face directory, a .gguf file,
     or a Hub id; returns (model, tokenizer, device). fp32 on CPU, bf16 on CUDA unless dtype is given."""
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    device, dtype = resolve_device(device, dtype)
     path = resolve_model_path(name_or_path)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -57,14 +55,7 @@ def load_model(
 
         model, tokenizer = load_gguf(path, device=device, dtype=dtype)
         return model, tokenizer, device
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise OrionError(f"{config_path} is missing; is {path} a model directory?")
-    try:
-        model_type = json.loads(config_path.read_text()).get("model_type", "orionlm")
-    except json.JSONDecodeError as e:
-        raise OrionError(f"{config_path} is not valid JSON: {e}") from None
-    if model_type == "orionlm":
+    if read_config_json(path).get("model_type", "orionlm") == "orionlm":
         model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
     else:
         from .convert.hf import load_hf

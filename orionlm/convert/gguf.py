@@ -19,7 +19,7 @@ import torch
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..checkpoint import CheckpointError, default_device, default_dtype, model_from_tensors
+from ..checkpoint import CheckpointError, model_from_tensors, resolve_device
 from ..config import ConfigError, ModelConfig
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
@@ -77,9 +77,9 @@ def load_gguf(
     gguf_tensors = {t.name: _to_torch(t) for t in reader.tensors}
     config = config_from_metadata(metadata, gguf_tensors, str(path))
     tensors = hf_tensors(gguf_tensors, config, str(path))
-    device = torch.device(device) if device is not None else default_device()
+    device, dtype = resolve_device(device, dtype)
     try:
-        model = model_from_tensors(config, tensors, device, dtype or default_dtype(device), str(path))
+        model = model_from_tensors(config, tensors, device, dtype, str(path))
     except CheckpointError as e:
         raise GGUFError(str(e)) from None
     return model, tokenizer_from_metadata(metadata, str(path))

@@ -21,11 +21,11 @@ from ..checkpoint import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
     atomic_directory,
-    default_device,
-    default_dtype,
     model_from_tensors,
+    read_config_json,
     read_generation_config,
     read_safetensors,
+    resolve_device,
     state_dict_for_saving,
     write_safetensors,
 )
@@ -704,15 +704,9 @@ def load_hf(
     """Load a Hugging Face model directory (config.json + safetensors); the tokenizer is None
     when the directory has no tokenizer.json."""
     directory = Path(directory)
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    device, dtype = resolve_device(device, dtype)
     config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path} is missing; is {directory} a model directory?")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{config_path} is not valid JSON: {e}") from None
+    data = read_config_json(directory)
     config = config_from_hf(data, str(config_path))
     config.name = directory.name
     generation = read_generation_config(directory)

@@ -10,14 +10,13 @@ applies them in Hugging Face's and vLLM's order:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import OrionError
+from ..errors import OrionError, unknown_names
 
 
 class GenerationError(OrionError):
@@ -105,11 +104,9 @@ class GenerationConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = [key for key in changes if key not in known]
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise GenerationError(f"unknown generation settings: {', '.join(hints)}; known: {', '.join(sorted(known))}")
+            raise GenerationError(
+                f"unknown generation settings: {unknown_names(unknown, known)}; known: {', '.join(sorted(known))}"
+            )
         return dataclasses.replace(self, **changes)
 
     @classmethod
