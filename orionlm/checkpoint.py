@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,12 +218,17 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     generation_config: dict[str, Any] | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    tensors: dict[str, torch.Tensor] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a complete model directory atomically (a temporary directory, then a rename)."""
+    """Write a complete model directory atomically (a temporary directory, then a rename).
+
+    `tensors` replaces the model's own state dict (e.g. one gathered from FSDP shards); `write_extra`
+    adds files (e.g. the training state) to the directory before it is renamed into place."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         model.config.save(tmp / "config.json")
-        write_safetensors(state_dict_for_saving(model), tmp, max_shard_bytes)
+        write_safetensors(tensors if tensors is not None else state_dict_for_saving(model), tmp, max_shard_bytes)
         generation = dict(DEFAULT_GENERATION if generation_config is None else generation_config)
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -233,4 +239,6 @@ def save_checkpoint(
             if stops:
                 generation.setdefault("eos_token_id", stops if len(stops) > 1 else stops[0])
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
     return directory

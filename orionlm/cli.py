@@ -62,6 +62,11 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
     else:
         kwargs["type"] = hint
     has_default = param.default is not inspect.Parameter.empty
+    if param.kind is inspect.Parameter.VAR_POSITIONAL:  # *rest: the words argparse does not know (see run)
+        parser.set_defaults(_rest=param.name)
+        parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()} [--section.key=value ...]"
+        parser.epilog = f"{param.name}: {help_text}"
+        return
     if param.kind is inspect.Parameter.POSITIONAL_ONLY:
         if has_default:
             kwargs["nargs"] = "?"
@@ -109,8 +114,19 @@ def build_parser(prog: str, description: str, commands: Commands) -> argparse.Ar
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Any:
     """Parse argv and call the chosen function with the parsed values."""
-    args = vars(parser.parse_args(argv))
+    namespace, rest = parser.parse_known_args(argv)
+    args = vars(namespace)
     fn = args.pop("_fn")
+    rest_name = args.pop("_rest", None)
+    if rest_name is not None:
+        args[rest_name] = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     params = inspect.signature(fn).parameters
-    positional = [args.pop(p) for p, v in params.items() if v.kind is inspect.Parameter.POSITIONAL_ONLY]
+    positional = []
+    for name, param in params.items():
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            positional.append(args.pop(name))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            positional.extend(args.pop(name))
     return fn(*positional, **args)

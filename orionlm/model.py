@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .nn.alibi import alibi_bias, alibi_slopes
@@ -68,6 +69,7 @@ class OrionLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False
         self.init_buffers()
         if not self.lm_head.weight.is_meta:  # meta-built models get their weights from a checkpoint
             self.reset_parameters()
@@ -127,7 +129,11 @@ class OrionLM(nn.Module):
         mask, is_causal = self._attention_mask(B, T, past, attention_mask, position_ids, x.dtype)
         router_logits, counts = [], []
         for layer in self.model.layers:
-            x, logits, layer_counts = layer(x, rope, mask, is_causal, cache)
+            if self.activation_checkpointing and self.training:
+                # Recompute each block's activations in the backward pass instead of storing them.
+                x, logits, layer_counts = checkpoint(layer, x, rope, mask, is_causal, cache, use_reentrant=False)
+            else:
+                x, logits, layer_counts = layer(x, rope, mask, is_causal, cache)
             if logits is not None:
                 router_logits.append(logits)
                 counts.append(layer_counts)

@@ -185,6 +185,11 @@ class Tokenizer:
     @classmethod
     def train_bpe(cls, files: list[str | Path], vocab_size: int) -> Tokenizer:
         """Train a byte-level BPE on text files (gzip-compressed files are read too)."""
+        return cls.train_bpe_from_texts(_read_lines(files), vocab_size)
+
+    @classmethod
+    def train_bpe_from_texts(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Train a byte-level BPE on an iterable of texts (documents or lines)."""
         min_size = 256 + len(SPECIAL_TOKENS)
         if vocab_size < min_size:
             raise TokenizerError(f"vocab_size must be at least {min_size} (256 bytes + special tokens)")
@@ -196,7 +201,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=True,
         )
-        backend.train_from_iterator(_read_lines(files), trainer=trainer)
+        backend.train_from_iterator(texts, trainer=trainer)
         return cls(backend, eos_token=EOS, pad_token=PAD)
 
 

@@ -1,0 +1,1 @@
+"""Training: the trainer loop, optimizers (AdamW, Muon), learning-rate schedules and recipes."""

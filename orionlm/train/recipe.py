@@ -1,0 +1,216 @@
+"""Training recipes: one YAML file -> typed, validated dataclasses, with `--section.key=value` overrides.
+
+model:     {preset: tiny-moe, overrides: {hidden_size: 128}}   (or {config: {...full ModelConfig...}})
+tokenizer: {path: DIR}  or  {train_vocab_size: 4096}            (train a byte-level BPE on the data)
+data:      DataConfig   (sources with weights, seq_len, validation split)
+optim:     OptimConfig  (AdamW or Muon + AdamW)
+schedule:  ScheduleConfig (cosine or WSD)
+run:       RunConfig    (steps, batch, checkpoints, logging, devices)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, ModelConfig, preset
+from ..data import DataConfig
+from ..errors import OrionError, unknown_names
+from .optim import OptimConfig
+from .schedule import ScheduleConfig
+
+
+class RecipeError(OrionError):
+    """A recipe that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = None  # a preset name (`orionlm info --preset list`)
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed on top of the preset
+    config: dict[str, Any] | None = None  # a full ModelConfig instead of a preset
+
+    def build(self) -> ModelConfig:
+        if (self.preset is None) == (self.config is None):
+            raise RecipeError("model: give exactly one of `preset` (plus optional `overrides`) or `config`")
+        try:
+            if self.preset is not None:
+                return preset(self.preset, **self.overrides)
+            return ModelConfig.from_dict({**self.config, **self.overrides})
+        except (ConfigError, TypeError) as e:
+            raise RecipeError(f"model: {e}") from None
+
+
+@dataclass
+class TokenizerSection:
+    path: str | None = None  # a directory holding tokenizer.json
+    train_vocab_size: int | None = None  # or: train a byte-level BPE of this size on the data sources
+    train_max_bytes: int = 50_000_000  # text read from the sources to train it (spread over them by weight)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    max_steps: int | None = None  # give max_steps or max_tokens
+    max_tokens: int | None = None
+    batch_size: int = 8  # sequences per device per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # steps; 0 = only at the end
+    eval_batches: int = 20
+    save_every_steps: int = 0  # 0 = off
+    save_every_tokens: int = 0  # 0 = off; checkpoint names say the tokens seen ("tokens-100M")
+    keep_last: int = 3  # checkpoints kept (0 = all)
+    resume: str | None = None  # "latest" or a checkpoint directory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating them with DDP
+    peak_flops: float | None = None  # for the MFU estimate; default: a matmul measured at start-up
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    progress: bool = True  # the live progress bar
+    plot: bool = True  # write the charts at the end (needs matplotlib)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    data: DataConfig
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls: Any, value: Any, where: str) -> Any:
+    """value (parsed YAML) as an instance of the annotated type cls, checking keys and types."""
+    origin = typing.get_origin(cls)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(cls)
+        if value is None and type(None) in options:
+            return None
+        (cls,) = [t for t in options if t is not type(None)]
+        origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            raise RecipeError(f"unknown key{plural} in {where}: {unknown_names(unknown, known)}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        except OrionError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(cls)
+        return [_build(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(cls)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise RecipeError(f"{where} must be a list of {len(items)} values, got {value!r}")
+        return tuple(_build(t, v, f"{where}.{i}") for i, (t, v) in enumerate(zip(items, value, strict=True)))
+    if origin is dict or cls is Any:
+        return value
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if cls in (int, float, str, bool) and not (isinstance(value, cls) and not (cls is int and isinstance(value, bool))):
+        raise RecipeError(f"{where} must be {cls.__name__}, got {value!r}")
+    return value
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `--section.key=value` (list items by index: `--data.sources.0.weight=2`); the value is
+    parsed as YAML, so numbers, booleans, lists and null work."""
+    text = override.removeprefix("--")
+    if "=" not in text:
+        raise RecipeError(f"override {override!r} must look like --section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = dotted.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"override {override!r}: {key!r} is not an index of a {len(node)}-item list")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"override {override!r}: {last!r} is not an index of a {len(node)}-item list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def expand_overrides(words: list[str] | tuple[str, ...]) -> list[str]:
+    """Command-line words as `section.key=value` overrides: `--a.b=c`, `--a.b c` and `a.b=c`, plus
+    `--resume` (the latest checkpoint of run.out_dir) and `--resume DIR`."""
+    words, out = list(words), []
+    while words:
+        word = words.pop(0)
+        if not word.startswith("--"):
+            if "=" not in word:
+                raise RecipeError(f"unexpected argument {word!r}; recipe changes look like --section.key=value")
+            out.append(word)
+            continue
+        key, sep, value = word[2:].partition("=")
+        if not sep:
+            takes_value = bool(words) and not words[0].startswith("--")
+            if key == "resume":
+                value = words.pop(0) if takes_value else "latest"
+            elif takes_value:
+                value = words.pop(0)
+            else:
+                raise RecipeError(f"{word} needs a value: {word}=VALUE")
+        out.append(f"{'run.resume' if key == 'resume' else key}={value}")
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML file (or start from nothing), apply the overrides (command-line words, see
+    expand_overrides), validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path} must hold a mapping of sections (model, data, optim, ...)")
+    for override in expand_overrides(overrides):
+        apply_override(data, override)
+    for section in ("model", "data"):
+        if section not in data:
+            raise RecipeError(f"the recipe needs a `{section}` section")
+    recipe = _build(Recipe, data, "recipe")
+    recipe.model.build()  # validate the model now, not after the data is tokenized
+    return recipe

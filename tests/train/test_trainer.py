@@ -1,0 +1,136 @@
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from orionlm import OrionLM, load_model
+from orionlm.train.recipe import RecipeError, load_recipe
+from orionlm.train.trainer import STATE_JSON, find_checkpoints, human_tokens, train
+
+STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small real text files on every machine
+
+
+def write_recipe(tmp_path: Path, **sections) -> Path:
+    import yaml
+
+    recipe = {
+        "model": {"preset": "tiny-dense", "overrides": {"max_seq_len": 64}},
+        "data": {"sources": [{"path": STDLIB_JSON, "glob": "*.py"}], "seq_len": 32, "val_fraction": 0.1,
+                 "cache_dir": str(tmp_path / "cache")},
+        "optim": {"lr": 3e-3},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "run": {"out_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "log_every": 1,
+                "eval_every": 3, "eval_batches": 2, "save_every_steps": 3, "keep_last": 0, "progress": False,
+                "plot": False, "tensorboard": False},
+    }  # fmt: skip
+    for section, values in sections.items():
+        recipe[section].update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_human_token_names_are_exact():
+    assert [human_tokens(n) for n in (100 * 10**9, 1_638_400, 2_000, 512)] == ["100B", "1.6384M", "2K", "512"]
+
+
+def test_unknown_keys_and_overrides(tmp_path):
+    path = write_recipe(tmp_path)
+    with pytest.raises(RecipeError, match=r"unknown key in recipe.optim: 'lrr' \(did you mean 'lr'\?\)"):
+        load_recipe(path, ["optim.lrr=1"])
+    with pytest.raises(RecipeError, match=r"unknown key in recipe.run: 'max_step' \(did you mean 'max_steps'\?\)"):
+        load_recipe(path, ["run.max_step=3"])
+    with pytest.raises(RecipeError, match="recipe.run.batch_size must be int, got 'big'"):
+        load_recipe(path, ["run.batch_size=big"])
+    with pytest.raises(RecipeError, match=r"model: .*did you mean 'hidden_size'"):
+        load_recipe(path, ["model.overrides.hiden_size=32"])
+    recipe = load_recipe(path, ["data.sources.0.weight=2.5", "optim.betas=[0.8, 0.9]", "run.max_steps=9"])
+    assert recipe.data.sources[0].weight == 2.5 and recipe.optim.betas == (0.8, 0.9) and recipe.run.max_steps == 9
+
+
+def test_training_learns_checkpoints_and_logs(tmp_path):
+    run_dir = train(load_recipe(write_recipe(tmp_path)))
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["tokens"] for r in records] == [128 * s for s in range(1, 7)]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5  # byte-level text: ln(260) = 5.56 at the start
+    assert "val_loss" in records[2] and "val_loss" in records[5] and "val_loss" not in records[0]
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in records)
+    found = find_checkpoints(run_dir)
+    assert [(step, path.name) for step, path in found] == [(3, "384"), (6, "768")]
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "run.json").is_file()
+    # Every checkpoint is a model directory, holding the trained weights: it predicts the corpus
+    # better than the initial weights do.
+    model, tokenizer, _ = load_model(found[-1][1], device="cpu")
+    ids = torch.tensor([tokenizer.encode((Path(STDLIB_JSON) / "decoder.py").read_text()[:2000])])
+
+    def loss(m) -> float:
+        return torch.nn.functional.cross_entropy(m(ids).logits[0, :-1], ids[0, 1:]).item()
+
+    initial = OrionLM(model.config)
+    initial.reset_parameters(seed=0)
+    assert loss(model) < loss(initial) - 0.3
+    with pytest.raises(RecipeError, match="already has checkpoints; pass --resume"):
+        train(load_recipe(write_recipe(tmp_path)))
+
+
+@pytest.mark.parametrize("preset, optim", [("tiny-dense", "adamw"), ("tiny-moe", "muon")])
+def test_resume_is_bit_identical(tmp_path, preset, optim):
+    """A run interrupted after its step-3 checkpoint and resumed gives exactly the uninterrupted losses."""
+    sections = dict(model={"preset": preset}, optim={"name": optim, "lr": 3e-3})
+    full = train(load_recipe(write_recipe(tmp_path / "a", **sections)))
+    interrupted = train(load_recipe(write_recipe(tmp_path / "b", **sections)))
+    # Forget everything after step 3, as if the process had been killed just after that checkpoint.
+    for step, path in find_checkpoints(interrupted):
+        if step > 3:
+            import shutil
+
+            shutil.rmtree(path)
+    lines = (interrupted / "metrics.jsonl").read_text().splitlines()
+    (interrupted / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # step 4 was logged, not saved
+    train(load_recipe(write_recipe(tmp_path / "b", **sections), ["--resume"]))
+    expected = [(r["step"], r["loss"], r.get("val_loss")) for r in metrics(full)]
+    assert [(r["step"], r["loss"], r.get("val_loss")) for r in metrics(interrupted)] == expected
+
+
+def test_moe_logs_router_stats_and_plots(tmp_path):
+    recipe = write_recipe(tmp_path, model={"preset": "tiny-moe"}, run={"plot": True, "max_steps": 4})
+    run_dir = train(load_recipe(recipe))
+    record = metrics(run_dir)[-1]
+    fractions = torch.tensor(record["expert_fractions"])
+    assert fractions.shape == (2, 4)
+    torch.testing.assert_close(fractions.sum(-1), torch.ones(2), atol=1e-4, rtol=0)
+    assert record["aux_loss"] >= 1.0  # E * sum f_e P_e is at least 1 for top-k routing... and k at balance
+    for chart in ("loss.png", "lr.png", "expert_load.png"):
+        assert (run_dir / chart).stat().st_size > 10_000
+
+
+def test_killed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    recipe = load_recipe(write_recipe(tmp_path, run={"max_steps": 6, "save_every_steps": 3}))
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def dies_on_second_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process is stopped in the middle of writing checkpoint 2
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if not p.name.startswith(".")] == ["384"]
+    assert json.loads((checkpoints / "384" / STATE_JSON).read_text())["step"] == 3
+    monkeypatch.setattr(torch, "save", real_save)
+    train(load_recipe(write_recipe(tmp_path, run={"max_steps": 6, "save_every_steps": 3}), ["--resume"]))
+    assert [p.name for p in checkpoints.iterdir()] == sorted(["384", "768"]) or sorted(
+        p.name for p in checkpoints.iterdir()
+    ) == ["384", "768"]
