@@ -134,3 +134,25 @@ def test_killed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in checkpoints.iterdir()] == sorted(["384", "768"]) or sorted(
         p.name for p in checkpoints.iterdir()
     ) == ["384", "768"]
+
+
+def test_grad_accumulation_and_activation_checkpointing_change_nothing(tmp_path):
+    """Two micro-batches of 2 (with recomputed activations) train exactly like one batch of 4. (A dense
+    model: MoE's load-balancing loss is computed per micro-batch, which is not linear in the batch.)"""
+    base = dict(run={"max_steps": 3, "save_every_steps": 0})
+    reference = train(load_recipe(write_recipe(tmp_path / "a", **base), ["--run.batch_size=4"]))
+    other = write_recipe(tmp_path / "b", **base)
+    accumulated = train(
+        load_recipe(other, ["--run.batch_size=2", "--run.grad_accum=2", "--run.activation_checkpointing=true"])
+    )
+    assert [r["loss"] for r in metrics(accumulated)] == pytest.approx([r["loss"] for r in metrics(reference)], abs=1e-5)
+
+
+def test_token_named_checkpoints_and_keep_last(tmp_path):
+    recipe = write_recipe(
+        tmp_path, run={"max_steps": 8, "save_every_steps": 0, "save_every_tokens": 300, "keep_last": 2}
+    )
+    run_dir = train(load_recipe(recipe))
+    # 128 tokens per step: the 300-token marks are crossed at steps 3, 5, 8 (384, 640, 1024 tokens); the
+    # final step saves anyway; the two newest are kept.
+    assert [path.name for _, path in find_checkpoints(run_dir)] == ["640", "1.024K"]
