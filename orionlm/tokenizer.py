@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,7 @@ class Tokenizer:
             vocab_size=vocab_size,
             special_tokens=SPECIAL_TOKENS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=True,
+            show_progress=sys.stderr.isatty(),  # its bar prints only blank lines into a log file
         )
         backend.train_from_iterator(texts, trainer=trainer)
         return cls(backend, eos_token=EOS, pad_token=PAD)
