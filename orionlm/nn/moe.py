@@ -76,19 +76,15 @@ class MoE(nn.Module):
         return y.view(shape), logits, counts
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sort the N*k (token, expert) slots by expert, run one matmul per expert on its
-        contiguous slice, then scatter the weighted outputs back to their tokens."""
+        """Sort the N*k (token, expert) slots by expert, run each projection as one grouped matmul over
+        the contiguous per-expert slices, then scatter the weighted outputs back to their tokens."""
         flat_ids = ids.flatten()  # (N*k,)
         order = flat_ids.argsort(stable=True)
         token_of_slot = order // self.top_k  # (N*k,)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        xs = x[token_of_slot]  # (N*k, C), grouped by expert
-        out = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out[start : start + n] = self.experts.expert(e, xs[start : start + n])
-                start += n
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)  # (E,) slots per expert
+        xs = x.index_select(0, token_of_slot)  # (N*k, C), grouped by expert
+        gate, up = grouped_linear(xs, self.experts.gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, I) each
+        out = grouped_linear(F.silu(gate) * up, self.experts.down_proj, counts)  # (N*k, C)
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_slot, out)
 
@@ -114,6 +110,38 @@ class MoE(nn.Module):
         all_out = torch.stack([self.experts.expert(e, x) for e in range(self.num_experts)], dim=1)  # (N, E, C)
         chosen = all_out.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (N, k, C)
         return (chosen * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, in) with its rows grouped by expert, counts[e] rows for expert e, times each group's
+    weight[e] (E, out, in) transposed: (M, out).
+
+    On CPU this is one F.grouped_mm (where torch has it), whose backward writes every expert's weight
+    gradient into one (E, out, in) tensor. Elsewhere (CUDA's kernel wants bfloat16 on recent GPUs;
+    autocast; torch.compile, whose inductor lowers it for bfloat16 only; operands the kernel rejects)
+    the experts run one by one on matrices taken from a single unbind, whose backward stacks their
+    gradients once: indexing weight[e] instead would allocate and zero-fill a full (E, out, in)
+    gradient for every expert."""
+    weight_t = weight.transpose(1, 2)  # (E, in, out)
+    if (
+        hasattr(F, "grouped_mm")
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and _grouped_mm_layout(x)
+        and _grouped_mm_layout(weight_t)
+    ):
+        return F.grouped_mm(x, weight_t, offs=counts.cumsum(0, dtype=torch.int32))
+    parts = x.split(counts.tolist())
+    return torch.cat([F.linear(part, w) for part, w in zip(parts, weight.unbind(0), strict=True)])
+
+
+def _grouped_mm_layout(t: torch.Tensor) -> bool:
+    """The CPU grouped_mm kernel reads its operands 16 bytes at a time: the start and every stride
+    but the unit one must be multiples of 16 bytes."""
+    step = max(1, 16 // t.element_size())
+    return t.data_ptr() % 16 == 0 and all(stride % step == 0 for stride in t.stride() if stride != 1)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:

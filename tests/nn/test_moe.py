@@ -3,7 +3,8 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from orionlm.config import preset
-from orionlm.nn.moe import MoE, load_balancing_loss, router_z_loss
+from orionlm.nn.linear import to_column_major
+from orionlm.nn.moe import MoE, grouped_linear, load_balancing_loss, router_z_loss
 
 
 def _moe(name="tiny-moe", **changes):
@@ -81,3 +82,52 @@ def test_single_token_path_for_any_expert_choice(chosen):
     weights = torch.rand(1, len(chosen))
     expected = moe._reference(x, weights, ids)
     torch.testing.assert_close(moe._single_token(x, weights, ids), expected, atol=1e-6, rtol=1e-6)
+
+
+def _grads(moe, x, grad_out, path):
+    """Gradients of (x, router, gate_up_proj, down_proj) through one expert path, for the given output gradient."""
+    x = x.clone().requires_grad_(True)
+    moe.zero_grad(set_to_none=True)
+    _, weights, ids = moe.route(x)
+    getattr(moe, path)(x, weights, ids).backward(grad_out)
+    return [x.grad, moe.gate.weight.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad]
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "loop"])
+@pytest.mark.parametrize("tokens", [3, 64])
+def test_sorted_dispatch_gradients_equal_reference(grouped_mm, tokens, monkeypatch):
+    # the training path: every gradient (input, router through the top-k weights, both expert stacks)
+    # equals the per-expert reference's, with F.grouped_mm and with the loop that replaces it
+    if not grouped_mm:
+        monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    elif not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    moe = _moe("tiny-moe", num_experts=8).train()
+    x, grad_out = torch.randn(tokens, 64), torch.randn(tokens, 64)
+    fast, slow = _grads(moe, x, grad_out, "_dispatch"), _grads(moe, x, grad_out, "_reference")
+    for a, b in zip(fast, slow, strict=True):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if tokens == 3:  # 6 slots over 8 experts: the weight gradient of an expert with no tokens is exactly zero
+        unused = sorted(set(range(8)) - set(moe.route(x)[2].flatten().tolist()))
+        assert unused
+        assert fast[2][unused].abs().max() == 0 and fast[3][unused].abs().max() == 0
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("out_features", [7, 8])
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "loop"])
+def test_grouped_linear_equals_per_expert_products(grouped_mm, out_features, column_major, monkeypatch):
+    # column-major stacks are what use_decode_layout makes; with 7 outputs their strides are not 16-byte
+    # multiples, which the CPU grouped_mm kernel rejects, so the loop must take them
+    if not grouped_mm:
+        monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    elif not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1])  # an empty group in the middle
+    x, weight = torch.randn(9, 16), torch.randn(4, out_features, 16)
+    expected = torch.cat([x[0:3] @ weight[0].T, x[3:8] @ weight[2].T, x[8:9] @ weight[3].T])
+    if column_major:
+        weight = to_column_major(weight)
+    torch.testing.assert_close(grouped_linear(x, weight, counts), expected, atol=1e-5, rtol=1e-5)

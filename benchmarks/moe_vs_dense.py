@@ -1,0 +1,188 @@
+"""Quality at equal compute: an 8-expert top-2 MoE against a dense model with the same active parameters.
+
+The claim the MoE model cards make (Switch Transformer, Mixtral): at the same training tokens and the same
+FLOPs per token, routing each token through 2 of 8 experts reaches a lower loss than one dense FFN as wide
+as the two experts together, because the MoE holds ~4x the FFN parameters while computing with a quarter.
+
+Both models run through the real trainer (orionlm.train.trainer.train) from recipes written here, which
+differ only in what defines the architecture: the dense FFN is `expert width x top-k` wide, so the active
+parameter counts match (the MoE adds its router: 8 x hidden per layer). Everything else is shared: one BPE
+tokenizer trained first on the data, the data and its validation split, seed, AdamW, learning-rate schedule,
+batch and token budget. The MoE keeps the trainer's default router losses (load balancing 0.01, no z-loss).
+
+Data: the TinyStories sample in ../shared/data (2.1 MB, 572K tokens, stories separated by <|endoftext|>),
+the last 5% of its windows held out. The default budget, 1500 steps of 8 x 256 tokens (3.1M tokens, about
+5.6 passes over the 545K training tokens: the sample is small), takes about 8 minutes on a 2-core CPU. The
+MoE trails early (its router is still learning and each expert sees a quarter of the tokens) and overtakes
+the dense model after about 0.7M tokens; at 600 steps the two are within a few hundredths of a nat either way.
+Prints the setup, a table of validation losses over the evaluation points and the final numbers, and
+saves the two loss curves (orionlm.train.plot.plot_comparison).
+
+    .venv/bin/python benchmarks/moe_vs_dense.py [--steps 1500] [--out runs/moe_vs_dense] [--set optim.lr=0.004]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import orionlm
+from orionlm.data.sources import SourceConfig, iter_documents
+from orionlm.errors import OrionError
+from orionlm.tokenizer import Tokenizer
+from orionlm.train.plot import plot_comparison, read_metrics
+from orionlm.train.recipe import apply_override, load_recipe
+from orionlm.train.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "pretrain" / "tinystories_sample.txt.gz"
+VOCAB = 2048
+SHARED = dict(vocab_size=VOCAB, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256)
+EXPERTS, TOP_K, EXPERT_WIDTH = 8, 2, 256
+BATCH, EVAL_BATCHES = 8, 15
+ARCHITECTURES = {
+    "dense": {"preset": "tiny-dense", "overrides": SHARED | {"intermediate_size": EXPERT_WIDTH * TOP_K}},
+    "moe": {
+        "preset": "tiny-moe",
+        "overrides": SHARED
+        | {"num_experts": EXPERTS, "experts_per_token": TOP_K, "expert_intermediate_size": EXPERT_WIDTH},
+    },
+}
+
+
+def recipe(name: str, out: Path, tokenizer_dir: Path, data: Path, steps: int) -> dict[str, Any]:
+    """The run's recipe: only `model` differs between the two."""
+    return {
+        "model": ARCHITECTURES[name],
+        "tokenizer": {"path": str(tokenizer_dir)},
+        "data": {
+            "sources": [{"path": str(data), "doc_separator": "<|endoftext|>"}],
+            "seq_len": 256,
+            "val_fraction": 0.05,
+            "cache_dir": str(out / "token-cache"),
+        },
+        "optim": {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0},
+        "schedule": {"kind": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1},
+        "run": {
+            "out_dir": str(out / name),
+            "max_steps": steps,
+            "batch_size": BATCH,
+            "seed": 0,
+            "log_every": 10,
+            "eval_every": 100,
+            "eval_batches": EVAL_BATCHES,
+            "device": "cpu",
+            "tensorboard": False,
+            "progress": False,
+            "plot": False,
+        },
+    }
+
+
+def train_tokenizer(data: Path, target: Path) -> Tokenizer:
+    if not (target / "tokenizer.json").is_file():
+        texts = list(iter_documents(SourceConfig(path=str(data), doc_separator="<|endoftext|>")))
+        target.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train_bpe_from_texts(texts, VOCAB).save(target)
+    return Tokenizer.load(target)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA, help="a text file of stories separated by <|endoftext|>")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps of 8 x 256 tokens, for both runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "moe_vs_dense", help="run directories")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "moe_vs_dense.png")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change both recipes, e.g. --set optim.lr=0.001")  # fmt: skip
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} is missing: pass --data with a text file of <|endoftext|>-separated stories")
+    print(f"# MoE vs dense at equal active parameters: orionlm {orionlm.__version__}")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
+
+    tokenizer = train_tokenizer(args.data, args.out / "tokenizer")
+    runs, wall = {}, {}
+    for name in ARCHITECTURES:
+        run_dir = args.out / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
+        run_dir.mkdir(parents=True)
+        path = run_dir.parent / f"{name}.yaml"
+        data = recipe(name, args.out, args.out / "tokenizer", args.data, args.steps)
+        for override in args.set:
+            apply_override(data, override)
+        path.write_text(yaml.safe_dump(data))
+        start = time.perf_counter()
+        runs[name] = train(load_recipe(path))
+        wall[name] = time.perf_counter() - start
+
+    info = {name: json.loads((run_dir / "run.json").read_text()) for name, run_dir in runs.items()}
+    (stats,) = info["dense"]["data"]
+    print(
+        f"data: {args.data.name}, {stats['documents']:,} stories, {stats['tokens']:,} tokens with a "
+        f"{tokenizer.vocab_size}-token BPE trained on it; {stats['train_windows']:,} training and "
+        f"{stats['val_windows']:,} validation windows of 256 tokens, "
+        f"{min(stats['val_windows'], BATCH * EVAL_BATCHES):,} of them evaluated"
+    )
+    shared = yaml.safe_load((args.out / "dense.yaml").read_text())
+    moe = load_recipe(args.out / "moe.yaml").model.build()
+    print(
+        f"shared: {SHARED}; optim {shared['optim']}; schedule {shared['schedule']}; {args.steps} steps x "
+        f"{info['dense']['tokens_per_step']:,} tokens; changed from the defaults: {args.set or 'nothing'}"
+    )
+    print(
+        f"dense FFN {EXPERT_WIDTH * TOP_K}; MoE {EXPERTS} experts of {EXPERT_WIDTH}, top-{TOP_K}, load-balancing "
+        f"loss x {moe.router_aux_loss_coef}, z-loss x {moe.router_z_loss_coef}\n"
+    )
+
+    records = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
+    evals = {name: {r["tokens"]: r["val_loss"] for r in recs if "val_loss" in r} for name, recs in records.items()}
+    print("| tokens | dense val loss | MoE val loss | MoE - dense |")
+    print("|---:|---:|---:|---:|")
+    for tokens in sorted(evals["dense"]):
+        dense, moe = evals["dense"][tokens], evals["moe"].get(tokens, float("nan"))
+        print(f"| {tokens:,} | {dense:.4f} | {moe:.4f} | {moe - dense:+.4f} |")
+
+    print("\n| model | total params | active params | final train loss | final val loss | tokens/s | wall (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in runs:
+        total, active = info[name]["total_params"], info[name]["active_params"]
+        final = records[name][-1]
+        tps = statistics.median(r["tokens_per_s"] for r in records[name])
+        print(f"| {name} | {total:,} | {active:,} | {final['loss']:.4f} | {final['val_loss']:.4f} | {tps:,.0f} "
+              f"| {wall[name]:.0f} |")  # fmt: skip
+    dense_final, moe_final = records["dense"][-1]["val_loss"], records["moe"][-1]["val_loss"]
+    verdict = "lower" if moe_final < dense_final else "NOT lower"
+    print(f"\nMoE final validation loss {moe_final:.4f} vs dense {dense_final:.4f}: {verdict} by "
+          f"{dense_final - moe_final:+.4f} nats/token")  # fmt: skip
+    try:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        labels = {"dense": runs["dense"], f"MoE {EXPERTS}x top-{TOP_K}": runs["moe"]}
+        print(f"wrote {plot_comparison(labels, args.plot)}")
+    except OrionError as e:
+        print(f"no plot: {e}")
+
+
+if __name__ == "__main__":
+    main()
