@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from common import cpu_name
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
@@ -123,16 +124,6 @@ def measure(kind: str, repeats: int) -> list[tuple[str, str, float, float, float
         full = best_time(lambda run=run, steps=steps: run(short_prompt, NEW_TOKENS, steps), repeats)
         rows.append((kind, name, PROMPT_LEN / prefill, 1 / statistics.median(steps), full))
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

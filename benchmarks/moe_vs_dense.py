@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import yaml
+from common import cpu_name
 
 import orionlm
 from orionlm.data.sources import SourceConfig, iter_documents
@@ -95,16 +96,6 @@ def train_tokenizer(data: Path, target: Path) -> Tokenizer:
         target.mkdir(parents=True, exist_ok=True)
         Tokenizer.train_bpe_from_texts(texts, VOCAB).save(target)
     return Tokenizer.load(target)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import transformers
+from common import cpu_name
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import orionlm
@@ -126,16 +127,6 @@ def machine_peak(repeats: int = 10) -> float:
     """The best of several measure_peak_flops: each is a fraction of a second, and on a shared machine a
     single one can land on a moment when other work holds a core."""
     return max(measure_peak_flops(torch.device("cpu")) for _ in range(repeats))
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
