@@ -165,8 +165,8 @@ def main() -> None:
               f"| {wall[name]:.0f} |")  # fmt: skip
     dense_final, moe_final = records["dense"][-1]["val_loss"], records["moe"][-1]["val_loss"]
     verdict = "lower" if moe_final < dense_final else "NOT lower"
-    print(f"\nMoE final validation loss {moe_final:.4f} vs dense {dense_final:.4f}: {verdict} by "
-          f"{dense_final - moe_final:+.4f} nats/token")  # fmt: skip
+    print(f"\nMoE final validation loss {moe_final:.4f} vs dense {dense_final:.4f}: {verdict} "
+          f"(difference {moe_final - dense_final:+.4f} nats/token)")  # fmt: skip
     try:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         labels = {"dense": runs["dense"], f"MoE {EXPERTS}x top-{TOP_K}": runs["moe"]}

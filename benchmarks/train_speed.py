@@ -15,11 +15,12 @@ attention (sdpa); its per-expert "eager" loop is measured too, for reference.
 
 Steps of the engines alternate, so load from other processes slows them alike; tokens/s is the
 batch's tokens over the median step time after warm-up. MFU is the training FLOP/s (6 x active
-non-embedding parameters + attention, orionlm.train.trainer.flops_per_token) over the measured float32
-peak of one large matmul (orionlm.train.trainer.measure_peak_flops). The first step's losses of the
-engines must agree: same weights, same batch. Prints the setup and a markdown table.
+non-embedding parameters + attention, orionlm.train.trainer.flops_per_token) over the float32 peak of
+one large matmul (orionlm.train.trainer.measure_peak_flops, the best of 10 before and 10 after). The
+first step's losses of the engines must agree (same weights, same batch): the script says whether they
+do. Prints the setup and a markdown table.
 
-    .venv/bin/python benchmarks/train_speed.py [--steps 10] [--warmup 3] [--threads N]
+    .venv/bin/python benchmarks/train_speed.py [--steps 20] [--warmup 3] [--threads N] [--models dense,moe]
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def main() -> None:
         steps["orionlm"] = orionlm_step(ours)
         results = measure(steps, batches, args.warmup, args.steps)
         losses = [loss for loss, _ in results.values()]
+        spread = max(losses) - min(losses)
         print(f"{kind}: first-step losses {', '.join(f'{n} {v:.6f}' for n, v in zip(results, losses, strict=True))}; "
-              f"max difference {max(losses) - min(losses):.2e}")  # fmt: skip
+              f"max difference {spread:.2e}: {'agree' if spread < 1e-4 else 'DISAGREE'}")  # fmt: skip
         step_flops = flops_per_token(ours.config, SEQ_LEN) * BATCH * SEQ_LEN
         for name, (_, seconds) in results.items():
             rows.append((kind, name, BATCH * SEQ_LEN / seconds, seconds, step_flops / seconds))

@@ -151,6 +151,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; on the command line it is a number
+            value = float(value)
+        except ValueError:
+            pass
     node: Any = data
     for key in keys[:-1]:
         if isinstance(node, list):

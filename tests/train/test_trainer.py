@@ -51,8 +51,11 @@ def test_unknown_keys_and_overrides(tmp_path):
         load_recipe(path, ["run.batch_size=big"])
     with pytest.raises(RecipeError, match=r"model: .*did you mean 'hidden_size'"):
         load_recipe(path, ["model.overrides.hiden_size=32"])
-    recipe = load_recipe(path, ["data.sources.0.weight=2.5", "optim.betas=[0.8, 0.9]", "run.max_steps=9"])
+    recipe = load_recipe(
+        path, ["data.sources.0.weight=2.5", "optim.betas=[0.8, 0.9]", "run.max_steps=9", "--optim.lr=1e-3"]
+    )
     assert recipe.data.sources[0].weight == 2.5 and recipe.optim.betas == (0.8, 0.9) and recipe.run.max_steps == 9
+    assert recipe.optim.lr == 1e-3
 
 
 def test_training_learns_checkpoints_and_logs(tmp_path):
