@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 import transformers
 from common import cpu_name
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
@@ -51,7 +50,7 @@ SHAPE = dict(
 )  # fmt: skip
 EXPERTS, TOP_K, AUX_COEF = 8, 2, 0.01
 BATCH, SEQ_LEN = 8, 256
-ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # transformers' Trainer default
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Step = Callable[[Batch], float]
@@ -97,8 +96,8 @@ def orionlm_step(model: OrionLM) -> Step:
 
     def step(batch: Batch) -> float:
         inputs, targets = batch
-        out = model(inputs)  # the trainer's loss (orionlm.train.trainer.train)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        out = model(inputs, targets=targets)  # the trainer's loss (orionlm.train.trainer.train)
+        loss = out.loss
         if out.aux_loss is not None:
             loss = loss + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
         loss.backward()

@@ -12,6 +12,7 @@ from .config import ModelConfig
 from .nn.alibi import alibi_bias, alibi_slopes
 from .nn.attention import Attention, KVCache
 from .nn.linear import Linear
+from .nn.loss import linear_cross_entropy
 from .nn.mlp import MLP
 from .nn.moe import MoE, load_balancing_loss, router_z_loss
 from .nn.norm import make_norm
@@ -20,7 +21,8 @@ from .nn.rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when forward computed the loss from targets
+    loss: torch.Tensor | None = None  # mean cross-entropy against `targets`, when given
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (unscaled)
     z_loss: torch.Tensor | None = None  # MoE router z-loss (unscaled)
     router_logits: list[torch.Tensor] | None = None  # per MoE layer, (B*T, E)
@@ -114,6 +116,7 @@ class OrionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token, 0 = padding
         cache: KVCache | None = None,
         logits_to_keep: int = 0,  # > 0: logits of the last n positions only (generation needs 1)
+        targets: torch.Tensor | None = None,  # (B, T) next-token ids (-100: ignored): return the loss, no logits
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -141,10 +144,14 @@ class OrionLM(nn.Module):
             cache.advance(T)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))  # (B, T or logits_to_keep, V)
+        x = self.model.norm(x)
+        if targets is not None:
+            out = ModelOutput(None, loss=linear_cross_entropy(x, self.lm_head.weight, targets))
+        else:
+            out = ModelOutput(self.lm_head(x))  # (B, T or logits_to_keep, V)
         if not router_logits:
-            return ModelOutput(logits)
-        out = ModelOutput(logits, router_logits=router_logits, expert_counts=torch.stack(counts))
+            return out
+        out.router_logits, out.expert_counts = router_logits, torch.stack(counts)
         # The router losses only train the router; generation (inference mode) skips their cost.
         if not torch.is_inference_mode_enabled():
             out.aux_loss = load_balancing_loss(router_logits, self.config.experts_per_token)

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import __version__
@@ -327,8 +326,7 @@ def train(recipe: Recipe) -> Path:
         losses = []
         with torch.no_grad(), autocast:
             for inputs, targets in val_batches:
-                logits = wrapped(inputs.to(d.device)).logits
-                losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(d.device).flatten()))
+                losses.append(wrapped(inputs.to(d.device), targets=targets.to(d.device)).loss)
         wrapped.train()
         return torch.stack(losses).mean().item() if losses else float("nan")
 
@@ -377,9 +375,8 @@ def train(recipe: Recipe) -> Path:
             if d.world_size > 1 and not run.fsdp and micro < run.grad_accum - 1:
                 sync = wrapped.no_sync()  # gradients are averaged across processes once, at the last micro-step
             with sync, autocast:
-                out = wrapped(inputs)
-                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
-                total = loss
+                out = wrapped(inputs, targets=targets)
+                loss = total = out.loss
                 if out.aux_loss is not None:
                     total = total + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
                     router_sums += torch.stack([out.aux_loss.detach(), out.z_loss.detach()]) / run.grad_accum
