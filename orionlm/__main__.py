@@ -26,7 +26,8 @@ def _dtype(name: str, source: Path) -> torch.dtype:
 
 
 def info(model: str | None = None, /, *, preset: str | None = None, json: bool = False) -> None:
-    """Print a model's architecture and parameter counts (total, and active per token for MoE).
+    """Print a model's architecture and parameter counts (total; active per token for MoE; virtual, with
+    looped blocks counted once per loop, for Chimera).
 
     Examples:
       orionlm info --preset mixtral-8x7b
@@ -35,11 +36,11 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
     Args:
         model: a model directory (orionlm or Hugging Face) or a .gguf file
         preset: a preset name instead of a model (see `orionlm info --preset list`)
-        json: print JSON with total_params, active_params and the config
+        json: print JSON with total_params, active_params, virtual_params and the config
     """
     from .config import PRESETS
     from .config import preset as get_preset
-    from .model import count_parameters
+    from .model import count_parameters, virtual_parameters
 
     if (model is None) == (preset is None):
         raise OrionError("give either a model path or --preset NAME")
@@ -51,8 +52,10 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
     else:
         config = _read_config(Path(model))
     total, active = count_parameters(config)
+    virtual = virtual_parameters(config)
     if json:
-        print(jsonlib.dumps({"total_params": total, "active_params": active, "config": config.to_dict()}, indent=2))
+        counts = {"total_params": total, "active_params": active, "virtual_params": virtual}
+        print(jsonlib.dumps(counts | {"config": config.to_dict()}, indent=2))
         return
     rows = [
         ("name", config.name or "-"),
@@ -72,9 +75,19 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
         ]
         if config.shared_expert_intermediate_size:
             rows.append(("shared expert FFN", config.shared_expert_intermediate_size))
+    if config.architecture == "chimera":
+        bottom = config.num_layers - config.shared_layers
+        rows += [
+            ("blocks", f"{bottom} bottom + {config.shared_layers} shared x {config.loops} loops "
+                       f"= {config.virtual_layers} virtual layers"),
+            ("mixers", f"Gated DeltaNet, attention every {config.attn_interval} blocks; GDN {config.gdn_num_heads} "
+                       f"heads x {config.gdn_head_dim} (values x {config.gdn_expand_v:g})"),
+        ]  # fmt: skip
     if not config.num_experts or config.moe_layers is not None:
         rows.append(("dense FFN", f"{config.intermediate_size} ({config.activation})"))
     rows += [("total parameters", _human(total)), ("active per token", _human(active))]
+    if virtual != total:
+        rows.append(("virtual parameters", _human(virtual)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -96,7 +109,7 @@ def _human(n: int) -> str:
 
 def _read_config(path: Path):
     """The ModelConfig of a model directory or GGUF file, without reading the weights where possible."""
-    from .config import ModelConfig
+    from .config import ModelConfig, from_auron_config, is_auron_config
     from .loading import resolve_model_path
 
     path = resolve_model_path(path)
@@ -108,6 +121,8 @@ def _read_config(path: Path):
     if not config_path.is_file():
         raise OrionError(f"{config_path} is missing; is {path} a model directory?")
     data = jsonlib.loads(config_path.read_text())
+    if is_auron_config(data):
+        return ModelConfig.from_dict(from_auron_config(data))
     if data.get("model_type", "orionlm") == "orionlm":
         return ModelConfig.from_dict(data)
     from .convert.hf import config_from_hf
@@ -329,6 +344,46 @@ def convert_from_gguf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", for
     print(f"wrote {dst}")
 
 
+def convert_from_auron(src: str, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
+    """Convert an Auron checkpoint directory (or Hub id) into an orionlm model directory, with Auron's
+    sampling defaults in generation_config.json unless the source has its own.
+
+    Args:
+        src: an Auron checkpoint directory (config.json with n_bottom, dim, ...) or Hub id
+        dst: the orionlm directory to write
+        dtype: the weights' dtype; auto keeps the source's
+        force: replace dst if it exists
+    """
+    from .checkpoint import read_generation_config, save_checkpoint
+    from .config import AURON_GENERATION
+    from .convert.auron import load_auron
+    from .loading import resolve_model_path
+
+    _refuse_existing(dst, force)
+    path = resolve_model_path(src)
+    model, tokenizer = load_auron(path, device="cpu", dtype=_dtype(dtype, path))
+    save_checkpoint(model, dst, tokenizer, read_generation_config(path) or AURON_GENERATION)
+    print(f"wrote {dst}")
+
+
+def convert_to_auron(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
+    """Export an orionlm chimera model directory in Auron's checkpoint layout.
+
+    Args:
+        src: an orionlm model directory of the chimera family
+        dst: the Auron directory to write
+        dtype: the weights' dtype; auto keeps the source's
+        force: replace dst if it exists
+    """
+    from .checkpoint import load_checkpoint
+    from .convert.auron import save_auron
+
+    _refuse_existing(dst, force)
+    model, tokenizer = load_checkpoint(src, device="cpu", dtype=_dtype(dtype, src))
+    save_auron(model, dst, tokenizer)
+    print(f"wrote {dst}")
+
+
 def _refuse_existing(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise OrionError(f"{path} exists; pass --force to replace it")
@@ -424,7 +479,13 @@ COMMANDS = {
     "quickstart": quickstart,
     "train": train,
     "plot": plot,
-    "convert": {"from-hf": convert_from_hf, "to-hf": convert_to_hf, "from-gguf": convert_from_gguf},
+    "convert": {
+        "from-hf": convert_from_hf,
+        "to-hf": convert_to_hf,
+        "from-gguf": convert_from_gguf,
+        "from-auron": convert_from_auron,
+        "to-auron": convert_to_auron,
+    },
     "tokenizer": {"train": tokenizer_train},
 }
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig
+from .config import PRESET_GENERATION, ConfigError, ModelConfig
 from .errors import OrionError
 from .model import OrionLM
 from .tokenizer import Tokenizer
@@ -229,7 +229,9 @@ def save_checkpoint(
     with atomic_directory(directory) as tmp:
         model.config.save(tmp / "config.json")
         write_safetensors(tensors if tensors is not None else state_dict_for_saving(model), tmp, max_shard_bytes)
-        generation = dict(DEFAULT_GENERATION if generation_config is None else generation_config)
+        if generation_config is None:  # ours, and the sampling defaults the preset was published with
+            generation_config = DEFAULT_GENERATION | PRESET_GENERATION.get(model.config.name, {})
+        generation = dict(generation_config)
         if tokenizer is not None:
             tokenizer.save(tmp)
             for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id)):

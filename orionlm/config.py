@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import OrionError, unknown_names
 
-NORMS = ("rmsnorm", "layernorm")
+NORMS = ("rmsnorm", "layernorm", "rmsnorm_noweight")
+ARCHITECTURES = ("decoder", "chimera")
 ACTIVATIONS = ("swiglu", "gelu_tanh", "gelu")
 POSITIONS = ("rope", "alibi", "none")
 
@@ -22,13 +23,18 @@ class ConfigError(OrionError):
 
 @dataclass
 class ModelConfig:
-    """Every architecture orionlm runs (dense, MoE, ALiBi) is one of these.
+    """Every architecture orionlm runs (dense, MoE, ALiBi, Chimera) is one of these.
 
     Dense layers use `intermediate_size`; MoE layers use `num_experts` experts of
     `expert_intermediate_size` each, routed top-`experts_per_token`.
+
+    architecture "chimera" (Auron's hybrid): `num_layers` unique blocks, of which the last
+    `shared_layers` form the top zone that runs `loops` times; in each zone a block is attention when
+    (i + 1) % attn_interval == 0 (i counted within the zone) and Gated DeltaNet otherwise.
     """
 
     name: str = ""
+    architecture: str = "decoder"
     vocab_size: int = 32000
     hidden_size: int = 4096
     num_layers: int = 32
@@ -63,6 +69,20 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     router_jitter: float = 0.0
+    # Chimera (architecture "chimera")
+    attn_interval: int = 4
+    shared_layers: int = 0  # the last n of num_layers: the looped top zone
+    loops: int = 1  # how many times the top zone runs
+    gdn_num_heads: int | None = None  # None: num_heads
+    gdn_head_dim: int | None = None  # None: head_dim
+    gdn_expand_v: float = 2.0  # value head dim = gdn_head_dim x gdn_expand_v
+    gdn_conv_kernel: int = 4
+    gdn_use_gate: bool = True
+    gdn_use_short_conv: bool = True
+    gdn_norm_eps: float = 1e-5
+    x0_inject: bool = False  # x += lambda_v * x0 before virtual layer v (lambda init 0)
+    resid_lambdas: bool = False  # learned scalars on each block's residual stream (init sqrt(1.1))
+    unet_skips: bool = False  # the inputs of the first half of virtual layers feed the second half
     # Which Hugging Face architecture this model came from or exports to (None: inferred)
     hf_model_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, never read by the model
@@ -81,6 +101,9 @@ class ModelConfig:
             self.expert_intermediate_size = self.intermediate_size
         if self.moe_layers is not None:
             self.moe_layers = sorted(set(int(i) for i in self.moe_layers))
+        if self.architecture == "chimera":
+            self.gdn_num_heads = self.gdn_num_heads or self.num_heads
+            self.gdn_head_dim = self.gdn_head_dim or self.head_dim
         self.validate()
 
     def validate(self) -> None:
@@ -126,6 +149,27 @@ class ModelConfig:
                 "moe_layers and shared experts need num_experts > 0",
             )
         need(self.router_jitter >= 0, "router_jitter must be >= 0")
+        need(
+            self.architecture in ARCHITECTURES,
+            f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}",
+        )
+        if self.architecture == "chimera":
+            need(not self.num_experts, "chimera blocks have a dense SwiGLU FFN: set num_experts to 0")
+            need(self.position == "rope" and self.activation == "swiglu", "chimera uses RoPE and SwiGLU")
+            need(self.attn_interval >= 1, f"attn_interval must be >= 1, got {self.attn_interval}")
+            need(
+                0 <= self.shared_layers <= self.num_layers,
+                f"shared_layers ({self.shared_layers}) must be between 0 and num_layers ({self.num_layers})",
+            )
+            need(self.loops >= 1, f"loops must be >= 1, got {self.loops}")
+            need(self.shared_layers or self.loops == 1, "loops > 1 needs shared_layers > 0")
+            need(self.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
+            v_dim = self.gdn_head_dim * self.gdn_expand_v
+            need(v_dim == int(v_dim) and v_dim > 0, "gdn_head_dim x gdn_expand_v must be a positive whole number")
+        else:
+            chimera_only = ("shared_layers", "x0_inject", "resid_lambdas", "unet_skips")
+            set_keys = [k for k in chimera_only if getattr(self, k)]
+            need(not set_keys and self.loops == 1, f"{set_keys or ['loops']} need architecture 'chimera'")
 
     # Derived properties: kept out of the JSON, computed from the fields above.
     @property
@@ -133,7 +177,22 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def virtual_layers(self) -> int:
+        """Blocks run per token: the bottom zone once, the shared top zone `loops` times."""
+        return self.num_layers + (self.loops - 1) * self.shared_layers
+
+    def is_attention_layer(self, index: int) -> bool:
+        """Whether unique block `index` is attention (the rest of a chimera's blocks are Gated DeltaNet)."""
+        if self.architecture != "chimera":
+            return True
+        bottom = self.num_layers - self.shared_layers
+        within = index if index < bottom else index - bottom
+        return (within + 1) % self.attn_interval == 0
+
+    @property
     def family(self) -> str:
+        if self.architecture == "chimera":
+            return "chimera"
         if self.position == "alibi":
             return "alibi"
         return "moe" if self.num_experts else "dense"
@@ -212,6 +271,85 @@ _BLOOM = dict(
     hf_model_type="bloom",
 )
 
+# Auron's config.json keys and their ModelConfig fields (booleans and sizes that map one to one).
+_AURON_KEYS = {
+    "dim": "hidden_size",
+    "n_heads": "num_heads",
+    "n_kv_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "gdn_n_heads": "gdn_num_heads",
+    "gdn_head_dim": "gdn_head_dim",
+    "gdn_expand_v": "gdn_expand_v",
+    "conv_kernel": "gdn_conv_kernel",
+    "gdn_use_gate": "gdn_use_gate",
+    "gdn_use_short_conv": "gdn_use_short_conv",
+    "attn_interval": "attn_interval",
+    "use_x0_inject": "x0_inject",
+    "use_resid_lambdas": "resid_lambdas",
+    "use_skip_connections": "unet_skips",
+    "rope_base": "rope_theta",
+    "n_physical_top": "shared_layers",
+    "n_top_loops": "loops",
+    "max_seq_len": "max_seq_len",
+    "vocab_size": "vocab_size",
+}
+# What Auron's code fixes rather than configures: weightless RMSNorm (eps 1e-6) on the embeddings, in
+# every block and before the tied head; no biases; no qk-norm.
+_AURON_FIXED = dict(
+    architecture="chimera", norm="rmsnorm_noweight", norm_eps=1e-6, embedding_norm=True, tie_embeddings=True
+)
+
+
+def is_auron_config(data: dict[str, Any]) -> bool:
+    return "n_bottom" in data and "dim" in data
+
+
+def from_auron_config(data: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields from an Auron config.json. Its FFN width is int(dim x ffn_mult), unrounded, and
+    its partial RoPE rotates 2 x int(head_dim x partial_rotary_factor) dims (a factor of 0.25 rotates half
+    of each head), which is partial_rotary_factor = that / head_dim here."""
+    unknown = [
+        k for k in data if k not in (*_AURON_KEYS, "n_bottom", "ffn_mult", "partial_rotary_factor", "use_diff_attn")
+    ]
+    if unknown:
+        raise ConfigError(f"unknown Auron config keys: {unknown_names(unknown, set(_AURON_KEYS))}")
+    if data.get("use_diff_attn"):
+        raise ConfigError("Auron's differential attention (use_diff_attn: true) is not supported; only false loads")
+    fields = {ours: data[theirs] for theirs, ours in _AURON_KEYS.items() if theirs in data}
+    dim, head_dim = data["dim"], data.get("head_dim") or data["dim"] // data["n_heads"]
+    fields["num_layers"] = data["n_bottom"] + data.get("n_physical_top", 0)
+    fields["intermediate_size"] = int(dim * data.get("ffn_mult", 2.67))
+    fields["partial_rotary_factor"] = 2 * int(head_dim * data.get("partial_rotary_factor", 0.25)) / head_dim
+    return _AURON_FIXED | fields
+
+
+def to_auron_config(config: ModelConfig) -> dict[str, Any]:
+    """The Auron config.json of a chimera config (the inverse of from_auron_config). ffn_mult is the
+    shortest decimal that gives the same width (2.67 for 4101 at dim 1536, not 2.669921875)."""
+    fixed = {k: getattr(config, k) for k in _AURON_FIXED}
+    if fixed != _AURON_FIXED or config.qkv_bias or config.qk_norm or config.o_bias:
+        raise ConfigError(f"only Auron-layout chimera models export to Auron's format ({_AURON_FIXED}, no biases)")
+    data = {theirs: getattr(config, ours) for theirs, ours in _AURON_KEYS.items()}
+    data["n_bottom"] = config.num_layers - config.shared_layers
+    exact = config.intermediate_size / config.hidden_size
+    shortest = (round(exact, digits) for digits in range(1, 16))
+    data["ffn_mult"] = next((m for m in shortest if int(config.hidden_size * m) == config.intermediate_size), exact)
+    data["partial_rotary_factor"] = config.rotary_dim / 2 / config.head_dim
+    data["use_diff_attn"] = False
+    return data
+
+
+def _auron(**keys: Any) -> dict[str, Any]:
+    """A preset from Auron config.json keys; the published files all have these values in common."""
+    common = dict(
+        head_dim=64, gdn_head_dim=64, gdn_expand_v=2, conv_kernel=4, gdn_use_gate=True, gdn_use_short_conv=True,
+        ffn_mult=2.67, attn_interval=4, use_x0_inject=True, use_resid_lambdas=True, use_skip_connections=True,
+        use_diff_attn=False, rope_base=10000.0, partial_rotary_factor=0.25, n_top_loops=3, max_seq_len=2048,
+        vocab_size=151936,
+    )  # fmt: skip
+    return from_auron_config(common | keys)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny presets: random-init test models of each family (not published models).
     "tiny-dense": dict(_TINY, hf_model_type="llama"),
@@ -228,6 +366,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         hf_model_type="qwen2_moe",
     ),
     "tiny-alibi": _TINY | _BLOOM | dict(num_kv_heads=4, intermediate_size=256),
+    # 2 bottom + 2 shared blocks looped twice (6 virtual layers), GDN then attention in each zone
+    "tiny-chimera": _auron(
+        dim=64,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        gdn_n_heads=4,
+        gdn_head_dim=16,
+        attn_interval=2,
+        n_bottom=2,
+        n_physical_top=2,
+        n_top_loops=2,
+        vocab_size=512,
+        max_seq_len=256,
+    ),  # fmt: skip
     # mistralai/Mistral-7B-v0.1 config.json
     "mistral-7b": _mistral_7b(),
     # mistralai/Mixtral-8x7B-v0.1 config.json: 46.7B total, 12.9B active
@@ -273,6 +426,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_eps=1e-5,
         max_seq_len=2048,
     ),
+    # Auron (Depth-Efficient Language Models via Hybrid Recurrent-Attention Weight Sharing). 510M: its
+    # config.json (509.9M unique, 786.9M virtual parameters). 279M and 1.1B: the published depth and width
+    # (4 + 4x3 at dim 1024, 6 + 6x3 at dim 2048) with the 510M file's 64-dim heads and 4:1 GQA.
+    "auron-279m": _auron(dim=1024, n_heads=16, n_kv_heads=4, gdn_n_heads=16, n_bottom=4, n_physical_top=4),
+    "auron-510m": _auron(dim=1536, n_heads=24, n_kv_heads=6, gdn_n_heads=24, n_bottom=4, n_physical_top=4),
+    "auron-1.1b": _auron(dim=2048, n_heads=32, n_kv_heads=8, gdn_n_heads=32, n_bottom=6, n_physical_top=6),
+}
+
+# generation_config.json defaults that come with a preset (save_checkpoint writes them)
+AURON_GENERATION = dict(
+    do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.0, presence_penalty=1.5
+)  # fmt: skip
+PRESET_GENERATION: dict[str, dict[str, Any]] = {
+    name: AURON_GENERATION for name in ("tiny-chimera", "auron-279m", "auron-510m", "auron-1.1b")
 }
 
 

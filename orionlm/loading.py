@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, read_config_json, read_generation_config, resolve_device
+from .config import is_auron_config
 from .errors import OrionError
 from .model import OrionLM
 from .tokenizer import Tokenizer
@@ -44,7 +45,7 @@ def load_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
-    """Load a model and its tokenizer from an orionlm or Hugging Face directory, a .gguf file,
+    """Load a model and its tokenizer from an orionlm, Hugging Face or Auron directory, a .gguf file,
     or a Hub id; returns (model, tokenizer, device). fp32 on CPU, bf16 on CUDA unless dtype is given."""
     device, dtype = resolve_device(device, dtype)
     path = resolve_model_path(name_or_path)
@@ -55,7 +56,12 @@ def load_model(
 
         model, tokenizer = load_gguf(path, device=device, dtype=dtype)
         return model, tokenizer, device
-    if read_config_json(path).get("model_type", "orionlm") == "orionlm":
+    data = read_config_json(path)
+    if is_auron_config(data):
+        from .convert.auron import load_auron
+
+        model, tokenizer = load_auron(path, device=device, dtype=dtype)
+    elif data.get("model_type", "orionlm") == "orionlm":
         model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
     else:
         from .convert.hf import load_hf

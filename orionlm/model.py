@@ -1,16 +1,20 @@
-"""The decoder for every dense, MoE and ALiBi family: embeddings -> blocks -> norm -> LM head."""
+"""The model for every family: embeddings -> blocks (a plain stack, or Chimera's looped hybrid) -> norm
+-> LM head."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .chimera import RESID_LAMBDA_INIT, ChimeraDecoder
 from .config import ModelConfig
 from .nn.alibi import alibi_bias, alibi_slopes
 from .nn.attention import Attention, KVCache
+from .nn.gdn import GatedDeltaNet
 from .nn.linear import Linear
 from .nn.loss import linear_cross_entropy
 from .nn.mlp import MLP
@@ -67,7 +71,7 @@ class OrionLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.model = ChimeraDecoder(config) if config.architecture == "chimera" else Decoder(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -87,16 +91,29 @@ class OrionLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms."""
+        """Normal(0, initializer_range) weights, zero biases, unit norms; Chimera's extras as Auron starts
+        them (x0 and layer ids off, skips and residual lambdas on) and GDN's gates and convolutions as fla
+        does."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("x0_lambdas", "layer_ids") or name.endswith("bias") and leaf != "dt_bias":
                 p.zero_()
-            elif p.dim() == 1:
+            elif leaf in ("attn_lambda", "mlp_lambda"):
+                p.fill_(RESID_LAMBDA_INIT)
+            elif leaf in ("A_log", "dt_bias"):
+                continue  # below, with their module
+            elif "conv1d" in name:  # nn.Conv1d's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                bound = 1 / math.sqrt(p[0].numel())
+                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
+            elif p.dim() == 1 or leaf == "skip_weights":
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
+        for module in self.modules():
+            if isinstance(module, GatedDeltaNet):
+                module.reset_gates(generator)
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +124,8 @@ class OrionLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        if isinstance(self.model, ChimeraDecoder):
+            return self.model.new_cache(batch_size, capacity, self.device, self.dtype)
         return KVCache(self.config, batch_size, capacity, self.device, self.dtype)
 
     def forward(
@@ -131,15 +150,20 @@ class OrionLM(nn.Module):
         rope = self.rotary(position_ids) if self.rotary is not None else None
         mask, is_causal = self._attention_mask(B, T, past, attention_mask, position_ids, x.dtype)
         router_logits, counts = [], []
-        for layer in self.model.layers:
-            if self.activation_checkpointing and self.training:
-                # Recompute each block's activations in the backward pass instead of storing them.
-                x, logits, layer_counts = checkpoint(layer, x, rope, mask, is_causal, cache, use_reentrant=False)
-            else:
-                x, logits, layer_counts = layer(x, rope, mask, is_causal, cache)
-            if logits is not None:
-                router_logits.append(logits)
-                counts.append(layer_counts)
+        checkpointing = self.activation_checkpointing and self.training
+        if isinstance(self.model, ChimeraDecoder):
+            keep = attention_mask[:, past:] if attention_mask is not None else None
+            x = self.model.run(x, rope, mask, is_causal, cache, keep, checkpointing)
+        else:
+            for layer in self.model.layers:
+                if checkpointing:
+                    # Recompute each block's activations in the backward pass instead of storing them.
+                    x, logits, layer_counts = checkpoint(layer, x, rope, mask, is_causal, cache, use_reentrant=False)
+                else:
+                    x, logits, layer_counts = layer(x, rope, mask, is_causal, cache)
+                if logits is not None:
+                    router_logits.append(logits)
+                    counts.append(layer_counts)
         if cache is not None:
             cache.advance(T)
         if logits_to_keep:
@@ -195,14 +219,20 @@ def count_parameters(config: ModelConfig) -> tuple[int, int]:
     with torch.device("meta"):
         model = OrionLM(config)
     total = active = 0
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    for name, p in model.named_parameters():  # a tied head is the embedding: named once
         total += p.numel()
         if ".experts." in name:
             active += p.numel() // config.num_experts * config.experts_per_token
         else:
             active += p.numel()
     return total, active
+
+
+def virtual_parameters(config: ModelConfig) -> int:
+    """Parameters as the compute sees them: a Chimera's shared top blocks count once per loop."""
+    total, _ = count_parameters(config)
+    if not config.shared_layers or config.loops == 1:
+        return total
+    with torch.device("meta"):
+        blocks = ChimeraDecoder(config).layers[config.num_layers - config.shared_layers :]
+    return total + (config.loops - 1) * sum(p.numel() for p in blocks.parameters())

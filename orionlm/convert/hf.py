@@ -350,6 +350,8 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
 
 def hf_architecture(config: ModelConfig) -> str:
     """The Hugging Face model_type a config exports to when it names none."""
+    if config.architecture == "chimera":
+        raise ConvertError("chimera models have no Hugging Face architecture; export with `orionlm convert to-auron`")
     if config.position == "alibi":
         return "bloom"
     if config.num_experts:

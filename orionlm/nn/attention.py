@@ -19,10 +19,14 @@ class KVCache:
     cache is a pair of (B, kv_heads, capacity, head_dim) tensors per layer and one length.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, device, dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, batch_size: int, capacity: int, device, dtype, num_layers: int | None = None
+    ) -> None:
+        """`num_layers` slots (default config.num_layers): one per attention layer that runs."""
         shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        slots = config.num_layers if num_layers is None else num_layers
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
         self.capacity = capacity
         self.length = 0
 
@@ -81,6 +85,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,  # (B, 1 or H, T, L) bool or additive float, or None
         is_causal: bool,
         cache: KVCache | None,
+        slot: int | None = None,  # the cache slot; default this layer's index (a looped block has one per loop)
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.fused:
@@ -99,7 +104,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, L, D)
+            k, v = cache.update(self.layer_idx if slot is None else slot, k, v)  # (B, kv_heads, L, D)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, D)

@@ -222,12 +222,15 @@ class GatedDeltaNet(nn.Module):
         self.reset_gates()
 
     @torch.no_grad()
-    def reset_gates(self) -> None:
+    def reset_gates(self, generator: torch.Generator | None = None) -> None:
         """fla's initialisation of the decay: A ~ U(0, 16) (floored so log A stays finite), and dt_bias the
         inverse softplus of dt ~ log-uniform in [0.001, 0.1] (floor 1e-4), as Mamba2 does."""
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).clamp_(min=1e-4).log())
+        if self.A_log.is_meta:
+            return
+        u = torch.rand(self.A_log.shape, generator=generator)
+        self.A_log.copy_((16 * u).clamp_(min=1e-4).log())
         dt_min, dt_max = 0.001, 0.1
-        u = torch.rand_like(self.dt_bias)
+        u = torch.rand(self.dt_bias.shape, generator=generator)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 

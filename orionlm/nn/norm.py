@@ -1,4 +1,4 @@
-"""RMSNorm and LayerNorm behind one constructor."""
+"""RMSNorm (with or without a weight) and LayerNorm behind one constructor."""
 
 import torch
 import torch.nn.functional as F
@@ -6,17 +6,20 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 (as Llama and Mistral do) so bf16 activations keep their precision.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return y if self.weight is None else self.weight * y
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
+    if kind == "rmsnorm_noweight":
+        return RMSNorm(dim, eps, weight=False)
     return nn.LayerNorm(dim, eps=eps)

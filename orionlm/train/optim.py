@@ -6,9 +6,11 @@ Every parameter gets one role, which names its param group:
     role          what (Hugging Face names)                                  optimizer    weight decay  lr
     embed         model.embed_tokens.weight (and the LM head when tied)      AdamW        no            embed_lr
     head          lm_head.weight, untied                                     AdamW        yes           head_lr
-    no_decay      1-D tensors: norm gains and biases, scalar gains, biases   AdamW        no            scalar_lr
+    no_decay      1-D tensors: norm gains and biases, scalar gains, biases;  AdamW        no            scalar_lr
+                  Chimera's x0 lambdas, U-Net skip weights and layer ids
     decay         other matrices; with Muon only the routers (mlp.gate,      AdamW        yes           lr
-                  shared_expert_gate), whose few rows Muon would flatten
+                  shared_expert_gate), whose few rows Muon would flatten,
+                  and GDN's short-convolution filters
     muon          2-D hidden matrices: attention q/k/v/o, MLPs, shared       Muon         yes           muon_lr
                   experts (only with name="muon"; otherwise in "decay")
     muon_experts  3-D expert stacks mlp.experts.gate_up_proj / down_proj     BatchedMuon  yes           muon_lr
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..chimera import ChimeraDecoder
 from ..errors import OrionError, unknown_names
 from ..nn.moe import Experts, MoE
 
@@ -242,11 +245,13 @@ class CombinedOptimizer:
             optimizer.load_state_dict(state)
 
 
-def _special_param_ids(model: nn.Module) -> tuple[set[int], set[int], set[int]]:
-    """ids of the embedding, LM head and router parameters, found by module (so wrappers such as DDP or
-    torch.compile, which prefix the names, do not matter)."""
-    embed, head, router = set(), set(), set()
+def _special_param_ids(model: nn.Module) -> tuple[set[int], set[int], set[int], set[int]]:
+    """ids of the embedding, LM head, router and Chimera stack-level (gain-like) parameters, found by module
+    (so wrappers such as DDP or torch.compile, which prefix the names, do not matter)."""
+    embed, head, router, gains = set(), set(), set(), set()
     for name, module in model.named_modules():
+        if isinstance(module, ChimeraDecoder):
+            gains.update(id(p) for p in module.parameters(recurse=False))
         if isinstance(module, nn.Embedding):
             embed.add(id(module.weight))
         elif name.rsplit(".", 1)[-1] == "lm_head":
@@ -255,13 +260,13 @@ def _special_param_ids(model: nn.Module) -> tuple[set[int], set[int], set[int]]:
             for gate in (module.gate, getattr(module, "shared_expert_gate", None)):
                 if gate is not None:
                     router.update(id(p) for p in gate.parameters())
-    return embed, head - embed, router  # a tied head is the embedding
+    return embed, head - embed, router, gains  # a tied head is the embedding
 
 
 def param_roles(model: nn.Module, muon: bool) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """The trainable parameters of `model` by role (see the module docstring), each tensor once, in model order.
     Roles without parameters are left out."""
-    embed, head, router = _special_param_ids(model)
+    embed, head, router, gains = _special_param_ids(model)
     experts = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
     roles: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():  # shared (tied) tensors are listed once
@@ -271,7 +276,7 @@ def param_roles(model: nn.Module, muon: bool) -> dict[str, list[tuple[str, nn.Pa
             role = "embed"
         elif id(p) in head:
             role = "head"
-        elif p.ndim < 2:
+        elif p.ndim < 2 or id(p) in gains:
             role = "no_decay"
         elif muon and id(p) in experts:
             role = "muon_experts"

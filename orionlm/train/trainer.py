@@ -28,7 +28,7 @@ from ..checkpoint import read_safetensors, save_checkpoint
 from ..config import ModelConfig
 from ..data import build_dataset, iter_documents
 from ..errors import OrionError
-from ..model import OrionLM, count_parameters
+from ..model import OrionLM, count_parameters, virtual_parameters
 from ..tokenizer import Tokenizer
 from .optim import build_optimizer
 from .recipe import Recipe, RecipeError
@@ -105,10 +105,15 @@ def measure_peak_flops(device: torch.device) -> float:
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 x active non-embedding parameters plus the
-    attention scores (PaLM's estimate, appendix B)."""
-    _, active = count_parameters(config)
+    attention scores (PaLM's estimate, appendix B). A Chimera's looped blocks count once per loop; its GDN
+    layers' state updates (a few percent of their projections at these sizes) are left out."""
+    total, active = count_parameters(config)
+    active += virtual_parameters(config) - total
     active -= config.vocab_size * config.hidden_size  # the embedding lookup is not a matmul
-    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    bottom = config.num_layers - config.shared_layers
+    attention_layers = sum(config.is_attention_layer(i) for i in range(bottom))
+    attention_layers += config.loops * sum(config.is_attention_layer(i) for i in range(bottom, config.num_layers))
+    attention = 12 * attention_layers * config.num_heads * config.head_dim * seq_len
     return 6 * active + attention
 
 

@@ -84,7 +84,7 @@ def test_training_learns_checkpoints_and_logs(tmp_path):
         train(load_recipe(write_recipe(tmp_path)))
 
 
-@pytest.mark.parametrize("preset, optim", [("tiny-dense", "adamw"), ("tiny-moe", "muon")])
+@pytest.mark.parametrize("preset, optim", [("tiny-dense", "adamw"), ("tiny-moe", "muon"), ("tiny-chimera", "muon")])
 def test_resume_is_bit_identical(tmp_path, preset, optim):
     """A run interrupted after its step-3 checkpoint and resumed gives exactly the uninterrupted losses."""
     sections = dict(model={"preset": preset}, optim={"name": optim, "lr": 3e-3})
@@ -159,3 +159,10 @@ def test_token_named_checkpoints_and_keep_last(tmp_path):
     # 128 tokens per step: the 300-token marks are crossed at steps 3, 5, 8 (384, 640, 1024 tokens); the
     # final step saves anyway; the two newest are kept.
     assert [path.name for _, path in find_checkpoints(run_dir)] == ["640", "1.024K"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_resolve(path):
+    """Every recipe in configs/ parses and builds its model config and optimizer settings."""
+    recipe = load_recipe(path)
+    assert recipe.model.build().vocab_size > 0 and recipe.optim.lr > 0

@@ -1,0 +1,151 @@
+"""The Chimera (Auron) layer stack: Gated DeltaNet and attention blocks, unique bottom blocks and a shared
+top zone run `loops` times, with x0 injection, residual lambdas, U-Net skips and per-loop layer ids.
+
+Virtual layers v = 0..n-1 are the bottom blocks, then the top blocks loop after loop. Before each one
+x += lambda_v * x0, where x0 is the normalised embedding. The inputs of the first n // 2 virtual layers
+are stored; after layer v of the second half, w_j * stored_j is added back with j = n - 1 - v (a U-Net
+over depth). A top GDN block adds its loop's layer-id vector to its normalised input, so the shared
+weights can tell the loops apart. Every virtual layer has its own cache: a KV slot for attention, a
+GDNState for GDN, so a looped block keeps one per loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .nn.attention import Attention, KVCache
+from .nn.gdn import GatedDeltaNet, GDNState
+from .nn.mlp import MLP
+from .nn.norm import make_norm
+
+RESID_LAMBDA_INIT = math.sqrt(1.1)
+
+
+class ChimeraBlock(nn.Module):
+    """h = norm(x) (+ layer id); x = r_a x + mixer(h); x = r_m x + SwiGLU(norm(x))."""
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.is_attention = config.is_attention_layer(index)
+        self.input_layernorm = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        if self.is_attention:
+            self.self_attn = Attention(config, index)
+        else:
+            self.linear_attn = GatedDeltaNet(
+                config.hidden_size, config.gdn_num_heads, config.gdn_head_dim, config.gdn_expand_v,
+                config.gdn_conv_kernel, config.gdn_use_gate, config.gdn_use_short_conv, config.gdn_norm_eps,
+            )  # fmt: skip
+        self.post_attention_layernorm = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, "swiglu")
+        if config.resid_lambdas:
+            self.attn_lambda = nn.Parameter(torch.tensor(RESID_LAMBDA_INIT))
+            self.mlp_lambda = nn.Parameter(torch.tensor(RESID_LAMBDA_INIT))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: HybridCache | None,
+        slot: int,  # this virtual layer's cache slot (KV or GDN state)
+        layer_id: torch.Tensor | None,  # (C,) added to a top GDN block's input
+        keep: torch.Tensor | None,  # (B, T) 1 = real token; padding enters GDN as zeros
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.is_attention:
+            y = self.self_attn(h, rope, mask, is_causal, cache, slot)
+        else:
+            if layer_id is not None:
+                h = h + layer_id.to(h.dtype)
+            if keep is not None:
+                # A zero input writes nothing into the GDN state (k = 0) and is what the short convolution
+                # sees before a sequence starts, so left padding leaves no trace.
+                h = h * keep.unsqueeze(-1).to(h.dtype)
+            y = self.linear_attn(h, cache.states[slot] if cache is not None else None)
+        if hasattr(self, "attn_lambda"):
+            x = self.attn_lambda.to(x.dtype) * x + y
+            return self.mlp_lambda.to(x.dtype) * x + self.mlp(self.post_attention_layernorm(x))
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HybridCache(KVCache):
+    """A KV cache slot per virtual attention layer and a GDNState per virtual GDN layer."""
+
+    def __init__(self, attention_slots: int, states: list[GDNState], config: ModelConfig, batch_size: int,
+                 capacity: int, device, dtype) -> None:  # fmt: skip
+        super().__init__(config, batch_size, capacity, device, dtype, num_layers=attention_slots)
+        self.states = states
+
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        for state in self.states:
+            state.select(rows)
+
+
+class ChimeraDecoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, n = config.hidden_size, config.virtual_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, C)
+        self.embed_norm = make_norm(config.norm, C, config.norm_eps)
+        self.layers = nn.ModuleList(ChimeraBlock(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config.norm, C, config.norm_eps)
+        if config.x0_inject:
+            self.x0_lambdas = nn.Parameter(torch.zeros(n))
+        if config.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(n // 2, C))
+        if config.shared_layers:
+            self.layer_ids = nn.Parameter(torch.zeros(config.loops, config.shared_layers, C))
+        # (unique block, loop or None for the bottom, cache slot) of each virtual layer
+        bottom = config.num_layers - config.shared_layers
+        order = [(i, None) for i in range(bottom)]
+        order += [(bottom + j, loop) for loop in range(config.loops) for j in range(config.shared_layers)]
+        counters = {True: 0, False: 0}
+        self.schedule: list[tuple[int, int | None, int]] = []
+        for block, loop in order:
+            kind = config.is_attention_layer(block)
+            self.schedule.append((block, loop, counters[kind]))
+            counters[kind] += 1
+        self.attention_slots, self.gdn_slots = counters[True], counters[False]
+
+    def new_cache(self, batch_size: int, capacity: int, device, dtype) -> HybridCache:
+        gdn = next((b.linear_attn for b in self.layers if not b.is_attention), None)
+        states = [gdn.new_state(batch_size, device, dtype) for _ in range(self.gdn_slots)] if gdn else []
+        return HybridCache(self.attention_slots, states, self.config, batch_size, capacity, device, dtype)
+
+    def run(
+        self,
+        x: torch.Tensor,  # (B, T, C) normalised embeddings
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: HybridCache | None,
+        keep: torch.Tensor | None,
+        checkpointing: bool,
+    ) -> torch.Tensor:
+        n = len(self.schedule)
+        x0, stored = x, []
+        bottom = self.config.num_layers - self.config.shared_layers
+        for v, (block, loop, slot) in enumerate(self.schedule):
+            if self.config.x0_inject:
+                x = x + self.x0_lambdas[v].to(x.dtype) * x0
+            if self.config.unet_skips and v < n // 2:
+                stored.append(x)
+            layer = self.layers[block]
+            layer_id = None
+            if loop is not None and not layer.is_attention:
+                layer_id = self.layer_ids[loop, block - bottom]
+            args = (x, rope, mask, is_causal, cache, slot, layer_id, keep)
+            x = checkpoint(layer, *args, use_reentrant=False) if checkpointing else layer(*args)
+            j = n - 1 - v
+            if self.config.unet_skips and j < n // 2:
+                x = x + self.skip_weights[j].to(x.dtype) * stored[j]
+        return x

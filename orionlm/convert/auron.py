@@ -1,0 +1,117 @@
+"""Auron checkpoint directories: their config.json keys (orionlm.config.from_auron_config) and tensor names.
+
+Auron's code names the zones' blocks `bottom_blocks.{i}` and `top_blocks.{j}`; a block holds `attn`
+(q/k/v/o_proj) or `gdn` (flash-linear-attention's GatedDeltaNet: q/k/v/a/b/g/o_proj, q/k/v_conv1d,
+A_log, dt_bias, o_norm), the SwiGLU `ffn` (w1 gate, w3 up, w2 down) and the residual scalars
+`attn_lambda`, `mlp_lambda`; the model holds `embed`, `x0_lambdas`, `skip_weights` and `layer_ids`.
+The head is tied to `embed` and the RMSNorms have no weights, so neither has a tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (
+    atomic_directory,
+    model_from_tensors,
+    read_config_json,
+    read_safetensors,
+    resolve_device,
+    state_dict_for_saving,
+    write_safetensors,
+)
+from ..config import ConfigError, ModelConfig, from_auron_config, to_auron_config
+from ..errors import OrionError
+from ..model import OrionLM
+from ..tokenizer import Tokenizer
+
+# (Auron's name, ours) for the parts of a block, by prefix
+_BLOCK_PARTS = [
+    ("attn.", "self_attn."),
+    ("gdn.", "linear_attn."),
+    ("ffn.w1.", "mlp.gate_proj."),
+    ("ffn.w3.", "mlp.up_proj."),
+    ("ffn.w2.", "mlp.down_proj."),
+    ("attn_lambda", "attn_lambda"),
+    ("mlp_lambda", "mlp_lambda"),
+]
+_TOP = {"embed.weight": "model.embed_tokens.weight"} | {
+    name: f"model.{name}" for name in ("x0_lambdas", "skip_weights", "layer_ids")
+}
+_BLOCK = re.compile(r"(bottom|top)_blocks\.(\d+)\.(.+)")
+
+
+def _rename_block_part(rest: str, to_ours: bool) -> str | None:
+    for theirs, ours in _BLOCK_PARTS:
+        old, new = (theirs, ours) if to_ours else (ours, theirs)
+        if rest.startswith(old):
+            return new + rest[len(old) :]
+    return None
+
+
+def name_to_orionlm(name: str, config: ModelConfig) -> str | None:
+    """Our name for one of Auron's tensor names; None when it is not one of theirs."""
+    if name in _TOP:
+        return _TOP[name]
+    match = _BLOCK.fullmatch(name)
+    if not match:
+        return None
+    zone, index, rest = match.groups()
+    layer = int(index) + (config.num_layers - config.shared_layers if zone == "top" else 0)
+    part = _rename_block_part(rest, to_ours=True)
+    return None if part is None else f"model.layers.{layer}.{part}"
+
+
+def name_to_auron(name: str, config: ModelConfig) -> str:
+    """Auron's name for one of ours (the inverse of name_to_orionlm)."""
+    for theirs, ours in _TOP.items():
+        if name == ours:
+            return theirs
+    index, rest = name.removeprefix("model.layers.").split(".", 1)
+    bottom = config.num_layers - config.shared_layers
+    layer = int(index)
+    zone = f"bottom_blocks.{layer}" if layer < bottom else f"top_blocks.{layer - bottom}"
+    part = _rename_block_part(rest, to_ours=False)
+    assert part is not None, name  # every chimera tensor name is in the tables above
+    return f"{zone}.{part}"
+
+
+def load_auron(
+    directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[OrionLM, Tokenizer | None]:
+    """Load an Auron checkpoint directory (config.json with Auron's keys, safetensors with its names)."""
+    directory = Path(directory)
+    device, dtype = resolve_device(device, dtype)
+    try:
+        config = ModelConfig.from_dict(from_auron_config(read_config_json(directory)) | {"name": directory.name})
+    except (ConfigError, TypeError) as e:
+        raise OrionError(f"{directory / 'config.json'}: {e}") from None
+    tensors = {}
+    for name, tensor in read_safetensors(directory).items():
+        ours = name_to_orionlm(name, config)
+        if ours is None:
+            raise OrionError(f"{directory}: tensor {name!r} is not part of Auron's layout (see orionlm.convert.auron)")
+        tensors[ours] = tensor
+    model = model_from_tensors(config, tensors, device, dtype, str(directory))
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
+    return model, tokenizer
+
+
+def save_auron(model: OrionLM, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write a chimera model as an Auron checkpoint directory, atomically."""
+    config = model.config
+    if config.architecture != "chimera":
+        raise OrionError(f"only chimera models have an Auron form; this one is {config.family}")
+    auron = to_auron_config(config)
+    tensors = {name_to_auron(name, config): t for name, t in state_dict_for_saving(model).items()}
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(auron, indent=2) + "\n")
+        write_safetensors(tensors, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return directory
