@@ -27,30 +27,30 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
-from common import cpu_name
+from common import (
+    ROOT,
+    TINYSTORIES,
+    comparison_recipe,
+    cpu_name,
+    data_line,
+    print_val_table,
+    train_runs,
+    train_tokenizer,
+)
 
 import orionlm
-from orionlm.data.sources import SourceConfig, iter_documents
 from orionlm.errors import OrionError
-from orionlm.tokenizer import Tokenizer
 from orionlm.train.plot import plot_comparison, read_metrics
-from orionlm.train.recipe import apply_override, load_recipe
-from orionlm.train.trainer import train
+from orionlm.train.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "pretrain" / "tinystories_sample.txt.gz"
 VOCAB = 2048
 SHARED = dict(vocab_size=VOCAB, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256)
 EXPERTS, TOP_K, EXPERT_WIDTH = 8, 2, 256
-BATCH, EVAL_BATCHES = 8, 15
 ARCHITECTURES = {
     "dense": {"preset": "tiny-dense", "overrides": SHARED | {"intermediate_size": EXPERT_WIDTH * TOP_K}},
     "moe": {
@@ -61,46 +61,15 @@ ARCHITECTURES = {
 }
 
 
-def recipe(name: str, out: Path, tokenizer_dir: Path, data: Path, steps: int) -> dict[str, Any]:
-    """The run's recipe: only `model` differs between the two."""
-    return {
-        "model": ARCHITECTURES[name],
-        "tokenizer": {"path": str(tokenizer_dir)},
-        "data": {
-            "sources": [{"path": str(data), "doc_separator": "<|endoftext|>"}],
-            "seq_len": 256,
-            "val_fraction": 0.05,
-            "cache_dir": str(out / "token-cache"),
-        },
-        "optim": {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0},
-        "schedule": {"kind": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1},
-        "run": {
-            "out_dir": str(out / name),
-            "max_steps": steps,
-            "batch_size": BATCH,
-            "seed": 0,
-            "log_every": 10,
-            "eval_every": 100,
-            "eval_batches": EVAL_BATCHES,
-            "device": "cpu",
-            "tensorboard": False,
-            "progress": False,
-            "plot": False,
-        },
-    }
-
-
-def train_tokenizer(data: Path, target: Path) -> Tokenizer:
-    if not (target / "tokenizer.json").is_file():
-        texts = list(iter_documents(SourceConfig(path=str(data), doc_separator="<|endoftext|>")))
-        target.mkdir(parents=True, exist_ok=True)
-        Tokenizer.train_bpe_from_texts(texts, VOCAB).save(target)
-    return Tokenizer.load(target)
+OPTIM = {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0}
+SCHEDULE = {"kind": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA, help="a text file of stories separated by <|endoftext|>")
+    parser.add_argument(
+        "--data", type=Path, default=TINYSTORIES, help="a text file of stories separated by <|endoftext|>"
+    )
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps of 8 x 256 tokens, for both runs")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "moe_vs_dense", help="run directories")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "moe_vs_dense.png")
@@ -113,29 +82,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
 
-    tokenizer = train_tokenizer(args.data, args.out / "tokenizer")
-    runs, wall = {}, {}
-    for name in ARCHITECTURES:
-        run_dir = args.out / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
-        run_dir.mkdir(parents=True)
-        path = run_dir.parent / f"{name}.yaml"
-        data = recipe(name, args.out, args.out / "tokenizer", args.data, args.steps)
-        for override in args.set:
-            apply_override(data, override)
-        path.write_text(yaml.safe_dump(data))
-        start = time.perf_counter()
-        runs[name] = train(load_recipe(path))
-        wall[name] = time.perf_counter() - start
+    tokenizer = train_tokenizer(args.data, args.out / "tokenizer", VOCAB)
+    recipes = {
+        name: comparison_recipe(model, OPTIM, SCHEDULE, args.out, name, args.data, args.steps)
+        for name, model in ARCHITECTURES.items()
+    }
+    runs, wall = train_runs(recipes, args.out, args.set)
 
     info = {name: json.loads((run_dir / "run.json").read_text()) for name, run_dir in runs.items()}
-    (stats,) = info["dense"]["data"]
-    print(
-        f"data: {args.data.name}, {stats['documents']:,} stories, {stats['tokens']:,} tokens with a "
-        f"{tokenizer.vocab_size}-token BPE trained on it; {stats['train_windows']:,} training and "
-        f"{stats['val_windows']:,} validation windows of 256 tokens, "
-        f"{min(stats['val_windows'], BATCH * EVAL_BATCHES):,} of them evaluated"
-    )
+    print(data_line(runs["dense"], args.data, tokenizer))
     shared = yaml.safe_load((args.out / "dense.yaml").read_text())
     moe = load_recipe(args.out / "moe.yaml").model.build()
     print(
@@ -148,12 +103,7 @@ def main() -> None:
     )
 
     records = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
-    evals = {name: {r["tokens"]: r["val_loss"] for r in recs if "val_loss" in r} for name, recs in records.items()}
-    print("| tokens | dense val loss | MoE val loss | MoE - dense |")
-    print("|---:|---:|---:|---:|")
-    for tokens in sorted(evals["dense"]):
-        dense, moe = evals["dense"][tokens], evals["moe"].get(tokens, float("nan"))
-        print(f"| {tokens:,} | {dense:.4f} | {moe:.4f} | {moe - dense:+.4f} |")
+    print_val_table("dense", records["dense"], "MoE", records["moe"])
 
     print("\n| model | total params | active params | final train loss | final val loss | tokens/s | wall (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -262,6 +262,10 @@ def train(recipe: Recipe) -> Path:
     if run.fsdp and recipe.optim.name == "muon":
         # Newton-Schulz orthogonalises whole matrices; FSDP2 holds each process's shard only.
         raise RecipeError("optim.name=muon needs whole matrices: train it with DDP (run.fsdp=false) or use adamw")
+    seq_len = recipe.data.seq_len
+    tokens_per_step = run.batch_size * seq_len * run.grad_accum * d.world_size
+    total_steps = run.max_steps or math.ceil(run.max_tokens / tokens_per_step)
+    recipe.schedule.phases(total_steps)  # a schedule that cannot fit fails now, not after tokenizing
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in (out_dir / "checkpoints").glob(".*.tmp-*"):  # left by a save that was killed
@@ -283,9 +287,6 @@ def train(recipe: Recipe) -> Path:
     model.activation_checkpointing = run.activation_checkpointing
     model.to(d.device)
     total_params, active_params = count_parameters(config)
-    seq_len = recipe.data.seq_len
-    tokens_per_step = run.batch_size * seq_len * run.grad_accum * d.world_size
-    total_steps = run.max_steps or math.ceil(run.max_tokens / tokens_per_step)
 
     wrapped = wrap_model(model, recipe, d)
     optimizer = build_optimizer(model, recipe.optim)
