@@ -31,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 import orionlm
 from orionlm import OrionLM
 from orionlm.convert.hf import load_hf
-from orionlm.generation import Decoder, GenerationConfig, generate_ids
+from orionlm.generation import Engine, GenerationConfig, Request, generate_ids
 
 SHAPE = dict(
     vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -103,15 +103,17 @@ def measure(kind: str, repeats: int) -> list[tuple[str, str, float, float, float
         return out[0, prompt.shape[1] :].tolist()
 
     def run_ours(prompt: torch.Tensor, new: int, steps: list[float] | None = None) -> list[int]:
-        # generate_ids' loop, with a clock around each step
-        decoder = Decoder(ours, prompt.tolist(), greedy.replace(max_new_tokens=new))
-        tokens = [decoder.step()[0][1]]
-        while not decoder.done:
+        # generate_ids' loop (the engine's steps: the prefill and first token, then one token each), timed
+        engine = Engine(ours, max_batch=1, prefill_chunk=prompt.shape[1])
+        request = Request(prompt[0].tolist(), greedy.replace(max_new_tokens=new))
+        engine.submit(request)
+        engine.step()
+        while engine.has_work:
             start = time.perf_counter()
-            tokens.append(decoder.step()[0][1])
+            engine.step()
             if steps is not None:
                 steps.append(time.perf_counter() - start)
-        return tokens
+        return request.output
 
     ours_tokens = generate_ids(ours, short_prompt.tolist(), config=greedy)[0]
     assert run_ours(short_prompt, NEW_TOKENS) == ours_tokens, "the timed loop must be generate_ids' loop"

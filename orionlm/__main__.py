@@ -6,7 +6,7 @@ import json as jsonlib
 import shutil
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -130,8 +130,17 @@ def _read_config(path: Path):
     return config_from_hf(data)
 
 
-def init(out_dir: Path, /, *, preset: str, seed: int = 0, tokenizer: Path | None = None, force: bool = False) -> None:
-    """Write a randomly initialised model directory for a preset.
+def init(
+    out_dir: Path,
+    /,
+    *overrides: str,
+    preset: str,
+    seed: int = 0,
+    tokenizer: Path | None = None,
+    force: bool = False,
+) -> None:
+    """Write a randomly initialised model directory for a preset, with optional config changes, e.g.
+      orionlm init runs/moe --preset tiny-moe --hidden_size=512 --num_experts=8 --max_seq_len=2048
 
     Without --tokenizer the model gets a byte-level tokenizer (256 bytes + special tokens).
     When the tokenizer has more tokens than the preset's vocab_size, the vocabulary grows to fit
@@ -143,16 +152,22 @@ def init(out_dir: Path, /, *, preset: str, seed: int = 0, tokenizer: Path | None
         seed: the random seed of the initial weights
         tokenizer: a directory holding tokenizer.json (e.g. from `orionlm tokenizer train`)
         force: replace out_dir if it exists
+        overrides: --field=value changes to the preset's config
     """
     from .checkpoint import save_checkpoint
     from .config import preset as get_preset
     from .model import OrionLM
     from .tokenizer import Tokenizer
+    from .train.recipe import apply_override, expand_overrides
+
+    changes: dict[str, Any] = {}
+    for override in expand_overrides(overrides):
+        apply_override(changes, override)
 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise OrionError(f"{out_dir} exists and is not empty; pass --force to replace it")
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else Tokenizer.byte_level()
-    config = get_preset(preset)
+    config = get_preset(preset, **changes)
     if tok.vocab_size > config.vocab_size:
         config = config.replace(vocab_size=-(-tok.vocab_size // 64) * 64)
         print(f"vocab_size raised to {config.vocab_size} to fit the tokenizer ({tok.vocab_size} tokens)")
@@ -471,6 +486,94 @@ def quickstart(
     run_quickstart(out, steps, list(overrides))
 
 
+def serve(
+    model: str,
+    /,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_cached_tokens: int | None = None,
+    prefill_chunk: int = 512,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with SSE), /health, /tokenize,
+    /detokenize, /tokenizer_info. Needs `pip install 'orionlm[serve]'`.
+
+    Example:
+      orionlm serve runs/quickstart/model --port 8000
+      curl localhost:8000/v1/completions -d '{"model": "model", "prompt": "def fib", "max_tokens": 20}'
+
+    Args:
+        model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
+        host: the address to listen on (127.0.0.1: this machine only)
+        port: the TCP port
+        max_batch: how many requests decode together; more wait in a queue
+        max_cached_tokens: the cached-token budget (prompt + max_tokens of the running requests); default
+            max_batch x the model's context
+        prefill_chunk: prompt tokens prefilled per engine step, so long prompts do not stall running requests
+        api_key: require 'Authorization: Bearer KEY' (default: the ORIONLM_API_KEY environment variable)
+        served_model_name: the model id clients send (default: the directory's name)
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from .serve import serve as run_server
+
+    run_server(model, host, port, max_batch, max_cached_tokens, prefill_chunk, api_key, served_model_name, device)
+
+
+def bench(
+    model: str,
+    /,
+    *,
+    concurrency: str = "1,4,16",
+    input_lengths: str = "128,1024",
+    output_tokens: int = 128,
+    requests_per_client: int = 2,
+    device: str | None = None,
+) -> None:
+    """Measure serving speed: aggregate and per-client tokens/s, time to first token and inter-token
+    latency, by concurrency and input length, on the continuous-batching engine the server runs.
+
+    Example:
+      orionlm bench runs/quickstart/model --concurrency 1,4,16 --input-lengths 128,1024 --output-tokens 128
+
+    Args:
+        model: a model directory, a .gguf file or a Hub id
+        concurrency: comma-separated numbers of clients sending requests at once
+        input_lengths: comma-separated prompt lengths in tokens (random token ids)
+        output_tokens: tokens generated per request (stop tokens ignored)
+        requests_per_client: requests each client sends, one after another
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from .bench import bench as run_bench
+    from .bench import format_table
+    from .loading import load_model
+
+    def numbers(text: str, name: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise OrionError(f"--{name} takes comma-separated whole numbers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise OrionError(f"--{name} values must be >= 1, got {text!r}")
+        return values
+
+    levels, lengths = numbers(concurrency, "concurrency"), numbers(input_lengths, "input-lengths")
+    lm, _, device_used = load_model(model, device=device)
+    longest = max(lengths) + output_tokens
+    if longest > lm.config.max_seq_len:
+        raise OrionError(
+            f"input length + output tokens ({longest}) exceed the model's context ({lm.config.max_seq_len})"
+        )
+    print(f"# orionlm bench: {model} on {device_used}, {torch.get_num_threads()} threads; "
+          f"{output_tokens} output tokens per request, {requests_per_client} requests per client, greedy")  # fmt: skip
+    print(format_table(run_bench(lm, levels, lengths, output_tokens, requests_per_client)))
+
+
 COMMANDS = {
     "info": info,
     "init": init,
@@ -479,6 +582,8 @@ COMMANDS = {
     "quickstart": quickstart,
     "train": train,
     "plot": plot,
+    "serve": serve,
+    "bench": bench,
     "convert": {
         "from-hf": convert_from_hf,
         "to-hf": convert_to_hf,

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from .chimera import RESID_LAMBDA_INIT, ChimeraDecoder
 from .config import ModelConfig
 from .nn.alibi import alibi_bias, alibi_slopes
-from .nn.attention import Attention, KVCache
+from .nn.attention import Attention, KVCache, RaggedCache
 from .nn.gdn import GatedDeltaNet
 from .nn.linear import Linear
 from .nn.loss import linear_cross_entropy
@@ -133,14 +133,17 @@ class OrionLM(nn.Module):
         input_ids: torch.Tensor,  # (B, T) token ids
         position_ids: torch.Tensor | None = None,  # (B, T); default: continues after the cache
         attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token, 0 = padding
-        cache: KVCache | None = None,
+        cache: KVCache | RaggedCache | None = None,  # a RaggedCache takes one token per row
         logits_to_keep: int = 0,  # > 0: logits of the last n positions only (generation needs 1)
         targets: torch.Tensor | None = None,  # (B, T) next-token ids (-100: ignored): return the loss, no logits
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        ragged = isinstance(cache, RaggedCache)
         if position_ids is None:
-            if attention_mask is not None:
+            if ragged:
+                position_ids = cache.lengths.view(B, 1)
+            elif attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
@@ -148,7 +151,8 @@ class OrionLM(nn.Module):
         if self.config.embedding_norm:
             x = self.model.embed_norm(x)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        mask, is_causal = self._attention_mask(B, T, past, attention_mask, position_ids, x.dtype)
+        ragged_lengths = cache.lengths if ragged else None
+        mask, is_causal = self._attention_mask(B, T, past, attention_mask, position_ids, x.dtype, ragged_lengths)
         router_logits, counts = [], []
         checkpointing = self.activation_checkpointing and self.training
         if isinstance(self.model, ChimeraDecoder):
@@ -182,28 +186,31 @@ class OrionLM(nn.Module):
             out.z_loss = router_z_loss(router_logits)
         return out
 
-    def _attention_mask(self, B, T, past, attention_mask, position_ids, dtype):
+    def _attention_mask(self, B, T, past, attention_mask, position_ids, dtype, ragged_lengths=None):
         """The mask for scaled_dot_product_attention, or (None, is_causal) when the plain causal
-        kernel suffices (no padding, no sliding window in reach, no ALiBi)."""
+        kernel suffices (no padding, no sliding window in reach, no ALiBi). With `ragged_lengths` (B,),
+        row b's query sits at slot ragged_lengths[b] (a RaggedCache) rather than at `past`."""
         L = past + T
         window = self.config.sliding_window
         alibi = self.config.position == "alibi"
-        if attention_mask is None and not alibi and (window is None or L <= window):
+        if attention_mask is None and ragged_lengths is None and not alibi and (window is None or L <= window):
             if T == 1:
                 return None, False
             if past == 0:
                 return None, True
         device = position_ids.device
-        q_slot = torch.arange(past, L, device=device).view(T, 1)
-        k_slot = torch.arange(L, device=device).view(1, L)
-        allowed = k_slot <= q_slot  # (T, L)
+        if ragged_lengths is not None:
+            q_slot = ragged_lengths.view(B, 1, 1, 1)
+        else:
+            q_slot = torch.arange(past, L, device=device).view(1, 1, T, 1)
+        k_slot = torch.arange(L, device=device).view(1, 1, 1, L)
+        allowed = k_slot <= q_slot  # (1 or B, 1, T, L)
         if window is not None:
             allowed = allowed & (q_slot - k_slot < window)
-        allowed = allowed.view(1, 1, T, L)
         if attention_mask is not None:
             # Padding keys are hidden; a padding query still sees itself so its softmax stays finite.
             allowed = allowed & attention_mask.bool().view(B, 1, 1, L)
-            allowed = allowed | (k_slot == q_slot).view(1, 1, T, L)
+            allowed = allowed | (k_slot == q_slot)
         if not alibi:
             return allowed, False
         if attention_mask is not None:

@@ -1,14 +1,14 @@
-"""Text generation: sampling settings, logits processors and the batched decoding loop."""
+"""Text generation: sampling settings, logits processors, the continuous-batching engine and the
+generate/stream loops over it."""
 
+from .batching import Engine, Event, Request, TokenLogprob
 from .engine import (
-    Decoder,
     IncrementalDetokenizer,
     TextStream,
     generate,
     generate_ids,
     resolve_config,
     stream,
-    use_decode_layout,
 )
 from .sampling import (
     GenerationConfig,
@@ -25,12 +25,15 @@ from .sampling import (
 )
 
 __all__ = [
-    "Decoder",
+    "Engine",
+    "Event",
     "GenerationConfig",
     "GenerationError",
     "IncrementalDetokenizer",
+    "Request",
     "Sampler",
     "TextStream",
+    "TokenLogprob",
     "apply_min_p",
     "apply_presence_frequency_penalty",
     "apply_repetition_penalty",
@@ -43,5 +46,4 @@ __all__ = [
     "resolve_config",
     "stream",
     "token_mask",
-    "use_decode_layout",
 ]

@@ -45,6 +45,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +54,11 @@ class GenerationConfig:
             self.stop_token_ids = [self.stop_token_ids]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.logit_bias, dict):  # JSON object keys are strings
+            try:
+                self.logit_bias = {int(token): value for token, value in self.logit_bias.items()}
+            except ValueError:
+                raise GenerationError(f"logit_bias keys must be token ids, got {list(self.logit_bias)[:5]}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -94,6 +100,11 @@ class GenerationConfig:
             f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}",
         )
         need(self.seed is None or is_int(self.seed), f"seed must be an integer or null, got {self.seed!r}")
+        need(
+            isinstance(self.logit_bias, dict)
+            and all(is_number(v) and -100 <= v <= 100 for v in self.logit_bias.values()),
+            f"logit_bias must map token ids to numbers in [-100, 100], got {self.logit_bias!r}",
+        )
 
     @property
     def greedy(self) -> bool:

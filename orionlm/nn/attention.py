@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .gdn import GDNState
 from .linear import Linear, Packed
 from .norm import RMSNorm
 from .rope import apply_rotary
@@ -109,3 +110,99 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class RaggedCache:
+    """The caches of a continuously batched set of sequences, each at its own length.
+
+    Row b holds one sequence: its keys and values at slots 0..lengths[b]-1 (its positions; no padding)
+    in every attention layer, and for a hybrid model its GDN states. Sequences join as single-row caches
+    prefilled elsewhere (`add`) and leave from any row (`remove`: the last row moves into the hole, so
+    the running rows stay the first `rows` of the preallocated tensors). Steps feed one token per row.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []  # per attention slot: (row capacity, kv_heads, capacity, D)
+        self.values: list[torch.Tensor] = []
+        self.states: list[GDNState] = []  # per GDN slot, `rows` rows
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.rows = 0
+
+    @property
+    def length(self) -> int:
+        """The longest row: the model reads this as the number of cached positions."""
+        return int(self.lengths.max()) if self.rows else 0
+
+    def add(self, cache: KVCache) -> int:
+        """Append a one-row cache (a prefilled sequence) as the last row; returns its row."""
+        n, length = self.rows, cache.length
+        if not self.keys and cache.keys:  # the first sequence sets the shapes
+            self.keys = [t.new_zeros(1, t.shape[1], length + 1, t.shape[3]) for t in cache.keys]
+            self.values = [t.new_zeros(1, t.shape[1], length + 1, t.shape[3]) for t in cache.values]
+            self.lengths = self.lengths.to(cache.keys[0].device)
+        elif not self.keys and cache.states:  # a model with no attention layer
+            self.lengths = self.lengths.to(cache.states[0].recurrent.device)
+        if self.keys:
+            self._reserve(n + 1, length + 1)
+            for mine, theirs in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
+                mine[n, :, :length] = theirs[0, :, :length]
+        states = getattr(cache, "states", [])
+        if n == 0:
+            self.states = [GDNState(s.conv, s.recurrent) for s in states]
+        else:
+            for mine, theirs in zip(self.states, states, strict=True):
+                mine.conv = None if mine.conv is None else torch.cat([mine.conv, theirs.conv])
+                mine.recurrent = torch.cat([mine.recurrent, theirs.recurrent])
+        self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([length])])
+        self.rows += 1
+        return n
+
+    def remove(self, row: int) -> None:
+        """Drop a row; the last row takes its place (callers track rows by the same rule)."""
+        last = self.rows - 1
+        order = list(range(self.rows))
+        order[row] = last
+        order.pop()
+        if row != last:
+            for t in self.keys + self.values:
+                t[row, :, : int(self.lengths[last])] = t[last, :, : int(self.lengths[last])]
+        index = torch.tensor(order, dtype=torch.long, device=self.lengths.device)
+        for state in self.states:
+            state.select(index)
+        self.lengths = self.lengths[index]
+        self.rows = last
+
+    def _reserve(self, rows: int, capacity: int) -> None:
+        """Grow the preallocated tensors (doubling) to hold `rows` rows of `capacity` positions."""
+        have_rows, have_capacity = self.keys[0].shape[0], self.keys[0].shape[2]
+        if rows <= have_rows and capacity <= have_capacity:
+            return
+        new_rows, new_capacity = max(rows, have_rows), max(capacity, have_capacity)
+        if rows > have_rows:
+            new_rows = max(rows, 2 * have_rows)
+        if capacity > have_capacity:
+            new_capacity = max(capacity, 2 * have_capacity)
+        for tensors in (self.keys, self.values):
+            for i, t in enumerate(tensors):
+                grown = t.new_zeros(new_rows, t.shape[1], new_capacity, t.shape[3])
+                grown[:have_rows, :, :have_capacity] = t
+                tensors[i] = grown
+
+    def reserve_step(self) -> None:
+        """Make room for one more position in every row (before a step)."""
+        if self.keys:
+            self._reserve(self.rows, self.length + 1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new k, v (rows, kv_heads, 1, D) at its own length; return the keys and values of
+        slots 0..longest (the mask hides each row's slots past its own)."""
+        if k.shape[2] != 1:
+            raise ValueError("a ragged cache takes one token per row and step; prefill sequences on their own")
+        rows = torch.arange(self.rows, device=k.device)
+        self.keys[layer][rows, :, self.lengths] = k[:, :, 0]
+        self.values[layer][rows, :, self.lengths] = v[:, :, 0]
+        end = self.length + 1
+        return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.lengths += num_tokens

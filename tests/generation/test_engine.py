@@ -6,8 +6,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models
 
 from orionlm.config import preset
+from orionlm.generation.batching import Engine, Request
 from orionlm.generation.engine import (
-    Decoder,
     IncrementalDetokenizer,
     TextStream,
     generate,
@@ -20,7 +20,8 @@ from orionlm.tokenizer import Tokenizer
 
 FAMILIES = ["tiny-dense", "tiny-moe", "tiny-qwen-moe", "tiny-alibi"]
 PROMPTS = [[5, 17, 301, 42, 9, 77, 123], [8, 250], [99, 3, 64, 200]]  # different lengths: left padding
-TEXT = "héllo wörld €"  # 1-, 2- and 3-byte characters
+TEXT = "héllo wörld €"
+VOCAB = 512  # 1-, 2- and 3-byte characters
 
 
 def _model(name: str) -> OrionLM:
@@ -64,36 +65,32 @@ def _scripted_text_model(tok: Tokenizer, text: str) -> ScriptedLM:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cached_decode_equals_full_recompute(name):
+    """Each step's distribution (the engine's log-probabilities of every token) equals a full forward pass."""
     model = _model(name)
     prompt = PROMPTS[0]
-    decoder = Decoder(model, [prompt], GenerationConfig(max_new_tokens=8, do_sample=False))
-    step_logits, tokens = [], []
-    while not decoder.done:
-        tokens.append(decoder.step()[0][1])
-        step_logits.append(decoder.logits[0].clone())
+    engine = Engine(model)
+    request = Request(prompt, GenerationConfig(max_new_tokens=8, do_sample=False), logprobs=VOCAB)
+    engine.submit(request)
+    steps = []
+    while engine.has_work:
+        steps += [event.logprob for event in engine.step()]
+    tokens = request.output
     with torch.no_grad():
-        for t, logits in enumerate(step_logits):
-            full = model(torch.tensor([prompt + tokens[:t]])).logits[0, -1]
-            torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
-            assert tokens[t] == full.argmax().item()
+        for t, value in enumerate(steps):
+            full = torch.log_softmax(model(torch.tensor([prompt + tokens[:t]])).logits[0, -1], -1)
+            cached = torch.empty_like(full)
+            cached[[i for i, _ in value.top]] = torch.tensor([lp for _, lp in value.top])
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+            assert tokens[t] == full.argmax().item() == value.token
     assert len(set(tokens)) > 1  # a model stuck on one token would prove little
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_batched_left_padded_equals_one_by_one(name):
+def test_batched_equals_one_by_one(name):
     model = _model(name)
     config = GenerationConfig(max_new_tokens=6, do_sample=False)
-    batched = Decoder(model, PROMPTS, config)
-    singles = [Decoder(model, [p], config) for p in PROMPTS]
-    outputs = [[] for _ in PROMPTS]
-    while not batched.done:
-        for row, single in enumerate(singles):
-            outputs[row].append(single.step()[0][1])
-        assert batched.step() == [(row, out[-1]) for row, out in enumerate(outputs)]
-        for row, single in enumerate(singles):
-            # padding changes the matmul shapes, hence float32 rounding: ~1e-6 of logits up to 9 (ALiBi)
-            torch.testing.assert_close(batched.logits[row], single.logits[0], atol=3e-5, rtol=0)
-    assert generate_ids(model, PROMPTS, config=config) == outputs
+    singles = [generate_ids(model, [p], config=config)[0] for p in PROMPTS]
+    assert generate_ids(model, PROMPTS, config=config) == singles
 
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-qwen-moe"])

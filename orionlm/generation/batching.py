@@ -1,0 +1,270 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+The engine behind the server, `orionlm generate` and `orionlm bench`. Each `Engine.step()`:
+
+1. drops cancelled requests (a client that went away frees its row at once);
+2. admits waiting requests, first come first served, while the running batch has a free row and the
+   cached-token budget (prompt + max_new_tokens of every admitted request) has room;
+3. prefills one chunk (at most `prefill_chunk` tokens) of the oldest admitted prompt, on a cache of its
+   own, so a long prompt delays the running requests by one chunk per step rather than by all of it;
+   a finished prefill picks its first token and joins the batch (`RaggedCache.add`);
+4. decodes one token for every running request in a single forward pass, each row at its own length.
+
+Every request has its own sampling settings, seed and stop tokens, so its tokens do not depend on what
+else runs beside it (greedy output equals `generate_ids` alone; tested).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import OrionLM
+from ..nn.attention import KVCache, RaggedCache
+from ..nn.linear import use_decode_layout
+from .sampling import GenerationConfig, GenerationError, Sampler, process_logits
+
+_ids = itertools.count()
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits, before any sampling setting), with the
+    `top` most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `stop_ids` ends it when picked (the token is part of the output), on top of
+    config.stop_token_ids; `logprobs` asks for each generated token's log-probability and that many
+    alternatives; `prompt_logprobs` the same for the prompt tokens (the first has none)."""
+
+    prompt: list[int]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    # Filled in by the engine
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens)
+    prompt_logprob_values: list[TokenLogprob | None] | None = None
+    cancelled: bool = False
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt) + self.config.max_new_tokens
+
+
+@dataclass
+class Event:
+    """A token picked for a request; `finish_reason` is set on its last token."""
+
+    request: Request
+    token: int
+    logprob: TokenLogprob | None
+    finish_reason: str | None
+
+
+class _Running:
+    """A request's sampling state while it runs."""
+
+    def __init__(self, request: Request, vocab: int, device: torch.device) -> None:
+        self.request = request
+        config = request.config
+        self.stop_ids = request.stop_ids | set(config.stop_token_ids)
+        self.sampler = Sampler(config, 1, device)
+        self.seen = self.counts = None
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, request.prompt] = True
+        if config.presence_penalty or config.frequency_penalty:
+            self.counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
+        self.bias = None
+        if config.logit_bias:
+            self.bias = torch.zeros(1, vocab, device=device)
+            for token, value in config.logit_bias.items():
+                self.bias[0, token] = value
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None, str | None]:
+        """The next token from float32 logits (1, V), its log-probability if asked, and why the request
+        ends with it (None: it goes on)."""
+        request, config = self.request, self.request.config
+        logprob = None
+        if request.logprobs is not None:
+            logprob = torch.log_softmax(logits[0], dim=-1)
+        processed = logits if self.bias is None else logits + self.bias
+        token = int(self.sampler(process_logits(processed, config, self.seen, self.counts))[0])
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
+        request.output.append(token)
+        finish = None
+        if token in self.stop_ids:
+            finish = "stop"
+        elif len(request.output) >= config.max_new_tokens:
+            finish = "length"
+        request.finish_reason = finish
+        return token, None if logprob is None else _token_logprob(logprob, token, request.logprobs), finish
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
+
+
+@dataclass
+class _Prefill:
+    request: Request
+    cache: KVCache
+    done: int = 0  # prompt tokens fed so far
+    last_logits: torch.Tensor | None = None  # (V,) float32 at the last fed position
+
+
+class Engine:
+    """Continuous batching over one model. Not thread-safe: one thread submits, steps and cancels (the
+    server runs it on its own thread and talks to it through a queue)."""
+
+    def __init__(
+        self,
+        model: OrionLM,
+        max_batch: int = 16,
+        max_cached_tokens: int | None = None,
+        prefill_chunk: int = 512,
+    ) -> None:
+        if max_batch < 1 or prefill_chunk < 1:
+            raise GenerationError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
+        self.model = model.eval()
+        if model.device.type == "cpu":
+            use_decode_layout(model)
+        self.max_batch = max_batch
+        self.max_cached_tokens = max_cached_tokens or max_batch * model.config.max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[_Prefill] = deque()
+        self.running: list[_Running] = []  # row i of self.cache
+        self.cache = RaggedCache()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises GenerationError (before anything runs) for one that can never run."""
+        self.check(request)
+        self.waiting.append(request)
+
+    def check(self, request: Request) -> None:
+        """Raise GenerationError if the request can never run (bad tokens, too long for the context or the
+        cache). Reads only the model's config: safe from any thread."""
+        config, vocab = self.model.config, self.model.config.vocab_size
+        if not request.prompt:
+            raise GenerationError("the prompt is empty; it needs at least one token")
+        bad = [t for t in request.prompt if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        if request.reserved_tokens > config.max_seq_len:
+            raise GenerationError(
+                f"the prompt has {len(request.prompt)} tokens; with max_new_tokens={request.config.max_new_tokens} "
+                f"that is {request.reserved_tokens} > the model's context of {config.max_seq_len} tokens: shorten "
+                "the prompt or lower max_new_tokens"
+            )
+        if request.reserved_tokens > self.max_cached_tokens:
+            raise GenerationError(
+                f"the request needs {request.reserved_tokens} cached tokens; the engine holds {self.max_cached_tokens}"
+            )
+        bias = [t for t in request.config.logit_bias if not 0 <= t < vocab]
+        if bias:
+            raise GenerationError(f"logit_bias names token ids {bias[:5]} outside the vocabulary (0..{vocab - 1})")
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request; its row is freed at the next step."""
+        request.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One round of admission, a prefill chunk and a decode step; returns the tokens picked."""
+        self._drop_cancelled()
+        self._admit()
+        events = self._prefill_chunk()
+        if self.running:
+            events += self._decode()
+        return events
+
+    def _drop_cancelled(self) -> None:
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        self.prefilling = deque(p for p in self.prefilling if not p.request.cancelled)
+        for row in reversed(range(len(self.running))):
+            if self.running[row].request.cancelled:
+                self._remove(row)
+
+    def _admit(self) -> None:
+        reserved = sum(r.request.reserved_tokens for r in self.running)
+        reserved += sum(p.request.reserved_tokens for p in self.prefilling)
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
+            request = self.waiting[0]
+            if reserved + request.reserved_tokens > self.max_cached_tokens:
+                break
+            self.waiting.popleft()
+            reserved += request.reserved_tokens
+            cache = self.model.new_cache(1, len(request.prompt))
+            self.prefilling.append(_Prefill(request, cache))
+            if request.prompt_logprobs is not None:
+                request.prompt_logprob_values = [None]
+
+    def _prefill_chunk(self) -> list[Event]:
+        if not self.prefilling:
+            return []
+        job = self.prefilling[0]
+        request = job.request
+        chunk = request.prompt[job.done : job.done + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.model.device)
+        want_all = request.prompt_logprobs is not None
+        logits = self.model(ids, cache=job.cache, logits_to_keep=0 if want_all else 1).logits[0].float()
+        if want_all:
+            logprobs = torch.log_softmax(torch.cat([job.last_logits[None], logits]) if job.done else logits, -1)
+            targets = request.prompt[job.done + (0 if job.done else 1) : job.done + len(chunk)]
+            request.prompt_logprob_values += [
+                _token_logprob(lp, t, request.prompt_logprobs) for lp, t in zip(logprobs, targets, strict=False)
+            ]
+        job.done += len(chunk)
+        job.last_logits = logits[-1]
+        if job.done < len(request.prompt):
+            return []
+        self.prefilling.popleft()
+        running = _Running(request, self.model.config.vocab_size, self.model.device)
+        token, logprob, finish = running.pick(job.last_logits[None])
+        if finish is None:
+            self.cache.add(job.cache)
+            self.running.append(running)
+        return [Event(request, token, logprob, finish)]
+
+    def _decode(self) -> list[Event]:
+        tokens = torch.tensor([[r.request.output[-1]] for r in self.running], device=self.model.device)
+        self.cache.reserve_step()
+        logits = self.model(tokens, cache=self.cache).logits[:, -1].float()  # (rows, V)
+        events, finished = [], []
+        for row, running in enumerate(self.running):
+            token, logprob, finish = running.pick(logits[row : row + 1])
+            events.append(Event(running.request, token, logprob, finish))
+            if finish is not None:
+                finished.append(row)
+        for row in reversed(finished):
+            self._remove(row)
+        return events
+
+    def _remove(self, row: int) -> None:
+        """Free a row: the last running request moves into it, in the cache and here alike."""
+        self.cache.remove(row)
+        last = self.running.pop()
+        if row < len(self.running):
+            self.running[row] = last
