@@ -179,7 +179,7 @@ def init(
 
 
 def generate(
-    prompt: str,
+    prompts: list[str],
     /,
     *,
     model: str,
@@ -196,7 +196,8 @@ def generate(
     chat: bool = False,
     device: str | None = None,
 ) -> None:
-    """Generate a continuation of PROMPT and stream it to stdout.
+    """Generate a continuation of PROMPT and stream it to stdout; several prompts run as one continuous
+    batch and print when all are done, each under a "--- i" line.
 
     Unset sampling options take the model's generation_config.json defaults.
 
@@ -204,7 +205,7 @@ def generate(
       orionlm generate "The history of" --model runs/quickstart/model --temp 0.7 --top-k 20 --max-tokens 200
 
     Args:
-        prompt: the text to continue
+        prompts: the text(s) to continue
         model: a model directory, .gguf file or Hub id
         temp: sampling temperature; 0 is greedy
         top_k: keep only the k most likely tokens (0 = off)
@@ -219,6 +220,7 @@ def generate(
         chat: wrap PROMPT in the model's chat template as a user message
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
+    from .generation import generate as generate_texts
     from .generation import stream
     from .loading import load_model
 
@@ -226,9 +228,13 @@ def generate(
     if tokenizer is None:
         raise OrionError(f"{model} has no tokenizer.json; generation needs one")
     if chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     sampling = _sampling(temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed)
-    for piece in stream(lm, tokenizer, prompt, **sampling):
+    if len(prompts) > 1:
+        for i, text in enumerate(generate_texts(lm, tokenizer, None, prompts, **sampling)):
+            print(f"--- {i}\n{text}")
+        return
+    for piece in stream(lm, tokenizer, prompts[0], **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

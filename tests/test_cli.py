@@ -83,6 +83,10 @@ def test_generate_streams_and_is_reproducible(tiny_model):
     assert first.stdout == second.stdout and first.stdout.strip()
     greedy = orionlm("generate", "Once upon", "--model", tiny_model, "--max-tokens", "12", "--temp", "0")
     assert greedy.returncode == 0, greedy.stderr
+    both = orionlm("generate", "Once upon", "A cat", "--model", tiny_model, "--max-tokens", "12", "--temp", "0")
+    other = orionlm("generate", "A cat", "--model", tiny_model, "--max-tokens", "12", "--temp", "0")
+    # several prompts run as one batch, each printed under its header, each as it comes alone
+    assert both.stdout == f"--- 0\n{greedy.stdout}--- 1\n{other.stdout}"
 
 
 def test_chat_reads_turns_from_stdin(tiny_model):
