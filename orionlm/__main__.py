@@ -12,6 +12,7 @@ import torch
 
 from .cli import build_parser, run
 from .errors import OrionError
+from .serve import serve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -492,45 +493,6 @@ def quickstart(
     run_quickstart(out, steps, list(overrides))
 
 
-def serve(
-    model: str,
-    /,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch: int = 16,
-    max_cached_tokens: int | None = None,
-    prefill_chunk: int = 512,
-    api_key: str | None = None,
-    served_model_name: str | None = None,
-    device: str | None = None,
-) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
-
-    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with SSE), /health, /tokenize,
-    /detokenize, /tokenizer_info. Needs `pip install 'orionlm[serve]'`.
-
-    Example:
-      orionlm serve runs/quickstart/model --port 8000
-      curl localhost:8000/v1/completions -d '{"model": "model", "prompt": "def fib", "max_tokens": 20}'
-
-    Args:
-        model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
-        host: the address to listen on (127.0.0.1: this machine only)
-        port: the TCP port
-        max_batch: how many requests decode together; more wait in a queue
-        max_cached_tokens: the cached-token budget (prompt + max_tokens of the running requests); default
-            max_batch x the model's context
-        prefill_chunk: prompt tokens prefilled per engine step, so long prompts do not stall running requests
-        api_key: require 'Authorization: Bearer KEY' (default: the ORIONLM_API_KEY environment variable)
-        served_model_name: the model id clients send (default: the directory's name)
-        device: cpu, cuda or cuda:N (default: cuda when available)
-    """
-    from .serve import serve as run_server
-
-    run_server(model, host, port, max_batch, max_cached_tokens, prefill_chunk, api_key, served_model_name, device)
-
-
 def bench(
     model: str,
     /,
@@ -588,7 +550,7 @@ COMMANDS = {
     "quickstart": quickstart,
     "train": train,
     "plot": plot,
-    "serve": serve,
+    "serve": serve,  # orionlm.serve.serve
     "bench": bench,
     "convert": {
         "from-hf": convert_from_hf,

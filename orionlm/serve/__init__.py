@@ -14,7 +14,9 @@ API_KEY_ENV = "ORIONLM_API_KEY"
 
 
 def serve(
-    model: str | Path,
+    model: str,
+    /,
+    *,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch: int = 16,
@@ -24,7 +26,27 @@ def serve(
     served_model_name: str | None = None,
     device: str | None = None,
 ) -> None:
-    """Load the model and serve it until interrupted."""
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with SSE), /health, /tokenize,
+    /detokenize, /tokenizer_info. Needs `pip install 'orionlm[serve]'`.
+
+    Example:
+      orionlm serve runs/quickstart/model --port 8000
+      curl localhost:8000/v1/completions -H 'content-type: application/json' -d '{"model": "model", "prompt": "def"}'
+
+    Args:
+        model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
+        host: the address to listen on (127.0.0.1: this machine only)
+        port: the TCP port
+        max_batch: how many requests decode together; more wait in a queue
+        max_cached_tokens: the cached-token budget (prompt + max_tokens of the running requests); default
+            max_batch x the model's context
+        prefill_chunk: prompt tokens prefilled per engine step, so long prompts do not stall running requests
+        api_key: require 'Authorization: Bearer KEY' (default: the ORIONLM_API_KEY environment variable)
+        served_model_name: the model id clients send (default: the directory's name)
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
     try:
         import uvicorn
 
