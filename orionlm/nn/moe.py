@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import Linear
+from .linear import SMALL_BATCH, Linear, linear
 from .mlp import MLP
 
 
@@ -123,6 +123,10 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     gradients once: indexing weight[e] instead would allocate and zero-fill a full (E, out, in)
     gradient for every expert."""
     weight_t = weight.transpose(1, 2)  # (E, in, out)
+    if x.shape[0] <= SMALL_BATCH * weight.shape[0] and not torch.is_grad_enabled():
+        # decoding: each expert sees a few rows; threaded column blocks stream its weight faster
+        parts = x.split(counts.tolist())
+        return torch.cat([linear(part, w) for part, w in zip(parts, weight.unbind(0), strict=True)])
     if (
         hasattr(F, "grouped_mm")
         and x.device.type == "cpu"

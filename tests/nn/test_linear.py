@@ -8,7 +8,7 @@ from orionlm.nn.linear import linear, to_column_major, use_decode_layout
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 64)])
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 64), (2, 5, 64), (20, 64)])  # the last: over SMALL_BATCH
 def test_threaded_matvec_equals_f_linear(threads, shape):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -3,7 +3,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from orionlm.config import preset
-from orionlm.nn.linear import to_column_major
+from orionlm.nn.linear import to_column_major, use_decode_layout
 from orionlm.nn.moe import MoE, grouped_linear, load_balancing_loss, router_z_loss
 
 
@@ -18,12 +18,17 @@ def _moe(name="tiny-moe", **changes):
 
 @pytest.mark.parametrize("name", ["tiny-moe", "tiny-qwen-moe"])
 @pytest.mark.parametrize("tokens", [1, 3, 64])
-def test_sorted_dispatch_equals_reference(name, tokens):
+@pytest.mark.parametrize("decoding", [False, True])  # inference in the decode layout: threaded per-expert products
+def test_sorted_dispatch_equals_reference(name, tokens, decoding):
     moe = _moe(name)
     x = torch.randn(1, tokens, moe.gate.in_features)
-    fast, logits, counts = moe(x)
+    if decoding:
+        use_decode_layout(moe)
+    with torch.set_grad_enabled(not decoding):
+        fast, logits, counts = moe(x)
     moe.use_reference = True
-    slow, logits_ref, _ = moe(x)
+    with torch.no_grad():
+        slow, logits_ref, _ = moe(x)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     assert torch.equal(logits, logits_ref)
     assert counts.sum().item() == tokens * moe.top_k
