@@ -151,7 +151,7 @@ class OrionLM(nn.Module):
         if self.config.embedding_norm:
             x = self.model.embed_norm(x)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        ragged_lengths = cache.lengths if ragged else None
+        ragged_lengths = cache.lengths if ragged and not cache.uniform else None
         mask, is_causal = self._attention_mask(B, T, past, attention_mask, position_ids, x.dtype, ragged_lengths)
         router_logits, counts = [], []
         checkpointing = self.activation_checkpointing and self.training

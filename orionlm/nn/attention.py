@@ -125,13 +125,19 @@ class RaggedCache:
         self.keys: list[torch.Tensor] = []  # per attention slot: (row capacity, kv_heads, capacity, D)
         self.values: list[torch.Tensor] = []
         self.states: list[GDNState] = []  # per GDN slot, `rows` rows
-        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.lengths = torch.zeros(0, dtype=torch.long)  # (rows,) on the model's device
+        self.sizes: list[int] = []  # the same, on the host: no device sync to read them
         self.rows = 0
 
     @property
     def length(self) -> int:
         """The longest row: the model reads this as the number of cached positions."""
-        return int(self.lengths.max()) if self.rows else 0
+        return max(self.sizes, default=0)
+
+    @property
+    def uniform(self) -> bool:
+        """Every row at the same length (always so for one row): plain causal decoding, no mask needed."""
+        return min(self.sizes, default=0) == self.length
 
     def add(self, cache: KVCache) -> int:
         """Append a one-row cache (a prefilled sequence) as the last row; returns its row."""
@@ -154,6 +160,7 @@ class RaggedCache:
                 mine.conv = None if mine.conv is None else torch.cat([mine.conv, theirs.conv])
                 mine.recurrent = torch.cat([mine.recurrent, theirs.recurrent])
         self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([length])])
+        self.sizes.append(length)
         self.rows += 1
         return n
 
@@ -165,11 +172,12 @@ class RaggedCache:
         order.pop()
         if row != last:
             for t in self.keys + self.values:
-                t[row, :, : int(self.lengths[last])] = t[last, :, : int(self.lengths[last])]
+                t[row, :, : self.sizes[last]] = t[last, :, : self.sizes[last]]
         index = torch.tensor(order, dtype=torch.long, device=self.lengths.device)
         for state in self.states:
             state.select(index)
         self.lengths = self.lengths[index]
+        self.sizes = [self.sizes[i] for i in order]
         self.rows = last
 
     def _reserve(self, rows: int, capacity: int) -> None:
@@ -198,11 +206,16 @@ class RaggedCache:
         slots 0..longest (the mask hides each row's slots past its own)."""
         if k.shape[2] != 1:
             raise ValueError("a ragged cache takes one token per row and step; prefill sequences on their own")
-        rows = torch.arange(self.rows, device=k.device)
-        self.keys[layer][rows, :, self.lengths] = k[:, :, 0]
-        self.values[layer][rows, :, self.lengths] = v[:, :, 0]
         end = self.length + 1
+        if self.uniform:
+            self.keys[layer][: self.rows, :, end - 1 : end] = k
+            self.values[layer][: self.rows, :, end - 1 : end] = v
+        else:
+            rows = torch.arange(self.rows, device=k.device)
+            self.keys[layer][rows, :, self.lengths] = k[:, :, 0]
+            self.values[layer][rows, :, self.lengths] = v[:, :, 0]
         return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end]
 
     def advance(self, num_tokens: int) -> None:
         self.lengths += num_tokens
+        self.sizes = [n + num_tokens for n in self.sizes]
