@@ -153,6 +153,7 @@ class Engine:
         self.prefilling: deque[_Prefill] = deque()
         self.running: list[_Running] = []  # row i of self.cache
         self.cache = RaggedCache()
+        self.cancelled = 0  # requests dropped unfinished so far
 
     @property
     def has_work(self) -> bool:
@@ -201,11 +202,13 @@ class Engine:
         return events
 
     def _drop_cancelled(self) -> None:
+        before = len(self.waiting) + len(self.prefilling) + len(self.running)
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
         self.prefilling = deque(p for p in self.prefilling if not p.request.cancelled)
         for row in reversed(range(len(self.running))):
             if self.running[row].request.cancelled:
                 self._remove(row)
+        self.cancelled += before - len(self.waiting) - len(self.prefilling) - len(self.running)
 
     def _admit(self) -> None:
         reserved = sum(r.request.reserved_tokens for r in self.running)

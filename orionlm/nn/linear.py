@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 SMALL_BATCH = 16  # up to this many rows, a product streams the weight: spread its columns over the threads
 
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,6 +38,8 @@ from .protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -255,6 +257,27 @@ class Server:
                 self.engine.cancel(unfinished)
 
 
+async def _collect(server: Server, choices: list[Choice], raw: Request) -> list[str]:
+    """Every choice's whole text. Polls the connection while waiting: a client that hangs up before the
+    answer is ready frees its rows at once, as a closed stream does."""
+    texts = [""] * len(choices)
+
+    async def consume() -> None:
+        async for choice, _, piece in server.run(choices):
+            texts[choice.index] += piece
+
+    task = asyncio.ensure_future(consume())
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await raw.is_disconnected():
+            task.cancel()  # server.run's cleanup cancels the requests in the engine
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise APIError(499, "the client closed the connection")
+    task.result()
+    return texts
+
+
 def _completion_prompts(server: Server, prompt: Any) -> list[list[int]]:
     """A prompt as text, texts, token ids or lists of token ids -> token id lists."""
     if isinstance(prompt, str):
@@ -314,7 +337,15 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
         yield
         server.engine.stop()
 
-    app = FastAPI(title="orionlm", docs_url=None, redoc_url=None, lifespan=lifespan)
+    async def authenticate(request: Request) -> None:
+        # a dependency rather than an HTTP middleware: Starlette's middleware wrapper hides disconnects
+        if api_key and request.url.path != "/health":
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")  # fmt: skip
+
+    app = FastAPI(title="orionlm", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  dependencies=[Depends(authenticate)])  # fmt: skip
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -333,20 +364,12 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")  # fmt: skip
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> dict:
         """Liveness, and the engine's load (read without locking: a snapshot)."""
         engine = server.engine.engine
         waiting = len(engine.waiting) + len(engine.prefilling)
-        return {"status": "ok", "running": len(engine.running), "waiting": waiting}
+        return {"status": "ok", "running": len(engine.running), "waiting": waiting, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -355,7 +378,7 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, raw: Request):
         server.check_model(body.model)
         prompts = _completion_prompts(server, body.prompt)
         echo_logprobs = body.echo and body.logprobs is not None
@@ -396,9 +419,7 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        texts = [""] * len(choices)
-        async for choice, _, piece in server.run(choices):
-            texts[choice.index] += piece
+        texts = await _collect(server, choices, raw)
         out = []
         for c in choices:
             prefix, prompt_items = echoed(c)
@@ -409,7 +430,7 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
         return head | {"choices": out, "usage": _usage(requests, prompts)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
         server.check_model(body.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -445,9 +466,7 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        texts = [""] * len(choices)
-        async for choice, _, piece in server.run(choices):
-            texts[choice.index] += piece
+        texts = await _collect(server, choices, raw)
         out = [
             {"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
              "logprobs": _chat_logprobs(server, c.logprobs) if body.logprobs else None,

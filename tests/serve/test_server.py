@@ -179,14 +179,18 @@ def test_load_and_disconnects_free_slots(server, client):
         results = list(pool.map(one, range(200)))
     assert all(r.choices[0].finish_reason in ("stop", "length") for r in results)
     headers = {"authorization": f"Bearer {KEY}"}
+    cancelled = httpx.get(server + "/health").json()["cancelled"]
     body = {"model": NAME, "prompt": "def", "max_tokens": 1900, "ignore_eos": True, "stream": True}
     for _ in range(3):
         with httpx.stream("POST", server + "/v1/completions", json=body, headers=headers) as response:
             next(response.iter_lines())  # one chunk, then hang up
+    with pytest.raises(httpx.ReadTimeout):  # a client that gives up waiting for a whole answer
+        httpx.post(server + "/v1/completions", json=body | {"stream": False}, headers=headers, timeout=0.5)
     deadline = time.time() + 10
     while httpx.get(server + "/health").json()["running"] and time.time() < deadline:
         time.sleep(0.1)
-    assert httpx.get(server + "/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+    health = httpx.get(server + "/health").json()
+    assert health == {"status": "ok", "running": 0, "waiting": 0, "cancelled": cancelled + 4}  # none ran to its end
 
 
 def test_tokenize_detokenize(server, local):
