@@ -34,28 +34,17 @@ two loss curves (orionlm.train.plot.plot_comparison).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-from pathlib import Path
 
-import torch
 import yaml
 from common import (
-    ROOT,
     SEQ_LEN,
-    TINYSTORIES,
-    comparison_recipe,
-    cpu_name,
+    comparison_args,
     data_line,
     print_val_table,
-    train_runs,
-    train_tokenizer,
+    run_comparison,
 )
 
-import orionlm
 from orionlm.config import ModelConfig
 from orionlm.errors import OrionError
 from orionlm.model import count_parameters, virtual_parameters
@@ -105,30 +94,10 @@ def describe(config: ModelConfig) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data", type=Path, default=TINYSTORIES, help="a text file of stories separated by <|endoftext|>"
+    args = comparison_args(__doc__, "chimera_vs_dense", 800, "optim.lr=0.002")
+    tokenizer, runs, wall, info = run_comparison(
+        args, "Chimera (looped) vs dense at equal unique parameters", ARCHITECTURES, OPTIM, SCHEDULE, VOCAB
     )
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps of 8 x 256 tokens, for both runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "chimera_vs_dense", help="run directories")
-    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "chimera_vs_dense.png")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="change both recipes, e.g. --set optim.lr=0.002")  # fmt: skip
-    args = parser.parse_args()
-    if not args.data.is_file():
-        raise SystemExit(f"{args.data} is missing: pass --data with a text file of <|endoftext|>-separated stories")
-    print(f"# Chimera (looped) vs dense at equal unique parameters: orionlm {orionlm.__version__}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
-
-    tokenizer = train_tokenizer(args.data, args.out / "tokenizer", VOCAB)
-    recipes = {
-        name: comparison_recipe(model, OPTIM, SCHEDULE, args.out, name, args.data, args.steps)
-        for name, model in ARCHITECTURES.items()
-    }
-    runs, wall = train_runs(recipes, args.out, args.set)
-
-    info = {name: json.loads((run_dir / "run.json").read_text()) for name, run_dir in runs.items()}
     configs = {name: load_recipe(args.out / f"{name}.yaml").model.build() for name in runs}
     print(data_line(runs["dense"], args.data, tokenizer))
     shared = yaml.safe_load((args.out / "dense.yaml").read_text())

@@ -6,15 +6,19 @@ the same data, tokenizer, seed, batch and token budget; the helpers below are th
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+import orionlm
 from orionlm.data.sources import SourceConfig, iter_documents
 from orionlm.tokenizer import Tokenizer
 from orionlm.train.recipe import apply_override, load_recipe
@@ -76,6 +80,42 @@ def comparison_recipe(
             "plot": False,
         },
     }
+
+
+def comparison_args(doc: str, name: str, steps: int, example_set: str) -> argparse.Namespace:
+    """The command line the loss comparisons share (--data, --steps, --out, --plot, --set)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data", type=Path, default=TINYSTORIES, help="a text file of stories separated by " + SEPARATOR
+    )
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps of 8 x 256 tokens, for both runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / name, help="run directories")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / f"{name}.png")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"change both recipes, e.g. --set {example_set}")  # fmt: skip
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} is missing: pass --data with a text file of {SEPARATOR}-separated stories")
+    return args
+
+
+def run_comparison(
+    args: argparse.Namespace, title: str, architectures: dict[str, dict[str, Any]], optim: dict, schedule: dict,
+    vocab: int,
+) -> tuple[Tokenizer, dict[str, Path], dict[str, float], dict[str, dict[str, Any]]]:  # fmt: skip
+    """Print the header, train the shared `vocab`-token tokenizer and every architecture's run. Returns the
+    tokenizer, each run's directory, wall-clock seconds and run.json."""
+    print(f"# {title}: orionlm {orionlm.__version__}")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
+    tokenizer = train_tokenizer(args.data, args.out / "tokenizer", vocab)
+    recipes = {
+        name: comparison_recipe(model, optim, schedule, args.out, name, args.data, args.steps)
+        for name, model in architectures.items()
+    }
+    runs, wall = train_runs(recipes, args.out, args.set)
+    info = {name: json.loads((run_dir / "run.json").read_text()) for name, run_dir in runs.items()}
+    return tokenizer, runs, wall, info
 
 
 def train_runs(

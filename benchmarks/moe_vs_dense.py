@@ -23,27 +23,16 @@ saves the two loss curves (orionlm.train.plot.plot_comparison).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-from pathlib import Path
 
-import torch
 import yaml
 from common import (
-    ROOT,
-    TINYSTORIES,
-    comparison_recipe,
-    cpu_name,
+    comparison_args,
     data_line,
     print_val_table,
-    train_runs,
-    train_tokenizer,
+    run_comparison,
 )
 
-import orionlm
 from orionlm.errors import OrionError
 from orionlm.train.plot import plot_comparison, read_metrics
 from orionlm.train.recipe import load_recipe
@@ -66,30 +55,10 @@ SCHEDULE = {"kind": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data", type=Path, default=TINYSTORIES, help="a text file of stories separated by <|endoftext|>"
+    args = comparison_args(__doc__, "moe_vs_dense", 1500, "optim.lr=0.001")
+    tokenizer, runs, wall, info = run_comparison(
+        args, "MoE vs dense at equal active parameters", ARCHITECTURES, OPTIM, SCHEDULE, VOCAB
     )
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps of 8 x 256 tokens, for both runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "moe_vs_dense", help="run directories")
-    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "moe_vs_dense.png")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="change both recipes, e.g. --set optim.lr=0.001")  # fmt: skip
-    args = parser.parse_args()
-    if not args.data.is_file():
-        raise SystemExit(f"{args.data} is missing: pass --data with a text file of <|endoftext|>-separated stories")
-    print(f"# MoE vs dense at equal active parameters: orionlm {orionlm.__version__}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
-
-    tokenizer = train_tokenizer(args.data, args.out / "tokenizer", VOCAB)
-    recipes = {
-        name: comparison_recipe(model, OPTIM, SCHEDULE, args.out, name, args.data, args.steps)
-        for name, model in ARCHITECTURES.items()
-    }
-    runs, wall = train_runs(recipes, args.out, args.set)
-
-    info = {name: json.loads((run_dir / "run.json").read_text()) for name, run_dir in runs.items()}
     print(data_line(runs["dense"], args.data, tokenizer))
     shared = yaml.safe_load((args.out / "dense.yaml").read_text())
     moe = load_recipe(args.out / "moe.yaml").model.build()
