@@ -542,6 +542,66 @@ def bench(
     print(format_table(run_bench(lm, levels, lengths, output_tokens, requests_per_client)))
 
 
+def eval_model(
+    model: str,
+    /,
+    *,
+    tasks: str = "hellaswag,arc_easy,arc_challenge,piqa,mmlu,lambada,wikitext",
+    data_dir: Path | None = None,
+    task_file: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    batch_size: int = 16,
+    context: int | None = None,
+    stride: int | None = None,
+    out: Path | None = None,
+    device: str | None = None,
+) -> None:
+    """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA
+    and WikiText perplexity, scored as lm-evaluation-harness does. Prints a table; --out writes JSON.
+
+    Example:
+      orionlm eval runs/m --tasks hellaswag,arc_easy,wikitext --data-dir ../shared/data/eval --limit 200
+
+    Args:
+        model: a model directory, a .gguf file or a Hub id
+        tasks: comma-separated task names
+        data_dir: a folder with the task files named as in ../shared/data/eval (hellaswag_val.jsonl, ...)
+        task_file: TASK=PATH for a task's own file (repeatable; mmlu_dev=PATH for MMLU's shots)
+        limit: evaluate only the first N items (documents for wikitext) of each task
+        num_fewshot: examples before each question, drawn with --seed (MMLU: from mmlu_dev.jsonl)
+        seed: the seed of the few-shot draws
+        batch_size: sequences per forward pass
+        context: wikitext: the sliding window in tokens (default: the model's context)
+        stride: wikitext: how far the window moves (default: the whole window)
+        out: write the full results (config, versions, metrics, timing) to this JSON file
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from .eval import evaluate, format_table
+    from .loading import load_model
+
+    files = {}
+    for item in task_file or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise OrionError(f"--task-file takes TASK=PATH, got {item!r}")
+        files[name] = Path(path)
+    lm, tokenizer, _ = load_model(model, device=device)
+    if tokenizer is None:
+        raise OrionError(f"{model} has no tokenizer.json; evaluation needs one")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    report = evaluate(lm, tokenizer, names, data_dir, files, limit, num_fewshot, seed, batch_size, context, stride)
+    report["config"]["model_path"] = str(model)
+    print(format_table(report))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(jsonlib.dumps(report, indent=2) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+
+
 COMMANDS = {
     "info": info,
     "init": init,
@@ -552,6 +612,7 @@ COMMANDS = {
     "plot": plot,
     "serve": serve,  # orionlm.serve.serve
     "bench": bench,
+    "eval": eval_model,
     "convert": {
         "from-hf": convert_from_hf,
         "to-hf": convert_to_hf,

@@ -1,0 +1,149 @@
+"""`orionlm eval`: perplexity, multiple-choice benchmarks and LAMBADA, scored as lm-evaluation-harness does.
+
+`evaluate` runs tasks and returns a JSON-ready dict (config, versions, per-task metrics with standard errors,
+timing); `format_table` prints it like a model card.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..model import OrionLM
+from ..tokenizer import Tokenizer
+from .scoring import loglikelihood, perplexity
+from .tasks import (
+    FILES,
+    FORMATS,
+    MMLU_SHOTS,
+    EvalError,
+    add_shots,
+    load_choices,
+    load_documents,
+    load_lambada,
+    mean_stderr,
+    prompt_with_shots,
+)
+
+TASKS = list(FILES)
+
+
+def task_path(task: str, data_dir: Path | None, task_files: dict[str, Path]) -> Path:
+    """Where a task's items are: --task-file TASK=PATH, else its file in --data-dir (WikiText also in the
+    perplexity/ folder beside it, as ../shared/data has it)."""
+    if task in task_files:
+        path = task_files[task]
+        if not path.is_file():
+            raise EvalError(f"--task-file {task}={path}: no such file")
+        return path
+    if data_dir is not None:
+        for folder in (data_dir, data_dir.parent / "perplexity"):
+            if (folder / FILES[task]).is_file():
+                return folder / FILES[task]
+    raise EvalError(
+        f"no items for {task}: pass --data-dir DIR holding {FILES[task]} (../shared/data/eval has them), "
+        f"or --task-file {task}=PATH"
+    )
+
+
+def _multiple_choice(
+    model: OrionLM, tokenizer: Tokenizer, task: str, path: Path, shots_path: Path, limit: int | None,
+    num_fewshot: int, seed: int, batch_size: int, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    items = load_choices(task, path)
+    if num_fewshot:
+        add_shots(items[:limit], load_choices(task, shots_path), num_fewshot, seed)
+    items = items[:limit]
+    requests = [(prompt_with_shots(task, item), c) for item in items for c in item.continuations]
+    scores = iter(loglikelihood(model, tokenizer, requests, batch_size, progress))
+    acc, acc_norm, by_subject = [], [], {}
+    for item in items:
+        lls = [next(scores).logprob for _ in item.continuations]
+        per_char = [ll / len(c) for ll, c in zip(lls, item.continuations, strict=True)]
+        hit = float(max(range(len(lls)), key=lls.__getitem__) == item.answer)
+        acc.append(hit)
+        acc_norm.append(float(max(range(len(lls)), key=per_char.__getitem__) == item.answer))
+        by_subject.setdefault(item.subject, []).append(hit)
+    metrics: dict[str, Any] = {"n": len(items)}
+    metrics["acc"], metrics["acc_stderr"] = mean_stderr(acc)
+    metrics["acc_norm"], metrics["acc_norm_stderr"] = mean_stderr(acc_norm)
+    if task == "mmlu":
+        subjects = {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}
+        metrics["acc_macro"] = sum(subjects.values()) / len(subjects)
+        metrics["subjects"] = subjects
+    return metrics
+
+
+def evaluate(
+    model: OrionLM,
+    tokenizer: Tokenizer,
+    tasks: list[str],
+    data_dir: Path | None = None,
+    task_files: dict[str, Path] | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    batch_size: int = 16,
+    context: int | None = None,
+    stride: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the tasks (names from TASKS) on the first `limit` items of each; see the module docstring."""
+    task_files = task_files or {}
+    unknown = [t for t in tasks if t not in FILES]
+    if unknown:
+        raise EvalError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {limit}")
+    paths = {task: task_path(task, data_dir, task_files) for task in tasks}  # every file is found before any run
+    results: dict[str, Any] = {}
+    timing: dict[str, float] = {}
+    model.eval()
+    for task in tasks:
+        start = time.perf_counter()
+        if task in FORMATS:
+            shots = paths[task]
+            if task == "mmlu" and num_fewshot:
+                shots = task_files.get("mmlu_dev") or paths[task].with_name(MMLU_SHOTS)
+            results[task] = _multiple_choice(
+                model, tokenizer, task, paths[task], shots, limit, num_fewshot, seed, batch_size, progress
+            )
+        elif task == "lambada":
+            pairs = load_lambada(paths[task])[:limit]
+            scores = loglikelihood(model, tokenizer, pairs, batch_size, progress)
+            acc, acc_stderr = mean_stderr([float(s.greedy) for s in scores])
+            results[task] = {"n": len(pairs), "acc": acc, "acc_stderr": acc_stderr,
+                             "perplexity": math.exp(-sum(s.logprob for s in scores) / len(scores))}  # fmt: skip
+        else:
+            documents = load_documents(paths[task])[:limit]
+            ppl = perplexity(model, tokenizer, documents, context, stride, progress)
+            results[task] = {"n": len(documents), "word_perplexity": ppl.word_perplexity,
+                             "byte_perplexity": ppl.byte_perplexity, "bits_per_byte": ppl.bits_per_byte,
+                             "token_perplexity": ppl.token_perplexity, "tokens": ppl.tokens}  # fmt: skip
+        timing[task] = time.perf_counter() - start
+    config = {"tasks": tasks, "files": {t: str(p) for t, p in paths.items()}, "limit": limit,
+              "num_fewshot": num_fewshot, "seed": seed, "batch_size": batch_size, "context": context,
+              "stride": stride, "model": model.config.to_dict()}  # fmt: skip
+    versions = {"orionlm": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"results": results, "config": config, "versions": versions, "timing_s": timing}
+
+
+HEADLINE = {"lambada": ("acc", "perplexity"), "wikitext": ("word_perplexity", "bits_per_byte")}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A markdown table: each task's headline metrics with standard errors, as model cards show them."""
+    lines = ["| task | n | metric | value | stderr |", "|---|---:|---|---:|---:|"]
+    for task, metrics in report["results"].items():
+        names = HEADLINE.get(task, ("acc", "acc_norm") + (("acc_macro",) if task == "mmlu" else ()))
+        for name in names:
+            stderr = metrics.get(f"{name}_stderr")
+            shown = "" if stderr is None or math.isnan(stderr) else f"{stderr:.4f}"
+            lines.append(f"| {task} | {metrics['n']} | {name} | {metrics[name]:.4f} | {shown} |")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Scoring text with a model: log-likelihoods of continuations and sliding-window perplexity.
+
+`loglikelihood` follows lm-evaluation-harness's HF model exactly, so accuracies compare: the context and
+the continuation are encoded together (no special tokens) and the continuation's tokens are what follows
+the context's own encoding; trailing spaces of the context move to the continuation; an empty context
+starts from the EOS token. Requests are sorted by length and scored in right-padded batches: the model is
+causal, so padding after a sequence never changes its scores, and one forward pass scores many
+continuations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..errors import OrionError
+from ..model import OrionLM
+from ..tokenizer import Tokenizer
+
+
+@dataclass
+class Scored:
+    logprob: float  # sum over the continuation's tokens
+    greedy: bool  # every continuation token is the argmax at its position
+    tokens: int  # continuation tokens
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        if tokenizer.eos_id is None:
+            raise OrionError("scoring a continuation with an empty context needs a tokenizer with an EOS token")
+        return [tokenizer.eos_id], tokenizer.encode(continuation, add_special_tokens=False)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    return context_ids, whole[len(context_ids) :]
+
+
+@torch.inference_mode()
+def loglikelihood(
+    model: OrionLM,
+    tokenizer: Tokenizer,
+    requests: list[tuple[str, str]],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[Scored]:
+    """Score each (context, continuation); a context longer than the model's window keeps its end."""
+    window = model.config.max_seq_len
+    encoded = []
+    for context, continuation in requests:
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+        if not continuation_ids:
+            raise OrionError(f"the continuation {continuation!r} encodes to no tokens")
+        ids = (context_ids + continuation_ids)[-(window + 1) :]
+        encoded.append((ids, len(continuation_ids)))
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    results: list[Scored | None] = [None] * len(encoded)
+    bar = tqdm(total=len(order), disable=not progress, unit="req", desc="scoring", leave=False)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        longest = max(len(encoded[i][0]) - 1 for i in batch)
+        inputs = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = encoded[i][0][:-1]
+            inputs[row, : len(ids)] = torch.tensor(ids)
+        logprobs = torch.log_softmax(model(inputs.to(model.device)).logits.float(), dim=-1).cpu()
+        for row, i in enumerate(batch):
+            ids, count = encoded[i]
+            targets = torch.tensor(ids[-count:])
+            positions = torch.arange(len(ids) - 1 - count, len(ids) - 1)
+            picked = logprobs[row, positions]  # (count, V)
+            results[i] = Scored(
+                float(picked.gather(1, targets[:, None]).sum()), bool((picked.argmax(-1) == targets).all()), count
+            )
+        bar.update(len(batch))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class Perplexity:
+    nll: float  # total negative log-likelihood, nats
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes of the text
+    words: int  # whitespace-separated words of the text
+
+    @property
+    def token_perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / self.bytes / math.log(2)
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(self.nll / self.bytes)
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(self.nll / self.words)
+
+
+@torch.inference_mode()
+def perplexity(
+    model: OrionLM,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    context: int | None = None,
+    stride: int | None = None,
+    progress: bool = True,
+) -> Perplexity:
+    """Sliding-window perplexity over each text (documents scored apart). Windows of `context` tokens
+    (default: the model's) advance by `stride` (default: the whole window); each scores only the tokens
+    the previous window did not, with everything before them in the window as context. The first token of
+    a text is predicted from the EOS token. Token-, byte- and word-level figures share one total, so models
+    with different tokenizers compare by bits per byte."""
+    context = context or model.config.max_seq_len
+    stride = stride or context
+    if not 1 <= stride <= context <= model.config.max_seq_len:
+        raise OrionError(
+            f"need 1 <= stride ({stride}) <= context ({context}) <= the model's {model.config.max_seq_len}"
+        )
+    if tokenizer.eos_id is None:
+        raise OrionError("perplexity needs a tokenizer with an EOS token (it predicts each text's first token)")
+    nll, tokens = 0.0, 0
+    bar = tqdm(total=len(texts), disable=not progress, unit="doc", desc="perplexity", leave=False)
+    for text in texts:
+        ids = [tokenizer.eos_id] + tokenizer.encode(text, add_special_tokens=False)
+        done = 1  # positions of ids already scored (the EOS is not a prediction)
+        begin = 0
+        while done < len(ids):
+            end = min(begin + context + 1, len(ids))  # a window of `context` inputs predicts up to ids[end - 1]
+            window = torch.tensor([ids[begin:end]], device=model.device)
+            logprobs = torch.log_softmax(model(window[:, :-1]).logits[0].float(), dim=-1)
+            new = end - done  # the targets ids[done:end]
+            targets = window[0, -new:]
+            nll -= float(logprobs[-new:].gather(1, targets[:, None]).sum())
+            tokens += new
+            done = end
+            begin += stride
+        bar.update(1)
+    bar.close()
+    return Perplexity(nll, tokens, sum(len(t.encode()) for t in texts), sum(len(t.split()) for t in texts))

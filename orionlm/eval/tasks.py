@@ -1,0 +1,188 @@
+"""Evaluation tasks: where their items come from, how a prompt is written, and their metrics.
+
+Multiple-choice tasks are scored as lm-evaluation-harness scores them (same prompts, same continuations):
+each choice's log-likelihood after the prompt; `acc` picks the highest, `acc_norm` the highest per
+character of the choice. Files are the normalised JSONL of ../shared/data/eval (one item per line:
+{"id", "question" or "context", "choices", "answer"}) under the names below, in `--data-dir` or given per
+task; LAMBADA is {"context", "continuation"} (optionally gzipped) and WikiText a plain text file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import OrionError
+
+FILES = {
+    "hellaswag": "hellaswag_val.jsonl",
+    "arc_easy": "arc_easy_test.jsonl",
+    "arc_challenge": "arc_challenge_test.jsonl",
+    "piqa": "piqa_val.jsonl",
+    "mmlu": "mmlu_test_subset.jsonl",
+    "lambada": "lambada_openai.jsonl.gz",
+    "wikitext": "wikitext2_test.tokens.txt.gz",
+}
+MMLU_SHOTS = "mmlu_dev.jsonl"
+
+
+class EvalError(OrionError):
+    """An evaluation input that cannot be used; the message names the file and line."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every line of a JSONL file (gzipped if it ends in .gz) as a dict; a malformed line is an error that
+    names the file and line, never skipped."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    records = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise EvalError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record | {"_line": number})
+    except OSError as e:
+        raise EvalError(f"cannot read {path}: {e.strerror or e}") from None
+    return records
+
+
+@dataclass
+class Choice:
+    """A multiple-choice item as prompts: the text before the choices and each choice's continuation."""
+
+    id: str
+    prompt: str
+    continuations: list[str]
+    answer: int
+    subject: str | None = None
+    shots: list[Choice] = field(default_factory=list)  # filled by the runner for k-shot
+
+    def gold(self) -> str:
+        return self.prompt + self.continuations[self.answer]
+
+
+def _require(record: dict[str, Any], path: Path, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise EvalError(f"{path}:{record['_line']}: missing {', '.join(missing)}")
+    choices, answer = record.get("choices"), record.get("answer")
+    if "choices" in keys and (not isinstance(choices, list) or len(choices) < 2):
+        raise EvalError(f"{path}:{record['_line']}: 'choices' must be a list of at least 2 strings")
+    if "answer" in keys and not (isinstance(answer, int) and 0 <= answer < len(choices)):
+        raise EvalError(f"{path}:{record['_line']}: 'answer' must be an index into 'choices', got {answer!r}")
+
+
+def _question_answer(record: dict[str, Any]) -> tuple[str, list[str]]:
+    """ARC and PIQA as lm-evaluation-harness writes them."""
+    return f"Question: {record['question']}\nAnswer:", [f" {c}" for c in record["choices"]]
+
+
+def _hellaswag(record: dict[str, Any]) -> tuple[str, list[str]]:
+    return record["context"], [f" {c}" for c in record["choices"]]
+
+
+def _mmlu(record: dict[str, Any]) -> tuple[str, list[str]]:
+    letters = "ABCD"[: len(record["choices"])]
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(letters, record["choices"], strict=True))
+    return f"{record['question'].strip()}{options}\nAnswer:", [f" {letter}" for letter in letters]
+
+
+FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, list[str]]]]] = {
+    "hellaswag": (("context", "choices", "answer"), _hellaswag),
+    "arc_easy": (("question", "choices", "answer"), _question_answer),
+    "arc_challenge": (("question", "choices", "answer"), _question_answer),
+    "piqa": (("question", "choices", "answer"), _question_answer),
+    "mmlu": (("question", "choices", "answer", "subject"), _mmlu),
+}
+
+
+def load_choices(task: str, path: Path) -> list[Choice]:
+    keys, render = FORMATS[task]
+    items = []
+    for record in read_jsonl(path):
+        _require(record, path, keys)
+        prompt, continuations = render(record)
+        item_id = str(record.get("id", f"{task}-{record['_line']}"))
+        items.append(Choice(item_id, prompt, continuations, record["answer"], record.get("subject")))
+    if not items:
+        raise EvalError(f"{path} holds no items")
+    return items
+
+
+def mmlu_description(subject: str | None) -> str:
+    return f"The following are multiple choice questions (with answers) about {(subject or '').replace('_', ' ')}.\n\n"
+
+
+def add_shots(items: list[Choice], pool: list[Choice], k: int, seed: int) -> None:
+    """k examples per item from `pool` (never the item itself; MMLU: the same subject), drawn with a
+    generator seeded per item, so an item's shots do not depend on --limit or on the other items."""
+    by_subject: dict[str | None, list[Choice]] = {}
+    for shot in pool:
+        by_subject.setdefault(shot.subject, []).append(shot)
+    for item in items:
+        candidates = [s for s in by_subject.get(item.subject, pool) if s.id != item.id]
+        if len(candidates) < k:
+            raise EvalError(f"{item.id}: {k} shots asked for, only {len(candidates)} examples to draw from")
+        item.shots = random.Random(f"{seed}:{item.id}").sample(candidates, k)
+
+
+def prompt_with_shots(task: str, item: Choice) -> str:
+    text = "".join(shot.gold() + "\n\n" for shot in item.shots) + item.prompt
+    return mmlu_description(item.subject) + text if task == "mmlu" else text
+
+
+def load_lambada(path: Path) -> list[tuple[str, str]]:
+    """(context, continuation) pairs; the continuation gets its leading space as lm-evaluation-harness's
+    lambada_openai writes it."""
+    pairs = []
+    for record in read_jsonl(path):
+        if "text" in record:  # the original format: the last word is the target
+            head, _, last = record["text"].rpartition(" ")
+            pairs.append((head, f" {last}"))
+            continue
+        _require(record, path, ("context", "continuation"))
+        pairs.append((record["context"].rstrip(), " " + record["continuation"].strip()))
+    if not pairs:
+        raise EvalError(f"{path} holds no items")
+    return pairs
+
+
+def load_documents(path: Path) -> list[str]:
+    """A text file's documents: WikiText's top-level " = Title = " headings start new ones; any other file is
+    one document."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"cannot read {path} as UTF-8 text: {e}") from None
+    documents, current = [], []
+    for line in lines:
+        heading = line.startswith(" = ") and not line.startswith(" = = ") and line.rstrip().endswith(" =")
+        if heading and any(x.strip() for x in current):
+            documents.append("\n".join(current).strip("\n"))
+            current = []
+        current.append(line)
+    if any(x.strip() for x in current):
+        documents.append("\n".join(current).strip("\n"))
+    if not documents:
+        raise EvalError(f"{path} is empty")
+    return documents
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n)), as lm-evaluation-harness."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan"))

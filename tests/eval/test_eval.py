@@ -1,0 +1,191 @@
+"""Evaluation, checked against transformers running the same weights (exported with save_hf)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from orionlm.config import preset
+from orionlm.convert.hf import save_hf
+from orionlm.eval import evaluate, format_table
+from orionlm.eval.scoring import encode_pair, loglikelihood, perplexity
+from orionlm.eval.tasks import EvalError, add_shots, load_choices, load_documents
+from orionlm.model import OrionLM
+from orionlm.tokenizer import Tokenizer
+
+TEXT = "The cat sat on the mat. It was a sunny day, and the dog barked at the birds in the tall green tree."
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(orionlm model, tokenizer, the transformers model with the same weights)."""
+    tokenizer = Tokenizer.byte_level()
+    model = OrionLM(preset("tiny-dense", vocab_size=tokenizer.vocab_size, max_seq_len=64, initializer_range=0.2))
+    model.reset_parameters(seed=0)
+    path = tmp_path_factory.mktemp("eval") / "hf"
+    save_hf(model.eval(), tokenizer, path)
+    return model, tokenizer, AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _reference_logprob(hf, context_ids, continuation_ids):
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf(ids).logits[0].float(), -1)
+    n = len(continuation_ids)
+    positions = range(len(context_ids) - 1, len(context_ids) - 1 + n)
+    picked = [logprobs[p, t] for p, t in zip(positions, continuation_ids, strict=True)]
+    greedy = all(logprobs[p].argmax() == t for p, t in zip(positions, continuation_ids, strict=True))
+    return float(sum(picked)), greedy
+
+
+def test_encode_pair_follows_lm_eval():
+    tok = Tokenizer.byte_level()
+    context, continuation = encode_pair(tok, "Question: hi\nAnswer: ", "yes")
+    assert tok.decode(context) == "Question: hi\nAnswer:" and tok.decode(continuation) == " yes"
+    context, continuation = encode_pair(tok, "", "hello")
+    assert context == [tok.eos_id] and tok.decode(continuation) == "hello"
+
+
+def test_loglikelihood_equals_transformers(pair):
+    model, tok, hf = pair
+    requests = [("The cat", " sat"), ("It was a sunny day, and ", "the dog"), ("", "The"), (TEXT[:40], TEXT[40:70]),
+                ("x" * 90, " long context keeps its end")]  # fmt: skip
+    scored = loglikelihood(model, tok, requests, batch_size=2, progress=False)
+    for (context, continuation), got in zip(requests, scored, strict=True):
+        context_ids, continuation_ids = encode_pair(tok, context, continuation)
+        keep = (context_ids + continuation_ids)[-65:]
+        expected, greedy = _reference_logprob(hf, keep[: len(keep) - len(continuation_ids)], continuation_ids)
+        assert got.logprob == pytest.approx(expected, abs=1e-4) and got.greedy == greedy
+        assert got.tokens == len(continuation_ids)
+
+
+@pytest.mark.parametrize("context, stride", [(16, 16), (16, 5), (64, 64)])
+def test_sliding_window_perplexity_equals_a_manual_loop(pair, context, stride):
+    model, tok, hf = pair
+    texts = [TEXT, TEXT[::-1][:60]]
+    got = perplexity(model, tok, texts, context, stride, progress=False)
+    nll = tokens = 0
+    for text in texts:
+        ids = [tok.eos_id] + tok.encode(text, add_special_tokens=False)
+        for target in range(1, len(ids)):  # each token predicted from the window the loop gives it
+            scored_by = next(b for b in range(0, len(ids), stride) if target <= b + context) if target > context else 0
+            window = ids[scored_by:target]
+            lp, _ = _reference_logprob(hf, window, [ids[target]])
+            nll -= lp
+            tokens += 1
+    assert got.tokens == tokens
+    assert got.nll == pytest.approx(nll, rel=1e-5)
+    assert got.bits_per_byte == pytest.approx(nll / sum(len(t.encode()) for t in texts) / math.log(2))
+
+
+def _write(path, lines):
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+ITEMS = [
+    {"id": f"q{i}", "question": q, "choices": choices, "answer": a}
+    for i, (q, choices, a) in enumerate([
+        ("What sat on the mat?", ["The cat", "A car", "Nothing"], 0),
+        ("What barked?", ["the moon", "the dog"], 1),
+        ("Where were the birds?", ["in the tree", "under water", "on Mars", "inside"], 0),
+        ("Was it sunny?", ["yes", "no"], 0),
+    ])
+]  # fmt: skip
+
+
+def test_multiple_choice_accuracy_equals_manual_scoring(pair, tmp_path):
+    model, tok, hf = pair
+    path = _write(tmp_path / "arc.jsonl", ITEMS)
+    report = evaluate(model, tok, ["arc_easy"], task_files={"arc_easy": path}, progress=False)
+    hits, norm_hits = [], []
+    for item in ITEMS:
+        prompt = f"Question: {item['question']}\nAnswer:"
+        lls = [_reference_logprob(hf, *encode_pair(tok, prompt, f" {c}"))[0] for c in item["choices"]]
+        per_char = [ll / len(f" {c}") for ll, c in zip(lls, item["choices"], strict=True)]
+        hits.append(lls.index(max(lls)) == item["answer"])
+        norm_hits.append(per_char.index(max(per_char)) == item["answer"])
+    metrics = report["results"]["arc_easy"]
+    assert metrics["acc"] == sum(hits) / 4 and metrics["acc_norm"] == sum(norm_hits) / 4 and metrics["n"] == 4
+    assert "| arc_easy | 4 | acc |" in format_table(report)
+
+
+def test_few_shot_draws_are_seeded_and_exclude_the_item(tmp_path):
+    path = _write(tmp_path / "arc.jsonl", ITEMS)
+    first, again = load_choices("arc_easy", path), load_choices("arc_easy", path)
+    add_shots(first, load_choices("arc_easy", path), 2, seed=1)
+    add_shots(again[:1], load_choices("arc_easy", path), 2, seed=1)  # fewer items: the same shots for item 0
+    assert [s.id for s in first[0].shots] == [s.id for s in again[0].shots]
+    assert all(item.id not in [s.id for s in item.shots] for item in first)
+    with pytest.raises(EvalError, match="4 shots"):
+        add_shots(first, load_choices("arc_easy", path), 4, seed=1)
+
+
+def test_bad_inputs_name_file_and_line(pair, tmp_path):
+    model, tok, _ = pair
+    bad = tmp_path / "arc.jsonl"
+    bad.write_text(json.dumps(ITEMS[0]) + "\n{oops\n")
+    with pytest.raises(EvalError, match=r"arc.jsonl:2: not valid JSON"):
+        load_choices("arc_easy", bad)
+    _write(bad, [ITEMS[0], {"question": "q", "choices": ["a", "b"], "answer": 5}])
+    with pytest.raises(EvalError, match=r"arc.jsonl:2: 'answer' must be an index"):
+        load_choices("arc_easy", bad)
+    with pytest.raises(EvalError, match="pass --data-dir"):
+        evaluate(model, tok, ["hellaswag"], data_dir=tmp_path, progress=False)
+    with pytest.raises(EvalError, match="unknown tasks"):
+        evaluate(model, tok, ["hellaswagg"], progress=False)
+
+
+def test_wikitext_documents_split_at_top_headings(tmp_path):
+    path = tmp_path / "wiki.txt"
+    path.write_text(" \n = A = \n \n text a \n = = sub = = \n more \n = B = \n text b \n")
+    docs = load_documents(path)
+    assert len(docs) == 2 and "sub" in docs[0] and docs[1].startswith(" = B =")
+
+
+def test_cli_writes_json_and_refuses_bad_task_files(tmp_path):
+    from orionlm.checkpoint import save_checkpoint
+
+    tok = Tokenizer.byte_level()
+    model = OrionLM(preset("tiny-dense", vocab_size=tok.vocab_size))
+    save_checkpoint(model, tmp_path / "m", tok)
+    path = _write(tmp_path / "piqa.jsonl", ITEMS)
+    command = [sys.executable, "-m", "orionlm", "eval", str(tmp_path / "m"), "--tasks", "piqa",
+               "--task-file", f"piqa={path}", "--out", str(tmp_path / "r.json")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["results"]["piqa"]["n"] == 4 and "acc_stderr" in report["results"]["piqa"]
+    assert report["versions"]["orionlm"] and report["timing_s"]["piqa"] >= 0
+    result = subprocess.run(command[:-4] + ["--task-file", "piqa"], capture_output=True, text=True)
+    assert result.returncode == 2 and "TASK=PATH" in result.stderr
+
+
+def test_real_model_on_shared_items(shared_data, tmp_path):
+    """stories260K (a real trained model) on real HellaSwag and LAMBADA items: the same numbers as
+    transformers computes from the exported weights."""
+    import gzip
+
+    from orionlm.convert.gguf import load_gguf
+
+    gguf = tmp_path / "s.gguf"
+    gguf.write_bytes(gzip.open(shared_data / "models" / "stories260K" / "stories260K.gguf.gz").read())
+    model, tok = load_gguf(gguf, device="cpu", dtype=torch.float32)
+    save_hf(model, tok, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    eval_dir = shared_data / "eval"
+    report = evaluate(model, tok, ["hellaswag", "lambada"], data_dir=eval_dir, limit=12, progress=False)
+    hits, greedy = [], []
+    for item in load_choices("hellaswag", eval_dir / "hellaswag_val.jsonl")[:12]:
+        lls = [_reference_logprob(hf, *encode_pair(tok, item.prompt, c))[0] for c in item.continuations]
+        hits.append(lls.index(max(lls)) == item.answer)
+    from orionlm.eval.tasks import load_lambada
+
+    for context, continuation in load_lambada(eval_dir / "lambada_openai.jsonl.gz")[:12]:
+        greedy.append(_reference_logprob(hf, *encode_pair(tok, context, continuation))[1])
+    assert report["results"]["hellaswag"]["acc"] == sum(hits) / 12
+    assert report["results"]["lambada"]["acc"] == sum(greedy) / 12
