@@ -602,6 +602,65 @@ def eval_model(
         print(f"wrote {out}")
 
 
+def leakage(
+    model: str,
+    items: Path,
+    /,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    out: Path | None = None,
+    device: str | None = None,
+) -> None:
+    """Detect benchmark leakage by shuffling options (arXiv 2409.01790): for each 4-option item, score all
+    24 orderings of its options; flag the items whose published ordering scores highest (max_original,
+    chance 1/24) and, among those, the ones whose score is an isolation-forest outlier (iforest@T).
+
+    Example:
+      orionlm leakage runs/m ../shared/data/eval/mmlu_test_subset.jsonl --limit 200 --out leak.json
+
+    Args:
+        model: a model directory, a .gguf file or a Hub id
+        items: a multiple-choice JSONL file ({"id", "question" or "context", "choices", "answer"} per line)
+        limit: test only the first N 4-option items
+        batch_size: sequences per forward pass
+        out: write the report (rates and the flagged item ids) to this JSON file
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from .eval.leakage import detect, format_report
+    from .loading import load_model
+
+    lm, tokenizer, _ = load_model(model, device=device)
+    if tokenizer is None:
+        raise OrionError(f"{model} has no tokenizer.json; scoring needs one")
+    report = detect(lm, tokenizer, items, limit, batch_size)
+    print(format_report(report))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(jsonlib.dumps(report, indent=2) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+
+
+def lm_eval(*args: str) -> None:
+    """Run lm-evaluation-harness's command line with orionlm registered as a model, e.g.
+      orionlm lm-eval --model orionlm --model_args pretrained=runs/m --tasks hellaswag --limit 100
+    Needs `pip install 'orionlm[harness]'`; its own options: `orionlm lm-eval -- --help`.
+
+    Args:
+        args: lm_eval's arguments, passed on unchanged
+    """
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from .eval import harness  # noqa: F401  registers "orionlm"
+    except ImportError as e:
+        raise OrionError(f"lm-eval is not installed ({e.name} is missing): pip install 'orionlm[harness]'") from None
+    sys.argv = ["lm_eval", *[a for a in args if a != "--"]]
+    cli_evaluate()
+
+
 COMMANDS = {
     "info": info,
     "init": init,
@@ -613,6 +672,8 @@ COMMANDS = {
     "serve": serve,  # orionlm.serve.serve
     "bench": bench,
     "eval": eval_model,
+    "leakage": leakage,
+    "lm-eval": lm_eval,
     "convert": {
         "from-hf": convert_from_hf,
         "to-hf": convert_to_hf,

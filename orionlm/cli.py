@@ -64,7 +64,6 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
     has_default = param.default is not inspect.Parameter.empty
     if param.kind is inspect.Parameter.VAR_POSITIONAL:  # *rest: the words argparse does not know (see run)
         parser.set_defaults(_rest=param.name)
-        parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()} [--section.key=value ...]"
         parser.epilog = f"{param.name}: {help_text}"
         return
     if param.kind is inspect.Parameter.POSITIONAL_ONLY:
@@ -93,6 +92,9 @@ def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
     hints = typing.get_type_hints(fn)
     for param in inspect.signature(fn).parameters.values():
         _add_parameter(parser, param, hints.get(param.name, str), helps.get(param.name, ""))
+    rest = parser.get_default("_rest")
+    if rest is not None:  # argparse does not list the words it leaves to the function
+        parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()} [{rest.upper()} ...]"
     parser.set_defaults(_fn=fn)
 
 

@@ -65,7 +65,7 @@ def _multiple_choice(
     acc, acc_norm, by_subject = [], [], {}
     for item in items:
         lls = [next(scores).logprob for _ in item.continuations]
-        per_char = [ll / len(c) for ll, c in zip(lls, item.continuations, strict=True)]
+        per_char = [ll / len(c) for ll, c in zip(lls, item.choices, strict=True)]
         hit = float(max(range(len(lls)), key=lls.__getitem__) == item.answer)
         acc.append(hit)
         acc_norm.append(float(max(range(len(lls)), key=per_char.__getitem__) == item.answer))

@@ -3,9 +3,9 @@
 `loglikelihood` follows lm-evaluation-harness's HF model exactly, so accuracies compare: the context and
 the continuation are encoded together (no special tokens) and the continuation's tokens are what follows
 the context's own encoding; trailing spaces of the context move to the continuation; an empty context
-starts from the EOS token. Requests are sorted by length and scored in right-padded batches: the model is
-causal, so padding after a sequence never changes its scores, and one forward pass scores many
-continuations.
+starts from the prefix token (BOS, else EOS). Requests are sorted by length and scored in right-padded
+batches: the model is causal, so padding after a sequence never changes its scores, and one forward pass
+scores many continuations.
 """
 
 from __future__ import annotations
@@ -28,14 +28,20 @@ class Scored:
     tokens: int  # continuation tokens
 
 
+def prefix_token(tokenizer: Tokenizer) -> int:
+    """What an empty context is: BOS, else EOS (lm-evaluation-harness's choice)."""
+    token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if token is None:
+        raise OrionError("scoring text from its start needs a tokenizer with a BOS or an EOS token")
+    return token
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        if tokenizer.eos_id is None:
-            raise OrionError("scoring a continuation with an empty context needs a tokenizer with an EOS token")
-        return [tokenizer.eos_id], tokenizer.encode(continuation, add_special_tokens=False)
+        return [prefix_token(tokenizer)], tokenizer.encode(continuation, add_special_tokens=False)
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     return context_ids, whole[len(context_ids) :]
@@ -49,7 +55,8 @@ def loglikelihood(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[Scored]:
-    """Score each (context, continuation); a context longer than the model's window keeps its end."""
+    """Score each (context, continuation); a context longer than the model's window keeps its end, and a
+    continuation longer than the window has only its last window of tokens scored (`tokens` says so)."""
     window = model.config.max_seq_len
     encoded = []
     for context, continuation in requests:
@@ -57,7 +64,7 @@ def loglikelihood(
         if not continuation_ids:
             raise OrionError(f"the continuation {continuation!r} encodes to no tokens")
         ids = (context_ids + continuation_ids)[-(window + 1) :]
-        encoded.append((ids, len(continuation_ids)))
+        encoded.append((ids, min(len(continuation_ids), len(ids) - 1)))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     results: list[Scored | None] = [None] * len(encoded)
     bar = tqdm(total=len(order), disable=not progress, unit="req", desc="scoring", leave=False)
@@ -116,27 +123,27 @@ def perplexity(
     progress: bool = True,
 ) -> Perplexity:
     """Sliding-window perplexity over each text (documents scored apart). Windows of `context` tokens
-    (default: the model's) advance by `stride` (default: the whole window); each scores only the tokens
-    the previous window did not, with everything before them in the window as context. The first token of
-    a text is predicted from the EOS token. Token-, byte- and word-level figures share one total, so models
-    with different tokenizers compare by bits per byte."""
+    (default: the model's) advance by `stride` (default: the whole window, as lm-evaluation-harness's
+    rolling log-likelihood); each scores only the tokens the previous window did not, with everything
+    before them in the window as context, and the last window reaches back to a full context. The first
+    token of a text is predicted from the prefix token (BOS, else EOS). Token-, byte- and word-level figures
+    share one total, so models with different tokenizers compare by bits per byte."""
     context = context or model.config.max_seq_len
     stride = stride or context
     if not 1 <= stride <= context <= model.config.max_seq_len:
         raise OrionError(
             f"need 1 <= stride ({stride}) <= context ({context}) <= the model's {model.config.max_seq_len}"
         )
-    if tokenizer.eos_id is None:
-        raise OrionError("perplexity needs a tokenizer with an EOS token (it predicts each text's first token)")
+    prefix = prefix_token(tokenizer)
     nll, tokens = 0.0, 0
     bar = tqdm(total=len(texts), disable=not progress, unit="doc", desc="perplexity", leave=False)
     for text in texts:
-        ids = [tokenizer.eos_id] + tokenizer.encode(text, add_special_tokens=False)
-        done = 1  # positions of ids already scored (the EOS is not a prediction)
+        ids = [prefix] + tokenizer.encode(text, add_special_tokens=False)
+        done = 1  # positions of ids already scored (the prefix is not a prediction)
         begin = 0
         while done < len(ids):
             end = min(begin + context + 1, len(ids))  # a window of `context` inputs predicts up to ids[end - 1]
-            window = torch.tensor([ids[begin:end]], device=model.device)
+            window = torch.tensor([ids[max(0, end - context - 1) : end]], device=model.device)
             logprobs = torch.log_softmax(model(window[:, :-1]).logits[0].float(), dim=-1)
             new = end - done  # the targets ids[done:end]
             targets = window[0, -new:]

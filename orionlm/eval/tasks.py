@@ -2,9 +2,10 @@
 
 Multiple-choice tasks are scored as lm-evaluation-harness scores them (same prompts, same continuations):
 each choice's log-likelihood after the prompt; `acc` picks the highest, `acc_norm` the highest per
-character of the choice. Files are the normalised JSONL of ../shared/data/eval (one item per line:
-{"id", "question" or "context", "choices", "answer"}) under the names below, in `--data-dir` or given per
-task; LAMBADA is {"context", "continuation"} (optionally gzipped) and WikiText a plain text file.
+character of the choice's text (the delimiting space not counted). Files are the normalised JSONL of
+../shared/data/eval (one item per line: {"id", "question" or "context", "choices", "answer"}) under the
+names below, in `--data-dir` or given per task; LAMBADA is {"context", "continuation"} (optionally
+gzipped) and WikiText a plain text file.
 """
 
 from __future__ import annotations
@@ -60,14 +61,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class Choice:
-    """A multiple-choice item as prompts: the text before the choices and each choice's continuation."""
+    """A multiple-choice item as prompts: the text before the choices, and the choices, each scored as
+    " " + choice after it (lm-evaluation-harness's target delimiter)."""
 
     id: str
     prompt: str
-    continuations: list[str]
+    choices: list[str]
     answer: int
     subject: str | None = None
     shots: list[Choice] = field(default_factory=list)  # filled by the runner for k-shot
+
+    @property
+    def continuations(self) -> list[str]:
+        return [f" {choice}" for choice in self.choices]
 
     def gold(self) -> str:
         return self.prompt + self.continuations[self.answer]
@@ -86,17 +92,17 @@ def _require(record: dict[str, Any], path: Path, keys: tuple[str, ...]) -> None:
 
 def _question_answer(record: dict[str, Any]) -> tuple[str, list[str]]:
     """ARC and PIQA as lm-evaluation-harness writes them."""
-    return f"Question: {record['question']}\nAnswer:", [f" {c}" for c in record["choices"]]
+    return f"Question: {record['question']}\nAnswer:", list(record["choices"])
 
 
 def _hellaswag(record: dict[str, Any]) -> tuple[str, list[str]]:
-    return record["context"], [f" {c}" for c in record["choices"]]
+    return record["context"], list(record["choices"])
 
 
 def _mmlu(record: dict[str, Any]) -> tuple[str, list[str]]:
     letters = "ABCD"[: len(record["choices"])]
     options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(letters, record["choices"], strict=True))
-    return f"{record['question'].strip()}{options}\nAnswer:", [f" {letter}" for letter in letters]
+    return f"{record['question'].strip()}{options}\nAnswer:", list(letters)
 
 
 FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, list[str]]]]] = {
@@ -113,9 +119,9 @@ def load_choices(task: str, path: Path) -> list[Choice]:
     items = []
     for record in read_jsonl(path):
         _require(record, path, keys)
-        prompt, continuations = render(record)
+        prompt, choices = render(record)
         item_id = str(record.get("id", f"{task}-{record['_line']}"))
-        items.append(Choice(item_id, prompt, continuations, record["answer"], record.get("subject")))
+        items.append(Choice(item_id, prompt, choices, record["answer"], record.get("subject")))
     if not items:
         raise EvalError(f"{path} holds no items")
     return items

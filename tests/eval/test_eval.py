@@ -70,11 +70,13 @@ def test_sliding_window_perplexity_equals_a_manual_loop(pair, context, stride):
     got = perplexity(model, tok, texts, context, stride, progress=False)
     nll = tokens = 0
     for text in texts:
-        ids = [tok.eos_id] + tok.encode(text, add_special_tokens=False)
-        for target in range(1, len(ids)):  # each token predicted from the window the loop gives it
-            scored_by = next(b for b in range(0, len(ids), stride) if target <= b + context) if target > context else 0
-            window = ids[scored_by:target]
-            lp, _ = _reference_logprob(hf, window, [ids[target]])
+        ids = [tok.eos_id] + tok.encode(text, add_special_tokens=False)  # the byte tokenizer has no BOS
+        starts = list(range(0, len(ids), stride))
+        for target in range(1, len(ids)):
+            # the first window reaching the target scores it; the last window reaches back to full context
+            begin = next(b for b in starts if target <= b + context)
+            end = min(begin + context + 1, len(ids))
+            lp, _ = _reference_logprob(hf, ids[max(0, end - context - 1) : target], [ids[target]])
             nll -= lp
             tokens += 1
     assert got.tokens == tokens
@@ -106,7 +108,7 @@ def test_multiple_choice_accuracy_equals_manual_scoring(pair, tmp_path):
     for item in ITEMS:
         prompt = f"Question: {item['question']}\nAnswer:"
         lls = [_reference_logprob(hf, *encode_pair(tok, prompt, f" {c}"))[0] for c in item["choices"]]
-        per_char = [ll / len(f" {c}") for ll, c in zip(lls, item["choices"], strict=True)]
+        per_char = [ll / len(c) for ll, c in zip(lls, item["choices"], strict=True)]  # lm-eval: no delimiter
         hits.append(lls.index(max(lls)) == item["answer"])
         norm_hits.append(per_char.index(max(per_char)) == item["answer"])
     metrics = report["results"]["arc_easy"]
@@ -189,3 +191,11 @@ def test_real_model_on_shared_items(shared_data, tmp_path):
         greedy.append(_reference_logprob(hf, *encode_pair(tok, context, continuation))[1])
     assert report["results"]["hellaswag"]["acc"] == sum(hits) / 12
     assert report["results"]["lambada"]["acc"] == sum(greedy) / 12
+
+
+def test_continuation_longer_than_the_window_scores_its_end(pair):
+    model, tok, hf = pair
+    (scored,) = loglikelihood(model, tok, [("Q", " " + TEXT)], progress=False)
+    ids = tok.encode("Q" + " " + TEXT, add_special_tokens=False)[-65:]
+    expected, _ = _reference_logprob(hf, ids[:1], ids[1:])
+    assert scored.tokens == 64 and scored.logprob == pytest.approx(expected, abs=1e-4)
