@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def main() -> None:
                 "progress": False, "plot": False, "tensorboard": False, "device": "cpu"},
     }  # fmt: skip
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    shutil.rmtree(out / "run", ignore_errors=True)  # a fresh run each time
     start = time.perf_counter()
     run = train(load_recipe(out / "recipe.yaml"))
     seconds = time.perf_counter() - start

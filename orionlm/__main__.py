@@ -591,7 +591,10 @@ def eval_model(
     if tokenizer is None:
         raise OrionError(f"{model} has no tokenizer.json; evaluation needs one")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    report = evaluate(lm, tokenizer, names, data_dir, files, limit, num_fewshot, seed, batch_size, context, stride)
+    progress = sys.stderr.isatty()  # progress bars on a terminal; in a log they are noise
+    report = evaluate(
+        lm, tokenizer, names, data_dir, files, limit, num_fewshot, seed, batch_size, context, stride, progress
+    )
     report["config"]["model_path"] = str(model)
     print(format_table(report))
     if out is not None:
@@ -633,7 +636,7 @@ def leakage(
     lm, tokenizer, _ = load_model(model, device=device)
     if tokenizer is None:
         raise OrionError(f"{model} has no tokenizer.json; scoring needs one")
-    report = detect(lm, tokenizer, items, limit, batch_size)
+    report = detect(lm, tokenizer, items, limit, batch_size, progress=sys.stderr.isatty())
     print(format_report(report))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
