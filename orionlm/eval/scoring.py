@@ -5,7 +5,8 @@ the continuation are encoded together (no special tokens) and the continuation's
 the context's own encoding; trailing spaces of the context move to the continuation; an empty context
 starts from the prefix token (BOS, else EOS). Requests are sorted by length and scored in right-padded
 batches: the model is causal, so padding after a sequence never changes its scores, and one forward pass
-scores many continuations.
+scores many continuations (requests with the same model input, such as the one-token answer letters of one
+question, share a row).
 """
 
 from __future__ import annotations
@@ -65,26 +66,28 @@ def loglikelihood(
             raise OrionError(f"the continuation {continuation!r} encodes to no tokens")
         ids = (context_ids + continuation_ids)[-(window + 1) :]
         encoded.append((ids, min(len(continuation_ids), len(ids) - 1)))
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    # Requests whose model inputs are the same (one-token continuations of one context: MMLU's " A".." D")
+    # share a forward pass.
+    sharing: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, _) in enumerate(encoded):
+        sharing.setdefault(tuple(ids[:-1]), []).append(i)
+    inputs_list = sorted(sharing, key=len, reverse=True)
     results: list[Scored | None] = [None] * len(encoded)
-    bar = tqdm(total=len(order), disable=not progress, unit="req", desc="scoring", leave=False)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        longest = max(len(encoded[i][0]) - 1 for i in batch)
-        inputs = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = encoded[i][0][:-1]
+    bar = tqdm(total=len(encoded), disable=not progress, unit="req", desc="scoring", leave=False)
+    for start in range(0, len(inputs_list), batch_size):
+        batch = inputs_list[start : start + batch_size]
+        inputs = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+        for row, ids in enumerate(batch):
             inputs[row, : len(ids)] = torch.tensor(ids)
         logprobs = torch.log_softmax(model(inputs.to(model.device)).logits.float(), dim=-1).cpu()
-        for row, i in enumerate(batch):
-            ids, count = encoded[i]
-            targets = torch.tensor(ids[-count:])
-            positions = torch.arange(len(ids) - 1 - count, len(ids) - 1)
-            picked = logprobs[row, positions]  # (count, V)
-            results[i] = Scored(
-                float(picked.gather(1, targets[:, None]).sum()), bool((picked.argmax(-1) == targets).all()), count
-            )
-        bar.update(len(batch))
+        for row, key in enumerate(batch):
+            for i in sharing[key]:
+                ids, count = encoded[i]
+                targets = torch.tensor(ids[-count:])
+                picked = logprobs[row, len(ids) - 1 - count : len(ids) - 1]  # (count, V)
+                logprob = float(picked.gather(1, targets[:, None]).sum())
+                results[i] = Scored(logprob, bool((picked.argmax(-1) == targets).all()), count)
+            bar.update(len(sharing[key]))
     bar.close()
     return results  # type: ignore[return-value]
 
