@@ -555,11 +555,13 @@ def eval_model(
     batch_size: int = 16,
     context: int | None = None,
     stride: int | None = None,
+    max_new_tokens: int = 256,
     out: Path | None = None,
     device: str | None = None,
 ) -> None:
-    """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA
-    and WikiText perplexity, scored as lm-evaluation-harness does. Prints a table; --out writes JSON.
+    """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA,
+    WikiText perplexity and GSM8K exact match (gsm8k: generation, not in the default list), scored as
+    lm-evaluation-harness does. Prints a table; --out writes JSON.
 
     Example:
       orionlm eval runs/m --tasks hellaswag,arc_easy,wikitext --data-dir ../shared/data/eval --limit 200
@@ -575,6 +577,7 @@ def eval_model(
         batch_size: sequences per forward pass
         context: wikitext: the sliding window in tokens (default: the model's context)
         stride: wikitext: how far the window moves (default: the whole window)
+        max_new_tokens: gsm8k: the longest worked answer generated
         out: write the full results (config, versions, metrics, timing) to this JSON file
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
@@ -593,7 +596,19 @@ def eval_model(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     progress = sys.stderr.isatty()  # progress bars on a terminal; in a log they are noise
     report = evaluate(
-        lm, tokenizer, names, data_dir, files, limit, num_fewshot, seed, batch_size, context, stride, progress
+        lm,
+        tokenizer,
+        names,
+        data_dir,
+        files,
+        limit,
+        num_fewshot,
+        seed,
+        batch_size,
+        context,
+        stride,
+        progress,
+        max_new_tokens,
     )
     report["config"]["model_path"] = str(model)
     print(format_table(report))

@@ -1,4 +1,5 @@
-"""`orionlm eval`: perplexity, multiple-choice benchmarks and LAMBADA, scored as lm-evaluation-harness does.
+"""`orionlm eval`: perplexity, multiple-choice benchmarks, LAMBADA and GSM8K, scored as
+lm-evaluation-harness does.
 
 `evaluate` runs tasks and returns a JSON-ready dict (config, versions, per-task metrics with standard errors,
 timing); `format_table` prints it like a model card.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -15,18 +17,22 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..generation import generate
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
 from .scoring import loglikelihood, perplexity
 from .tasks import (
     FILES,
     FORMATS,
+    GSM8K_STOP,
     MMLU_SHOTS,
     EvalError,
     add_shots,
+    extract_answers,
     load_choices,
     load_documents,
     load_lambada,
+    load_problems,
     mean_stderr,
     prompt_with_shots,
 )
@@ -80,6 +86,39 @@ def _multiple_choice(
     return metrics
 
 
+def _gsm8k(
+    model: OrionLM, tokenizer: Tokenizer, path: Path, limit: int | None, num_fewshot: int, seed: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Greedy worked answers, cut at lm-evaluation-harness's stop strings, all problems as one continuous
+    batch; exact match of the "#### N" answer (strict) and of the last number (flexible)."""
+    problems = load_problems(path)
+    items = problems[:limit]
+    prompts = []
+    for item in items:
+        pool = [p for p in problems if p.id != item.id]
+        if len(pool) < num_fewshot:
+            raise EvalError(f"{num_fewshot} shots asked for, only {len(pool)} other problems in {path}")
+        shots = random.Random(f"{seed}:{item.id}").sample(pool, num_fewshot)
+        prompt = "".join(f"{s.prompt()} {s.solution}\n\n" for s in shots) + item.prompt()
+        ids = tokenizer.encode(prompt)
+        room = model.config.max_seq_len - max_new_tokens
+        if len(ids) > room:  # keep the end: the question itself and the nearest shots
+            prompt = tokenizer.decode(ids[-room:], skip_special_tokens=False)
+        prompts.append(prompt)
+    texts = generate(model, tokenizer, None, prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                     stop=GSM8K_STOP)  # fmt: skip
+    strict, flexible = [], []
+    for item, text in zip(items, texts, strict=True):
+        got_strict, got_flexible = extract_answers(text)
+        strict.append(float(got_strict == item.answer))
+        flexible.append(float(got_flexible == item.answer))
+    metrics: dict[str, Any] = {"n": len(items)}
+    metrics["exact_match"], metrics["exact_match_stderr"] = mean_stderr(strict)
+    metrics["exact_match_flexible"], metrics["exact_match_flexible_stderr"] = mean_stderr(flexible)
+    return metrics
+
+
 def evaluate(
     model: OrionLM,
     tokenizer: Tokenizer,
@@ -93,6 +132,7 @@ def evaluate(
     context: int | None = None,
     stride: int | None = None,
     progress: bool = True,
+    max_new_tokens: int = 256,
 ) -> dict[str, Any]:
     """Run the tasks (names from TASKS) on the first `limit` items of each; see the module docstring."""
     task_files = task_files or {}
@@ -114,6 +154,8 @@ def evaluate(
             results[task] = _multiple_choice(
                 model, tokenizer, task, paths[task], shots, limit, num_fewshot, seed, batch_size, progress
             )
+        elif task == "gsm8k":
+            results[task] = _gsm8k(model, tokenizer, paths[task], limit, num_fewshot, seed, max_new_tokens)
         elif task == "lambada":
             pairs = load_lambada(paths[task])[:limit]
             scores = loglikelihood(model, tokenizer, pairs, batch_size, progress)
@@ -134,7 +176,11 @@ def evaluate(
     return {"results": results, "config": config, "versions": versions, "timing_s": timing}
 
 
-HEADLINE = {"lambada": ("acc", "perplexity"), "wikitext": ("word_perplexity", "bits_per_byte")}
+HEADLINE = {
+    "lambada": ("acc", "perplexity"),
+    "wikitext": ("word_perplexity", "bits_per_byte"),
+    "gsm8k": ("exact_match", "exact_match_flexible"),
+}
 
 
 def format_table(report: dict[str, Any]) -> str:

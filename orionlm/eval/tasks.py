@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ FILES = {
     "mmlu": "mmlu_test_subset.jsonl",
     "lambada": "lambada_openai.jsonl.gz",
     "wikitext": "wikitext2_test.tokens.txt.gz",
+    "gsm8k": "gsm8k_test.jsonl",
 }
+GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n"]  # lm-evaluation-harness's gsm8k stop strings
 MMLU_SHOTS = "mmlu_dev.jsonl"
 
 
@@ -86,7 +89,7 @@ def _require(record: dict[str, Any], path: Path, keys: tuple[str, ...]) -> None:
     choices, answer = record.get("choices"), record.get("answer")
     if "choices" in keys and (not isinstance(choices, list) or len(choices) < 2):
         raise EvalError(f"{path}:{record['_line']}: 'choices' must be a list of at least 2 strings")
-    if "answer" in keys and not (isinstance(answer, int) and 0 <= answer < len(choices)):
+    if "choices" in keys and not (isinstance(answer, int) and 0 <= answer < len(choices)):
         raise EvalError(f"{path}:{record['_line']}: 'answer' must be an index into 'choices', got {answer!r}")
 
 
@@ -186,6 +189,52 @@ def load_documents(path: Path) -> list[str]:
     if not documents:
         raise EvalError(f"{path} is empty")
     return documents
+
+
+@dataclass
+class Problem:
+    """A GSM8K-style problem: the question and the number its worked answer ends with ("#### 18")."""
+
+    id: str
+    question: str
+    solution: str  # the worked answer, for few-shot examples
+    answer: str
+
+    def prompt(self) -> str:
+        return f"Question: {self.question}\nAnswer:"
+
+
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def normalise_number(text: str) -> str:
+    """ "1,234.50" -> "1234.5": the form two answers are compared in."""
+    value = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def load_problems(path: Path) -> list[Problem]:
+    problems = []
+    for record in read_jsonl(path):
+        _require(record, path, ("question", "answer"))
+        marker = str(record["answer"]).rpartition("####")
+        if not marker[1]:
+            raise EvalError(f"{path}:{record['_line']}: the answer has no '#### <number>' line")
+        problems.append(Problem(str(record.get("id", f"gsm8k-{record['_line']}")), str(record["question"]),
+                                str(record["answer"]), normalise_number(marker[2])))  # fmt: skip
+    if not problems:
+        raise EvalError(f"{path} holds no items")
+    return problems
+
+
+def extract_answers(text: str) -> tuple[str | None, str | None]:
+    """(strict, flexible) answers of a generated solution: the number after "#### ", and the last number."""
+    strict = re.search(r"#### (-?[\d,]*\.?\d+)", text)
+    numbers = NUMBER.findall(text)
+    return (normalise_number(strict.group(1)) if strict else None,
+            normalise_number(numbers[-1]) if numbers else None)  # fmt: skip
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:

@@ -199,3 +199,21 @@ def test_continuation_longer_than_the_window_scores_its_end(pair):
     ids = tok.encode("Q" + " " + TEXT, add_special_tokens=False)[-65:]
     expected, _ = _reference_logprob(hf, ids[:1], ids[1:])
     assert scored.tokens == 64 and scored.logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_gsm8k_answers_and_a_run(pair, tmp_path):
+    from orionlm.eval.tasks import extract_answers, load_problems
+
+    assert extract_answers("so 3 + 4 = 7 apples\n#### 1,234.50") == ("1234.5", "1234.5")
+    assert extract_answers("the total is $18.") == (None, "18")
+    assert extract_answers("no digits") == (None, None)
+    problems = [{"question": "What is 2 + 2?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"},
+                {"question": "What is 3 + 5?", "answer": "3 + 5 = 8\n#### 8"}]  # fmt: skip
+    path = _write(tmp_path / "gsm8k_test.jsonl", problems)
+    assert [p.answer for p in load_problems(path)] == ["4", "8"]
+    model, tok, _ = pair
+    report = evaluate(model, tok, ["gsm8k"], data_dir=tmp_path, num_fewshot=1, max_new_tokens=8, progress=False)
+    assert report["results"]["gsm8k"]["n"] == 2 and report["results"]["gsm8k"]["exact_match"] == 0.0
+    _write(path, [{"question": "q", "answer": "no marker"}])
+    with pytest.raises(EvalError, match=r"gsm8k_test.jsonl:1: the answer has no '#### <number>' line"):
+        load_problems(path)
