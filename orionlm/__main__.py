@@ -543,7 +543,7 @@ def bench(
 
 
 def eval_model(
-    model: str,
+    target: list[str],
     /,
     *,
     tasks: str = "hellaswag,arc_easy,arc_challenge,piqa,mmlu,lambada,wikitext",
@@ -557,17 +557,20 @@ def eval_model(
     stride: int | None = None,
     max_new_tokens: int = 256,
     out: Path | None = None,
+    chart: Path | None = None,
     device: str | None = None,
 ) -> None:
     """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA,
     WikiText perplexity and GSM8K exact match (gsm8k: generation, not in the default list), scored as
-    lm-evaluation-harness does. Prints a table; --out writes JSON.
+    lm-evaluation-harness does. Prints a table; --out writes JSON. `orionlm eval compare A.json B.json`
+    prints saved results side by side (--chart: and as grouped bars).
 
     Example:
       orionlm eval runs/m --tasks hellaswag,arc_easy,wikitext --data-dir ../shared/data/eval --limit 200
+      orionlm eval compare runs/a.json runs/b.json --chart runs/compare.png
 
     Args:
-        model: a model directory, a .gguf file or a Hub id
+        target: a model directory, a .gguf file or a Hub id; or `compare` and --out JSON files
         tasks: comma-separated task names
         data_dir: a folder with the task files named as in ../shared/data/eval (hellaswag_val.jsonl, ...)
         task_file: TASK=PATH for a task's own file (repeatable; mmlu_dev=PATH for MMLU's shots)
@@ -579,10 +582,24 @@ def eval_model(
         stride: wikitext: how far the window moves (default: the whole window)
         max_new_tokens: gsm8k: the longest worked answer generated
         out: write the full results (config, versions, metrics, timing) to this JSON file
+        chart: compare: also draw the accuracies as grouped bars in this PNG
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
-    from .eval import evaluate, format_table
+    from .eval import compare_chart, compare_table, evaluate, format_table, read_report
     from .loading import load_model
+
+    if target[0] == "compare":
+        if len(target) < 2:
+            raise OrionError("compare needs at least one results file: orionlm eval compare A.json B.json")
+        reports = {Path(p).stem: read_report(Path(p)) for p in target[1:]}
+        print(compare_table(reports))
+        if chart is not None:
+            compare_chart(reports, chart)
+            print(f"wrote {chart}")
+        return
+    if len(target) != 1:
+        raise OrionError(f"give one model to evaluate (or `compare` and result files), got {' '.join(target)}")
+    model = target[0]
 
     files = {}
     for item in task_file or []:

@@ -165,6 +165,17 @@ def test_cli_writes_json_and_refuses_bad_task_files(tmp_path):
     assert report["versions"]["orionlm"] and report["timing_s"]["piqa"] >= 0
     result = subprocess.run(command[:-4] + ["--task-file", "piqa"], capture_output=True, text=True)
     assert result.returncode == 2 and "TASK=PATH" in result.stderr
+    other = report | {"results": {"piqa": report["results"]["piqa"] | {"acc": 0.75}}}
+    (tmp_path / "s.json").write_text(json.dumps(other))
+    compare = [sys.executable, "-m", "orionlm", "eval", "compare", str(tmp_path / "r.json"), str(tmp_path / "s.json"),
+               "--chart", str(tmp_path / "c.png")]  # fmt: skip
+    result = subprocess.run(compare, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "| task | metric | r | s |" in result.stdout and "| 0.7500 |" in result.stdout
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text("{}")
+    result = subprocess.run(compare[:5] + [str(tmp_path / "bad.json")], capture_output=True, text=True)
+    assert result.returncode == 2 and "not an `orionlm eval --out` report" in result.stderr
 
 
 def test_real_model_on_shared_items(shared_data, tmp_path):
