@@ -20,6 +20,7 @@ from .. import __version__
 from ..generation import generate
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
+from .hub import fetch
 from .scoring import loglikelihood, perplexity
 from .tasks import (
     FILES,
@@ -42,7 +43,7 @@ TASKS = list(FILES)
 
 def task_path(task: str, data_dir: Path | None, task_files: dict[str, Path]) -> Path:
     """Where a task's items are: --task-file TASK=PATH, else its file in --data-dir (WikiText also in the
-    perplexity/ folder beside it, as ../shared/data has it)."""
+    perplexity/ folder beside it, as ../shared/data has it), else the Hub (orionlm.eval.hub)."""
     if task in task_files:
         path = task_files[task]
         if not path.is_file():
@@ -52,10 +53,13 @@ def task_path(task: str, data_dir: Path | None, task_files: dict[str, Path]) -> 
         for folder in (data_dir, data_dir.parent / "perplexity"):
             if (folder / FILES[task]).is_file():
                 return folder / FILES[task]
-    raise EvalError(
-        f"no items for {task}: pass --data-dir DIR holding {FILES[task]} (../shared/data/eval has them), "
-        f"or --task-file {task}=PATH"
-    )
+    try:
+        return fetch(task)
+    except EvalError as e:
+        raise EvalError(
+            f"no items for {task}: pass --data-dir DIR holding {FILES[task]} (../shared/data/eval has them), "
+            f"or --task-file {task}=PATH ({e})"
+        ) from None
 
 
 def _multiple_choice(
@@ -151,6 +155,8 @@ def evaluate(
             shots = paths[task]
             if task == "mmlu" and num_fewshot:
                 shots = task_files.get("mmlu_dev") or paths[task].with_name(MMLU_SHOTS)
+                if not shots.is_file():
+                    shots = fetch("mmlu_dev")
             results[task] = _multiple_choice(
                 model, tokenizer, task, paths[task], shots, limit, num_fewshot, seed, batch_size, progress
             )

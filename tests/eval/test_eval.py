@@ -228,3 +228,27 @@ def test_gsm8k_answers_and_a_run(pair, tmp_path):
     _write(path, [{"question": "q", "answer": "no marker"}])
     with pytest.raises(EvalError, match=r"gsm8k_test.jsonl:1: the answer has no '#### <number>' line"):
         load_problems(path)
+
+
+def test_hub_items_are_normalised_and_offline_is_a_clear_error(pair, tmp_path, monkeypatch):
+    from orionlm.eval import hub
+
+    monkeypatch.setattr(hub, "CACHE", tmp_path / "cache")
+    arc = tmp_path / "ai2_arc"  # a local dataset directory in the Hub dataset's schema
+    arc.mkdir()
+    rows = [{"question": "What barked?", "choices": {"text": ["the moon", "the dog"], "label": ["A", "B"]},
+             "answerKey": "B"}]  # fmt: skip
+    _write(arc / "test.jsonl", rows)
+    path = hub.fetch("arc_easy", str(arc))
+    (item,) = load_choices("arc_easy", path)
+    assert item.choices == ["the moon", "the dog"] and item.answer == 1
+    assert hub.fetch("arc_easy", str(arc)) == path  # cached
+    swag = hub._hellaswag({"activity_label": "Cooking", "ctx_a": "A man [title] cuts", "ctx_b": "the  bread",
+                          "endings": [" slices it [step] ", "eats"], "label": "0"})  # fmt: skip
+    # as lm-eval cleans it: markers out after the strip, so a space before a marker stays
+    assert swag == {"context": "Cooking: A man. cuts The bread", "choices": ["slices it ", "eats"], "answer": 0}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model, tok, _ = pair
+    with pytest.raises(EvalError, match=r"no items for piqa: pass --data-dir .*could not load baber/piqa"):
+        evaluate(model, tok, ["piqa"], progress=False)
