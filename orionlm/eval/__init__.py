@@ -68,7 +68,7 @@ def _multiple_choice(
 ) -> dict[str, Any]:  # fmt: skip
     items = load_choices(task, path)
     if num_fewshot:
-        add_shots(items[:limit], load_choices(task, shots_path), num_fewshot, seed)
+        add_shots(items[:limit], load_choices(task, shots_path, split="dev"), num_fewshot, seed)
     items = items[:limit]
     requests = [(prompt_with_shots(task, item), c) for item in items for c in item.continuations]
     scores = iter(loglikelihood(model, tokenizer, requests, batch_size, progress))
@@ -155,6 +155,8 @@ def evaluate(
             shots = paths[task]
             if task == "mmlu" and num_fewshot:
                 shots = task_files.get("mmlu_dev") or paths[task].with_name(MMLU_SHOTS)
+                if paths[task].suffix == ".zip":  # the published zip holds the dev split too
+                    shots = paths[task]
                 if not shots.is_file():
                     shots = fetch("mmlu_dev")
             results[task] = _multiple_choice(

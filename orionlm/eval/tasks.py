@@ -10,11 +10,15 @@ gzipped) and WikiText a plain text file.
 
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
+import io
 import json
 import random
 import re
 import statistics
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,10 +121,61 @@ FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[str, 
 }
 
 
-def load_choices(task: str, path: Path) -> list[Choice]:
+def _hellaswag_text_records(path: Path) -> list[dict[str, Any]]:
+    """HellaSwag's published text format: 6 lines per item (context, gold index, 4 endings)."""
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f.read().rstrip("\n").split("\n")
+    if len(lines) % 6:
+        raise EvalError(f"{path}: {len(lines)} lines, not a multiple of 6 (context, label, 4 endings per item)")
+    records = []
+    for start in range(0, len(lines), 6):
+        context, label, *endings = lines[start : start + 6]
+        if not label.strip().isdigit():
+            raise EvalError(f"{path}:{start + 2}: expected the gold ending's index, got {label!r}")
+        records.append({"context": context, "choices": endings, "answer": int(label), "_line": start + 1})
+    return records
+
+
+def _mmlu_csv_records(path: Path, split: str) -> list[dict[str, Any]]:
+    """MMLU's published CSVs (question, A, B, C, D, answer letter; no header): one subject's file, or the
+    whole zip's `split` folder."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(n for n in archive.namelist() if n.startswith(f"data/{split}/") and n.endswith(".csv"))
+            files = [(n, archive.read(n).decode("utf-8")) for n in names]
+    else:
+        files = [(path.name, path.read_text(encoding="utf-8"))]
+    records = []
+    for name, text in files:
+        subject = Path(name).stem.removesuffix(f"_{split}").removesuffix("_test").removesuffix("_dev")
+        for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+            if len(row) != 6 or row[5] not in "ABCD":
+                raise EvalError(f"{path}:{name}:{number}: expected question, 4 options and an answer letter")
+            records.append({"id": f"mmlu-{subject}-{number:03d}", "subject": subject, "question": row[0],
+                            "choices": row[1:5], "answer": "ABCD".index(row[5]), "_line": number})  # fmt: skip
+    return records
+
+
+def read_records(task: str, path: Path, split: str = "test") -> list[dict[str, Any]]:
+    """A task's records from the normalised JSONL or a published format: llm-foundry's JSONL ({"query",
+    "choices", "gold"}), HellaSwag's 6-line text (.txt, .txt.bz2), MMLU's CSVs (.csv, or the .zip)."""
+    if path.suffix in (".zip", ".csv"):
+        return _mmlu_csv_records(path, split)
+    if path.name.endswith((".txt", ".txt.bz2")):
+        return _hellaswag_text_records(path)
+    records = read_jsonl(path)
+    for record in records:
+        if "query" in record and "gold" in record:
+            record["question"] = str(record.pop("query")).removeprefix("Question:").strip()
+            record["answer"] = record.pop("gold")
+    return records
+
+
+def load_choices(task: str, path: Path, split: str = "test") -> list[Choice]:
     keys, render = FORMATS[task]
     items = []
-    for record in read_jsonl(path):
+    for record in read_records(task, path, split):
         _require(record, path, keys)
         prompt, choices = render(record)
         item_id = str(record.get("id", f"{task}-{record['_line']}"))

@@ -252,3 +252,19 @@ def test_hub_items_are_normalised_and_offline_is_a_clear_error(pair, tmp_path, m
     model, tok, _ = pair
     with pytest.raises(EvalError, match=r"no items for piqa: pass --data-dir .*could not load baber/piqa"):
         evaluate(model, tok, ["piqa"], progress=False)
+
+
+def test_published_formats_give_the_normalised_items(shared_data):
+    eval_dir, original = shared_data / "eval", shared_data / "eval" / "original"
+    pairs = [("arc_easy", "arc_easy_test.jsonl", "llmfoundry_arc_easy.jsonl"),
+             ("piqa", "piqa_val.jsonl", "llmfoundry_piqa.jsonl"),
+             ("hellaswag", "hellaswag_val.jsonl", "hellaswag_val_full.txt.bz2")]  # fmt: skip
+    for task, normalised, published in pairs:
+        ours = [(c.prompt, c.choices, c.answer) for c in load_choices(task, eval_dir / normalised)[:50]]
+        theirs = [(c.prompt, c.choices, c.answer) for c in load_choices(task, original / published)[:50]]
+        assert ours == theirs, task
+    mmlu = [c for c in load_choices("mmlu", original / "mmlu.zip") if c.subject == "anatomy"][:35]
+    subset = [c for c in load_choices("mmlu", eval_dir / "mmlu_test_subset.jsonl") if c.subject == "anatomy"]
+    assert [(c.prompt, c.answer) for c in mmlu] == [(c.prompt, c.answer) for c in subset]
+    dev = load_choices("mmlu", original / "mmlu.zip", split="dev")
+    assert len(dev) == 285 and dev[0].subject == "abstract_algebra"
