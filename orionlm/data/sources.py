@@ -6,7 +6,7 @@ import glob as globlib
 import gzip
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -221,19 +221,26 @@ def _last(text: str, n: int) -> str:
     return text[max(len(text) - n, 0) :]
 
 
+def jsonl_records(
+    lines: Iterable[str], path: Path, error: type[OrionError] = DataError
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object
+    raises `error` naming the file and line (never skipped)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{number}: not valid JSON ({e.msg}); JSONL needs one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise error(f"{path}:{number}: a JSONL line must be a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
 def _jsonl_documents(path: Path, field: str, on_bytes: Callable[[int], None]) -> Iterator[str]:
     with _open_text(path, on_bytes) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({e}); JSONL needs one JSON object per line"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: a JSONL line must be a JSON object, got {type(record).__name__}")
+        for number, record in jsonl_records(f, path):
             if field not in record:
                 raise DataError(
                     f"{path}:{number}: no field {unknown_names([field], record)}; "

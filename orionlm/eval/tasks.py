@@ -14,7 +14,6 @@ import bz2
 import csv
 import gzip
 import io
-import json
 import random
 import re
 import statistics
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.sources import jsonl_records
 from ..errors import OrionError
 
 FILES = {
@@ -48,22 +48,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every line of a JSONL file (gzipped if it ends in .gz) as a dict; a malformed line is an error that
     names the file and line, never skipped."""
     opener = gzip.open if path.suffix == ".gz" else open
-    records = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise EvalError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                records.append(record | {"_line": number})
+            return [record | {"_line": number} for number, record in jsonl_records(f, path, EvalError)]
     except OSError as e:
         raise EvalError(f"cannot read {path}: {e.strerror or e}") from None
-    return records
 
 
 @dataclass
