@@ -87,7 +87,7 @@ def use_decode_layout(model: nn.Module) -> None:
         if not hasattr(module, "packable") or (module.packed is not None and module.packed.valid()):
             continue
         linears = module.packable()
-        if linears:
+        if linears and not any(hasattr(layer, "lora_A") for layer in linears):  # a packed product skips adapters
             module.packed = Packed(linears)
     matrices = [m.weight for m in model.modules() if isinstance(m, Linear)]
     matrices += [p for p in model.parameters() if p.dim() == 3]
