@@ -696,6 +696,32 @@ def lm_eval(*args: str) -> None:
     cli_evaluate()
 
 
+def merge_lora(*, base: str, adapter: Path, out: Path, force: bool = False) -> None:
+    """Fold a LoRA adapter (PEFT files, written by orionlm or by peft) into its base model and write the
+    result as an orionlm model directory.
+
+    Example:
+      orionlm merge-lora --base runs/m --adapter runs/sft/adapter --out runs/m-merged
+
+    Args:
+        base: the base model (a model directory, a .gguf file or a Hub id)
+        adapter: the adapter directory (adapter_config.json, adapter_model.safetensors)
+        out: the merged model directory to write
+        force: replace out if it exists
+    """
+    from .checkpoint import save_checkpoint
+    from .loading import load_model
+    from .nn.lora import load_adapter
+    from .nn.lora import merge_lora as merge
+
+    _refuse_existing(out, force)
+    model, tokenizer, _ = load_model(base, device="cpu")
+    config = load_adapter(model, adapter)
+    merge(model)
+    save_checkpoint(model, out, tokenizer, getattr(model, "generation_defaults", None) or None)
+    print(f"wrote {out} ({base} + {adapter}: rank {config.r} on {', '.join(config.target_modules)})")
+
+
 COMMANDS = {
     "info": info,
     "init": init,
@@ -709,6 +735,7 @@ COMMANDS = {
     "eval": eval_model,
     "leakage": leakage,
     "lm-eval": lm_eval,
+    "merge-lora": merge_lora,
     "convert": {
         "from-hf": convert_from_hf,
         "to-hf": convert_to_hf,

@@ -97,3 +97,26 @@ def test_bad_adapters_are_refused(base, tmp_path):
         load_adapter(model, tmp_path)
     with pytest.raises(Exception, match="no linear layer matches"):
         apply_lora(model, LoRAConfig(target_modules=["nope"]))
+
+
+def test_merge_lora_command(base, tmp_path):
+    import subprocess
+    import sys
+
+    from orionlm.checkpoint import save_checkpoint
+    from orionlm.loading import load_model
+
+    model, _ = base
+    save_checkpoint(model, tmp_path / "base", Tokenizer.byte_level())
+    apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    _randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    command = [sys.executable, "-m", "orionlm", "merge-lora", "--base", str(tmp_path / "base"),
+               "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    merged, _, _ = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, model.eval()(IDS).logits, atol=1e-5, rtol=1e-5)
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr
