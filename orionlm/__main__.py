@@ -319,15 +319,9 @@ def convert_from_hf(src: str, dst: Path, /, *, dtype: DtypeName = "auto", force:
         dtype: the weights' dtype; auto keeps the source's
         force: replace dst if it exists
     """
-    from .checkpoint import read_generation_config, save_checkpoint
     from .convert.hf import load_hf
-    from .loading import resolve_model_path
 
-    _refuse_existing(dst, force)
-    path = resolve_model_path(src)
-    model, tokenizer = load_hf(path, device="cpu", dtype=_dtype(dtype, path))
-    save_checkpoint(model, dst, tokenizer, read_generation_config(path) or None)
-    print(f"wrote {dst}")
+    _import_model(src, dst, dtype, force, load_hf)
 
 
 def convert_to_hf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
@@ -376,16 +370,10 @@ def convert_from_auron(src: str, dst: Path, /, *, dtype: DtypeName = "auto", for
         dtype: the weights' dtype; auto keeps the source's
         force: replace dst if it exists
     """
-    from .checkpoint import read_generation_config, save_checkpoint
     from .config import AURON_GENERATION
     from .convert.auron import load_auron
-    from .loading import resolve_model_path
 
-    _refuse_existing(dst, force)
-    path = resolve_model_path(src)
-    model, tokenizer = load_auron(path, device="cpu", dtype=_dtype(dtype, path))
-    save_checkpoint(model, dst, tokenizer, read_generation_config(path) or AURON_GENERATION)
-    print(f"wrote {dst}")
+    _import_model(src, dst, dtype, force, load_auron, AURON_GENERATION)
 
 
 def convert_to_auron(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
@@ -403,6 +391,19 @@ def convert_to_auron(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", forc
     _refuse_existing(dst, force)
     model, tokenizer = load_checkpoint(src, device="cpu", dtype=_dtype(dtype, src))
     save_auron(model, dst, tokenizer)
+    print(f"wrote {dst}")
+
+
+def _import_model(src: str, dst: Path, dtype: DtypeName, force: bool, loader, generation: dict | None = None) -> None:
+    """Load a foreign model directory (or Hub id) with `loader` and write it as an orionlm directory, keeping
+    its generation_config.json (else `generation`)."""
+    from .checkpoint import read_generation_config, save_checkpoint
+    from .loading import resolve_model_path
+
+    _refuse_existing(dst, force)
+    path = resolve_model_path(src)
+    model, tokenizer = loader(path, device="cpu", dtype=_dtype(dtype, path))
+    save_checkpoint(model, dst, tokenizer, read_generation_config(path) or generation)
     print(f"wrote {dst}")
 
 
