@@ -333,13 +333,9 @@ def convert_to_hf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: 
         dtype: the weights' dtype; auto keeps the source's
         force: replace dst if it exists
     """
-    from .checkpoint import load_checkpoint
     from .convert.hf import save_hf
 
-    _refuse_existing(dst, force)
-    model, tokenizer = load_checkpoint(src, device="cpu", dtype=_dtype(dtype, src))
-    save_hf(model, tokenizer, dst)
-    print(f"wrote {dst}")
+    _export_model(src, dst, dtype, force, save_hf)
 
 
 def convert_from_gguf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
@@ -385,13 +381,9 @@ def convert_to_auron(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", forc
         dtype: the weights' dtype; auto keeps the source's
         force: replace dst if it exists
     """
-    from .checkpoint import load_checkpoint
     from .convert.auron import save_auron
 
-    _refuse_existing(dst, force)
-    model, tokenizer = load_checkpoint(src, device="cpu", dtype=_dtype(dtype, src))
-    save_auron(model, dst, tokenizer)
-    print(f"wrote {dst}")
+    _export_model(src, dst, dtype, force, lambda model, tokenizer, out: save_auron(model, out, tokenizer))
 
 
 def _import_model(src: str, dst: Path, dtype: DtypeName, force: bool, loader, generation: dict | None = None) -> None:
@@ -404,6 +396,25 @@ def _import_model(src: str, dst: Path, dtype: DtypeName, force: bool, loader, ge
     path = resolve_model_path(src)
     model, tokenizer = loader(path, device="cpu", dtype=_dtype(dtype, path))
     save_checkpoint(model, dst, tokenizer, read_generation_config(path) or generation)
+    print(f"wrote {dst}")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write a results file atomically (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(jsonlib.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+def _export_model(src: Path, dst: Path, dtype: DtypeName, force: bool, saver) -> None:
+    """Load an orionlm model directory and write it in a foreign layout with `saver(model, tokenizer, dst)`."""
+    from .checkpoint import load_checkpoint
+
+    _refuse_existing(dst, force)
+    model, tokenizer = load_checkpoint(src, device="cpu", dtype=_dtype(dtype, src))
+    saver(model, tokenizer, dst)
     print(f"wrote {dst}")
 
 
@@ -631,11 +642,7 @@ def eval_model(
     report["config"]["model_path"] = str(model)
     print(format_table(report))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(jsonlib.dumps(report, indent=2) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        _write_json(out, report)
 
 
 def leakage(
@@ -672,11 +679,7 @@ def leakage(
     report = detect(lm, tokenizer, items, limit, batch_size, progress=sys.stderr.isatty())
     print(format_report(report))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(jsonlib.dumps(report, indent=2) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        _write_json(out, report)
 
 
 def lm_eval(*args: str) -> None:

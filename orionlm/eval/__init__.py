@@ -7,6 +7,7 @@ timing); `format_table` prints it like a model card.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import random
@@ -208,8 +209,6 @@ def _headline(task: str) -> tuple[str, ...]:
 
 
 def read_report(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -159,25 +159,26 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: Request, name: str = "the prompt") -> None:
         """Queue a request; raises GenerationError (before anything runs) for one that can never run."""
-        self.check(request)
+        self.check(request, name)
         self.waiting.append(request)
 
-    def check(self, request: Request) -> None:
+    def check(self, request: Request, name: str = "the prompt") -> None:
         """Raise GenerationError if the request can never run (bad tokens, too long for the context or the
-        cache). Reads only the model's config: safe from any thread."""
+        cache); `name` is how the message calls the prompt. Reads only the model's config: safe from any
+        thread."""
         config, vocab = self.model.config, self.model.config.vocab_size
         if not request.prompt:
-            raise GenerationError("the prompt is empty; it needs at least one token")
+            raise GenerationError(f"{name} is empty; it needs at least one token (e.g. BOS)")
         bad = [t for t in request.prompt if not 0 <= t < vocab]
         if bad:
-            raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+            raise GenerationError(f"{name} has token ids {bad[:5]} outside the vocabulary (0..{vocab - 1})")
         if request.reserved_tokens > config.max_seq_len:
             raise GenerationError(
-                f"the prompt has {len(request.prompt)} tokens; with max_new_tokens={request.config.max_new_tokens} "
-                f"that is {request.reserved_tokens} > the model's context of {config.max_seq_len} tokens: shorten "
-                "the prompt or lower max_new_tokens"
+                f"{name} has {len(request.prompt)} tokens; with max_new_tokens={request.config.max_new_tokens} "
+                f"that is {request.reserved_tokens} > the model's max_seq_len ({config.max_seq_len}): shorten "
+                "the prompt or lower max_new_tokens to fit the context"
             )
         if request.reserved_tokens > self.max_cached_tokens:
             raise GenerationError(

@@ -38,24 +38,6 @@ def resolve_config(
     return config.replace(**sampling) if sampling else config
 
 
-def _check_prompts(model: OrionLM, prompts: list[list[int]], max_new_tokens: int) -> None:
-    if not prompts:
-        raise GenerationError("no prompts were given")
-    vocab, max_len = model.config.vocab_size, model.config.max_seq_len
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise GenerationError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise GenerationError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary (0..{vocab - 1})")
-        if len(prompt) + max_new_tokens > max_len:
-            raise GenerationError(
-                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{len(prompt) + max_new_tokens} > the model's max_seq_len ({max_len}): shorten the prompt "
-                "or lower max_new_tokens"
-            )
-
-
 def generate_ids(
     model: OrionLM,
     prompts: list[list[int]],
@@ -82,11 +64,12 @@ def _start(
     model: OrionLM, prompts: list[list[int]], config: GenerationConfig, stop_ids: list[int] = ()
 ) -> tuple[Engine, list[Request]]:
     """An engine running every prompt at once; raises GenerationError for a bad prompt before anything runs."""
-    _check_prompts(model, prompts, config.max_new_tokens)
+    if not prompts:
+        raise GenerationError("no prompts were given")
     engine = Engine(model, max_batch=len(prompts))
     requests = [Request(prompt, config, frozenset(stop_ids)) for prompt in prompts]
-    for request in requests:
-        engine.submit(request)
+    for i, request in enumerate(requests):
+        engine.submit(request, f"prompt {i}")
     return engine, requests
 
 

@@ -33,6 +33,7 @@ from ..generation.sampling import GenerationConfig
 from ..tokenizer import Tokenizer
 from .protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     SamplingFields,
@@ -180,6 +181,14 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist; this server has {self.model_name!r}",
                            "model", "model_not_found")  # fmt: skip
 
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """Messages rendered with the chat template (which carries its own special tokens), as token ids."""
+        try:
+            text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
+        except (ValueError, OrionError) as e:
+            raise APIError(400, str(e), "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
@@ -326,6 +335,12 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def _sse_end(body: SamplingFields, head: dict, requests: list[EngineRequest], prompts: list[list[int]]) -> list[str]:
+    """A stream's last events: the usage chunk when asked for (stream_options.include_usage), then [DONE]."""
+    usage = [_sse(head | {"choices": [], "usage": _usage(requests, prompts)})]
+    return (usage if body.stream_options and body.stream_options.include_usage else []) + [_sse("[DONE]")]
+
+
 def create_app(server: Server, api_key: str | None = None, ready_message: str | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread and prints `ready_message`."""
 
@@ -413,9 +428,8 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
                         chunk = {"index": choice.index, "text": piece, "logprobs": lp,
                                  "finish_reason": choice.finish_reason}  # fmt: skip
                         yield _sse(head | {"choices": [chunk]})
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse(head | {"choices": [], "usage": _usage(requests, prompts)})
-                yield _sse("[DONE]")
+                for line in _sse_end(body, head, requests, prompts):
+                    yield line
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -432,12 +446,7 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         server.check_model(body.model)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except (ValueError, OrionError) as e:
-            raise APIError(400, str(e), "messages") from None
-        prompts = [server.tokenizer.encode(text, add_special_tokens=False)]
+        prompts = [server.chat_prompt(body.messages)]
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
         requests = server.engine_requests(body, prompts, max_tokens, chat=True, logprobs=top if body.logprobs else None)
@@ -460,9 +469,8 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
                         chunk = {"index": choice.index, "delta": delta, "logprobs": lp,
                                  "finish_reason": choice.finish_reason}  # fmt: skip
                         yield _sse(chunk_head | {"choices": [chunk]})
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse(chunk_head | {"choices": [], "usage": _usage(requests, prompts)})
-                yield _sse("[DONE]")
+                for line in _sse_end(body, chunk_head, requests, prompts):
+                    yield line
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -480,12 +488,7 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages")
         if body.messages is not None:
-            try:
-                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-                text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except (ValueError, OrionError) as e:
-                raise APIError(400, str(e), "messages") from None
-            tokens = server.tokenizer.encode(text, add_special_tokens=False)
+            tokens = server.chat_prompt(body.messages)
         else:
             tokens = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.config.max_seq_len}
