@@ -700,17 +700,30 @@ def lm_eval(*args: str) -> None:
     cli_evaluate()
 
 
-def merge_lora(*, base: str, adapter: Path, out: Path, force: bool = False) -> None:
+def merge_lora(
+    recipe: Path | None = None,
+    /,
+    *,
+    adapter: Path | None = None,
+    base: str | None = None,
+    out: Path | None = None,
+    force: bool = False,
+) -> None:
     """Fold a LoRA adapter (PEFT files, written by orionlm or by peft) into its base model and write the
     result as an orionlm model directory.
 
-    Example:
+    The base model comes from the recipe the adapter was trained with (its model.path; every LoRA
+    checkpoint holds its resolved recipe.yaml), or from --base.
+
+    Examples:
+      orionlm merge-lora configs/sft-lora.yaml --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-400
       orionlm merge-lora --base runs/m --adapter runs/sft/adapter --out runs/m-merged
 
     Args:
-        base: the base model (a model directory, a .gguf file or a Hub id)
-        adapter: the adapter directory (adapter_config.json, adapter_model.safetensors)
-        out: the merged model directory to write
+        recipe: the training recipe (mode: lora) whose model.path is the base model
+        adapter: the adapter directory (adapter_config.json, adapter_model.safetensors); also --lora-model-dir
+        base: the base model (a model directory, a .gguf file or a Hub id) instead of the recipe's
+        out: the merged model directory to write (default: RECIPE's run.out_dir/merged); also --output-dir
         force: replace out if it exists
     """
     from .checkpoint import save_checkpoint
@@ -718,12 +731,29 @@ def merge_lora(*, base: str, adapter: Path, out: Path, force: bool = False) -> N
     from .nn.lora import load_adapter
     from .nn.lora import merge_lora as merge
 
+    if adapter is None:
+        raise OrionError("give the adapter directory: --lora_model_dir=DIR (or --adapter DIR)")
+    if (recipe is None) == (base is None):
+        raise OrionError("give either the recipe the adapter was trained with or --base MODEL")
+    if recipe is not None:
+        from .train.recipe import load_recipe
+
+        loaded = load_recipe(recipe)
+        if loaded.model.path is None:
+            raise OrionError(f"{recipe} has no model.path: it did not train an adapter on a base model")
+        base, out = loaded.model.path, out or Path(loaded.run.out_dir) / "merged"
+    if out is None:
+        raise OrionError("give the output directory: --out DIR (or --output_dir DIR)")
     _refuse_existing(out, force)
     model, tokenizer, _ = load_model(base, device="cpu")
     config = load_adapter(model, adapter)
     merge(model)
     save_checkpoint(model, out, tokenizer, getattr(model, "generation_defaults", None) or None)
-    print(f"wrote {out} ({base} + {adapter}: rank {config.r} on {', '.join(config.target_modules)})")
+    targets = ", ".join(config.target_modules + config.target_parameters)
+    print(f"wrote {out} ({base} + {adapter}: rank {config.r} on {targets})")
+
+
+merge_lora.aliases = {"adapter": ["--lora-model-dir", "--lora_model_dir"], "out": ["--output-dir", "--output_dir"]}
 
 
 COMMANDS = {

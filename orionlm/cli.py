@@ -47,7 +47,9 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hint: Any, help_text: str) -> None:
+def _add_parameter(
+    parser: argparse.ArgumentParser, param: inspect.Parameter, hint: Any, help_text: str, aliases: list[str]
+) -> None:
     hint = _unwrap_optional(hint)
     kwargs: dict[str, Any] = {"help": help_text}
     origin = typing.get_origin(hint)
@@ -73,14 +75,17 @@ def _add_parameter(parser: argparse.ArgumentParser, param: inspect.Parameter, hi
         kwargs["metavar"] = param.name.upper()
         parser.add_argument(param.name, **kwargs)
         return
-    flag = "--" + param.name.replace("_", "-")
+    flags = ["--" + param.name.replace("_", "-")]
+    if "_" in param.name:  # --lora_model_dir as well as --lora-model-dir: both spellings are in use
+        flags.append("--" + param.name)
+    flags += aliases
     if has_default:
         kwargs["default"] = param.default
         if param.default not in (None, False) and hint is not bool:
             kwargs["help"] = f"{help_text} (default: {param.default})"
     else:
         kwargs["required"] = True
-    parser.add_argument(flag, dest=param.name, **kwargs)
+    parser.add_argument(*flags, dest=param.name, **kwargs)
 
 
 def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
@@ -90,8 +95,11 @@ def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
         name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = typing.get_type_hints(fn)
+    aliases = getattr(fn, "aliases", {})  # other option names, e.g. {"adapter": ["--lora-model-dir"]}
     for param in inspect.signature(fn).parameters.values():
-        _add_parameter(parser, param, hints.get(param.name, str), helps.get(param.name, ""))
+        _add_parameter(
+            parser, param, hints.get(param.name, str), helps.get(param.name, ""), aliases.get(param.name, [])
+        )
     rest = parser.get_default("_rest")
     if rest is not None:  # argparse does not list the words it leaves to the function
         parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()} [{rest.upper()} ...]"

@@ -3,6 +3,7 @@ and Hugging Face Hub ids."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,11 +17,26 @@ from .tokenizer import Tokenizer
 
 # What a model directory needs; nothing executable is ever fetched.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+STATE_JSON = "trainer_state.json"  # in every complete training checkpoint (written last)
+
+
+def find_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint of a training run, oldest first."""
+    found = []
+    for path in (Path(run_dir) / "checkpoints").glob("*/" + STATE_JSON):
+        found.append((json.loads(path.read_text())["step"], path.parent))
+    return sorted(found)
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local path as is; anything else is taken as a Hub id and downloaded (safetensors only)."""
+    """A local path as is (a training run directory: its newest checkpoint); anything else is taken as
+    a Hub id and downloaded (safetensors only)."""
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+        found = find_checkpoints(path)
+        if not found:
+            raise OrionError(f"{path} is a training run without a complete checkpoint yet")
+        return found[-1][1]
     if path.exists():
         return path
     name = str(name_or_path)

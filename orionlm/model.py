@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .chimera import RESID_LAMBDA_INIT, ChimeraDecoder
 from .config import ModelConfig
+from .errors import OrionError
 from .nn.alibi import alibi_bias, alibi_slopes
 from .nn.attention import Attention, KVCache, RaggedCache
 from .nn.gdn import GatedDeltaNet
@@ -136,8 +137,12 @@ class OrionLM(nn.Module):
         cache: KVCache | RaggedCache | None = None,  # a RaggedCache takes one token per row
         logits_to_keep: int = 0,  # > 0: logits of the last n positions only (generation needs 1)
         targets: torch.Tensor | None = None,  # (B, T) next-token ids (-100: ignored): return the loss, no logits
+        document_ids: torch.Tensor | None = None,  # (B, T) packed rows: a token attends within its document only
     ) -> ModelOutput:
         B, T = input_ids.shape
+        if document_ids is not None and (cache is not None or isinstance(self.model, ChimeraDecoder)):
+            # GDN layers carry their state along the whole row, across document boundaries.
+            raise OrionError("document_ids (packed documents) work without a cache and in attention-only models")
         past = cache.length if cache is not None else 0
         ragged = isinstance(cache, RaggedCache)
         if position_ids is None:
@@ -152,7 +157,9 @@ class OrionLM(nn.Module):
             x = self.model.embed_norm(x)
         rope = self.rotary(position_ids) if self.rotary is not None else None
         ragged_lengths = cache.lengths if ragged and not cache.uniform else None
-        mask, is_causal = self._attention_mask(B, T, past, attention_mask, position_ids, x.dtype, ragged_lengths)
+        mask, is_causal = self._attention_mask(
+            B, T, past, attention_mask, position_ids, x.dtype, ragged_lengths, document_ids
+        )
         router_logits, counts = [], []
         checkpointing = self.activation_checkpointing and self.training
         if isinstance(self.model, ChimeraDecoder):
@@ -186,14 +193,15 @@ class OrionLM(nn.Module):
             out.z_loss = router_z_loss(router_logits)
         return out
 
-    def _attention_mask(self, B, T, past, attention_mask, position_ids, dtype, ragged_lengths=None):
+    def _attention_mask(self, B, T, past, attention_mask, position_ids, dtype, ragged_lengths=None, document_ids=None):
         """The mask for scaled_dot_product_attention, or (None, is_causal) when the plain causal
-        kernel suffices (no padding, no sliding window in reach, no ALiBi). With `ragged_lengths` (B,),
-        row b's query sits at slot ragged_lengths[b] (a RaggedCache) rather than at `past`."""
+        kernel suffices (no padding, no documents, no sliding window in reach, no ALiBi). With
+        `ragged_lengths` (B,), row b's query sits at slot ragged_lengths[b] (a RaggedCache) rather than at `past`."""
         L = past + T
         window = self.config.sliding_window
         alibi = self.config.position == "alibi"
-        if attention_mask is None and ragged_lengths is None and not alibi and (window is None or L <= window):
+        plain = attention_mask is None and ragged_lengths is None and document_ids is None
+        if plain and not alibi and (window is None or L <= window):
             if T == 1:
                 return None, False
             if past == 0:
@@ -211,6 +219,8 @@ class OrionLM(nn.Module):
             # Padding keys are hidden; a padding query still sees itself so its softmax stays finite.
             allowed = allowed & attention_mask.bool().view(B, 1, 1, L)
             allowed = allowed | (k_slot == q_slot)
+        if document_ids is not None:
+            allowed = allowed & (document_ids.view(B, 1, T, 1) == document_ids.view(B, 1, 1, T))
         if not alibi:
             return allowed, False
         if attention_mask is not None:

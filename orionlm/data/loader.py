@@ -36,6 +36,11 @@ class DataConfig:
     val_fraction: float = 0.01  # the last fraction of every source's windows, held out for validation
     seed: int = 0  # the order of the windows
     cache_dir: str | None = None  # token shards; default $ORIONLM_CACHE/tokens or ~/.cache/orionlm/tokens
+    # "text": documents, cut into windows; "chat": conversations for fine-tuning (see data/sft.py).
+    # None: chat for the fine-tuning modes (sft, lora), text for pretraining.
+    format: str | None = None
+    train_on_all: bool = False  # chat: take the loss on every token, not only on the assistant's
+    packing: bool | None = None  # chat: several conversations per row; None: when the model allows it
 
     def __post_init__(self) -> None:
         # Recipes give sources as mappings (or bare paths): make them SourceConfigs, checking their keys.
@@ -48,6 +53,8 @@ class DataConfig:
             raise DataError(f"several data sources are named {duplicates}; give each a distinct `name`")
         if self.seq_len < 1:
             raise DataError(f"seq_len must be at least 1, got {self.seq_len}")
+        if self.format not in (None, "text", "chat"):
+            raise DataError(f"data.format must be 'text' or 'chat', got {self.format!r}")
         if not 0 <= self.val_fraction < 1:
             raise DataError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -110,6 +117,15 @@ class MixtureDataset:
         return [s.name for s in self.shards]
 
     @property
+    def train_windows(self) -> list[int]:
+        """Training windows per source: the rows a TrainLoader draws from."""
+        return [layout.train_windows for layout in self.layouts]
+
+    def train_batch(self, sources: list[int], windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of training window windows[j] of source sources[j], one row each."""
+        return self._batch([(i, w * self.seq_len) for i, w in zip(sources, windows, strict=True)])
+
+    @property
     def num_train_tokens(self) -> int:
         """Target tokens in one pass over every source's training windows."""
         return sum(layout.train_windows for layout in self.layouts) * self.seq_len
@@ -160,7 +176,7 @@ class MixtureDataset:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         total = int(ends[-1])
         for b in range(batches):
-            k = feistel_permute(np.arange(b * batch_size, min((b + 1) * batch_size, total)), total, _key("val"))
+            k = feistel_permute(np.arange(b * batch_size, min((b + 1) * batch_size, total)), total, stable_key("val"))
             which = np.searchsorted(ends, k, side="right")
             j = k - (ends[which] - counts[which])
             sources = [chosen[w] for w in which]
@@ -182,7 +198,7 @@ class MixtureDataset:
         x = torch.from_numpy(out)
         return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
-    def _fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> dict[str, Any]:
         """What a saved data position is only valid for."""
         return {
             "sources": self.names,
@@ -194,7 +210,8 @@ class MixtureDataset:
 
 
 class TrainLoader:
-    """An endless iterator of (inputs, targets), each (batch_size, seq_len) int64, for one rank.
+    """An endless iterator of (inputs, targets), each (batch_size, seq_len) int64, for one rank (of any
+    dataset with names, weights, seed, seq_len, train_windows, train_batch and fingerprint: also chat data).
 
     Concatenating the batches of ranks 0..world_size-1 gives exactly the batch of a world_size=1 loader with
     batch_size * world_size rows: the trainer's DDP run sees the same data as a single process."""
@@ -206,7 +223,7 @@ class TrainLoader:
             raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.dataset = dataset
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.taken = [0] * len(dataset.shards)  # training rows taken from each source by all ranks together
+        self.taken = [0] * len(dataset.names)  # training rows taken from each source by all ranks together
 
     @property
     def rows(self) -> int:
@@ -220,16 +237,13 @@ class TrainLoader:
 
     def epochs(self) -> dict[str, float]:
         """Passes made over each source's training windows."""
-        layouts = self.dataset.layouts
-        return {
-            name: taken / layout.train_windows
-            for name, taken, layout in zip(self.dataset.names, self.taken, layouts, strict=True)
-        }
+        windows = self.dataset.train_windows
+        return {name: taken / w for name, taken, w in zip(self.dataset.names, self.taken, windows, strict=True)}
 
     def __iter__(self) -> TrainLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Any:
         # Every rank walks the whole global micro-step, so that all keep the same position, and reads its slice.
         sources, indices = self._draw(self.batch_size * self.world_size)
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
@@ -251,24 +265,24 @@ class TrainLoader:
             taken[i] += 1
         return sources, indices
 
-    def _rows(self, sources: list[int], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, sources: list[int], indices: list[int]) -> Any:
         dataset = self.dataset
-        starts = np.empty(len(sources), dtype=np.int64)
+        windows_of = np.empty(len(sources), dtype=np.int64)
         source_array, index_array = np.asarray(sources), np.asarray(indices, dtype=np.int64)
         for i in set(sources):
-            windows = dataset.layouts[i].train_windows
+            windows = dataset.train_windows[i]
             for epoch in set(index_array[source_array == i] // windows):
                 mask = (source_array == i) & (index_array // windows == epoch)
-                key = _key(dataset.seed, dataset.names[i], int(epoch))
-                starts[mask] = feistel_permute(index_array[mask] % windows, windows, key) * dataset.seq_len
-        return dataset._batch(list(zip(sources, starts.tolist(), strict=True)))
+                key = stable_key(dataset.seed, dataset.names[i], int(epoch))
+                windows_of[mask] = feistel_permute(index_array[mask] % windows, windows, key)
+        return dataset.train_batch(sources, windows_of.tolist())
 
     def state_dict(self) -> dict[str, Any]:
         """The data position (identical on every rank): rows taken per source, with what they refer to."""
-        return {"taken": dict(zip(self.dataset.names, self.taken, strict=True)), "data": self.dataset._fingerprint()}
+        return {"taken": dict(zip(self.dataset.names, self.taken, strict=True)), "data": self.dataset.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = self.dataset._fingerprint()
+        expected = self.dataset.fingerprint()
         saved = state.get("data", {})
         changed = [key for key in expected if saved.get(key) != expected[key]]
         if changed:
@@ -279,7 +293,7 @@ class TrainLoader:
         self.taken = [int(state["taken"][name]) for name in self.dataset.names]
 
 
-def _key(*parts: object) -> int:
+def stable_key(*parts: object) -> int:
     """A 64-bit key from values, stable across processes, platforms and Python versions (unlike hash())."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -303,7 +317,7 @@ def feistel_permute(index: np.ndarray, n: int, key: int) -> np.ndarray:
     bits += bits % 2
     half = np.uint64(bits // 2)
     mask = np.uint64((1 << (bits // 2)) - 1)
-    round_keys = [np.uint64(_key(key, r)) for r in range(_FEISTEL_ROUNDS)]
+    round_keys = [np.uint64(stable_key(key, r)) for r in range(_FEISTEL_ROUNDS)]
 
     def encrypt(x: np.ndarray) -> np.ndarray:
         left, right = x >> half, x & mask

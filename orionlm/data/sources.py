@@ -122,7 +122,7 @@ def fingerprint(source: SourceConfig) -> dict[str, Any]:
     """What the tokens of a source depend on: its files (with sizes and modification times) and read settings."""
     reading = {"field": source.field, "doc_separator": source.doc_separator}
     if source.is_hf:
-        dataset = _load_hf(source)
+        dataset = load_hf_dataset(source)
         # datasets' own fingerprint changes whenever the prepared data does.
         return {"hf": source.hf_name, "split": source.split, "data": getattr(dataset, "_fingerprint", None), **reading}
     files = []
@@ -164,7 +164,7 @@ def _file_documents(source: SourceConfig, on_bytes: Callable[[int], None]) -> It
 def progress_total(source: SourceConfig) -> tuple[int, str]:
     """The total for a progress bar over `documents`: bytes on disk, or rows of an HF dataset."""
     if source.is_hf:
-        return len(_load_hf(source)), "doc"
+        return len(load_hf_dataset(source)), "doc"
     return sum(path.stat().st_size for path in source_files(source)), "B"
 
 
@@ -282,7 +282,7 @@ def _parquet_documents(path: Path, field: str, on_bytes: Callable[[int], None]) 
         reported = now
 
 
-def _load_hf(source: SourceConfig) -> Any:
+def load_hf_dataset(source: SourceConfig) -> Any:
     try:
         import datasets
     except ImportError:
@@ -296,7 +296,7 @@ def _load_hf(source: SourceConfig) -> Any:
 
 
 def _hf_documents(source: SourceConfig, on_rows: Callable[[int], None]) -> Iterator[str]:
-    dataset = _load_hf(source)
+    dataset = load_hf_dataset(source)
     if source.field not in dataset.column_names:
         raise DataError(
             f"dataset {source.hf_name!r}: no column {unknown_names([source.field], dataset.column_names)}; "

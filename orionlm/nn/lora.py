@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on linear layers, saved and loaded as PEFT files.
+"""LoRA: low-rank adapters on linear layers and on the MoE expert stacks, saved and loaded as PEFT files.
 
 A wrapped layer computes base(x) + scaling * B(A(dropout(x))) with the base weight frozen, A (r, in)
 initialised as PEFT does (Kaiming-uniform) and B (out, r) at zero, so training starts from the base model;
@@ -7,6 +7,16 @@ under their own names, so the model's state dict (and its checkpoints) keep the 
 `<module>.lora_A.weight` / `<module>.lora_B.weight`, which are PEFT's names after its
 `base_model.model.` prefix: an adapter written here loads in `peft` on the Hugging Face export of the
 same base model, and one written by `peft` loads here.
+
+The expert stacks (E, out, in) are parameters, not layers: LoRAConfig.target_parameters names them, as
+PEFT's does. Each adapted stack gets A (r*E, in) and B (out, r*E) in PEFT's layout, expert e's delta being
+scaling * B[:, e::E] @ A[e*r:(e+1)*r], and every MoE path multiplies by the stack plus its delta
+(LoRAExperts.weights). PEFT nests one wrapper per adapted parameter of a module, in the module's parameter
+order, so with both stacks adapted gate_up_proj's factors are `experts.base_layer.lora_A/B` and down_proj's
+`experts.lora_A/B`; the modules here are nested the same way, so the names match.
+
+The MoE router (target module "gate") is a LoRALinear whose term MoE.route adds to its float32 logits.
+Hugging Face's routers are not nn.Linear, so the PEFT file names it as the parameter "mlp.gate.weight".
 """
 
 from __future__ import annotations
@@ -18,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import OrionError
 from .linear import Linear
+from .moe import Experts, MoE
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -33,21 +45,47 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # module names (the last part, e.g. "q_proj") or regular expressions matched against the full name
+    # module names: the last part or a dotted suffix ("q_proj", "mlp.gate"), or regular expressions matched
+    # against the full name
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # parameters, matched as the suffix of "<module>.<parameter>" ("experts.gate_up_proj", "mlp.experts.down_proj",
+    # "mlp.gate.weight"): the MoE expert stacks, or the weight of a linear layer
+    target_parameters: list[str] = field(default_factory=list)
     rslora: bool = False
 
     def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.target_modules:
-            raise OrionError(f"LoRA needs r >= 1, alpha > 0, 0 <= dropout < 1 and target modules; got {self}")
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise OrionError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got {self}")
+        if not self.target_modules and not self.target_parameters:
+            raise OrionError("LoRA needs target_modules or target_parameters (both are empty)")
+        for key in ("target_modules", "target_parameters"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not all(isinstance(t, str) and t for t in value):
+                raise OrionError(f"LoRA {key} must be a list of non-empty names; got {value!r}")
+        if self.dropout and self.target_parameters:
+            raise OrionError(
+                f"LoRA dropout ({self.dropout}) cannot be used with target_parameters: an adapted parameter is "
+                "used as weight + delta, so there is no input of the adapter alone to drop out (PEFT refuses it "
+                "too); set dropout to 0"
+            )
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def matches(self, name: str) -> bool:
-        leaf = name.rsplit(".", 1)[-1]
-        return any(leaf == t or re.fullmatch(t, name) for t in self.target_modules)
+        return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in self.target_modules)
+
+    def matches_parameter(self, name: str) -> bool:
+        return any(name == t or name.endswith("." + t) for t in self.target_parameters)
+
+
+def _add_factors(module: nn.Module, in_features: int, out_features: int, rank: int, like: torch.Tensor) -> None:
+    """module.lora_A (rank, in), Kaiming-uniform as PEFT initialises it, and module.lora_B (out, rank), zero."""
+    module.lora_A = nn.Linear(in_features, rank, bias=False, device=like.device, dtype=like.dtype)
+    module.lora_B = nn.Linear(rank, out_features, bias=False, device=like.device, dtype=like.dtype)
+    nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(module.lora_B.weight)
 
 
 class LoRALinear(Linear):
@@ -59,16 +97,17 @@ class LoRALinear(Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        device, dtype = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(base.in_features, config.r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        _add_factors(self, base.in_features, base.out_features, config.r, base.weight)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.scaling = config.scaling
 
+    def adapter(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B A dropout(x), in x's dtype (the router computes its logits in float32)."""
+        h = F.linear(self.dropout(x), self.lora_A.weight.to(x.dtype))
+        return F.linear(h, self.lora_B.weight.to(x.dtype)) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return super().forward(x) + self.adapter(x)
 
     def merged(self) -> Linear:
         """A plain Linear holding weight + scaling * B A."""
@@ -79,52 +118,180 @@ class LoRALinear(Linear):
         return layer
 
 
+class LoRAExperts(Experts):
+    """Experts whose frozen stacks `names` (of gate_up_proj, down_proj) are adapted by per-expert low-rank
+    products. weights() builds stack + delta on every call: for all E experts in training and prefill (one
+    extra (E, out, in) tensor per stack, and r/(tokens per expert) of the expert matmul's flops), for the k
+    chosen ones when decoding a single token."""
+
+    def __init__(self, base: Experts, config: LoRAConfig, names: list[str]) -> None:
+        num_experts, two_intermediate, hidden = base.gate_up_proj.shape
+        super().__init__(num_experts, hidden, two_intermediate // 2, device="meta")
+        self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj  # the same parameters, not copies
+        self.gate_up_proj.requires_grad_(False)
+        self.down_proj.requires_grad_(False)
+        self.num_experts, self.scaling = num_experts, config.scaling
+        self.factors: dict[str, str] = {}  # adapted parameter -> the submodule holding its lora_A / lora_B
+        path = ""
+        # PEFT wraps the parameters in the module's order, each wrapper around the previous one: the last is
+        # outermost (its factors directly on the module), the earlier ones under base_layer
+        for name in reversed([n for n, _ in base.named_parameters(recurse=False) if n in names]):
+            if self.factors:
+                self.get_submodule(path).base_layer = nn.Module()
+                path = f"{path}.base_layer".lstrip(".")
+            stack = getattr(self, name)
+            _add_factors(self.get_submodule(path), stack.shape[2], stack.shape[1], config.r * num_experts, stack)
+            self.factors[name] = path
+
+    def delta_factors(self, name: str, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """B (k, out, r) and A (k, r, in) of the given experts, such that their deltas are scaling * B @ A."""
+        holder = self.get_submodule(self.factors[name])
+        A = holder.lora_A.weight.unflatten(0, (self.num_experts, -1))  # (E, r, in): A's rows are expert-major
+        B = holder.lora_B.weight.unflatten(1, (-1, self.num_experts)).permute(2, 0, 1)  # (E, out, r): rank-major
+        return (B, A) if experts is None else (B[experts], A[experts])
+
+    def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        stacks = dict(zip(("gate_up_proj", "down_proj"), super().weights(experts), strict=True))
+        for name in self.factors:
+            B, A = self.delta_factors(name, experts)
+            dtype = stacks[name].dtype
+            stacks[name] = torch.baddbmm(stacks[name], B.to(dtype), A.to(dtype), alpha=self.scaling)
+        return stacks["gate_up_proj"], stacks["down_proj"]
+
+    def merged(self) -> Experts:
+        """Plain Experts holding each stack + scaling * B A."""
+        num_experts, two_intermediate, hidden = self.gate_up_proj.shape
+        experts = Experts(num_experts, hidden, two_intermediate // 2, device="meta")
+        for name, _ in self.named_parameters(recurse=False):
+            weight = getattr(self, name)
+            if name in self.factors:
+                B, A = self.delta_factors(name)
+                weight = (weight.float() + torch.bmm(B.float(), A.float()) * self.scaling).to(weight.dtype)
+            setattr(experts, name, nn.Parameter(weight.detach().contiguous()))
+        return experts
+
+
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
+def _routers(model: nn.Module) -> set[str]:
+    """Names of the MoE routers: Hugging Face's MoE models hold them as custom modules, not nn.Linear."""
+    return {f"{name}.gate".lstrip(".") for name, module in model.named_modules() if isinstance(module, MoE)}
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Wrap every matching linear layer and freeze everything else; returns the wrapped names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-             and ".lora_" not in n and config.matches(n)]  # fmt: skip
-    if not names:
-        raise OrionError(f"no linear layer matches the LoRA target modules {config.target_modules}")
+    """Wrap every matching linear layer (target_modules, or its weight in target_parameters) and expert stack
+    (target_parameters) and freeze everything else; returns the wrapped layer names and expert stack names."""
+    linears, experts, parameters = [], {}, []
+    for name, module in model.named_modules():
+        if ".lora_" in name or isinstance(module, (LoRALinear, LoRAExperts)):
+            continue
+        if isinstance(module, nn.Linear) and config.matches(name):
+            linears.append(name)
+        for param, _ in module.named_parameters(recurse=False):
+            if not config.matches_parameter(f"{name}.{param}"):
+                continue
+            parameters.append(f"{name}.{param}")
+            if isinstance(module, Experts):
+                experts.setdefault(name, []).append(param)
+            elif isinstance(module, nn.Linear) and param == "weight":
+                if name not in linears:
+                    linears.append(name)
+            else:
+                raise OrionError(
+                    f"LoRA target parameter {name}.{param} is a {type(module).__name__} parameter; target_parameters "
+                    "can adapt the MoE expert stacks (experts.gate_up_proj, experts.down_proj) and linear weights"
+                )
+    if not linears and not experts:
+        raise OrionError(f"no linear layer matches the LoRA target modules {config.target_modules}, "
+                         f"and no parameter the target parameters {config.target_parameters}")  # fmt: skip
+    if config.target_parameters and not parameters:
+        raise OrionError(f"no parameter matches the LoRA target parameters {config.target_parameters}")
+    if "lm_head" in linears:
+        raise OrionError(
+            "LoRA cannot adapt lm_head: the training loss multiplies by lm_head.weight directly (fused "
+            "cross-entropy), which would skip the adapter"
+        )
+    if config.dropout and set(linears) & _routers(model):
+        raise OrionError(
+            f"LoRA dropout ({config.dropout}) cannot be used on the MoE router (gate): PEFT adapts the Hugging Face "
+            "router's weight as a parameter, which refuses dropout, so the adapter would not load there"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in names:
+    for name in linears:
         _replace(model, name, LoRALinear(model.get_submodule(name), config))
+        # use_decode_layout may have packed this layer with its siblings into one matrix whose product skips
+        # the adapter; drop the pack (use_decode_layout leaves modules with adapters unpacked)
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if getattr(parent, "packed", None) is not None:
+            parent.packed = None
+    for name, params in experts.items():
+        _replace(model, name, LoRAExperts(model.get_submodule(name), config, params))
     model.lora_config = config
-    return names
+    return linears + [f"{name}.{param}" for name, params in experts.items() for param in params]
 
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, in place: the model is a plain model again."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, LoRAExperts)):
             _replace(model, name, module.merged())
     model.__dict__.pop("lora_config", None)
 
 
+def _peft_suffix(name: str) -> str:
+    """The name after its layer index ("model.layers.3.mlp.experts" -> "mlp.experts"): a target that PEFT
+    matches in every layer and nowhere else."""
+    return re.split(r"\.\d+\.", name)[-1]
+
+
+def _peft_targets(entries: list[tuple[str, str, bool]]) -> list[str]:
+    """The short name where every entry with that short name is adapted, else the adapted ones' full names
+    (a regex picked some layers): PEFT matches either as a suffix, and so does LoRAConfig."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for short, full, adapted in entries:
+        groups.setdefault(short, ([], []))[not adapted].append(full)
+    return [t for short, (adapted, other) in groups.items() for t in ([short] if adapted and not other else adapted)]
+
+
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") -> Path:
-    """adapter_config.json and adapter_model.safetensors, as PEFT writes them."""
+    """A new directory holding the adapter as PEFT writes it (see write_adapter), written atomically."""
     from ..checkpoint import atomic_directory
 
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        write_adapter(model, tmp, base_model)
+    return directory
+
+
+def write_adapter(model: nn.Module, directory: Path, base_model: str = "") -> None:
+    """adapter_config.json and adapter_model.safetensors, as PEFT writes them, into an existing directory."""
     config: LoRAConfig = model.lora_config
     tensors = {f"{PEFT_PREFIX}{name}": p.detach().to("cpu").contiguous()
                for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}  # fmt: skip
-    wrapped = sorted({name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for name in tensors})
+    routers = _routers(model)
+    layers, stacks = [], []  # (PEFT's short target, full name, adapted) in model order
+    for name, module in model.named_modules():
+        if name in routers:  # PEFT adapts the Hugging Face router's weight as a parameter
+            stacks.append((f"{_peft_suffix(name)}.weight", f"{name}.weight", isinstance(module, LoRALinear)))
+        elif isinstance(module, nn.Linear) and ".lora_" not in name:
+            layers.append((name.rsplit(".", 1)[-1], name, isinstance(module, LoRALinear)))
+        elif isinstance(module, Experts):
+            for param, _ in module.named_parameters(recurse=False):  # in the order PEFT nests them
+                adapted = isinstance(module, LoRAExperts) and param in module.factors
+                stacks.append((f"{_peft_suffix(name)}.{param}", f"{name}.{param}", adapted))
+    modules, parameters = _peft_targets(layers), _peft_targets(stacks)
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": config.r,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model), "r": config.r,
         "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora, "bias": "none",
-        "target_modules": wrapped, "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-        "init_lora_weights": True,
+        "target_modules": modules or None, "target_parameters": parameters or None, "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
     }  # fmt: skip
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return directory
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
@@ -139,10 +306,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
         raise OrionError(f"{directory}: peft_type {data.get('peft_type')!r}; only LORA adapters load")
     if data.get("bias", "none") != "none" or data.get("modules_to_save"):
         raise OrionError(f"{directory}: adapters with trained biases or modules_to_save are not supported")
-    targets = data["target_modules"]
+    if data.get("rank_pattern") or data.get("alpha_pattern") or data.get("use_dora"):
+        raise OrionError(f"{directory}: adapters with per-layer ranks or alphas, or DoRA, are not supported")
+    targets, parameters = data.get("target_modules") or [], data.get("target_parameters") or []
     config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)),
                         target_modules=[targets] if isinstance(targets, str) else list(targets),
-                        rslora=bool(data.get("use_rslora", False)))  # fmt: skip
+                        target_parameters=list(parameters), rslora=bool(data.get("use_rslora", False)))  # fmt: skip
     apply_lora(model, config)
     # PEFT names the weights <module>.lora_A.weight (older files: .lora_A.default.weight)
     state = {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): t for name, t in tensors.items()}

@@ -15,15 +15,30 @@ from .mlp import MLP
 class Experts(nn.Module):
     """All experts' weights stacked: gate_up_proj (E, 2I, C) holds [gate; up], down_proj (E, C, I)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, device=device))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate, device=device))
+
+    def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (gate_up_proj, down_proj) stacks every MoE path multiplies by, for the given experts (default
+        all). Here the parameters themselves, or views of them; nn.lora.LoRAExperts adds its low-rank deltas."""
+        if experts is None:
+            return self.gate_up_proj, self.down_proj
+        return self.gate_up_proj[experts], self.down_proj[experts]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e applied to x (N, C)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate_up_proj, down_proj = self.weights(slice(e, e + 1))
+        return swiglu_expert(x, gate_up_proj[0], down_proj[0])
+
+
+def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert, gate_up (2I, C) and down (C, I), applied to x (N, C)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 class MoE(nn.Module):
@@ -48,7 +63,10 @@ class MoE(nn.Module):
         if self.training and self.jitter:
             # Switch Transformer jitter: multiplicative noise on the router input only.
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(router_in.float(), self.gate.weight.float())
+        router_in = router_in.float()
+        logits = F.linear(router_in, self.gate.weight.float())
+        if hasattr(self.gate, "lora_A"):  # a LoRA adapter on the router (nn.lora.LoRALinear) moves the logits too
+            logits = logits + self.gate.adapter(router_in)
         probs = logits.softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -83,8 +101,9 @@ class MoE(nn.Module):
         token_of_slot = order // self.top_k  # (N*k,)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)  # (E,) slots per expert
         xs = x.index_select(0, token_of_slot)  # (N*k, C), grouped by expert
-        gate, up = grouped_linear(xs, self.experts.gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, I) each
-        out = grouped_linear(F.silu(gate) * up, self.experts.down_proj, counts)  # (N*k, C)
+        gate_up_proj, down_proj = self.experts.weights()
+        gate, up = grouped_linear(xs, gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, I) each
+        out = grouped_linear(F.silu(gate) * up, down_proj, counts)  # (N*k, C)
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_slot, out)
 
@@ -99,15 +118,18 @@ class MoE(nn.Module):
         stride = (e[-1] - e[0]) // (k - 1) if k > 1 else 1
         if e != list(range(e[0], e[-1] + 1, stride)):
             return sum(w * self.experts.expert(i, x) for i, w in zip(ids[0].tolist(), weights[0], strict=True))
-        experts = slice(e[0], e[-1] + 1, stride)  # a view of the k chosen experts, no copy
-        h = torch.bmm(x.expand(k, 1, -1), self.experts.gate_up_proj[experts].transpose(1, 2))  # (k, 1, 2I)
+        # the k chosen experts: a strided view, no copy (with LoRA, their weights plus their deltas only)
+        gate_up_proj, down_proj = self.experts.weights(slice(e[0], e[-1] + 1, stride))
+        h = torch.bmm(x.expand(k, 1, -1), gate_up_proj.transpose(1, 2))  # (k, 1, 2I)
         gate, up = h.chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, self.experts.down_proj[experts].transpose(1, 2))  # (k, 1, C)
+        y = torch.bmm(F.silu(gate) * up, down_proj.transpose(1, 2))  # (k, 1, C)
         return (weights[0, order].view(k, 1, 1) * y).sum(dim=0)  # (1, C)
 
     def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, then each token keeps its top-k outputs. Slow and obvious."""
-        all_out = torch.stack([self.experts.expert(e, x) for e in range(self.num_experts)], dim=1)  # (N, E, C)
+        gate_up_proj, down_proj = self.experts.weights()
+        outs = [swiglu_expert(x, gate_up_proj[e], down_proj[e]) for e in range(self.num_experts)]
+        all_out = torch.stack(outs, dim=1)  # (N, E, C)
         chosen = all_out.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (N, k, C)
         return (chosen * weights.unsqueeze(-1)).sum(dim=1)
 

@@ -1,11 +1,13 @@
 """Training recipes: one YAML file -> typed, validated dataclasses, with `--section.key=value` overrides.
 
-model:     {preset: tiny-moe, overrides: {hidden_size: 128}}   (or {config: {...full ModelConfig...}})
+mode:      pretrain (default) | sft (full fine-tuning) | lora (adapters on a frozen base)
+model:     {preset: tiny-moe, overrides: {hidden_size: 128}}   (or {config: {...}}, or {path: DIR} to start from)
 tokenizer: {path: DIR}  or  {train_vocab_size: 4096}            (train a byte-level BPE on the data)
 data:      DataConfig   (sources with weights, seq_len, validation split)
 optim:     OptimConfig  (AdamW or Muon + AdamW)
 schedule:  ScheduleConfig (cosine or WSD)
 run:       RunConfig    (steps, batch, checkpoints, logging, devices)
+lora:      LoRAConfig   (rank, alpha, dropout, target modules; mode lora only)
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import yaml
 from ..config import ConfigError, ModelConfig, preset
 from ..data import DataConfig
 from ..errors import OrionError, unknown_names
+from ..nn.lora import LoRAConfig
 from .optim import OptimConfig
 from .schedule import ScheduleConfig
+
+MODES = ("pretrain", "sft", "lora")
 
 
 class RecipeError(OrionError):
@@ -35,10 +40,15 @@ class ModelSection:
     preset: str | None = None  # a preset name (`orionlm info --preset list`)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed on top of the preset
     config: dict[str, Any] | None = None  # a full ModelConfig instead of a preset
+    # a trained model to start from (orionlm, Hugging Face or Auron directory, .gguf file, or Hub id)
+    path: str | None = None
 
     def build(self) -> ModelConfig:
-        if (self.preset is None) == (self.config is None):
-            raise RecipeError("model: give exactly one of `preset` (plus optional `overrides`) or `config`")
+        """The ModelConfig of a preset or config (a `path` model's config comes with its weights)."""
+        if sum(x is not None for x in (self.preset, self.config, self.path)) != 1:
+            raise RecipeError("model: give exactly one of `preset` (plus optional `overrides`), `config` or `path`")
+        if self.path is not None:
+            raise RecipeError("model.path: the model's config is read with its weights (load_model)")
         try:
             if self.preset is not None:
                 return preset(self.preset, **self.overrides)
@@ -59,6 +69,7 @@ class RunConfig:
     out_dir: str = "runs/default"
     max_steps: int | None = None  # give max_steps or max_tokens
     max_tokens: int | None = None
+    max_epochs: float | None = None  # or passes over the training data (rows of every source)
     batch_size: int = 8  # sequences per device per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     seed: int = 0
@@ -83,10 +94,29 @@ class RunConfig:
 class Recipe:
     model: ModelSection
     data: DataConfig
+    mode: str = "pretrain"
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    lora: LoRAConfig | None = None  # read with mode: lora only; absent: LoRAConfig's defaults
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RecipeError(f"mode: {unknown_names([self.mode], MODES)}; use one of {MODES}")
+        if self.mode == "lora":
+            if self.model.path is None:
+                raise RecipeError("mode: lora adapts a trained model: give model.path (a model directory or Hub id)")
+            if self.optim.name != "adamw":
+                raise RecipeError("mode: lora trains low-rank factors with AdamW: set optim.name=adamw")
+            if self.run.fsdp:
+                raise RecipeError("mode: lora trains with one process or DDP: set run.fsdp=false")
+            self.lora = self.lora or LoRAConfig()
+
+    @property
+    def data_format(self) -> str:
+        """data.format, or its default: chat for fine-tuning, text for pretraining."""
+        return self.data.format or ("text" if self.mode == "pretrain" else "chat")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,5 +247,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if section not in data:
             raise RecipeError(f"the recipe needs a `{section}` section")
     recipe = _build(Recipe, data, "recipe")
-    recipe.model.build()  # validate the model now, not after the data is tokenized
+    if recipe.model.path is None:
+        recipe.model.build()  # validate the model now, not after the data is tokenized
     return recipe

@@ -1,8 +1,11 @@
 """The training loop: one process on a laptop CPU, or many under torchrun (DDP, or FSDP2 to shard).
 
-A run directory holds the resolved recipe, run.json (versions, machine), metrics.jsonl, the tokenizer
-it trained (if any), the charts, and checkpoints/<tokens seen>/ — each a loadable model directory plus
-the training state (optimizer, data position, RNG), so `--resume` continues bit-identically on CPU.
+Three modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
+base), on text windows or chat rows (data/sft.py). A run directory holds the resolved recipe, run.json
+(versions, machine, data), metrics.jsonl, the tokenizer it trained (if any), the charts, and checkpoints:
+checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning. Each is a
+loadable model directory (a PEFT adapter directory for LoRA) plus the training state (optimizer, data
+position, RNG), so `--resume` continues bit-identically on CPU.
 """
 
 from __future__ import annotations
@@ -24,18 +27,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import read_safetensors, save_checkpoint
+from ..checkpoint import atomic_directory, read_safetensors, save_checkpoint
 from ..config import ModelConfig
 from ..data import build_dataset, iter_documents
+from ..data.chat import IGNORE
+from ..data.sft import build_chat_dataset
 from ..errors import OrionError
+from ..loading import STATE_JSON, find_checkpoints, load_model, resolve_model_path
 from ..model import OrionLM, count_parameters, virtual_parameters
+from ..nn.lora import apply_lora, load_adapter, write_adapter
 from ..tokenizer import Tokenizer
 from .optim import build_optimizer
 from .recipe import Recipe, RecipeError
 from .schedule import lr_factor
 
 STATE_FILE = "trainer_state.pt"
-STATE_JSON = "trainer_state.json"
 
 
 @dataclass
@@ -117,14 +123,20 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * active + attention
 
 
-def prepare_tokenizer(recipe: Recipe, out_dir: Path, d: Dist, resume_dir: Path | None) -> Tokenizer:
-    """The run's tokenizer: the checkpoint's when resuming, a given one, one trained on the data
-    (by rank 0, saved in the run directory), or byte-level."""
+def prepare_tokenizer(
+    recipe: Recipe, out_dir: Path, d: Dist, resume_dir: Path | None, base_tokenizer: Tokenizer | None
+) -> Tokenizer:
+    """The run's tokenizer: the checkpoint's when resuming, a given one, the base model's, one trained on
+    the data (by rank 0, saved in the run directory), or byte-level."""
     section = recipe.tokenizer
     if resume_dir is not None:
         return Tokenizer.load(resume_dir)
     if section.path is not None:
         return Tokenizer.load(section.path)
+    if recipe.model.path is not None:
+        if base_tokenizer is None:
+            raise RecipeError(f"model.path {recipe.model.path} has no tokenizer: give tokenizer.path")
+        return base_tokenizer
     if section.train_vocab_size is None:
         return Tokenizer.byte_level()
     target = out_dir / "tokenizer"
@@ -153,14 +165,6 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer, resume_dir: Path | None) 
     if tokenizer.vocab_size > config.vocab_size:
         config = config.replace(vocab_size=-(-tokenizer.vocab_size // 64) * 64)
     return config
-
-
-def find_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint of a run, oldest first."""
-    found = []
-    for path in (out_dir / "checkpoints").glob("*/" + STATE_JSON):
-        found.append((json.loads(path.read_text())["step"], path.parent))
-    return sorted(found)
 
 
 def resolve_resume(recipe: Recipe, out_dir: Path) -> Path | None:
@@ -251,21 +255,38 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, record["step"])
 
 
+def as_inputs(batch: Any) -> dict[str, torch.Tensor]:
+    """A batch as the model's keyword arguments: text batches are (inputs, targets), chat batches dicts."""
+    if isinstance(batch, dict):
+        return batch
+    inputs, targets = batch
+    return {"input_ids": inputs, "targets": targets}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def train(recipe: Recipe) -> Path:
     """Run a recipe; returns the run directory."""
     d = setup_distributed(recipe.run.device)
     run = recipe.run
     out_dir = Path(run.out_dir)
     resume_dir = resolve_resume(recipe, out_dir)
-    if (run.max_steps is None) == (run.max_tokens is None):
-        raise RecipeError("run: give exactly one of max_steps or max_tokens")
+    if sum(x is not None for x in (run.max_steps, run.max_tokens, run.max_epochs)) != 1:
+        raise RecipeError("run: give exactly one of max_steps, max_tokens or max_epochs")
     if run.fsdp and recipe.optim.name == "muon":
         # Newton-Schulz orthogonalises whole matrices; FSDP2 holds each process's shard only.
         raise RecipeError("optim.name=muon needs whole matrices: train it with DDP (run.fsdp=false) or use adamw")
     seq_len = recipe.data.seq_len
-    tokens_per_step = run.batch_size * seq_len * run.grad_accum * d.world_size
-    total_steps = run.max_steps or math.ceil(run.max_tokens / tokens_per_step)
-    recipe.schedule.phases(total_steps)  # a schedule that cannot fit fails now, not after tokenizing
+    rows_per_step = run.batch_size * run.grad_accum * d.world_size
+    tokens_per_step = rows_per_step * seq_len  # row slots: chat rows may end in padding
+    if run.max_epochs is None:
+        total_steps = run.max_steps or math.ceil(run.max_tokens / tokens_per_step)
+        recipe.schedule.phases(total_steps)  # a schedule that cannot fit fails now, not after tokenizing
+    if recipe.model.path is not None and Path(recipe.model.path).is_dir():
+        # A run directory means its newest checkpoint now: the saved recipe names that one, for merge-lora.
+        recipe.model.path = str(resolve_model_path(recipe.model.path))
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in (out_dir / "checkpoints").glob(".*.tmp-*"):  # left by a save that was killed
@@ -273,20 +294,51 @@ def train(recipe: Recipe) -> Path:
         recipe.save(out_dir / "recipe.yaml")
     d.barrier()
 
-    tokenizer = prepare_tokenizer(recipe, out_dir, d, resume_dir)
-    config = model_config(recipe, tokenizer, resume_dir)
+    lora = recipe.mode == "lora"
+    base, base_tokenizer = None, None
+    if recipe.model.path is not None and (resume_dir is None or lora):  # a full checkpoint holds the model itself
+        base, base_tokenizer, _ = load_model(recipe.model.path, device="cpu", dtype=torch.float32)
+    tokenizer = prepare_tokenizer(recipe, out_dir, d, resume_dir, base_tokenizer)
+    config = base.config if base is not None else model_config(recipe, tokenizer, resume_dir)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise RecipeError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+    packed = None
+    if recipe.data_format == "chat":
+        packed = recipe.data.packing
+        if packed is None:
+            packed = config.architecture != "chimera"
+        elif packed and config.architecture == "chimera":
+            raise RecipeError("data.packing: GDN layers carry state across packed conversations; set it to false")
+
+    def build(progress: bool) -> Any:
+        if packed is not None:
+            return build_chat_dataset(recipe.data, tokenizer, packed, progress=progress)
+        return build_dataset(recipe.data, tokenizer, progress=progress)
+
     if d.main:
-        dataset = build_dataset(recipe.data, tokenizer, progress=run.progress)
+        dataset = build(run.progress)
     d.barrier()
-    if not d.main:  # the cache rank 0 wrote
-        dataset = build_dataset(recipe.data, tokenizer, progress=False)
+    if not d.main:  # text: the cache rank 0 wrote
+        dataset = build(False)
+    if run.max_epochs is not None:
+        total_steps = max(1, math.ceil(run.max_epochs * sum(dataset.train_windows) / rows_per_step))
+        recipe.schedule.phases(total_steps)
 
     torch.manual_seed(run.seed)
-    model = OrionLM(config)
-    model.reset_parameters(seed=run.seed)
+    if base is not None:
+        model = base
+    else:
+        model = OrionLM(config)
+        model.reset_parameters(seed=run.seed)
+    if lora:
+        if resume_dir is not None:
+            load_adapter(model, resume_dir)
+        else:
+            apply_lora(model, recipe.lora)
     model.activation_checkpointing = run.activation_checkpointing
     model.to(d.device)
     total_params, active_params = count_parameters(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     wrapped = wrap_model(model, recipe, d)
     optimizer = build_optimizer(model, recipe.optim)
@@ -294,10 +346,13 @@ def train(recipe: Recipe) -> Path:
     step = tokens = 0
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
-        model_state = read_safetensors(resume_dir)
-        if config.tie_embeddings:
-            model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
-        load_full_state(model, optimizer, model_state, state["optimizer"], run.fsdp and d.world_size > 1)
+        if lora:  # the adapter weights are loaded already
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            model_state = read_safetensors(resume_dir)
+            if config.tie_embeddings:
+                model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+            load_full_state(model, optimizer, model_state, state["optimizer"], run.fsdp and d.world_size > 1)
         loader.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"][d.rank] if len(state["rng"]) > d.rank else state["rng"][0])
         step, tokens = state["step"], state["tokens"]
@@ -310,31 +365,37 @@ def train(recipe: Recipe) -> Path:
             "machine": platform.processor() or platform.machine(),
             "device": str(d.device),
             "world_size": d.world_size,
+            "mode": recipe.mode,
             "total_params": total_params,
             "active_params": active_params,
+            "trainable_params": trainable,
             "tokens_per_step": tokens_per_step,
             "total_steps": total_steps,
             "data": dataset.stats(),
         }
         (out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        adapted = f", {trainable:,} trained (LoRA)" if lora else ""
         print(
-            f"{config.name or config.family}: {total_params:,} parameters ({active_params:,} active), "
+            f"{config.name or config.family}: {total_params:,} parameters ({active_params:,} active{adapted}), "
             f"{total_steps} steps x {tokens_per_step:,} tokens, {d.world_size} process(es) on {d.device}"
         )
     log = MetricsLog(out_dir, step if resume_dir is not None else None, run.tensorboard) if d.main else None
     peak = run.peak_flops or measure_peak_flops(d.device) * d.world_size
     step_flops = flops_per_token(config, seq_len) * tokens_per_step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
-    val_batches = list(dataset.val_batches(run.batch_size, max_batches=run.eval_batches))
+    val_batches = [as_inputs(b) for b in dataset.val_batches(run.batch_size, max_batches=run.eval_batches)]
 
     def evaluate() -> float:
+        """The mean loss over the validation targets (chat: every assistant token weighs the same)."""
         wrapped.eval()
-        losses = []
+        total = count = 0.0
         with torch.no_grad(), autocast:
-            for inputs, targets in val_batches:
-                losses.append(wrapped(inputs.to(d.device), targets=targets.to(d.device)).loss)
+            for batch in val_batches:
+                n = (batch["targets"] != IGNORE).sum().item()
+                total += wrapped(**to_device(batch, d.device)).loss.item() * n
+                count += n
         wrapped.train()
-        return torch.stack(losses).mean().item() if losses else float("nan")
+        return total / count if count else float("nan")
 
     def save() -> None:
         model_state, optim_state = full_state(model, optimizer, run.fsdp and d.world_size > 1)
@@ -353,11 +414,18 @@ def train(recipe: Recipe) -> Path:
             (directory / STATE_JSON).write_text(json.dumps(summary, indent=2) + "\n")
             recipe.save(directory / "recipe.yaml")
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-        if config.tie_embeddings:
-            tensors.pop("lm_head.weight", None)
-        target = out_dir / "checkpoints" / human_tokens(tokens)
-        save_checkpoint(model, target, tokenizer, tensors=tensors, write_extra=write_state)
+        name = human_tokens(tokens) if recipe.mode == "pretrain" else f"checkpoint-{step}"
+        target = out_dir / "checkpoints" / name
+        if lora:
+            with atomic_directory(target) as tmp:
+                write_adapter(model, tmp, base_model=recipe.model.path)
+                tokenizer.save(tmp)
+                write_state(tmp)
+        else:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+            if config.tie_embeddings:
+                tensors.pop("lm_head.weight", None)
+            save_checkpoint(model, target, tokenizer, tensors=tensors, write_extra=write_state)
         found = find_checkpoints(out_dir)
         if run.keep_last:
             for _, old in found[: -run.keep_last]:
@@ -374,15 +442,18 @@ def train(recipe: Recipe) -> Path:
     while step < total_steps:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, total_steps, recipe.schedule)
-        for micro in range(run.grad_accum):
-            inputs, targets = next(loader)
-            inputs, targets = inputs.to(d.device), targets.to(d.device)
+        micro_batches = [as_inputs(next(loader)) for _ in range(run.grad_accum)]
+        # Each micro-batch's mean loss weighs by its share of the step's targets, so that the step's gradient
+        # is that of the mean over all its targets, however they are spread (chat rows differ in targets).
+        n_targets = torch.tensor([float((b["targets"] != IGNORE).sum()) for b in micro_batches], device=d.device)
+        shares = n_targets / d.mean(n_targets.mean())  # all 1.0 when every micro-batch has as many targets
+        for micro, batch in enumerate(micro_batches):
             sync = contextlib.nullcontext()
             if d.world_size > 1 and not run.fsdp and micro < run.grad_accum - 1:
                 sync = wrapped.no_sync()  # gradients are averaged across processes once, at the last micro-step
             with sync, autocast:
-                out = wrapped(inputs, targets=targets)
-                loss = total = out.loss
+                out = wrapped(**to_device(batch, d.device))
+                loss = total = out.loss * shares[micro]
                 if out.aux_loss is not None:
                     total = total + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
                     router_sums += torch.stack([out.aux_loss.detach(), out.z_loss.detach()]) / run.grad_accum

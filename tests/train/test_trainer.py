@@ -165,4 +165,6 @@ def test_token_named_checkpoints_and_keep_last(tmp_path):
 def test_shipped_recipes_resolve(path):
     """Every recipe in configs/ parses and builds its model config and optimizer settings."""
     recipe = load_recipe(path)
-    assert recipe.model.build().vocab_size > 0 and recipe.optim.lr > 0
+    assert recipe.optim.lr > 0
+    if recipe.model.path is None:  # a fine-tuning recipe's model comes with its weights
+        assert recipe.model.build().vocab_size > 0

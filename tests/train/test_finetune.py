@@ -1,0 +1,139 @@
+"""Fine-tuning through `orionlm train`: full (mode sft) and LoRA (mode lora) on chat rows, step-named
+checkpoints, bit-identical resume, and merge-lora from the recipe the adapter was trained with."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from orionlm.__main__ import main
+from orionlm.checkpoint import save_checkpoint
+from orionlm.config import preset
+from orionlm.loading import load_model
+from orionlm.model import OrionLM
+from orionlm.nn.lora import load_adapter
+from orionlm.tokenizer import Tokenizer
+from orionlm.train.recipe import RecipeError, load_recipe
+from orionlm.train.trainer import find_checkpoints, train
+
+IDS = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def conversation(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                         {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}  # fmt: skip
+
+
+def make_base(root: Path, name: str) -> Path:
+    """A small saved model to fine-tune, with chat data beside it."""
+    tokenizer = Tokenizer.byte_level()
+    model = OrionLM(preset(name, vocab_size=tokenizer.vocab_size, max_seq_len=128))
+    model.reset_parameters(seed=0)
+    save_checkpoint(model, root / "model", tokenizer)
+    (root / "chat.jsonl").write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(60)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("base"), "tiny-moe")
+
+
+def write_recipe(tmp_path: Path, base: Path, mode: str, **sections) -> Path:
+    recipe = {
+        "mode": mode,
+        "model": {"path": str(base / "model")},
+        "data": {"sources": [{"path": str(base / "chat.jsonl")}], "seq_len": 96, "val_fraction": 0.1},
+        "optim": {"lr": 3e-3},
+        "schedule": {"kind": "cosine", "warmup_steps": 1},
+        "run": {"out_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 2, "log_every": 1,
+                "eval_every": 3, "eval_batches": 2, "save_every_steps": 3, "keep_last": 0, "progress": False,
+                "plot": False, "tensorboard": False},
+    }  # fmt: skip
+    for section, values in sections.items():
+        recipe[section] = recipe.get(section, {}) | values if isinstance(values, dict) else values
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "recipe.yaml"
+
+
+def metrics(run_dir: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in records]
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def test_full_fine_tuning_writes_step_checkpoints(tmp_path, base):
+    run_dir = train(load_recipe(write_recipe(tmp_path, base, "sft")))
+    found = find_checkpoints(run_dir)
+    assert [(step, path.name) for step, path in found] == [(3, "checkpoint-3"), (6, "checkpoint-6")]
+    records = metrics(run_dir)
+    assert records[-1][2] < records[2][2]  # the held-out assistant-token loss fell
+    tuned, _, _ = load_model(run_dir, device="cpu")  # a run directory loads its newest checkpoint
+    original, _, _ = load_model(base / "model", device="cpu")
+    assert not torch.allclose(logits(tuned), logits(original))
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}  # fmt: skip
+
+
+def test_lora_trains_adapters_resumes_exactly_and_merges(tmp_path, base):
+    full = train(load_recipe(write_recipe(tmp_path / "a", base, "lora", lora=LORA)))
+    last = find_checkpoints(full)[-1][1]
+    assert (last / "adapter_config.json").is_file() and (last / "adapter_model.safetensors").is_file()
+    assert not list(last.glob("model*.safetensors"))  # the frozen base is not copied
+    run = json.loads((full / "run.json").read_text())
+    assert 0 < run["trainable_params"] < run["total_params"] / 10
+
+    interrupted = train(load_recipe(write_recipe(tmp_path / "b", base, "lora", lora=LORA)))
+    shutil.rmtree(find_checkpoints(interrupted)[-1][1])
+    train(load_recipe(tmp_path / "b" / "recipe.yaml", ["--resume"]))
+    assert metrics(interrupted) == metrics(full)
+    resumed_last = find_checkpoints(interrupted)[-1][1]
+    assert (resumed_last / "adapter_model.safetensors").read_bytes() == (
+        last / "adapter_model.safetensors"
+    ).read_bytes()
+
+    adapted, _, _ = load_model(base / "model", device="cpu")
+    load_adapter(adapted, last)
+    expected = logits(adapted)
+    # The recipe saved beside the adapter is all merge-lora needs.
+    main(["merge-lora", str(last / "recipe.yaml"), f"--lora_model_dir={last}", f"--output_dir={tmp_path / 'merged'}"])
+    merged, _, _ = load_model(tmp_path / "merged", device="cpu")
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=1e-5)
+    original, _, _ = load_model(base / "model", device="cpu")
+    assert (logits(original) - expected).abs().max() > 1e-3
+
+
+def test_accumulated_micro_batches_weigh_every_target_equally(tmp_path):
+    """Chat rows hold different numbers of assistant tokens: two micro-batches of 2 rows must train like
+    one batch of 4 (the mean over all targets), not like the mean of two means. (A dense model: MoE's
+    load-balancing loss is computed per micro-batch, which is not linear in the batch.)"""
+    base = make_base(tmp_path / "base", "tiny-dense")
+    one = train(load_recipe(write_recipe(tmp_path / "a", base, "sft", run={"max_steps": 2, "batch_size": 4})))
+    two = train(load_recipe(write_recipe(tmp_path / "b", base, "sft", run={"max_steps": 2, "grad_accum": 2})))
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert a[1] == pytest.approx(b[1], abs=1e-5)
+
+
+def test_fine_tuning_recipe_errors(tmp_path, base):
+    with pytest.raises(RecipeError, match="mode: lora adapts a trained model: give model.path"):
+        load_recipe(write_recipe(tmp_path, base, "lora"), ["--model.path=null", "--model.preset=tiny-dense"])
+    with pytest.raises(RecipeError, match="did you mean 'lora'"):
+        load_recipe(write_recipe(tmp_path, base, "lorra"))
+    with pytest.raises(RecipeError, match="set optim.name=adamw"):
+        load_recipe(write_recipe(tmp_path, base, "lora"), ["--optim.name=muon"])
+    chimera = tmp_path / "chimera"
+    save_checkpoint(OrionLM(preset("tiny-chimera", vocab_size=260)), chimera / "model", Tokenizer.byte_level())
+    shutil.copy(base / "chat.jsonl", chimera / "chat.jsonl")
+    recipe = load_recipe(write_recipe(tmp_path / "c", chimera, "sft"), ["--data.packing=true"])
+    with pytest.raises(RecipeError, match="GDN layers carry state across packed conversations"):
+        train(recipe)
