@@ -38,7 +38,8 @@ def plot_run(run_dir: str | Path, label: str | None = None) -> list[Path]:
     written = [_plot_loss(plt, {label or run_dir.name: records}, run_dir / "loss.png")]
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([r["tokens"] for r in records], [r["lr"] for r in records])
+    stepped = [r for r in records if "lr" in r]  # a fine-tuning run's step 0 holds the starting val_loss only
+    ax.plot([r["tokens"] for r in stepped], [r["lr"] for r in stepped])
     ax.set(xlabel="tokens", ylabel="learning rate", title="learning rate (first parameter group)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -57,7 +58,8 @@ def _plot_loss(plt, runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i}"
-        ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], color=color, alpha=0.5,
+        train = [r for r in records if "loss" in r]
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], color=color, alpha=0.5,
                 label=f"{name} train")  # fmt: skip
         val = [r for r in records if "val_loss" in r]
         if val:

@@ -432,6 +432,12 @@ def train(recipe: Recipe) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
 
     wrapped.train()
+    if recipe.mode != "pretrain" and resume_dir is None:
+        # Where fine-tuning starts from: the base model's held-out loss, logged as step 0.
+        start = {"step": 0, "tokens": 0, "val_loss": evaluate()}
+        if log is not None:
+            log.write(start)
+            print(f"validation loss before fine-tuning: {start['val_loss']:.4f}")
     bar = tqdm(total=total_steps, initial=step, disable=not (d.main and run.progress), unit="step", dynamic_ncols=True)
     last_record: dict[str, Any] = {}
     interval_loss = torch.zeros((), device=d.device)

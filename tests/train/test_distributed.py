@@ -13,7 +13,7 @@ from .test_trainer import write_recipe
 
 
 def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def orionlm_train(recipe, *args, processes=1):
@@ -45,3 +45,26 @@ def test_two_processes_match_one(tmp_path, single, fsdp):
     reference, _, _ = load_model(next((single / "checkpoints").iterdir()), device="cpu")
     for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lora_on_chat_rows_in_two_processes_matches_one(tmp_path):
+    """Each process's rows hold different numbers of assistant tokens: the step must still be the mean
+    over all targets of the global batch, as in one process."""
+    from safetensors.torch import load_file
+
+    from .test_finetune import make_base
+    from .test_finetune import write_recipe as write_finetune_recipe
+
+    base = make_base(tmp_path / "base", "tiny-dense")
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        recipe = write_finetune_recipe(
+            tmp_path / str(processes), base, "lora", lora=lora, run={"max_steps": 3, "batch_size": batch}
+        )
+        orionlm_train(recipe, processes=processes)
+        runs[processes] = tmp_path / str(processes) / "run"
+    assert losses(runs[2])[1:] == pytest.approx(losses(runs[1])[1:], abs=1e-5)  # [0]: the starting val_loss
+    adapters = [load_file(run / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors") for run in runs.values()]
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
