@@ -61,21 +61,26 @@ def _randomize_adapters(model):
 IDS = torch.randint(0, 250, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
+def assert_matches_peft(model, hf_dir, adapter_dir):
+    """peft, with the adapter on the Hugging Face export, gives our logits, and its merge_and_unload ours."""
+    hf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), adapter_dir).eval()
+    with torch.no_grad():
+        ours, theirs = model(IDS).logits, hf(IDS).logits
+        merged = hf.merge_and_unload()(IDS).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear | LoRAExperts) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, merged, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_adapter_written_here_loads_in_peft(base, tmp_path, rslora):
     model, hf_dir = base
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS, rslora=rslora))
     _randomize_adapters(model)
     save_adapter(model, tmp_path / "adapter", str(hf_dir))
-    hf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        ours, theirs = model(IDS).logits, hf(IDS).logits
-        merged = hf.merge_and_unload()(IDS).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    merge_lora(model)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, merged, atol=1e-5, rtol=1e-5)
+    assert_matches_peft(model, hf_dir, tmp_path / "adapter")
 
 
 def test_adapter_written_by_peft_loads_here(base, tmp_path):
@@ -198,15 +203,7 @@ def test_moe_adapter_written_here_loads_in_peft(tmp_path, name):
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert written["target_parameters"] == ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert "gate" not in written["target_modules"]  # transformers' routers are not nn.Linear
-    hf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        ours, theirs = model(IDS).logits, hf(IDS).logits
-        merged = hf.merge_and_unload()(IDS).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    merge_lora(model)
-    assert not any(isinstance(m, LoRALinear | LoRAExperts) for m in model.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, merged, atol=1e-5, rtol=1e-5)
+    assert_matches_peft(model, hf_dir, tmp_path / "adapter")
 
 
 def test_moe_adapter_written_by_peft_loads_here(tmp_path):
