@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import OrionError
 from .linear import Linear
-from .moe import Experts, MoE
+from .moe import Experts, MoE, grouped_linear
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -120,9 +120,9 @@ class LoRALinear(Linear):
 
 class LoRAExperts(Experts):
     """Experts whose frozen stacks `names` (of gate_up_proj, down_proj) are adapted by per-expert low-rank
-    products. weights() builds stack + delta on every call: for all E experts in training and prefill (one
-    extra (E, out, in) tensor per stack, and r/(tokens per expert) of the expert matmul's flops), for the k
-    chosen ones when decoding a single token."""
+    products. The grouped path (training, prefill) adds scaling * (x A_e^T) B_e^T to each expert's product,
+    never forming a delta matrix: two thin grouped products, r (in + out) / (in * out) of the base's flops.
+    weights() (single-token decoding: the k chosen experts; the reference path) builds stack + delta."""
 
     def __init__(self, base: Experts, config: LoRAConfig, names: list[str]) -> None:
         num_experts, two_intermediate, hidden = base.gate_up_proj.shape
@@ -149,6 +149,14 @@ class LoRAExperts(Experts):
         A = holder.lora_A.weight.unflatten(0, (self.num_experts, -1))  # (E, r, in): A's rows are expert-major
         B = holder.lora_B.weight.unflatten(1, (-1, self.num_experts)).permute(2, 0, 1)  # (E, out, r): rank-major
         return (B, A) if experts is None else (B[experts], A[experts])
+
+    def grouped(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        out = super().grouped(name, x, counts)
+        if name not in self.factors:
+            return out
+        B, A = self.delta_factors(name)
+        low = grouped_linear(x, A.to(x.dtype), counts)  # (M, r)
+        return out + grouped_linear(low, B.to(x.dtype).contiguous(), counts) * self.scaling
 
     def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         stacks = dict(zip(("gate_up_proj", "down_proj"), super().weights(experts), strict=True))

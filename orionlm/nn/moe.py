@@ -23,11 +23,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate, device=device))
 
     def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (gate_up_proj, down_proj) stacks every MoE path multiplies by, for the given experts (default
-        all). Here the parameters themselves, or views of them; nn.lora.LoRAExperts adds its low-rank deltas."""
+        """The (gate_up_proj, down_proj) stacks the single-token and reference paths multiply by, for the given
+        experts (default all). Here the parameters themselves, or views of them; nn.lora.LoRAExperts adds its
+        low-rank deltas."""
         if experts is None:
             return self.gate_up_proj, self.down_proj
         return self.gate_up_proj[experts], self.down_proj[experts]
+
+    def grouped(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, in), its rows grouped by expert (counts[e] rows for expert e), times each expert's matrix of
+        stack `name` ("gate_up_proj" or "down_proj") transposed. nn.lora.LoRAExperts adds its low-rank term."""
+        return grouped_linear(x, getattr(self, name), counts)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e applied to x (N, C)."""
@@ -101,9 +107,8 @@ class MoE(nn.Module):
         token_of_slot = order // self.top_k  # (N*k,)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)  # (E,) slots per expert
         xs = x.index_select(0, token_of_slot)  # (N*k, C), grouped by expert
-        gate_up_proj, down_proj = self.experts.weights()
-        gate, up = grouped_linear(xs, gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, I) each
-        out = grouped_linear(F.silu(gate) * up, down_proj, counts)  # (N*k, C)
+        gate, up = self.experts.grouped("gate_up_proj", xs, counts).chunk(2, dim=-1)  # (N*k, I) each
+        out = self.experts.grouped("down_proj", F.silu(gate) * up, counts)  # (N*k, C)
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_slot, out)
 
@@ -157,6 +162,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
         and not torch.compiler.is_compiling()
         and _grouped_mm_layout(x)
         and _grouped_mm_layout(weight_t)
+        and weight.shape[1] * weight.element_size() % 16 == 0  # the backward's output rows, e.g. a LoRA rank of 2
     ):
         return F.grouped_mm(x, weight_t, offs=counts.cumsum(0, dtype=torch.int32))
     parts = x.split(counts.tolist())
