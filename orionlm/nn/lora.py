@@ -155,8 +155,8 @@ class LoRAExperts(Experts):
         if name not in self.factors:
             return out
         B, A = self.delta_factors(name)
-        low = grouped_linear(x, A.to(x.dtype), counts)  # (M, r)
-        return out + grouped_linear(low, B.to(x.dtype).contiguous(), counts) * self.scaling
+        low = grouped_linear(x, A.to(x.dtype), counts) * self.scaling  # (M, r): scaled where it is small
+        return out.add_(grouped_linear(low, B.to(x.dtype).contiguous(), counts))  # no third (M, out) tensor
 
     def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         stacks = dict(zip(("gate_up_proj", "down_proj"), super().weights(experts), strict=True))
