@@ -442,8 +442,11 @@ def tokenizer_train(files: list[Path], /, *, vocab_size: int, out: Path) -> None
 def train(recipe: Path, /, *overrides: str) -> None:
     """Train a model from a recipe: data mixture, tokenizer, model, optimizer, schedule, run options.
 
+    `mode: pretrain` (the default) trains from scratch on text; `mode: sft` fine-tunes all of a trained
+    model (model.path) and `mode: lora` trains adapters on it, on chat data (see configs/sft-lora.yaml).
     Every recipe key can be overridden after the recipe path, e.g.
       orionlm train configs/tinyshakespeare-moe.yaml --run.max_steps=200 --optim.lr=1e-3
+      orionlm train configs/sft-lora.yaml --model.path=runs/my-model --lora.r=32
     `--resume` continues the run in run.out_dir from its latest checkpoint; `--resume DIR` from DIR.
     Under torchrun the same command trains with DDP (or FSDP2 with --run.fsdp=true):
       torchrun --nproc-per-node 2 -m orionlm train RECIPE.yaml

@@ -13,6 +13,7 @@ from .checkpoint import load_checkpoint, read_config_json, read_generation_confi
 from .config import is_auron_config
 from .errors import OrionError
 from .model import OrionLM
+from .nn.lora import ADAPTER_CONFIG, load_adapter
 from .tokenizer import Tokenizer
 
 # What a model directory needs; nothing executable is ever fetched.
@@ -62,9 +63,12 @@ def load_model(
     dtype: torch.dtype | None = None,
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
     """Load a model and its tokenizer from an orionlm, Hugging Face or Auron directory, a .gguf file,
-    or a Hub id; returns (model, tokenizer, device). fp32 on CPU, bf16 on CUDA unless dtype is given."""
+    a LoRA adapter directory (on the base model it names), or a Hub id; returns (model, tokenizer, device).
+    fp32 on CPU, bf16 on CUDA unless dtype is given."""
     device, dtype = resolve_device(device, dtype)
     path = resolve_model_path(name_or_path)
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        return _load_adapted(path, device, dtype)
     if path.is_file():
         if path.suffix != ".gguf":
             raise OrionError(f"{path} is a file but not a .gguf file; pass a model directory or a GGUF file")
@@ -84,4 +88,19 @@ def load_model(
 
         model, tokenizer = load_hf(path, device=device, dtype=dtype)
     model.generation_defaults = read_generation_config(path)
+    return model, tokenizer, device
+
+
+def _load_adapted(
+    adapter: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[OrionLM, Tokenizer | None, torch.device]:
+    """The base model named in a LoRA adapter's config, with the adapter on it (unmerged)."""
+    base = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise OrionError(f"{adapter} is a LoRA adapter that does not name its base model; "
+                         f"run orionlm merge-lora --base MODEL --adapter {adapter} --out DIR")  # fmt: skip
+    model, tokenizer, device = load_model(base, device, dtype)
+    load_adapter(model, adapter)
+    if (adapter / "tokenizer.json").is_file():  # the fine-tuning run's own, saved beside the adapter
+        tokenizer = Tokenizer.load(adapter)
     return model, tokenizer, device

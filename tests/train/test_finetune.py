@@ -106,6 +106,8 @@ def test_lora_trains_adapters_resumes_exactly_and_merges(tmp_path, base):
     adapted, _, _ = load_model(base / "model", device="cpu")
     load_adapter(adapted, last)
     expected = logits(adapted)
+    # An adapter directory loads as its base (named in adapter_config.json) with the adapter on it.
+    torch.testing.assert_close(logits(load_model(last, device="cpu")[0]), expected, atol=0, rtol=0)
     # The recipe saved beside the adapter is all merge-lora needs.
     main(["merge-lora", str(last / "recipe.yaml"), f"--lora_model_dir={last}", f"--output_dir={tmp_path / 'merged'}"])
     merged, _, _ = load_model(tmp_path / "merged", device="cpu")
