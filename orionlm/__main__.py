@@ -724,9 +724,9 @@ def merge_lora(
 
     Args:
         recipe: the training recipe (mode: lora) whose model.path is the base model
-        adapter: the adapter directory (adapter_config.json, adapter_model.safetensors); also --lora-model-dir
+        adapter: the adapter directory (adapter_config.json, adapter_model.safetensors)
         base: the base model (a model directory, a .gguf file or a Hub id) instead of the recipe's
-        out: the merged model directory to write (default: RECIPE's run.out_dir/merged); also --output-dir
+        out: the merged model directory to write (default: RECIPE's run.out_dir/merged)
         force: replace out if it exists
     """
     from .checkpoint import save_checkpoint
