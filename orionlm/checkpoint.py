@@ -101,6 +101,8 @@ def model_from_tensors(
     """Build the model on the meta device and adopt the given tensors, checking every name and shape."""
     with torch.device("meta"):
         model = OrionLM(config)
+        if config.quantization_config is not None:
+            _quantized_layers(model, config.quantization_config, tensors)
     expected = {name: p for name, p in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -118,14 +120,31 @@ def model_from_tensors(
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}"
             )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected a float tensor")
-        state[name] = tensor.to(device=device, dtype=dtype)
+        if tensor.dtype != want.dtype and not (tensor.is_floating_point() and want.is_floating_point()):
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected {want.dtype}")
+        quantized = name.rsplit(".", 1)[-1] in QUANT_BUFFERS and config.quantization_config is not None
+        state[name] = tensor.to(device=device, dtype=want.dtype if quantized else dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers(device)
     return model.eval()
+
+
+QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tensors keep their stored dtypes
+
+
+def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Make every linear layer the checkpoint stores in GPTQ form (a `.qweight`) a QuantLinear, on meta."""
+    from .quant.pack import QuantLinear, checkpoint_format_of
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in tensors:
+            layer = QuantLinear(module.in_features, module.out_features, quantization["bits"],
+                                quantization["group_size"], module.bias is not None,
+                                checkpoint_format_of(quantization))  # fmt: skip
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
 def load_checkpoint(

@@ -85,6 +85,8 @@ class ModelConfig:
     unet_skips: bool = False  # the inputs of the first half of virtual layers feed the second half
     # Which Hugging Face architecture this model came from or exports to (None: inferred)
     hf_model_type: str | None = None
+    # a quantized model's GPTQ settings (quantize_config.json's keys, read there by transformers); None: not quantized
+    quantization_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, never read by the model
 
     def __post_init__(self) -> None:

@@ -87,7 +87,8 @@ def use_decode_layout(model: nn.Module) -> None:
         if not hasattr(module, "packable") or (module.packed is not None and module.packed.valid()):
             continue
         linears = module.packable()
-        if linears and not any(hasattr(layer, "lora_A") for layer in linears):  # a packed product skips adapters
+        # a packed product would skip adapters, and quantized layers (QuantLinear) hold no float weight
+        if linears and all(type(layer) is Linear for layer in linears):
             module.packed = Packed(linears)
     matrices = [m.weight for m in model.modules() if isinstance(m, Linear)]
     matrices += [p for p in model.parameters() if p.dim() == 3]

@@ -1,0 +1,208 @@
+"""Quantizing a whole model, block by block, as GPTQ's reference does it.
+
+Calibration sequences enter the first block; for each block in turn, the inputs of its linear layers are
+collected into Hessians, each linear is quantized (GPTQ, or round-to-nearest) and replaced by a QuantLinear,
+and the block is run again on the same inputs to give the next block its inputs: every block is calibrated on
+what the already-quantized blocks before it produce, and only one block's activations are held at a time.
+With true_sequential, a block's linears are quantized in the order the forward pass calls them, each group
+of linears that read the same input (q/k/v; gate/up) after the ones before it are quantized. That order is
+recorded from the block's own forward pass, so any block layout works without a table.
+
+The embedding, the norms, the MoE router and the LM head stay in full precision (as in AutoGPTQ). The MoE
+expert stacks and the Chimera stack are not quantized yet: `quantize_model` refuses a Chimera model and keeps
+the experts of an MoE model in full precision, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import save_checkpoint
+from ..data.sources import SourceConfig, iter_documents
+from ..model import OrionLM
+from ..tokenizer import Tokenizer
+from .gptq import Hessian, QuantConfig, QuantError, QuantResult, gptq, rtn
+from .pack import QuantLinear, gptq_config
+
+METHODS = ("gptq", "rtn")
+KEPT = ("gate", "shared_expert_gate")  # MoE routers: a few numbers per token decide everything after them
+
+
+def calibration_samples(tokenizer: Tokenizer, source: str, nsamples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """(nsamples, seq_len) token ids: windows at random offsets (seeded) in the source's documents joined by
+    EOS, as GPTQ samples its calibration set. `source` is a data source path (text, JSONL, Parquet, a
+    directory or "hf:NAME")."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    ids: list[int] = []
+    wanted = nsamples * seq_len * 4  # enough text for windows that rarely overlap
+    for document in iter_documents(SourceConfig(path=source)):
+        ids += tokenizer.encode(document, add_special_tokens=False) + eos
+        if len(ids) >= wanted:
+            break
+    if len(ids) <= seq_len:
+        raise QuantError(f"calibration data {source} has {len(ids)} tokens; a {seq_len}-token sample needs more")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len, size=nsamples)
+    tokens = torch.tensor(ids)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+@dataclass
+class LayerReport:
+    """One quantized linear: its name, the method used and its output error on the calibration inputs."""
+
+    name: str
+    method: str
+    error: float | None  # mean over calibration tokens of ||(W - Q) x||^2 (GPTQ); None for RTN
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _run(block: nn.Module, states: list[torch.Tensor], contexts: list[tuple]) -> list[torch.Tensor]:
+    """The block's outputs for each chunk of calibration states."""
+    return [block(x, *context, None)[0] for x, context in zip(states, contexts, strict=True)]
+
+
+def _linear_groups(block: nn.Module, states: list[torch.Tensor], contexts: list[tuple]) -> list[list[str]]:
+    """The block's quantizable linears in the order its forward pass calls them, grouped by shared input."""
+    calls: list[tuple[str, int]] = []
+    hooks = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in KEPT:
+            hooks.append(module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, id(args[0])))))
+    try:
+        _run(block, states, contexts)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, input_id in calls:
+        if any(name in group for group in groups):
+            continue
+        if input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    return groups
+
+
+@torch.no_grad()
+def quantize_model(
+    model: OrionLM,
+    samples: torch.Tensor | None,
+    config: QuantConfig,
+    method: str = "gptq",
+    batch_size: int = 8,
+    progress: bool = True,
+    log: Callable[[LayerReport], None] = lambda report: None,
+) -> list[LayerReport]:
+    """Quantize model's linear layers in place (they become QuantLinear) with calibration `samples`
+    (n, seq_len; RTN needs none); returns one report per linear. Sets model.config.quantization_config.
+
+    Symmetric quantization is written in checkpoint format "gptq" (AutoGPTQ's v1), asymmetric in "gptq_v2"
+    (GPTQModel's): v1 stores zero - 1 and cannot hold the zero point 0 that an asymmetric group without
+    negative weights gets."""
+    if method not in METHODS:
+        raise QuantError(f"method must be one of {METHODS}, got {method!r}")
+    if model.config.architecture == "chimera":
+        raise QuantError("quantizing Chimera models is not supported yet (only attention-block stacks)")
+    if method == "gptq" and samples is None:
+        raise QuantError("gptq needs calibration samples")
+    checkpoint_format = "gptq" if config.sym else "gptq_v2"
+    model.eval()
+    for module in model.modules():  # a decode layout's packed q/k/v product would hide the layers from the hooks
+        if getattr(module, "packed", None) is not None:
+            module.packed = None
+    device = model.device
+    reports: list[LayerReport] = []
+    if method == "rtn":  # no data: every layer at once
+        for name, linear in _quantizable(model):
+            _replace(model, name, _quantized(linear, rtn(linear.weight, config), config, checkpoint_format))
+            reports.append(LayerReport(name, "rtn", None))
+            log(reports[-1])
+        _record(model, config, checkpoint_format)
+        return reports
+    chunks = [c.to(device) for c in samples.split(batch_size)]
+    states = []  # the current block's inputs, one tensor per chunk
+    for ids in chunks:
+        x = model.model.embed_tokens(ids)
+        states.append(model.model.embed_norm(x) if model.config.embedding_norm else x)
+
+    def context(ids: torch.Tensor) -> tuple:
+        B, T = ids.shape
+        position_ids = torch.arange(T, device=device).expand(B, T)
+        rope = model.rotary(position_ids) if model.rotary is not None else None
+        mask, is_causal = model._attention_mask(B, T, 0, None, position_ids, states[0].dtype)
+        return rope, mask, is_causal
+
+    contexts = [context(ids) for ids in chunks]
+    layers = model.model.layers
+    for index, block in enumerate(tqdm(layers, desc=f"{method} {config.bits}-bit", unit="block", disable=not progress)):
+        groups = _linear_groups(block, states[:1], contexts[:1])
+        if not config.true_sequential:
+            groups = [[name for group in groups for name in group]]
+        for group in groups:
+            linears = {name: block.get_submodule(name) for name in group}
+            hessians = {name: Hessian(linear.in_features, device=device) for name, linear in linears.items()}
+            hooks = [hessians[name].attach(linear) for name, linear in linears.items()]
+            try:
+                _run(block, states, contexts)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for name, linear in linears.items():
+                full = f"model.layers.{index}.{name}"
+                if hessians[name].count == 0:
+                    result, used = rtn(linear.weight, config), "rtn (no calibration input)"
+                else:
+                    result, used = gptq(linear.weight, hessians[name].matrix, config), "gptq"
+                _replace(block, name, _quantized(linear, result, config, checkpoint_format))
+                report = LayerReport(full, used, result.loss)
+                reports.append(report)
+                log(report)
+        states = _run(block, states, contexts)
+    _record(model, config, checkpoint_format)
+    return reports
+
+
+def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linear layers of the block stack, routers excepted."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("model.") and name.rsplit(".", 1)[-1] not in KEPT
+    ]
+
+
+def _quantized(linear: nn.Linear, result: QuantResult, config: QuantConfig, checkpoint_format: str) -> QuantLinear:
+    q, scale, zero, g_idx = result.qweight, result.scale, result.zero, result.g_idx
+    return QuantLinear.from_float(linear, q, scale, zero, g_idx, config.bits, config.group_size, checkpoint_format)
+
+
+def _record(model: OrionLM, config: QuantConfig, checkpoint_format: str) -> None:
+    """The settings, as config.json's quantization_config (what loading, and transformers, read)."""
+    c = config
+    settings = gptq_config(
+        c.bits, c.group_size, c.desc_act, c.sym, c.damp_percent, c.static_groups, c.true_sequential, checkpoint_format
+    )
+    model.config = model.config.replace(quantization_config=settings)
+
+
+def save_quantized(model: OrionLM, directory: Path, tokenizer: Tokenizer | None) -> None:
+    """A quantized model's directory: the model (GPTQ tensors, quantization_config in config.json) and
+    quantize_config.json beside it, as AutoGPTQ and GPTQModel write it."""
+    settings = json.dumps(model.config.quantization_config, indent=2) + "\n"
+    save_checkpoint(model, directory, tokenizer, getattr(model, "generation_defaults", None) or None,
+                    write_extra=lambda tmp: (tmp / "quantize_config.json").write_text(settings))  # fmt: skip

@@ -1,0 +1,88 @@
+"""Quantizing whole models block by block: the checkpoint round trip, GPTQ against RTN on real text, what
+stays in full precision, and the command line."""
+
+import json
+
+import pytest
+import torch
+
+from orionlm.__main__ import main
+from orionlm.checkpoint import save_checkpoint
+from orionlm.config import preset
+from orionlm.generation import generate_ids
+from orionlm.loading import load_model
+from orionlm.model import OrionLM
+from orionlm.quant.gptq import QuantConfig, QuantError
+from orionlm.quant.model import calibration_samples, quantize_model, save_quantized
+from orionlm.quant.pack import QuantLinear
+from orionlm.tokenizer import Tokenizer
+
+TOK = Tokenizer.byte_level()
+
+
+def tiny(name: str) -> OrionLM:
+    model = OrionLM(preset(name, vocab_size=TOK.vocab_size, initializer_range=0.1)).eval()
+    model.reset_parameters(seed=0)
+    return model
+
+
+@pytest.fixture
+def text(shared_data):
+    return str(shared_data / "pretrain" / "tinyshakespeare.txt.gz")
+
+
+@pytest.mark.parametrize("sym, checkpoint_format", [(True, "gptq"), (False, "gptq_v2")])
+def test_quantized_checkpoint_round_trip(tmp_path, text, sym, checkpoint_format):
+    model = tiny("tiny-dense")
+    samples = calibration_samples(TOK, text, nsamples=8, seq_len=64)
+    reports = quantize_model(model, samples, QuantConfig(bits=4, group_size=32, sym=sym), progress=False)
+    linears = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(reports) == len(linears) == 7 * model.config.num_layers and all(r.method == "gptq" for r in reports)
+    save_quantized(model, tmp_path / "q", TOK)
+    settings = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert settings["bits"] == 4 and settings["group_size"] == 32 and settings["quant_method"] == "gptq"
+    assert settings["sym"] == sym and settings["checkpoint_format"] == checkpoint_format
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"] == settings
+    loaded, _, _ = load_model(tmp_path / "q", device="cpu")
+    assert loaded.model.layers[0].self_attn.q_proj.qweight.dtype == torch.int32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(samples[:2]).logits, model(samples[:2]).logits, atol=0, rtol=0)
+    # generation packs q/k/v for decoding only where layers hold float weights
+    assert generate_ids(loaded, [samples[0, :8].tolist()], max_new_tokens=4, temperature=0) == generate_ids(
+        model, [samples[0, :8].tolist()], max_new_tokens=4, temperature=0
+    )
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_moves_the_logits_less_than_rtn(text, bits):
+    reference = tiny("tiny-dense")
+    calibration = calibration_samples(TOK, text, nsamples=16, seq_len=64, seed=0)
+    held_out = calibration_samples(TOK, text, nsamples=4, seq_len=64, seed=1)
+    with torch.no_grad():
+        want = reference(held_out).logits
+    errors = {}
+    for method in ("gptq", "rtn"):
+        model = tiny("tiny-dense")
+        quantize_model(model, calibration, QuantConfig(bits=bits, group_size=32), method=method, progress=False)
+        with torch.no_grad():
+            errors[method] = (model(held_out).logits - want).square().mean().item()
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+
+
+def test_moe_routers_and_experts_stay_in_full_precision(text):
+    model = tiny("tiny-qwen-moe")
+    quantize_model(model, calibration_samples(TOK, text, 4, 32), QuantConfig(bits=4, group_size=32), progress=False)
+    moe = model.model.layers[0].mlp
+    assert type(moe.gate).__name__ == "Linear" and moe.experts.gate_up_proj.is_floating_point()
+    assert isinstance(moe.shared_expert.down_proj, QuantLinear)
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(QuantError, match="Chimera"):
+        quantize_model(tiny("tiny-chimera"), torch.zeros(1, 4, dtype=torch.long), QuantConfig(), progress=False)
+    save_checkpoint(tiny("tiny-dense"), tmp_path / "m", TOK)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(tmp_path / "m"), str(tmp_path / "q")])
+    assert exit_info.value.code == 2  # gptq without --dataset
+    main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--method", "rtn", "--bits", "8", "--group-size", "-1"])
+    assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["bits"] == 8
