@@ -782,8 +782,8 @@ def quantize(
     calibration text (GPTQ), or round-to-nearest (RTN, no data). Prints each layer's output error and writes
     OUT as a model directory with quantize_config.json; orionlm loads it for generate, serve and eval.
 
-    Not quantized: the embedding, norms, MoE routers, the LM head, and (not yet) MoE expert stacks and
-    Chimera models.
+    MoE experts are quantized one by one on the tokens routed to each. Kept in full precision: the
+    embedding, norms, MoE routers and the LM head. Chimera models are not supported yet.
 
     Examples:
       orionlm quantize runs/m runs/m-gptq4 --bits 4 --group-size 128 --dataset data/c4_sample.jsonl.gz

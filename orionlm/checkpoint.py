@@ -135,16 +135,28 @@ QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tenso
 
 
 def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Make every linear layer the checkpoint stores in GPTQ form (a `.qweight`) a QuantLinear, on meta."""
-    from .quant.pack import QuantLinear, checkpoint_format_of
+    """Make every linear layer (and MoE expert stack) the checkpoint stores in GPTQ form (a `.qweight`) a
+    QuantLinear (a QuantExperts), on meta."""
+    from .nn.moe import Experts
+    from .quant.pack import QuantExperts, QuantLinear, checkpoint_format_of
+
+    settings = (quantization["bits"], quantization["group_size"])
+    checkpoint_format = checkpoint_format_of(quantization)
+
+    def shell(in_features: int, out_features: int, bias: bool) -> QuantLinear:
+        return QuantLinear(in_features, out_features, *settings, bias, checkpoint_format)
 
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in tensors:
-            layer = QuantLinear(module.in_features, module.out_features, quantization["bits"],
-                                quantization["group_size"], module.bias is not None,
-                                checkpoint_format_of(quantization))  # fmt: skip
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+            layer: torch.nn.Module = shell(module.in_features, module.out_features, module.bias is not None)
+        elif isinstance(module, Experts) and f"{name}.down_proj.0.qweight" in tensors:
+            stacks = [[shell(p.shape[2], p.shape[1], False) for _ in range(p.shape[0])]
+                      for p in (module.gate_up_proj, module.down_proj)]  # fmt: skip
+            layer = QuantExperts(*stacks)
+        else:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
 def load_checkpoint(

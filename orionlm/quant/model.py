@@ -8,9 +8,11 @@ With true_sequential, a block's linears are quantized in the order the forward p
 of linears that read the same input (q/k/v; gate/up) after the ones before it are quantized. That order is
 recorded from the block's own forward pass, so any block layout works without a table.
 
-The embedding, the norms, the MoE router and the LM head stay in full precision (as in AutoGPTQ). The MoE
-expert stacks and the Chimera stack are not quantized yet: `quantize_model` refuses a Chimera model and keeps
-the experts of an MoE model in full precision, and says so.
+MoE experts are quantized one by one, each with its own Hessian from the calibration tokens the router sends
+it (gate_up_proj first, then down_proj on what the quantized gate_up_proj produces); an expert that receives
+fewer than MIN_EXPERT_TOKENS tokens is rounded to nearest instead, rather than solved from a Hessian of a
+handful of tokens. The embedding, the norms, the MoE routers and the LM head stay in full precision (as in
+AutoGPTQ). Chimera models are not supported yet.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from tqdm import tqdm
 from ..checkpoint import save_checkpoint
 from ..data.sources import SourceConfig, iter_documents
 from ..model import OrionLM
+from ..nn.moe import Experts
 from ..tokenizer import Tokenizer
 from .gptq import Hessian, QuantConfig, QuantError, QuantResult, gptq, rtn
-from .pack import QuantLinear, gptq_config
+from .pack import STACKS, QuantExperts, QuantLinear, gptq_config
 
 METHODS = ("gptq", "rtn")
 KEPT = ("gate", "shared_expert_gate")  # MoE routers: a few numbers per token decide everything after them
+MIN_EXPERT_TOKENS = 16  # fewer routed calibration tokens than this: the expert is rounded to nearest instead
 
 
 def calibration_samples(tokenizer: Tokenizer, source: str, nsamples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -172,8 +176,66 @@ def quantize_model(
                 report = LayerReport(full, used, result.loss)
                 reports.append(report)
                 log(report)
+        for name, experts in [(n, m) for n, m in block.named_modules() if isinstance(m, Experts)]:
+            for report in _quantize_experts(block, name, experts, states, contexts, config, checkpoint_format):
+                report.name = f"model.layers.{index}.{report.name}"
+                reports.append(report)
+                log(report)
         states = _run(block, states, contexts)
     _record(model, config, checkpoint_format)
+    return reports
+
+
+class _Recorder(nn.Module):
+    """Stands in for an Experts module during calibration: adds the rows each expert's `stack` receives to
+    that expert's Hessian, then computes as the experts do."""
+
+    def __init__(self, experts: Experts, stack: str, hessians: list[Hessian]) -> None:
+        super().__init__()
+        self.inner, self.stack, self.hessians = experts, stack, hessians
+
+    def grouped(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if name == self.stack:
+            for hessian, rows in zip(self.hessians, x.split(counts.tolist()), strict=True):
+                if len(rows):
+                    hessian.add(rows)
+        return self.inner.grouped(name, x, counts)
+
+
+def _quantize_experts(
+    block: nn.Module,
+    name: str,
+    experts: Experts,
+    states: list[torch.Tensor],
+    contexts: list[tuple],
+    config: QuantConfig,
+    checkpoint_format: str,
+) -> list[LayerReport]:
+    """Quantize every expert of both stacks (gate_up_proj, then down_proj on what the quantized gate_up
+    produces), each on the calibration tokens routed to it; an expert that gets fewer than
+    MIN_EXPERT_TOKENS of them is rounded to nearest instead. Replaces the module with QuantExperts."""
+    reports, quantized = [], {}
+    for stack in STACKS:
+        stacked = getattr(experts, stack)
+        hessians = [Hessian(stacked.shape[2], device=stacked.device) for _ in range(stacked.shape[0])]
+        _replace(block, name, _Recorder(experts, stack, hessians))
+        try:
+            _run(block, states, contexts)
+        finally:
+            _replace(block, name, experts)
+        layers = []
+        for e, hessian in enumerate(hessians):
+            if hessian.count < MIN_EXPERT_TOKENS:
+                result, used = rtn(stacked[e], config), f"rtn ({hessian.count} calibration tokens routed here)"
+            else:
+                result, used = gptq(stacked[e], hessian.matrix, config), f"gptq ({hessian.count} tokens)"
+            q, scale, zero, g_idx = result.qweight, result.scale, result.zero, result.g_idx
+            layers.append(QuantLinear.from_codes(q, scale, zero, g_idx, config.bits, config.group_size, None,
+                                                 checkpoint_format))  # fmt: skip
+            reports.append(LayerReport(f"{name}.{stack}.{e}", used, result.loss))
+        stacked.copy_(torch.stack([layer.dequantize(stacked.dtype) for layer in layers]))  # what the next stack sees
+        quantized[stack] = layers
+    _replace(block, name, QuantExperts(quantized["gate_up_proj"], quantized["down_proj"]))
     return reports
 
 

@@ -303,26 +303,34 @@ class QuantLinear(nn.Module):
         checkpoint_format: str = "gptq",
     ) -> QuantLinear:
         """The quantized layer for `linear` (its shape and bias) from GPTQ's result, as pack_gptq takes it."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bits,
-            group_size,
-            linear.bias is not None,
-            checkpoint_format,
-            device=linear.weight.device,
-        )
+        return cls.from_codes(q, scale, zero, g_idx, bits, group_size, linear.bias, checkpoint_format)
+
+    @classmethod
+    def from_codes(
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        g_idx: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        checkpoint_format: str = "gptq",
+    ) -> QuantLinear:
+        """The quantized layer of GPTQ's integers q (out, in) and their group parameters, on q's device."""
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bits, group_size, bias is not None, checkpoint_format, device=q.device)
         if scale.shape[1] != layer.scales.shape[0]:
             raise OrionError(
-                f"group_size {group_size} gives {layer.scales.shape[0]} groups for {linear.in_features} inputs; "
+                f"group_size {group_size} gives {layer.scales.shape[0]} groups for {in_features} inputs; "
                 f"scale has {scale.shape[1]}"
             )
-        tensors = pack_gptq(q.to(layer.qweight.device), scale, zero, g_idx, bits, checkpoint_format)
+        tensors = pack_gptq(q, scale, zero, g_idx, bits, checkpoint_format)
         with torch.no_grad():
             for name, tensor in tensors.items():
                 getattr(layer, name).copy_(tensor)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+            if bias is not None:
+                layer.bias.copy_(bias)
         return layer
 
     def extra_repr(self) -> str:
@@ -445,3 +453,29 @@ class QuantLinear(nn.Module):
             if moved.dtype != tensor.dtype:
                 setattr(self, name, tensor.to(moved.device))
         return self
+
+
+class QuantExperts(nn.Module):
+    """An MoE layer's expert stacks in GPTQ form: gate_up_proj and down_proj are lists of QuantLinear, one per
+    expert (state dict names experts.gate_up_proj.{e}.qweight, ...). It answers the MoE paths as
+    nn.moe.Experts does: grouped() runs each expert's rows through its own layer; weights() and expert()
+    dequantize the experts they are asked for."""
+
+    def __init__(self, gate_up_proj: list[QuantLinear], down_proj: list[QuantLinear]) -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj = nn.ModuleList(gate_up_proj), nn.ModuleList(down_proj)
+
+    def grouped(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        parts = zip(getattr(self, name), x.split(counts.tolist()), strict=True)
+        return torch.cat([layer(part) if len(part) else part.new_zeros(0, layer.out_features) for layer, part in parts])
+
+    def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = range(len(self.down_proj))[experts or slice(None)]
+        return tuple(torch.stack([getattr(self, name)[e].dequantize() for e in chosen]) for name in STACKS)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)
+        return self.down_proj[e](F.silu(gate) * up)
+
+
+STACKS = ("gate_up_proj", "down_proj")

@@ -2,6 +2,7 @@
 stays in full precision, and the command line."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from orionlm.generation import generate_ids
 from orionlm.loading import load_model
 from orionlm.model import OrionLM
 from orionlm.quant.gptq import QuantConfig, QuantError
-from orionlm.quant.model import calibration_samples, quantize_model, save_quantized
-from orionlm.quant.pack import QuantLinear
+from orionlm.quant.model import MIN_EXPERT_TOKENS, calibration_samples, quantize_model, save_quantized
+from orionlm.quant.pack import QuantExperts, QuantLinear
 from orionlm.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()
@@ -69,12 +70,30 @@ def test_gptq_moves_the_logits_less_than_rtn(text, bits):
     assert errors["gptq"] < 0.7 * errors["rtn"]
 
 
-def test_moe_routers_and_experts_stay_in_full_precision(text):
+def test_moe_experts_are_quantized_each_on_its_own_tokens(tmp_path, text):
     model = tiny("tiny-qwen-moe")
-    quantize_model(model, calibration_samples(TOK, text, 4, 32), QuantConfig(bits=4, group_size=32), progress=False)
+    samples = calibration_samples(TOK, text, nsamples=8, seq_len=64)
+    reports = quantize_model(model, samples, QuantConfig(bits=4, group_size=32), progress=False)
     moe = model.model.layers[0].mlp
-    assert type(moe.gate).__name__ == "Linear" and moe.experts.gate_up_proj.is_floating_point()
-    assert isinstance(moe.shared_expert.down_proj, QuantLinear)
+    assert type(moe.gate).__name__ == "Linear"  # the router stays in full precision
+    assert isinstance(moe.experts, QuantExperts) and isinstance(moe.shared_expert.down_proj, QuantLinear)
+    first = [r for r in reports if r.name.startswith("model.layers.0.mlp.experts.gate_up_proj.")]
+    assert len(first) == model.config.num_experts
+    routed = [int(re.search(r"(\d+) (calibration )?tokens", r.method).group(1)) for r in first]
+    assert sum(routed) == samples.numel() * model.config.experts_per_token  # every routed slot, once
+    for report, count in zip(first, routed, strict=True):
+        assert report.method.startswith("gptq" if count >= MIN_EXPERT_TOKENS else "rtn")
+    save_quantized(model, tmp_path / "q", TOK)
+    loaded, _, _ = load_model(tmp_path / "q", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(samples[:2]).logits, model(samples[:2]).logits, atol=0, rtol=0)
+        # every MoE path (grouped, single token, per-expert reference) computes the same quantized experts
+        x = torch.randn(5, model.config.hidden_size)
+        grouped = moe(x.unsqueeze(0))[0]
+        moe.use_reference = True
+        torch.testing.assert_close(moe(x.unsqueeze(0))[0], grouped, atol=1e-5, rtol=1e-5)
+        moe.use_reference = False
+        torch.testing.assert_close(moe(x[:1].unsqueeze(0))[0], grouped[:, :1], atol=1e-5, rtol=1e-5)
 
 
 def test_refusals(tmp_path):
