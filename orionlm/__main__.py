@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -48,15 +49,17 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
     if preset == "list":
         print("\n".join(PRESETS))
         return
+    sizes: dict[str, int] = {}
     if preset is not None:
         config = get_preset(preset)
     else:
         config = _read_config(Path(model))
+        sizes = _weight_bytes(Path(model))
     total, active = count_parameters(config)
     virtual = virtual_parameters(config)
     if json:
         counts = {"total_params": total, "active_params": active, "virtual_params": virtual}
-        print(jsonlib.dumps(counts | {"config": config.to_dict()}, indent=2))
+        print(jsonlib.dumps(counts | sizes | {"config": config.to_dict()}, indent=2))
         return
     rows = [
         ("name", config.name or "-"),
@@ -89,6 +92,14 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
     rows += [("total parameters", _human(total)), ("active per token", _human(active))]
     if virtual != total:
         rows.append(("virtual parameters", _human(virtual)))
+    quant = config.quantization_config
+    if quant:
+        groups = "per row" if quant["group_size"] == -1 else f"groups of {quant['group_size']}"
+        order = ", act order" if quant.get("desc_act") else ""
+        rows.append(("quantization", f"GPTQ {quant['bits']}-bit, {groups}{order}, {'sym' if quant['sym'] else 'asym'}"))
+    if sizes:
+        rows.append(("weights on disk", f"{sizes['disk_bytes'] / 2**20:,.1f} MiB"))
+        rows.append(("in memory (fp32 on CPU)", f"{sizes['memory_bytes'] / 2**20:,.1f} MiB"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -106,6 +117,29 @@ def _human(n: int) -> str:
         if n >= scale:
             return f"{n:,} ({n / scale:.1f}{unit})"
     return f"{n:,}"
+
+
+def _weight_bytes(path: Path) -> dict[str, int]:
+    """Bytes of a model directory's safetensors files on disk, and of its tensors once loaded for CPU (float
+    tensors as float32, quantized ones as stored); read from the file headers, not the weights."""
+    from safetensors import safe_open
+
+    from .checkpoint import QUANT_BUFFERS
+    from .loading import resolve_model_path
+
+    path = resolve_model_path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return {}
+    memory = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                numel = math.prod(tensor.get_shape())
+                stored = {"F16": 2, "BF16": 2, "I64": 8, "U8": 1, "I8": 1}.get(tensor.get_dtype(), 4)
+                memory += numel * (stored if key.rsplit(".", 1)[-1] in QUANT_BUFFERS else 4)
+    return {"disk_bytes": sum(f.stat().st_size for f in files), "memory_bytes": memory}
 
 
 def _read_config(path: Path):

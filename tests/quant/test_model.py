@@ -105,3 +105,22 @@ def test_refusals(tmp_path):
     assert exit_info.value.code == 2  # gptq without --dataset
     main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--method", "rtn", "--bits", "8", "--group-size", "-1"])
     assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["bits"] == 8
+
+
+def test_info_shows_bits_and_sizes(tmp_path, capsys):
+    model = tiny("tiny-dense")
+    save_checkpoint(model, tmp_path / "m", TOK)
+    quantize_model(model, None, QuantConfig(bits=4, group_size=32), method="rtn", progress=False)
+    save_quantized(model, tmp_path / "q", TOK)
+    sizes = {}
+    for name in ("m", "q"):
+        main(["info", str(tmp_path / name), "--json"])
+        sizes[name] = json.loads(capsys.readouterr().out)
+    # The block stack's 4-bit weights (plus scales and g_idx) take under a fifth of their float32 bytes;
+    # the embedding and the head stay float32.
+    stack = sum(p.numel() for n, p in tiny("tiny-dense").named_parameters() if ".layers." in n and p.dim() == 2)
+    saved = sizes["m"]["memory_bytes"] - sizes["q"]["memory_bytes"]
+    assert 0.75 * 4 * stack < saved < 4 * stack
+    assert sizes["q"]["disk_bytes"] < sizes["m"]["disk_bytes"] and sizes["q"]["config"]["quantization_config"]
+    main(["info", str(tmp_path / "q")])
+    assert "GPTQ 4-bit, groups of 32, sym" in capsys.readouterr().out
