@@ -131,21 +131,38 @@ class ChimeraDecoder(nn.Module):
         keep: torch.Tensor | None,
         checkpointing: bool,
     ) -> torch.Tensor:
+        state = (x, x, ())
+        for v in range(len(self.schedule)):
+            state = self.step(v, state, rope, mask, is_causal, cache, keep, checkpointing)
+        return state[0]
+
+    def step(
+        self,
+        v: int,
+        state: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: HybridCache | None = None,
+        keep: torch.Tensor | None = None,
+        checkpointing: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Virtual layer v on state (x, x0, the stored U-Net skip inputs); returns the next state. The state is
+        never changed in place, so a step can be run again on the same state (quantization calibrates that way)."""
+        x, x0, stored = state
         n = len(self.schedule)
-        x0, stored = x, []
-        bottom = self.config.num_layers - self.config.shared_layers
-        for v, (block, loop, slot) in enumerate(self.schedule):
-            if self.config.x0_inject:
-                x = x + self.x0_lambdas[v].to(x.dtype) * x0
-            if self.config.unet_skips and v < n // 2:
-                stored.append(x)
-            layer = self.layers[block]
-            layer_id = None
-            if loop is not None and not layer.is_attention:
-                layer_id = self.layer_ids[loop, block - bottom]
-            args = (x, rope, mask, is_causal, cache, slot, layer_id, keep)
-            x = checkpoint(layer, *args, use_reentrant=False) if checkpointing else layer(*args)
-            j = n - 1 - v
-            if self.config.unet_skips and j < n // 2:
-                x = x + self.skip_weights[j].to(x.dtype) * stored[j]
-        return x
+        block, loop, slot = self.schedule[v]
+        if self.config.x0_inject:
+            x = x + self.x0_lambdas[v].to(x.dtype) * x0
+        if self.config.unet_skips and v < n // 2:
+            stored = (*stored, x)
+        layer = self.layers[block]
+        layer_id = None
+        if loop is not None and not layer.is_attention:
+            layer_id = self.layer_ids[loop, block - (self.config.num_layers - self.config.shared_layers)]
+        args = (x, rope, mask, is_causal, cache, slot, layer_id, keep)
+        x = checkpoint(layer, *args, use_reentrant=False) if checkpointing else layer(*args)
+        j = n - 1 - v
+        if self.config.unet_skips and j < n // 2:
+            x = x + self.skip_weights[j].to(x.dtype) * stored[j]
+        return x, x0, stored

@@ -12,7 +12,9 @@ MoE experts are quantized one by one, each with its own Hessian from the calibra
 it (gate_up_proj first, then down_proj on what the quantized gate_up_proj produces); an expert that receives
 fewer than MIN_EXPERT_TOKENS tokens is rounded to nearest instead, rather than solved from a Hessian of a
 handful of tokens. The embedding, the norms, the MoE routers and the LM head stay in full precision (as in
-AutoGPTQ). Chimera models are not supported yet.
+AutoGPTQ), and so do Gated DeltaNet's convolutions, decay parameters (A_log, dt_bias) and gated norm. A
+Chimera is calibrated one virtual layer at a time; a looped (shared) block is quantized at its first use,
+on the inputs of loop 0, and its later loops run quantized.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
+from ..chimera import ChimeraDecoder
 from ..data.sources import SourceConfig, iter_documents
 from ..model import OrionLM
 from ..nn.moe import Experts
@@ -72,20 +76,31 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _run(block: nn.Module, states: list[torch.Tensor], contexts: list[tuple]) -> list[torch.Tensor]:
-    """The block's outputs for each chunk of calibration states."""
+def _block_step(block: nn.Module, states: list[torch.Tensor], contexts: list[tuple]) -> list[torch.Tensor]:
+    """A block's outputs for each chunk of calibration states."""
     return [block(x, *context, None)[0] for x, context in zip(states, contexts, strict=True)]
 
 
-def _linear_groups(block: nn.Module, states: list[torch.Tensor], contexts: list[tuple]) -> list[list[str]]:
-    """The block's quantizable linears in the order its forward pass calls them, grouped by shared input."""
+def _chimera_step(decoder: ChimeraDecoder, v: int, states: list[tuple], contexts: list[tuple]) -> list[tuple]:
+    """A Chimera's virtual layer v on each chunk's state."""
+    return [decoder.step(v, state, *context) for state, context in zip(states, contexts, strict=True)]
+
+
+def _fits(in_features: int, out_features: int, bits: int) -> bool:
+    """Whether the GPTQ format can hold the layer: it packs 32 / bits values along each dimension."""
+    return in_features * bits % 32 == 0 and out_features * bits % 32 == 0
+
+
+def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> list[list[str]]:
+    """The block's quantizable linears in the order its forward pass (`run`) calls them, grouped by shared
+    input."""
     calls: list[tuple[str, int]] = []
     hooks = []
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in KEPT:
+        if _candidate(name, module) and _fits(module.in_features, module.out_features, bits):
             hooks.append(module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, id(args[0])))))
     try:
-        _run(block, states, contexts)
+        run()
     finally:
         for hook in hooks:
             hook.remove()
@@ -120,8 +135,6 @@ def quantize_model(
     negative weights gets."""
     if method not in METHODS:
         raise QuantError(f"method must be one of {METHODS}, got {method!r}")
-    if model.config.architecture == "chimera":
-        raise QuantError("quantizing Chimera models is not supported yet (only attention-block stacks)")
     if method == "gptq" and samples is None:
         raise QuantError("gptq needs calibration samples")
     checkpoint_format = "gptq" if config.sym else "gptq_v2"
@@ -132,29 +145,46 @@ def quantize_model(
     device = model.device
     reports: list[LayerReport] = []
     if method == "rtn":  # no data: every layer at once
-        for name, linear in _quantizable(model):
-            _replace(model, name, _quantized(linear, rtn(linear.weight, config), config, checkpoint_format))
-            reports.append(LayerReport(name, "rtn", None))
-            log(reports[-1])
+        for name, linear in list(model.model.named_modules()):
+            if _candidate(name, linear) and _fits(linear.in_features, linear.out_features, config.bits):
+                quantized = _quantized(linear, rtn(linear.weight, config), config, checkpoint_format)
+                _replace(model.model, name, quantized)
+                reports.append(LayerReport(f"model.{name}", "rtn", None))
+                log(reports[-1])
         _record(model, config, checkpoint_format)
         return reports
     chunks = [c.to(device) for c in samples.split(batch_size)]
-    states = []  # the current block's inputs, one tensor per chunk
+    embedded = []
     for ids in chunks:
         x = model.model.embed_tokens(ids)
-        states.append(model.model.embed_norm(x) if model.config.embedding_norm else x)
+        embedded.append(model.model.embed_norm(x) if model.config.embedding_norm else x)
 
     def context(ids: torch.Tensor) -> tuple:
         B, T = ids.shape
         position_ids = torch.arange(T, device=device).expand(B, T)
         rope = model.rotary(position_ids) if model.rotary is not None else None
-        mask, is_causal = model._attention_mask(B, T, 0, None, position_ids, states[0].dtype)
+        mask, is_causal = model._attention_mask(B, T, 0, None, position_ids, embedded[0].dtype)
         return rope, mask, is_causal
 
     contexts = [context(ids) for ids in chunks]
-    layers = model.model.layers
-    for index, block in enumerate(tqdm(layers, desc=f"{method} {config.bits}-bit", unit="block", disable=not progress)):
-        groups = _linear_groups(block, states[:1], contexts[:1])
+    chimera = isinstance(model.model, ChimeraDecoder)
+    # Each chunk's state between steps: the hidden states, or for a Chimera (x, x0, U-Net skip inputs).
+    states: list = [(x, x, ()) for x in embedded] if chimera else embedded
+    if chimera:  # one step per virtual layer; a looped block is quantized at its first use, on loop 0's inputs
+        steps = [(b, partial(_chimera_step, model.model, v)) for v, (b, _, _) in enumerate(model.model.schedule)]
+    else:
+        steps = [(i, partial(_block_step, block)) for i, block in enumerate(model.model.layers)]
+    done = set()
+    for index, run in tqdm(steps, desc=f"{method} {config.bits}-bit", unit="layer", disable=not progress):
+        if index in done:
+            states = run(states, contexts)
+            continue
+        done.add(index)
+        block = model.model.layers[index]
+        for report in _unfit(block, f"model.layers.{index}", config.bits):
+            reports.append(report)
+            log(report)
+        groups = _linear_groups(block, partial(run, states[:1], contexts[:1]), config.bits)
         if not config.true_sequential:
             groups = [[name for group in groups for name in group]]
         for group in groups:
@@ -162,7 +192,7 @@ def quantize_model(
             hessians = {name: Hessian(linear.in_features, device=device) for name, linear in linears.items()}
             hooks = [hessians[name].attach(linear) for name, linear in linears.items()]
             try:
-                _run(block, states, contexts)
+                run(states, contexts)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -176,12 +206,14 @@ def quantize_model(
                 report = LayerReport(full, used, result.loss)
                 reports.append(report)
                 log(report)
-        for name, experts in [(n, m) for n, m in block.named_modules() if isinstance(m, Experts)]:
-            for report in _quantize_experts(block, name, experts, states, contexts, config, checkpoint_format):
+        for name, experts in [(n, m) for n, m in block.named_modules() if isinstance(m, Experts)
+                              and all(_fits(*getattr(m, s).shape[:0:-1], config.bits) for s in STACKS)]:  # fmt: skip
+            for report in _quantize_experts(block, name, experts, partial(run, states, contexts), config,
+                                            checkpoint_format):  # fmt: skip
                 report.name = f"model.layers.{index}.{report.name}"
                 reports.append(report)
                 log(report)
-        states = _run(block, states, contexts)
+        states = run(states, contexts)
     _record(model, config, checkpoint_format)
     return reports
 
@@ -206,8 +238,7 @@ def _quantize_experts(
     block: nn.Module,
     name: str,
     experts: Experts,
-    states: list[torch.Tensor],
-    contexts: list[tuple],
+    run: Callable[[], object],
     config: QuantConfig,
     checkpoint_format: str,
 ) -> list[LayerReport]:
@@ -220,7 +251,7 @@ def _quantize_experts(
         hessians = [Hessian(stacked.shape[2], device=stacked.device) for _ in range(stacked.shape[0])]
         _replace(block, name, _Recorder(experts, stack, hessians))
         try:
-            _run(block, states, contexts)
+            run()
         finally:
             _replace(block, name, experts)
         layers = []
@@ -239,13 +270,18 @@ def _quantize_experts(
     return reports
 
 
-def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The linear layers of the block stack, routers excepted."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith("model.") and name.rsplit(".", 1)[-1] not in KEPT
-    ]
+def _candidate(name: str, module: nn.Module) -> bool:
+    """A linear layer that is quantized when the format can hold its shape: any but a router."""
+    return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in KEPT
+
+
+def _unfit(block: nn.Module, prefix: str, bits: int) -> list[LayerReport]:
+    """Reports for the block's layers (and expert stacks) that stay in full precision because of their shape."""
+    shapes = [(n, m.in_features, m.out_features) for n, m in block.named_modules() if _candidate(n, m)]
+    shapes += [(f"{n}.{stack}", *getattr(m, stack).shape[:0:-1]) for n, m in block.named_modules()
+               if isinstance(m, Experts) for stack in STACKS]  # fmt: skip
+    return [LayerReport(f"{prefix}.{name}", f"kept in full precision: {i} x {o} does not pack at {bits} bits", None)
+            for name, i, o in shapes if not _fits(i, o, bits)]  # fmt: skip
 
 
 def _quantized(linear: nn.Linear, result: QuantResult, config: QuantConfig, checkpoint_format: str) -> QuantLinear:

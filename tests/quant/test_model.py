@@ -96,9 +96,28 @@ def test_moe_experts_are_quantized_each_on_its_own_tokens(tmp_path, text):
         torch.testing.assert_close(moe(x[:1].unsqueeze(0))[0], grouped[:, :1], atol=1e-5, rtol=1e-5)
 
 
+def test_chimera_gdn_and_attention_projections(tmp_path, text):
+    model = tiny("tiny-chimera")
+    samples = calibration_samples(TOK, text, nsamples=4, seq_len=64)
+    with torch.no_grad():
+        want = model(samples).logits
+    reports = quantize_model(model, samples, QuantConfig(bits=8, group_size=32), progress=False)
+    names = [r.name for r in reports]
+    assert len(names) == len(set(names))  # a looped block is quantized once
+    gdn = next(b.linear_attn for b in model.model.layers if not b.is_attention)
+    assert isinstance(gdn.q_proj, QuantLinear) and isinstance(gdn.o_proj, QuantLinear)
+    assert gdn.A_log.is_floating_point() and type(gdn.q_conv1d) is torch.nn.Conv1d  # kept in full precision
+    save_quantized(model, tmp_path / "q", TOK)
+    loaded, _, _ = load_model(tmp_path / "q", device="cpu")
+    with torch.no_grad():
+        got = loaded(samples).logits
+        torch.testing.assert_close(got, model(samples).logits, atol=0, rtol=0)
+    assert (got - want).abs().max() < 0.05  # 8 bits move a Chimera's logits little
+
+
 def test_refusals(tmp_path):
-    with pytest.raises(QuantError, match="Chimera"):
-        quantize_model(tiny("tiny-chimera"), torch.zeros(1, 4, dtype=torch.long), QuantConfig(), progress=False)
+    with pytest.raises(QuantError, match="calibration samples"):
+        quantize_model(tiny("tiny-dense"), None, QuantConfig(), progress=False)
     save_checkpoint(tiny("tiny-dense"), tmp_path / "m", TOK)
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", str(tmp_path / "m"), str(tmp_path / "q")])
