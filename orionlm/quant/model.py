@@ -286,7 +286,7 @@ def _unfit(block: nn.Module, prefix: str, bits: int) -> list[LayerReport]:
 
 def _quantized(linear: nn.Linear, result: QuantResult, config: QuantConfig, checkpoint_format: str) -> QuantLinear:
     q, scale, zero, g_idx = result.qweight, result.scale, result.zero, result.g_idx
-    return QuantLinear.from_float(linear, q, scale, zero, g_idx, config.bits, config.group_size, checkpoint_format)
+    return QuantLinear.from_codes(q, scale, zero, g_idx, config.bits, config.group_size, linear.bias, checkpoint_format)
 
 
 def _record(model: OrionLM, config: QuantConfig, checkpoint_format: str) -> None:

@@ -291,21 +291,6 @@ class QuantLinear(nn.Module):
         self._cache: tuple[tuple, Any] | None = None
 
     @classmethod
-    def from_float(
-        cls,
-        linear: nn.Linear,
-        q: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
-        g_idx: torch.Tensor,
-        bits: int,
-        group_size: int,
-        checkpoint_format: str = "gptq",
-    ) -> QuantLinear:
-        """The quantized layer for `linear` (its shape and bias) from GPTQ's result, as pack_gptq takes it."""
-        return cls.from_codes(q, scale, zero, g_idx, bits, group_size, linear.bias, checkpoint_format)
-
-    @classmethod
     def from_codes(
         cls,
         q: torch.Tensor,

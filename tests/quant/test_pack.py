@@ -172,7 +172,7 @@ def layer(N=64, K=128, bits=4, group_size=32, act_order=False, bias=True, seed=0
     with torch.no_grad():
         if bias:
             linear.bias.copy_(torch.randn(N).half())
-    module = QuantLinear.from_float(linear, q, scale, zero, g_idx, bits, group_size, **kwargs)
+    module = QuantLinear.from_codes(q, scale, zero, g_idx, bits, group_size, linear.bias, **kwargs)
     return module, reference_weight(q, scale, zero, g_idx), None if not bias else linear.bias.half().float()
 
 
