@@ -151,6 +151,11 @@ def quantize_model(
                 _replace(model.model, name, quantized)
                 reports.append(LayerReport(f"model.{name}", "rtn", None))
                 log(reports[-1])
+        for name, experts in _fitting_experts(model.model, config.bits):
+            for report in _quantize_experts(model.model, name, experts, None, config, checkpoint_format):
+                report.name = f"model.{report.name}"
+                reports.append(report)
+                log(report)
         _record(model, config, checkpoint_format)
         return reports
     chunks = [c.to(device) for c in samples.split(batch_size)]
@@ -206,8 +211,7 @@ def quantize_model(
                 report = LayerReport(full, used, result.loss)
                 reports.append(report)
                 log(report)
-        for name, experts in [(n, m) for n, m in block.named_modules() if isinstance(m, Experts)
-                              and all(_fits(*getattr(m, s).shape[:0:-1], config.bits) for s in STACKS)]:  # fmt: skip
+        for name, experts in _fitting_experts(block, config.bits):
             for report in _quantize_experts(block, name, experts, partial(run, states, contexts), config,
                                             checkpoint_format):  # fmt: skip
                 report.name = f"model.layers.{index}.{report.name}"
@@ -238,25 +242,29 @@ def _quantize_experts(
     block: nn.Module,
     name: str,
     experts: Experts,
-    run: Callable[[], object],
+    run: Callable[[], object] | None,
     config: QuantConfig,
     checkpoint_format: str,
 ) -> list[LayerReport]:
     """Quantize every expert of both stacks (gate_up_proj, then down_proj on what the quantized gate_up
-    produces), each on the calibration tokens routed to it; an expert that gets fewer than
-    MIN_EXPERT_TOKENS of them is rounded to nearest instead. Replaces the module with QuantExperts."""
+    produces), each on the calibration tokens routed to it when `run` runs the block (GPTQ); an expert that
+    gets fewer than MIN_EXPERT_TOKENS of them, or every expert without `run`, is rounded to nearest.
+    Replaces the module with QuantExperts."""
     reports, quantized = [], {}
     for stack in STACKS:
         stacked = getattr(experts, stack)
         hessians = [Hessian(stacked.shape[2], device=stacked.device) for _ in range(stacked.shape[0])]
-        _replace(block, name, _Recorder(experts, stack, hessians))
-        try:
-            run()
-        finally:
-            _replace(block, name, experts)
+        if run is not None:
+            _replace(block, name, _Recorder(experts, stack, hessians))
+            try:
+                run()
+            finally:
+                _replace(block, name, experts)
         layers = []
         for e, hessian in enumerate(hessians):
-            if hessian.count < MIN_EXPERT_TOKENS:
+            if run is None:
+                result, used = rtn(stacked[e], config), "rtn"
+            elif hessian.count < MIN_EXPERT_TOKENS:
                 result, used = rtn(stacked[e], config), f"rtn ({hessian.count} calibration tokens routed here)"
             else:
                 result, used = gptq(stacked[e], hessian.matrix, config), f"gptq ({hessian.count} tokens)"
@@ -268,6 +276,12 @@ def _quantize_experts(
         quantized[stack] = layers
     _replace(block, name, QuantExperts(quantized["gate_up_proj"], quantized["down_proj"]))
     return reports
+
+
+def _fitting_experts(root: nn.Module, bits: int) -> list[tuple[str, Experts]]:
+    """The expert stacks under root whose shapes the GPTQ format can pack."""
+    return [(name, module) for name, module in root.named_modules() if isinstance(module, Experts)
+            and all(_fits(*getattr(module, stack).shape[:0:-1], bits) for stack in STACKS)]  # fmt: skip
 
 
 def _candidate(name: str, module: nn.Module) -> bool:

@@ -126,6 +126,14 @@ def test_refusals(tmp_path):
     assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["bits"] == 8
 
 
+def test_rtn_quantizes_experts_too():
+    model = tiny("tiny-qwen-moe")
+    reports = quantize_model(model, None, QuantConfig(bits=4, group_size=32), method="rtn", progress=False)
+    assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    experts = [r for r in reports if ".experts." in r.name]
+    assert len(experts) == 2 * model.config.num_experts * model.config.num_layers and experts[0].method == "rtn"
+
+
 def test_info_shows_bits_and_sizes(tmp_path, capsys):
     model = tiny("tiny-dense")
     save_checkpoint(model, tmp_path / "m", TOK)
