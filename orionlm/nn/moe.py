@@ -124,7 +124,8 @@ class MoE(nn.Module):
         if e != list(range(e[0], e[-1] + 1, stride)):
             return sum(w * self.experts.expert(i, x) for i, w in zip(ids[0].tolist(), weights[0], strict=True))
         # the k chosen experts: a strided view, no copy (with LoRA, their weights plus their deltas only)
-        gate_up_proj, down_proj = self.experts.weights(slice(e[0], e[-1] + 1, stride))
+        # (quantized experts dequantize to float32: .to is a no-op for float ones)
+        gate_up_proj, down_proj = (w.to(x.dtype) for w in self.experts.weights(slice(e[0], e[-1] + 1, stride)))
         h = torch.bmm(x.expand(k, 1, -1), gate_up_proj.transpose(1, 2))  # (k, 1, 2I)
         gate, up = h.chunk(2, dim=-1)
         y = torch.bmm(F.silu(gate) * up, down_proj.transpose(1, 2))  # (k, 1, C)
@@ -132,7 +133,7 @@ class MoE(nn.Module):
 
     def _reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, then each token keeps its top-k outputs. Slow and obvious."""
-        gate_up_proj, down_proj = self.experts.weights()
+        gate_up_proj, down_proj = (w.to(x.dtype) for w in self.experts.weights())
         outs = [swiglu_expert(x, gate_up_proj[e], down_proj[e]) for e in range(self.num_experts)]
         all_out = torch.stack(outs, dim=1)  # (N, E, C)
         chosen = all_out.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (N, k, C)

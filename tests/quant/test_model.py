@@ -132,6 +132,9 @@ def test_rtn_quantizes_experts_too():
     assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
     experts = [r for r in reports if ".experts." in r.name]
     assert len(experts) == 2 * model.config.num_experts * model.config.num_layers and experts[0].method == "rtn"
+    # quantized experts dequantize to float32; a bfloat16 model's single-token decoding must still run
+    [tokens] = generate_ids(model.to(torch.bfloat16), [[1, 2, 3]], max_new_tokens=3, temperature=0)
+    assert len(tokens) == 3
 
 
 def test_info_shows_bits_and_sizes(tmp_path, capsys):
