@@ -27,10 +27,6 @@ after a 32-token prompt (prefill included; best of --repeats after a warm-up) in
 float32 a QuantLinear rebuilds its float weight on every call, so quantized rows are slower than FP32; in
 bfloat16 4-bit layers (group size 32-256) run torch's CPU int4 kernel on the packed codes.
 
-RTN note: quantize_model's "rtn" method rounds nn.Linear layers only and leaves the MoE expert stacks in full
-precision, where "gptq" quantizes them; so that the two methods quantize the same weights, this script rounds
-those expert stacks itself (orionlm.quant.rtn into QuantExperts) and says so in the output.
-
 Prints the setup, a line per row as it finishes, the table, and for each measure how many GPTQ rows beat the
 RTN row of the same bits and group size, listing every one that does not. The defaults (22 quantized rows, 14
 of them GPTQ at about 30 s each) take about 15 minutes on a 2-core CPU.
@@ -63,9 +59,7 @@ from orionlm.eval.tasks import load_documents
 from orionlm.generation import GenerationConfig, generate_ids
 from orionlm.loading import load_model
 from orionlm.model import OrionLM
-from orionlm.nn.moe import Experts
-from orionlm.quant import QuantConfig, QuantLinear, calibration_samples, quantize_model, rtn, save_quantized
-from orionlm.quant.pack import STACKS, QuantExperts
+from orionlm.quant import QuantConfig, calibration_samples, quantize_model, save_quantized
 from orionlm.tokenizer import Tokenizer
 
 DATA = ROOT.parent / "shared" / "data"
@@ -107,7 +101,7 @@ class Row:
     size_mib: float
     projections_mib: float
     fp32_tps: float
-    bf16_tps: float | None  # None: bfloat16 generation raised an error (printed under the table)
+    bf16_tps: float
     quantize_s: float
 
 
@@ -122,21 +116,6 @@ def settings(bits: list[int], group_sizes: list[int]) -> list[Setting]:
     return rows
 
 
-def round_experts(model: OrionLM, config: QuantConfig) -> int:
-    """Round to nearest the MoE expert stacks that quantize_model(method="rtn") leaves in full precision; returns
-    how many MoE layers it rounded (0 once quantize_model does it itself)."""
-    checkpoint_format = model.config.quantization_config["checkpoint_format"]
-    found = [(name, module) for name, module in model.named_modules() if isinstance(module, Experts)]
-    for name, experts in found:
-        stacks = []
-        for stack in STACKS:
-            results = [rtn(weight, config) for weight in getattr(experts, stack)]
-            stacks.append([QuantLinear.from_codes(r.qweight, r.scale, r.zero, r.g_idx, config.bits, config.group_size,
-                                                  None, checkpoint_format) for r in results])  # fmt: skip
-        model.set_submodule(name, QuantExperts(*stacks))
-    return len(found)
-
-
 def quantize(base: OrionLM, setting: Setting, samples: torch.Tensor) -> tuple[OrionLM, float, str]:
     """A quantized copy of base, the seconds quantizing took, and a note on what was not quantized as asked."""
     model = copy.deepcopy(base)
@@ -145,11 +124,8 @@ def quantize(base: OrionLM, setting: Setting, samples: torch.Tensor) -> tuple[Or
     start = time.perf_counter()
     reports = quantize_model(model, samples if setting.method == "gptq" else None, config, setting.method,
                              progress=False)  # fmt: skip
-    rounded = round_experts(model, config) if setting.method == "rtn" else 0
     seconds = time.perf_counter() - start
     notes = []
-    if rounded:
-        notes.append(f"experts of {rounded} MoE layers rounded here (quantize_model's rtn left them in fp32)")
     fallback = [r for r in reports if setting.method == "gptq" and r.method.startswith("rtn")]
     if fallback:
         notes.append(f"{len(fallback)} of {len(reports)} layers rounded to nearest for lack of calibration tokens")
@@ -199,7 +175,7 @@ def tokens_per_second(model: OrionLM, prompt: list[int], new_tokens: int, repeat
 
 def measure(
     base: OrionLM, setting: Setting, samples: torch.Tensor, tokenizer: Tokenizer, texts: dict[str, list[str]],
-    reference: tuple[torch.Tensor, torch.Tensor], prompt: list[int], args: argparse.Namespace, errors: dict[str, str],
+    reference: tuple[torch.Tensor, torch.Tensor], prompt: list[int], args: argparse.Namespace,
 ) -> Row:  # fmt: skip
     model, seconds, note = quantize(base, setting, samples) if setting.method != "fp32" else (base, 0.0, "")
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,10 +183,7 @@ def measure(
     ppl = {name: perplexity(model, tokenizer, docs, progress=False).token_perplexity for name, docs in texts.items()}
     kl, top1 = divergence(reference[1], model, reference[0])
     fp32_tps = tokens_per_second(model, prompt, args.new_tokens, args.repeats)
-    try:
-        bf16_tps = tokens_per_second(model.to(torch.bfloat16), prompt, args.new_tokens, args.repeats)
-    except RuntimeError as e:  # reported under the table rather than ending the run
-        bf16_tps, errors[setting.label] = None, str(e).splitlines()[0]
+    bf16_tps = tokens_per_second(model.to(torch.bfloat16), prompt, args.new_tokens, args.repeats)
     done = f"quantized in {seconds:.1f} s, " if setting.method != "fp32" else ""
     print(f"{setting.label}: {done}WikiText-2 {ppl['wikitext']:.2f}, C4 {ppl['c4']:.2f}"
           + (f" ({note})" if note else ""), flush=True)  # fmt: skip
@@ -314,9 +287,8 @@ def main() -> None:
 
     reference = (windows, log_probs(base, windows))
     texts = {"wikitext": wikitext, "c4": c4_docs}
-    errors: dict[str, str] = {}
     rows = [
-        measure(base, s, samples, tokenizer, texts, reference, prompt, args, errors)
+        measure(base, s, samples, tokenizer, texts, reference, prompt, args)
         for s in settings(args.bits, args.group_sizes)
     ]
 
@@ -326,16 +298,11 @@ def main() -> None:
     for r in rows:
         s = r.setting
         bits, group = (str(s.bits), str(s.group_size)) if s.method != "fp32" else ("32", "")
-        bf16 = f"{r.bf16_tps:.1f}" if r.bf16_tps is not None else "error"
         seconds = f"{r.quantize_s:.1f}" if s.method != "fp32" else ""
         print(f"| {s.method.upper()} | {bits} | {group} | {s.act_order} | {r.wikitext:.2f} | {r.c4:.2f} "
               f"| {r.kl:.4f} | {r.top1:.1%} | {r.size_mib:.2f} | {r.projections_mib:.2f} | {r.fp32_tps:.1f} "
-              f"| {bf16} | {seconds} |")  # fmt: skip
+              f"| {r.bf16_tps:.1f} | {seconds} |")  # fmt: skip
     print()
-    for message in dict.fromkeys(errors.values()):
-        labels = [label for label, m in errors.items() if m == message]
-        which = "every quantized row" if len(labels) == len(rows) - 1 else ", ".join(labels)
-        print(f"bf16 generation failed ({which}): {message}")
     print_check(rows)
     print(f"total {time.perf_counter() - begin:.0f} s")
 
