@@ -29,7 +29,7 @@ bfloat16 4-bit layers (group size 32-256) run torch's CPU int4 kernel on the pac
 
 Prints the setup, a line per row as it finishes, the table, and for each measure how many GPTQ rows beat the
 RTN row of the same bits and group size, listing every one that does not. The defaults (22 quantized rows, 14
-of them GPTQ at about 30 s each) take about 15 minutes on a 2-core CPU.
+of them GPTQ at about 30 s each) take about 17 minutes on a 2-core CPU.
 
     .venv/bin/python benchmarks/quant_quality.py [--model DIR] [--bits 4 3] [--group-sizes -1 128 32]
         [--nsamples 128] [--seq-len 512] [--eval-tokens 40000] [--kl-tokens 8192] [--threads N]
