@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import OrionError
+from ..quant.pack import STACKS, QuantExperts, QuantLinear
 from .linear import Linear
-from .moe import Experts, MoE, grouped_linear
+from .moe import Experts, MoE, grouped_linear, swiglu_expert
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -88,16 +90,11 @@ def _add_factors(module: nn.Module, in_features: int, out_features: int, rank: i
     nn.init.zeros_(module.lora_B.weight)
 
 
-class LoRALinear(Linear):
-    """A Linear whose frozen weight is adapted by a trainable low-rank product."""
+class _LowRank:
+    """What LoRALinear and LoRAQuantLinear add to their layer's forward: scaling * B A dropout(x)."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias  # the same parameters, not copies
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        _add_factors(self, base.in_features, base.out_features, config.r, base.weight)
+    def _add_adapter(self, config: LoRAConfig, like: torch.Tensor) -> None:
+        _add_factors(self, self.in_features, self.out_features, config.r, like)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.scaling = config.scaling
 
@@ -109,6 +106,18 @@ class LoRALinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.adapter(x)
 
+
+class LoRALinear(_LowRank, Linear):
+    """A Linear whose frozen weight is adapted by a trainable low-rank product."""
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # the same parameters, not copies
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._add_adapter(config, base.weight)
+
     def merged(self) -> Linear:
         """A plain Linear holding weight + scaling * B A."""
         layer = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -118,29 +127,57 @@ class LoRALinear(Linear):
         return layer
 
 
-class LoRAExperts(Experts):
-    """Experts whose frozen stacks `names` (of gate_up_proj, down_proj) are adapted by per-expert low-rank
-    products. The grouped path (training, prefill) adds scaling * (x A_e^T) B_e^T to each expert's product,
-    never forming a delta matrix: two thin grouped products, r (in + out) / (in * out) of the base's flops.
-    weights() (single-token decoding: the k chosen experts; the reference path) builds stack + delta."""
+def _float_like(layer: QuantLinear) -> torch.Tensor:
+    """What a quantized layer's adapter is created like: float32 on its device (its own tensors are integer codes
+    and float16 scales)."""
+    return layer.qweight.new_empty(0, dtype=torch.float32)
 
-    def __init__(self, base: Experts, config: LoRAConfig, names: list[str]) -> None:
-        num_experts, two_intermediate, hidden = base.gate_up_proj.shape
-        super().__init__(num_experts, hidden, two_intermediate // 2, device="meta")
-        self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj  # the same parameters, not copies
-        self.gate_up_proj.requires_grad_(False)
-        self.down_proj.requires_grad_(False)
-        self.num_experts, self.scaling = num_experts, config.scaling
-        self.factors: dict[str, str] = {}  # adapted parameter -> the submodule holding its lora_A / lora_B
+
+def _cannot_merge(module: nn.Module) -> OrionError:
+    return OrionError(
+        f"cannot merge a LoRA adapter into the GPTQ {type(module).__name__.removeprefix('LoRA')} layers of a quantized "
+        "model (that would need quantizing again): merge it into the full-precision model that was quantized "
+        "(orionlm merge-lora --base FP_MODEL --adapter DIR), or run it unmerged (load the adapter directory)"
+    )
+
+
+class LoRAQuantLinear(_LowRank, QuantLinear):
+    """A GPTQ layer (its weight is integer codes, frozen by nature) adapted by a trainable low-rank product in
+    floating point: QLoRA's recipe with GPTQ's codes. The codes keep their names, so the model's state dict only
+    gains the factors, as with LoRALinear."""
+
+    def __init__(self, base: QuantLinear, config: LoRAConfig) -> None:
+        super().__init__(base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
+                         base.checkpoint_format, base.keep_dequantized, device="meta")  # fmt: skip
+        for name, tensor in base.named_buffers(recurse=False):
+            setattr(self, name, tensor)  # the same codes, not copies
+        self._add_adapter(config, _float_like(base))
+
+    def merged(self) -> QuantLinear:
+        raise _cannot_merge(self)
+
+
+class _ExpertLowRank:
+    """What LoRAExperts and LoRAQuantExperts add to their expert stacks `names` (of gate_up_proj, down_proj):
+    per-expert low-rank products. The grouped path (training, prefill) adds scaling * (x A_e^T) B_e^T to each
+    expert's product, never forming a delta matrix: two thin grouped products, r (in + out) / (in * out) of the
+    base's flops. weights() (single-token decoding: the k chosen experts; the reference path) builds stack + delta."""
+
+    def _add_adapters(
+        self, config: LoRAConfig, names: list[str], shapes: dict[str, tuple[int, int]], like: torch.Tensor
+    ) -> None:
+        """shapes: each stack's (out, in) per expert."""
+        self.scaling = config.scaling
+        self.factors: dict[str, str] = {}  # adapted stack -> the submodule holding its lora_A / lora_B
         path = ""
         # PEFT wraps the parameters in the module's order, each wrapper around the previous one: the last is
         # outermost (its factors directly on the module), the earlier ones under base_layer
-        for name in reversed([n for n, _ in base.named_parameters(recurse=False) if n in names]):
+        for name in reversed([n for n in STACKS if n in names]):
             if self.factors:
                 self.get_submodule(path).base_layer = nn.Module()
                 path = f"{path}.base_layer".lstrip(".")
-            stack = getattr(self, name)
-            _add_factors(self.get_submodule(path), stack.shape[2], stack.shape[1], config.r * num_experts, stack)
+            out_features, in_features = shapes[name]
+            _add_factors(self.get_submodule(path), in_features, out_features, config.r * self.num_experts, like)
             self.factors[name] = path
 
     def delta_factors(self, name: str, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,24 +196,59 @@ class LoRAExperts(Experts):
         return out.add_(grouped_linear(low, B.to(x.dtype).contiguous(), counts))  # no third (M, out) tensor
 
     def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        stacks = dict(zip(("gate_up_proj", "down_proj"), super().weights(experts), strict=True))
+        stacks = dict(zip(STACKS, super().weights(experts), strict=True))
         for name in self.factors:
             B, A = self.delta_factors(name, experts)
             dtype = stacks[name].dtype
             stacks[name] = torch.baddbmm(stacks[name], B.to(dtype), A.to(dtype), alpha=self.scaling)
         return stacks["gate_up_proj"], stacks["down_proj"]
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up_proj, down_proj = (w[0].to(x.dtype) for w in self.weights(slice(e, e + 1)))
+        return swiglu_expert(x, gate_up_proj, down_proj)
+
+
+class LoRAExperts(_ExpertLowRank, Experts):
+    """Experts whose frozen stacks are adapted by per-expert low-rank products (see _ExpertLowRank)."""
+
+    def __init__(self, base: Experts, config: LoRAConfig, names: list[str]) -> None:
+        num_experts, two_intermediate, hidden = base.gate_up_proj.shape
+        super().__init__(num_experts, hidden, two_intermediate // 2, device="meta")
+        self.num_experts = num_experts
+        self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj  # the same parameters, not copies
+        self.gate_up_proj.requires_grad_(False)
+        self.down_proj.requires_grad_(False)
+        shapes = {name: tuple(getattr(self, name).shape[1:]) for name in STACKS}
+        self._add_adapters(config, names, shapes, base.gate_up_proj)
+
     def merged(self) -> Experts:
         """Plain Experts holding each stack + scaling * B A."""
         num_experts, two_intermediate, hidden = self.gate_up_proj.shape
         experts = Experts(num_experts, hidden, two_intermediate // 2, device="meta")
-        for name, _ in self.named_parameters(recurse=False):
+        for name in STACKS:
             weight = getattr(self, name)
             if name in self.factors:
                 B, A = self.delta_factors(name)
                 weight = (weight.float() + torch.bmm(B.float(), A.float()) * self.scaling).to(weight.dtype)
             setattr(experts, name, nn.Parameter(weight.detach().contiguous()))
         return experts
+
+
+class LoRAQuantExperts(_ExpertLowRank, QuantExperts):
+    """GPTQ experts (one QuantLinear per expert and stack) adapted as LoRAExperts adapts a stack, in the same
+    PEFT layout: an adapter trained on the quantized experts loads on the full-precision ones and back."""
+
+    def __init__(self, base: QuantExperts, config: LoRAConfig, names: list[str]) -> None:
+        super().__init__(list(base.gate_up_proj), list(base.down_proj))  # the same layers, not copies
+        self.num_experts = len(base.down_proj)
+        shapes = {name: (getattr(self, name)[0].out_features, getattr(self, name)[0].in_features) for name in STACKS}
+        self._add_adapters(config, names, shapes, _float_like(base.down_proj[0]))
+
+    def merged(self) -> QuantExperts:
+        raise _cannot_merge(self)
+
+
+ADAPTED = (_LowRank, _ExpertLowRank)
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -189,22 +261,38 @@ def _routers(model: nn.Module) -> set[str]:
     return {f"{name}.gate".lstrip(".") for name, module in model.named_modules() if isinstance(module, MoE)}
 
 
+def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
+    """Every module but the adapters' own, with the names of its parameters, in model order; GPTQ experts with
+    their stacks' names, their per-expert layers left out (they are parts of the stacks)."""
+    stacked: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if ".lora_" in name or (stacked and name.startswith(stacked)):
+            continue
+        if isinstance(module, QuantExperts):
+            stacked += (f"{name}.",)
+            yield name, module, list(STACKS)
+        else:
+            yield name, module, [param for param, _ in module.named_parameters(recurse=False)]
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Wrap every matching linear layer (target_modules, or its weight in target_parameters) and expert stack
-    (target_parameters) and freeze everything else; returns the wrapped layer names and expert stack names."""
+    (target_parameters) and freeze everything else; returns the wrapped layer names and expert stack names.
+    GPTQ layers and experts (quant.pack) are adapted in the same way, their codes frozen: QLoRA."""
     linears, experts, parameters = [], {}, []
-    for name, module in model.named_modules():
-        if ".lora_" in name or isinstance(module, (LoRALinear, LoRAExperts)):
+    for name, module, params in _layers(model):
+        if isinstance(module, ADAPTED):
             continue
-        if isinstance(module, nn.Linear) and config.matches(name):
+        is_linear = isinstance(module, (nn.Linear, QuantLinear))
+        if is_linear and config.matches(name):
             linears.append(name)
-        for param, _ in module.named_parameters(recurse=False):
+        for param in params:
             if not config.matches_parameter(f"{name}.{param}"):
                 continue
             parameters.append(f"{name}.{param}")
-            if isinstance(module, Experts):
+            if isinstance(module, (Experts, QuantExperts)):
                 experts.setdefault(name, []).append(param)
-            elif isinstance(module, nn.Linear) and param == "weight":
+            elif is_linear and param == "weight":
                 if name not in linears:
                     linears.append(name)
             else:
@@ -230,14 +318,17 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in linears:
-        _replace(model, name, LoRALinear(model.get_submodule(name), config))
+        layer = model.get_submodule(name)
+        _replace(model, name, (LoRAQuantLinear if isinstance(layer, QuantLinear) else LoRALinear)(layer, config))
         # use_decode_layout may have packed this layer with its siblings into one matrix whose product skips
         # the adapter; drop the pack (use_decode_layout leaves modules with adapters unpacked)
         parent = model.get_submodule(name.rpartition(".")[0])
         if getattr(parent, "packed", None) is not None:
             parent.packed = None
     for name, params in experts.items():
-        _replace(model, name, LoRAExperts(model.get_submodule(name), config, params))
+        stacks = model.get_submodule(name)
+        wrapper = LoRAQuantExperts if isinstance(stacks, QuantExperts) else LoRAExperts
+        _replace(model, name, wrapper(stacks, config, params))
     model.lora_config = config
     return linears + [f"{name}.{param}" for name, params in experts.items() for param in params]
 
@@ -245,7 +336,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, in place: the model is a plain model again."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, (LoRALinear, LoRAExperts)):
+        if isinstance(module, ADAPTED):
             _replace(model, name, module.merged())
     model.__dict__.pop("lora_config", None)
 
@@ -282,15 +373,15 @@ def write_adapter(model: nn.Module, directory: Path, base_model: str = "") -> No
                for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}  # fmt: skip
     routers = _routers(model)
     layers, stacks = [], []  # (PEFT's short target, full name, adapted) in model order
-    for name, module in model.named_modules():
+    for name, module, params in _layers(model):
+        adapted = isinstance(module, ADAPTED)
         if name in routers:  # PEFT adapts the Hugging Face router's weight as a parameter
-            stacks.append((f"{_peft_suffix(name)}.weight", f"{name}.weight", isinstance(module, LoRALinear)))
-        elif isinstance(module, nn.Linear) and ".lora_" not in name:
-            layers.append((name.rsplit(".", 1)[-1], name, isinstance(module, LoRALinear)))
-        elif isinstance(module, Experts):
-            for param, _ in module.named_parameters(recurse=False):  # in the order PEFT nests them
-                adapted = isinstance(module, LoRAExperts) and param in module.factors
-                stacks.append((f"{_peft_suffix(name)}.{param}", f"{name}.{param}", adapted))
+            stacks.append((f"{_peft_suffix(name)}.weight", f"{name}.weight", adapted))
+        elif isinstance(module, (nn.Linear, QuantLinear)):
+            layers.append((name.rsplit(".", 1)[-1], name, adapted))
+        elif isinstance(module, (Experts, QuantExperts)):
+            for param in params:  # in the order PEFT nests them
+                stacks.append((f"{_peft_suffix(name)}.{param}", f"{name}.{param}", adapted and param in module.factors))
     modules, parameters = _peft_targets(layers), _peft_targets(stacks)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model), "r": config.r,

@@ -298,6 +298,11 @@ def train(recipe: Recipe) -> Path:
     base, base_tokenizer = None, None
     if recipe.model.path is not None and (resume_dir is None or lora):  # a full checkpoint holds the model itself
         base, base_tokenizer, _ = load_model(recipe.model.path, device="cpu", dtype=torch.float32)
+        if base.config.quantization_config and not lora:
+            raise RecipeError(
+                f"{recipe.model.path} is quantized: its weights are integer codes that cannot be trained; train a "
+                "LoRA adapter on it (mode: lora) or fine-tune the full-precision model"
+            )
     tokenizer = prepare_tokenizer(recipe, out_dir, d, resume_dir, base_tokenizer)
     config = base.config if base is not None else model_config(recipe, tokenizer, resume_dir)
     if tokenizer.vocab_size > config.vocab_size:

@@ -116,6 +116,22 @@ def test_lora_trains_adapters_resumes_exactly_and_merges(tmp_path, base):
     assert (logits(original) - expected).abs().max() > 1e-3
 
 
+def test_lora_on_a_quantized_base(tmp_path, base):
+    """QLoRA: an adapter trained on a GPTQ model (codes frozen, adapters in float32); full fine-tuning refused."""
+    quantized = tmp_path / "q"
+    main(["quantize", str(base / "model"), str(quantized / "model"), "--method", "rtn", "--bits", "4",
+          "--group-size", "32"])  # fmt: skip
+    shutil.copy(base / "chat.jsonl", quantized / "chat.jsonl")
+    with pytest.raises(RecipeError, match="is quantized: .* train a LoRA adapter on it"):
+        train(load_recipe(write_recipe(tmp_path / "sft", quantized, "sft")))
+    run_dir = train(load_recipe(write_recipe(tmp_path / "lora", quantized, "lora", lora=LORA, optim={"lr": 2e-2})))
+    records = metrics(run_dir)
+    assert records[-1][2] < records[0][2] - 0.3
+    tuned, _, _ = load_model(run_dir, device="cpu")
+    assert tuned.config.quantization_config["bits"] == 4
+    assert (logits(tuned) - logits(load_model(quantized / "model", device="cpu")[0])).abs().max() > 1e-3
+
+
 def test_accumulated_micro_batches_weigh_every_target_equally(tmp_path):
     """Chat rows hold different numbers of assistant tokens: two micro-batches of 2 rows must train like
     one batch of 4 (the mean over all targets), not like the mean of two means. (A dense model: MoE's
