@@ -25,7 +25,7 @@ what gets measured: size is the *.safetensors on disk, "projections" the part of
 (the attention and expert projections). Speed is batch-1 greedy generation through generate_ids, --new-tokens
 after a 32-token prompt (prefill included; best of --repeats after a warm-up) in float32 and in bfloat16. In
 float32 a QuantLinear rebuilds its float weight on every call, so quantized rows are slower than FP32; in
-bfloat16 4-bit layers (group size 32-256) run torch's CPU int4 kernel on the packed codes.
+bfloat16 2-, 3- and 4-bit layers (group size 32-256) run torch's CPU int4 kernel on the packed codes.
 
 Prints the setup, a line per row as it finishes, the table, and for each measure how many GPTQ rows beat the
 RTN row of the same bits and group size, listing every one that does not. The defaults (22 quantized rows, 14

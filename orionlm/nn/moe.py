@@ -15,6 +15,8 @@ from .mlp import MLP
 class Experts(nn.Module):
     """All experts' weights stacked: gate_up_proj (E, 2I, C) holds [gate; up], down_proj (E, C, I)."""
 
+    stacked = True  # weights(experts) is a view (quant.pack.QuantExperts: a dequantized copy)
+
     def __init__(
         self, num_experts: int, hidden: int, intermediate: int, device: torch.device | str | None = None
     ) -> None:
@@ -116,12 +118,13 @@ class MoE(nn.Module):
         """One token (batch-1 decoding), without the sort, bincount and scatter that group many tokens by
         expert. Its k experts, when evenly spaced (always so for k <= 2), are one strided view of the
         stacked weights, so each projection is a single bmm over them (which also spreads the experts
-        over threads); otherwise they run one by one."""
+        over threads); otherwise, and for quantized experts (whose own layers multiply by the codes), they
+        run one by one."""
         chosen, order = ids[0].sort()
         e = chosen.tolist()
         k = len(e)
         stride = (e[-1] - e[0]) // (k - 1) if k > 1 else 1
-        if e != list(range(e[0], e[-1] + 1, stride)):
+        if not self.experts.stacked or e != list(range(e[0], e[-1] + 1, stride)):
             return sum(w * self.experts.expert(i, x) for i, w in zip(ids[0].tolist(), weights[0], strict=True))
         # the k chosen experts: a strided view, no copy (with LoRA, their weights plus their deltas only)
         # (quantized experts dequantize to float32: .to is a no-op for float ones)

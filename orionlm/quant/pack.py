@@ -248,9 +248,10 @@ class QuantLinear(nn.Module):
     forward(x) returns F.linear(x, W, bias) in x's dtype, W the dequantized weight, through the first of:
     - keep_dequantized=True: W is built once per dtype and device and kept (the speed and the memory of an
       unquantized layer);
-    - on CPU, a bfloat16 x that needs no gradient and 4 bits (group size 32-256, out_features a multiple of 16;
-      act-order works by permuting x): torch's int4 matrix kernel, which reads the 4-bit codes directly, with
-      scales and zeros rounded to bfloat16;
+    - on CPU, a bfloat16 x that needs no gradient and 2, 3 or 4 bits (group size 32-256, out_features a
+      multiple of 16; act-order works by permuting x): torch's int4 matrix kernel on the codes repacked as 4-bit
+      values (a 2- or 3-bit code is a 4-bit one that leaves the top values unused), with scales and zeros
+      rounded to bfloat16;
     - otherwise W is rebuilt on every call; on CPU a large W is built and multiplied a block of input rows at a
       time, in float32.
     The int4 layout and the kept W are derived caches, not state: they are rebuilt when the buffers are replaced
@@ -397,7 +398,7 @@ class QuantLinear(nn.Module):
         K, N = self.in_features, self.out_features
         group_size = K if self.group_size == -1 else self.group_size
         if (
-            self.bits != 4
+            self.bits > 4
             or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
             or group_size not in INT4_GROUP_SIZES
             or K % group_size
@@ -409,11 +410,11 @@ class QuantLinear(nn.Module):
             return None
         if torch.equal(perm, torch.arange(K)):
             perm = None
-        q = unpack_rows(self.qweight, 4)  # (K, N)
+        q = unpack_rows(self.qweight, self.bits)  # (K, N)
         q = (q if perm is None else q[perm]).t().contiguous()
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         scale = self.scales.float()
-        zero = unpack_zeros(self.qzeros, 4, self.checkpoint_format)
+        zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
         scales_and_zeros = torch.stack([scale, scale * (8 - zero)], dim=-1).to(dtype).contiguous()
         return perm, group_size, weight, scales_and_zeros
 
@@ -445,6 +446,8 @@ class QuantExperts(nn.Module):
     expert (state dict names experts.gate_up_proj.{e}.qweight, ...). It answers the MoE paths as
     nn.moe.Experts does: grouped() runs each expert's rows through its own layer; weights() and expert()
     dequantize the experts they are asked for."""
+
+    stacked = False  # single-token decoding runs expert() per chosen expert, not weights() (see nn.moe.MoE)
 
     def __init__(self, gate_up_proj: list[QuantLinear], down_proj: list[QuantLinear]) -> None:
         super().__init__()

@@ -227,16 +227,18 @@ def test_keep_dequantized_is_rebuilt_when_the_buffers_change():
 
 
 @pytest.mark.skipif(not HAS_INT4_KERNEL, reason="this torch has no CPU int4 kernel")
-@pytest.mark.parametrize("group_size, act_order", [(32, False), (64, True), (-1, False)])
-def test_bf16_cpu_int4_kernel_path(group_size, act_order):
-    module, weight, bias = layer(N=64, K=128, group_size=group_size, act_order=act_order)
-    x = torch.randn(3, 128)
+@pytest.mark.parametrize("bits, group_size, act_order", [(4, 32, False), (4, 64, True), (4, -1, False), (3, 32, True),
+                                                        (2, 128, False)])  # fmt: skip
+def test_bf16_cpu_int4_kernel_path(bits, group_size, act_order):
+    module, weight, bias = layer(N=64, K=128, bits=bits, group_size=group_size, act_order=act_order)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
     y = module(x.bfloat16())
     assert y.dtype == torch.bfloat16 and module._cache[0][0] == "int4" and module._cache[1] is not None
-    # bf16 activations, scales and offsets: a few bf16 roundings of outputs of size ~1
+    # bf16 activations, scales and offsets: a few bf16 roundings of outputs of size ~1 (over 50 inputs the
+    # worst is 2.6 times the error of a bf16 product with the exact weight)
     torch.testing.assert_close(y.float(), F.linear(x, weight, bias), atol=2e-2, rtol=2e-2)
     reference = F.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16()).float()
-    assert (y.float() - F.linear(x, weight, bias)).abs().max() <= 2 * (
+    assert (y.float() - F.linear(x, weight, bias)).abs().max() <= 3 * (
         reference - F.linear(x, weight, bias)
     ).abs().max()
 
