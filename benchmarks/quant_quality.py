@@ -10,15 +10,23 @@ static groups (which with one group per row changes nothing, so it is left out t
 table are orionlm's defaults: symmetric, damp 0.01, true-sequential; the embedding, norms, routers and LM head
 stay in full precision.
 
-GPTQ calibrates on --nsamples random windows of --seq-len tokens from --dataset (C4, as the paper), without
-its last --c4-docs documents: those are scored instead, as held-out C4 (for the default model they lie in
-its training run's validation windows, so the model never trained on them either). Perplexity is per token of
-the model's tokenizer, exp(mean NLL), with orionlm.eval.scoring.perplexity as `orionlm eval --tasks wikitext`
-runs it: each document in non-overlapping windows of the model's context. WikiText-2 is its test set (as the
-paper), whole documents from the start until --eval-tokens tokens. Perplexity moves little for a model this
-small, so two closer measures of how far quantization moved the model are shown too, on the first --kl-tokens
-of those WikiText-2 tokens (windows of the model's context): the mean KL divergence of the quantized model's
-next-token distribution from the FP32 model's, and how often their top-1 tokens agree.
+GPTQ calibrates on --nsamples random windows of --seq-len tokens from --calibration (the Wikipedia sample in
+../shared/data: WikiText-2 is Wikipedia, and GPTQ releases commonly calibrate on Wikipedia text). Perplexity is
+per token of the model's tokenizer, exp(mean NLL), with orionlm.eval.scoring.perplexity as `orionlm eval
+--tasks wikitext` runs it: each document in non-overlapping windows of the model's context. WikiText-2 is its
+test set (as the paper), whole documents from the start until --eval-tokens tokens; held-out C4 is the last
+--c4-docs documents of the C4 sample (for the default model they lie in its training run's validation windows).
+
+The base is temperature-calibrated first (Guo et al. 2017): its logits are divided by the temperature that
+minimises its NLL on the next --temperature-tokens tokens of WikiText-2 (whole documents after the scored
+ones, never scored), folded into its final norm. A model this small is overconfident on WikiText-2 (its best
+temperature there is about 1.1), and then any change that flattens its predictions lowers perplexity,
+RTN's larger error more than GPTQ's, which hides how far quantization moved the model; calibrated, the first-
+order effect of flattening is zero and perplexity measures the damage. --temperature-tokens 0 skips it.
+Perplexity moves little for a model this small, so two closer measures of how far quantization moved the
+model are shown too, on the first --kl-tokens of the scored WikiText-2 tokens (windows of the model's
+context): the mean KL divergence of the quantized model's next-token distribution from the FP32 model's,
+and how often their top-1 tokens agree.
 
 Every quantized model is written with save_quantized and read back with load_model, and the copy read back is
 what gets measured: size is the *.safetensors on disk, "projections" the part of it that quantization touches
@@ -32,15 +40,14 @@ RTN row of the same bits and group size, listing every one that does not. The de
 of them GPTQ at about 30 s each) take about 17 minutes on a 2-core CPU.
 
     .venv/bin/python benchmarks/quant_quality.py [--model DIR] [--bits 4 3] [--group-sizes -1 128 32]
-        [--nsamples 128] [--seq-len 512] [--eval-tokens 40000] [--kl-tokens 8192] [--threads N]
+        [--nsamples 128] [--seq-len 512] [--eval-tokens 40000] [--kl-tokens 8192] [--temperature-tokens 30000]
+        [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import json
 import os
 import platform
 import tempfile
@@ -201,17 +208,33 @@ def leading_documents(documents: list[str], tokenizer: Tokenizer, cap: int) -> t
     return chosen, tokens
 
 
-def calibration_file(dataset: Path, held_out: int, target: Path) -> list[str]:
-    """Writes the dataset's documents but its last `held_out` to `target` (JSONL); returns the held-out ones."""
-    documents = list(iter_documents(SourceConfig(path=str(dataset))))
-    if len(documents) <= held_out:
-        raise SystemExit(
-            f"{dataset} has {len(documents)} documents; --c4-docs {held_out} would leave none to calibrate"
-        )
-    with gzip.open(target, "wt", encoding="utf-8") as f:
-        for document in documents[: len(documents) - held_out]:
-            f.write(json.dumps({"text": document}) + "\n")
-    return documents[len(documents) - held_out :]
+def fit_temperature(model: OrionLM, windows: torch.Tensor) -> float:
+    """The temperature T that minimises the mean NLL of logits / T on windows (n, T + 1): the NLL is convex in
+    1/T (a log-sum-exp of terms linear in it), so a golden-section search over 1/T finds the minimum."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    with torch.inference_mode():
+        logits = torch.cat([model(w).logits.float() for w in inputs.split(4)])
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def nll(beta: float) -> float:
+        return float((torch.logsumexp(logits * beta, dim=-1) - target_logits * beta).mean())
+
+    lo, hi = 0.25, 4.0
+    ratio = (5**0.5 - 1) / 2
+    for _ in range(25):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+    return 2 / (lo + hi)
+
+
+def fold_temperature(model: OrionLM, temperature: float) -> None:
+    """Divide the model's logits by `temperature` for good: its final norm's scale (and shift) feed only the
+    LM head, which has no bias."""
+    norm = model.model.norm
+    with torch.no_grad():
+        norm.weight /= temperature
+        if getattr(norm, "bias", None) is not None:
+            norm.bias /= temperature
 
 
 def print_check(rows: list[Row]) -> None:
@@ -235,14 +258,17 @@ def print_check(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("/tmp/proof/base"), help="an orionlm model directory")
-    parser.add_argument("--dataset", type=Path, default=DATA / "pretrain" / "en_c4_sample.jsonl.gz",
-                        help="calibration documents (a data source); its last --c4-docs are scored")  # fmt: skip
-    parser.add_argument("--c4-docs", type=int, default=2, help="documents at the end of --dataset held out and scored")
+    parser.add_argument("--calibration", type=Path, default=DATA / "pretrain" / "en_wikipedia_sample.txt.gz",
+                        help="GPTQ's calibration text (a data source)")  # fmt: skip
+    parser.add_argument("--c4", type=Path, default=DATA / "pretrain" / "en_c4_sample.jsonl.gz")
+    parser.add_argument("--c4-docs", type=int, default=2, help="documents at the end of --c4 scored as held-out C4")
     parser.add_argument("--wikitext", type=Path, default=DATA / "perplexity" / "wikitext2_test.tokens.txt.gz")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--eval-tokens", type=int, default=40_000, help="WikiText-2 tokens scored (whole documents)")
     parser.add_argument("--kl-tokens", type=int, default=8192, help="WikiText-2 tokens compared with FP32")
+    parser.add_argument("--temperature-tokens", type=int, default=30_000,
+                        help="WikiText-2 tokens after the scored ones the temperature is fit on")  # fmt: skip
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[-1, 128, 32])
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
@@ -267,23 +293,33 @@ def main() -> None:
     print(f"model: {args.model} ({c.name}, {params:.1f}M parameters, hidden {c.hidden_size}, {c.num_layers} layers"
           f"{moe}, vocabulary {c.vocab_size}, context {c.max_seq_len})")  # fmt: skip
 
-    with tempfile.TemporaryDirectory() as tmp:
-        calibration = Path(tmp) / "calibration.jsonl.gz"
-        c4_docs = calibration_file(args.dataset, args.c4_docs, calibration)
-        samples = calibration_samples(tokenizer, str(calibration), args.nsamples, args.seq_len, args.seed)
-    wikitext, wikitext_tokens = leading_documents(load_documents(args.wikitext), tokenizer, args.eval_tokens)
+    samples = calibration_samples(tokenizer, str(args.calibration), args.nsamples, args.seq_len, args.seed)
+    documents = load_documents(args.wikitext)
+    wikitext, wikitext_tokens = leading_documents(documents, tokenizer, args.eval_tokens)
+    c4_docs = list(iter_documents(SourceConfig(path=str(args.c4))))[-args.c4_docs :]
     c4_tokens = sum(len(tokenizer.encode(d, add_special_tokens=False)) for d in c4_docs)
     prompt = tokenizer.encode(wikitext[0], add_special_tokens=False)[:PROMPT_TOKENS]
     stream = torch.tensor([t for d in wikitext for t in tokenizer.encode(d, add_special_tokens=False)])
     windows = stream[: min(args.kl_tokens, len(stream)) // c.max_seq_len * c.max_seq_len].view(-1, c.max_seq_len)
-    print(f"calibration: {args.nsamples} x {args.seq_len} tokens from {args.dataset.name} (seed {args.seed}), "
-          f"its last {args.c4_docs} documents left out")  # fmt: skip
+    print(f"calibration: {args.nsamples} x {args.seq_len} tokens from {args.calibration.name} (seed {args.seed})")
     print(f"evaluation: {args.wikitext.name}, first {len(wikitext)} documents ({wikitext_tokens:,} tokens); "
           f"held-out C4: {len(c4_docs)} documents ({c4_tokens:,} tokens); windows of {c.max_seq_len} tokens, "
           f"token-level perplexity; KL and top-1 agreement with FP32 on the first {windows.numel():,} WikiText-2 "
           "tokens")  # fmt: skip
     print(f"speed: batch 1, greedy, {args.new_tokens} new tokens after a {len(prompt)}-token prompt, best of "
-          f"{args.repeats}; quantization: symmetric, damp 0.01, true-sequential\n")  # fmt: skip
+          f"{args.repeats}; quantization: symmetric, damp 0.01, true-sequential")  # fmt: skip
+    if args.temperature_tokens:
+        fit_docs, fit_tokens = leading_documents(documents[len(wikitext) :], tokenizer, args.temperature_tokens)
+        fit = torch.tensor([t for d in fit_docs for t in tokenizer.encode(d, add_special_tokens=False)])
+        span = c.max_seq_len + 1
+        if len(fit) < span:
+            raise SystemExit(f"{args.wikitext} has {len(fit)} tokens after the scored ones; fitting needs {span}")
+        before = perplexity(base, tokenizer, wikitext, progress=False).token_perplexity
+        temperature = fit_temperature(base, fit[: len(fit) // span * span].view(-1, span))
+        fold_temperature(base, temperature)
+        print(f"temperature: {temperature:.3f}, fit on the next {len(fit_docs)} WikiText-2 documents "
+              f"({fit_tokens:,} tokens); the FP32 model's WikiText-2 perplexity is {before:.2f} before it")  # fmt: skip
+    print()
 
     reference = (windows, log_probs(base, windows))
     texts = {"wikitext": wikitext, "c4": c4_docs}
