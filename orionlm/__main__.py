@@ -866,6 +866,93 @@ def quantize(
     print(f"wrote {out}: {len(reports)} linear layers at {bits} bits, {size / 2**20:.1f} MiB of weights")
 
 
+def merge(config: Path, out: Path, /, *, seed: int = 0, force: bool = False) -> None:
+    """Merge models of one architecture into one, from a mergekit merge config: linear (weighted average),
+    slerp, task_arithmetic, ties, dare_linear or dare_ties.
+
+      merge_method: ties                 # or linear, slerp, task_arithmetic, dare_linear, dare_ties
+      base_model: runs/base              # the task vectors' origin (slerp: the t = 0 end; linear: none)
+      models:
+        - model: runs/code
+          parameters: {weight: 0.6, density: 0.5}
+        - model: runs/chat
+          parameters: {weight: 0.4, density: 0.5}
+      parameters: {normalize: true}      # slerp: {t: 0.5}; dare_*: rescale; all but linear/slerp: lambda
+      dtype: bfloat16                    # default: the base (else first) model's
+
+    A parameter is a number; a list of numbers, interpolated over the layers (a gradient); or a list of
+    {filter: TEXT, value: ...} entries, the first whose TEXT is in the tensor's name applying, e.g.
+      t: [{filter: self_attn, value: [0, 0.5, 1]}, {filter: mlp, value: 0.7}, {value: 0.5}]
+
+    Example:
+      orionlm merge configs/merge-ties.yaml runs/merged
+
+    Args:
+        config: the merge YAML file
+        out: the merged model directory to write
+        seed: seeds DARE's random drops
+        force: replace out if it exists
+    """
+    from .checkpoint import save_checkpoint
+    from .merge.weights import load_merge_config, merge_models
+
+    merge_config = load_merge_config(config)
+    _refuse_existing(out, force)
+    model, tokenizer = merge_models(merge_config, seed=seed)
+    save_checkpoint(model, out, tokenizer, write_extra=lambda tmp: shutil.copyfile(config, tmp / "merge.yaml"))
+    print(f"wrote {out}: {merge_config.merge_method} merge of {len(merge_config.sources())} models")
+
+
+def moe_merge(config: Path, out: Path, /, *, seed: int = 0, force: bool = False) -> None:
+    """Assemble a Mixtral-style MoE ("frankenMoE") from dense models of one architecture, with routers set
+    from prompts instead of trained: everything but the MLPs comes from base_model, expert e's MLPs from its
+    source_model. CONFIG is mergekit-moe's YAML format:
+
+      base_model: runs/english            # a model directory, a .gguf file or a Hub id
+      gate_mode: hidden                   # hidden, cheap_embed or random
+      dtype: bfloat16                     # default: the base model's
+      experts_per_token: 2
+      experts:
+        - source_model: runs/python
+          positive_prompts: ["def main():", "import numpy as np"]
+          negative_prompts: ["Once upon a time"]     # optional
+          noise_scale: 0.01                          # optional: Gaussian noise on its MLP weights
+          residual_scale: 0.5                        # optional: scales its down_proj
+        - source_model: runs/portuguese
+          positive_prompts: ["Era uma vez"]
+      shared_experts:                     # optional: one, for a Qwen2-MoE with a gated shared expert
+        - source_model: runs/english
+          positive_prompts: ["The"]
+
+    hidden: expert e's router row at layer i is the base model's hidden state entering layer i at the last
+    token of each positive prompt, averaged, minus the same for the negative prompts, L2-normalised.
+    cheap_embed: the normalised sum of the prompts' token embeddings, the same for every layer.
+
+    Example:
+      orionlm moe-merge configs/moe-merge.yaml runs/franken-moe
+
+    Args:
+        config: the moe-merge YAML file
+        out: the MoE model directory to write (loads with orionlm; convert to-hf exports it for transformers)
+        seed: seeds random gates and noise_scale
+        force: replace out if it exists
+    """
+    from .checkpoint import save_checkpoint
+    from .merge.moe import load_moe_merge_config
+    from .merge.moe import moe_merge as merge
+
+    merge_config = load_moe_merge_config(config)
+    _refuse_existing(out, force)
+    model, tokenizer = merge(merge_config, seed=seed)
+    save_checkpoint(model, out, tokenizer, write_extra=lambda tmp: shutil.copyfile(config, tmp / "moe_merge.yaml"))
+    c = model.config
+    shared = " + 1 shared expert" if c.shared_expert_intermediate_size else ""
+    print(
+        f"wrote {out}: {c.num_experts} experts{shared}, top-{c.experts_per_token}, {merge_config.gate_mode} gates, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({c.hf_model_type} layout)"
+    )
+
+
 COMMANDS = {
     "info": info,
     "init": init,
@@ -880,6 +967,8 @@ COMMANDS = {
     "leakage": leakage,
     "lm-eval": lm_eval,
     "merge-lora": merge_lora,
+    "merge": merge,
+    "moe-merge": moe_merge,
     "quantize": quantize,
     "convert": {
         "from-hf": convert_from_hf,

@@ -135,6 +135,7 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and chat_template.jinja."""
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",

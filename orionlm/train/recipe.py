@@ -125,7 +125,7 @@ class Recipe:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _build(cls: Any, value: Any, where: str) -> Any:
+def build_dataclass(cls: Any, value: Any, where: str) -> Any:
     """value (parsed YAML) as an instance of the annotated type cls, checking keys and types."""
     origin = typing.get_origin(cls)
     if origin in (typing.Union, types.UnionType):
@@ -143,7 +143,7 @@ def _build(cls: Any, value: Any, where: str) -> Any:
         if unknown:
             plural = "s" if len(unknown) > 1 else ""
             raise RecipeError(f"unknown key{plural} in {where}: {unknown_names(unknown, known)}")
-        kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        kwargs = {k: build_dataclass(hints[k], v, f"{where}.{k}") for k, v in value.items()}
         try:
             return cls(**kwargs)
         except TypeError as e:
@@ -154,12 +154,12 @@ def _build(cls: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{where} must be a list, got {value!r}")
         (item,) = typing.get_args(cls)
-        return [_build(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+        return [build_dataclass(item, v, f"{where}.{i}") for i, v in enumerate(value)]
     if origin is tuple:
         items = typing.get_args(cls)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise RecipeError(f"{where} must be a list of {len(items)} values, got {value!r}")
-        return tuple(_build(t, v, f"{where}.{i}") for i, (t, v) in enumerate(zip(items, value, strict=True)))
+        return tuple(build_dataclass(t, v, f"{where}.{i}") for i, (t, v) in enumerate(zip(items, value, strict=True)))
     if origin is dict or cls is Any:
         return value
     if cls is float and isinstance(value, int) and not isinstance(value, bool):
@@ -227,26 +227,31 @@ def expand_overrides(words: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]:
+    """The mapping at the top of a YAML file; a missing file, invalid YAML or anything but a mapping is a
+    RecipeError naming the file (`what` it is, and what its mapping `holds`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping of {holds}")
+    return data
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe YAML file (or start from nothing), apply the overrides (command-line words, see
     expand_overrides), validate everything."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{path} must hold a mapping of sections (model, data, optim, ...)")
+    data = read_yaml_mapping(path, "recipe", "sections (model, data, optim, ...)") if path is not None else {}
     for override in expand_overrides(overrides):
         apply_override(data, override)
     for section in ("model", "data"):
         if section not in data:
             raise RecipeError(f"the recipe needs a `{section}` section")
-    recipe = _build(Recipe, data, "recipe")
+    recipe = build_dataclass(Recipe, data, "recipe")
     if recipe.model.path is None:
         recipe.model.build()  # validate the model now, not after the data is tokenized
     return recipe

@@ -1,0 +1,1 @@
+"""Model surgery: frankenMoE assembly (moe.py)."""

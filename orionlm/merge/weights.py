@@ -1,0 +1,272 @@
+"""Weight merges of models that share one architecture, from mergekit's config format: linear (a weighted
+average, Wortsman et al. 2022), SLERP, task arithmetic (Ilharco et al. 2022), TIES (Yadav et al. 2023) and
+DARE (Yu et al. 2023) with a linear or a TIES-style sign-consensus sum.
+
+    merge_method: ties
+    base_model: runs/base
+    models:
+      - model: runs/code
+        parameters: {weight: 0.6, density: 0.5}
+      - model: runs/chat
+        parameters: {weight: 0.4, density: 0.5}
+    parameters: {normalize: true}
+    dtype: bfloat16
+
+A parameter is looked up in the model's own `parameters`, then in the top-level ones, then the method's
+default. Its value is a number; a list of numbers, a gradient over the layers (layer i of L reads it at
+i / (L - 1), interpolating linearly; tensors outside the layers read the first value); or a list of
+`{filter: TEXT, value: ...}` entries, the first whose text occurs in the tensor's name applying (an entry
+without a filter matches every tensor), e.g. a different SLERP `t` for self_attn and mlp tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import model_from_tensors
+from ..config import ModelConfig
+from ..errors import OrionError
+from ..model import OrionLM
+from ..tokenizer import Tokenizer
+from ..train.recipe import build_dataclass, read_yaml_mapping
+from .moe import DTYPES, load_source, source_dtype
+
+# method -> its parameters and their defaults (None: required)
+METHODS: dict[str, dict[str, Any]] = {
+    "linear": {"weight": None, "normalize": True},
+    "slerp": {"t": None},
+    "task_arithmetic": {"weight": None, "normalize": False, "lambda": 1.0},
+    "ties": {"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0},
+    "dare_linear": {"weight": None, "density": 1.0, "rescale": True, "normalize": False, "lambda": 1.0},
+    "dare_ties": {"weight": None, "density": 1.0, "rescale": True, "normalize": False, "lambda": 1.0},
+}
+PER_MODEL = {"weight", "density"}  # the others are read from the top-level parameters only
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class MergeError(OrionError):
+    """A merge config or set of models that cannot be merged; the message says what to change."""
+
+
+@dataclass
+class MergeInput:
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """mergekit's merge config: `orionlm merge CONFIG.yaml OUT_DIR`."""
+
+    merge_method: str
+    models: list[MergeInput]
+    base_model: str | None = None  # the task vectors' origin (SLERP: the t = 0 end)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # None: the base (else first) model's stored dtype
+    tokenizer_source: str | None = None  # a model whose tokenizer the output gets; None: base, else first model
+
+    def __post_init__(self) -> None:
+        if self.merge_method not in METHODS:
+            raise MergeError(f"merge_method {self.merge_method!r} is not one of {', '.join(METHODS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise MergeError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        known = METHODS[self.merge_method]
+        for where, parameters in [("parameters", self.parameters)] + [
+            (f"models.{i}.parameters", m.parameters) for i, m in enumerate(self.models)
+        ]:
+            unknown = sorted(set(parameters) - set(known))
+            if unknown:
+                raise MergeError(f"{where}: {', '.join(unknown)} not used by {self.merge_method} (it reads "
+                                 f"{', '.join(known)})")  # fmt: skip
+        if self.merge_method == "linear":
+            if len(self.models) < 2:
+                raise MergeError("linear merges at least 2 models")
+            return
+        if self.base_model is None:
+            raise MergeError(f"{self.merge_method} needs base_model (the models' common origin)")
+        others = self.others()
+        if self.merge_method == "slerp" and (len(others) != 1 or len(self.models) != 2):
+            raise MergeError("slerp interpolates two models: list base_model and one other model under models")
+        if not others:
+            raise MergeError(f"{self.merge_method} needs at least one model besides base_model")
+
+    def others(self) -> list[MergeInput]:
+        """The models that are not the base model."""
+        return [m for m in self.models if m.model != self.base_model]
+
+    def sources(self) -> list[str]:
+        """Every model to load, base first."""
+        names = [self.base_model] if self.base_model else []
+        return names + [m.model for m in self.models if m.model not in names]
+
+
+def load_merge_config(path: str) -> MergeConfig:
+    data = read_yaml_mapping(path, "merge config", "keys (merge_method, models, base_model, parameters, ...)")
+    try:
+        return build_dataclass(MergeConfig, data, "config")
+    except OrionError as e:
+        raise MergeError(f"{path}: {e}") from None
+
+
+def setting(value: Any, tensor: str, t: float, where: str) -> Any:
+    """A parameter's value for one tensor at layer position t in [0, 1] (module docstring)."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        scaled = t * (len(value) - 1)
+        i = int(scaled)
+        j = min(i + 1, len(value) - 1)
+        return (1 - (scaled - i)) * value[i] + (scaled - i) * value[j]
+    if isinstance(value, list) and all(isinstance(v, dict) and "value" in v for v in value):
+        for entry in value:
+            if entry.get("filter") in (None, "*") or entry["filter"] in tensor:
+                return setting(entry["value"], tensor, t, where)
+        return None
+    raise MergeError(f"{where}: {value!r} is not a number, a list of numbers or a list of {{filter, value}} entries")
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """Where a tensor sits in the stack, for gradients: i / (L - 1) for layer i, 0 outside the layers."""
+    found = LAYER.search(name)
+    if found is None:
+        return 0.0
+    return int(found.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
+    """Spherical interpolation between two tensors seen as flat vectors: the angle comes from their directions,
+    the result keeps their lengths' interpolation; nearly parallel (or opposite) tensors interpolate linearly."""
+    a, b = v0.flatten().double(), v1.flatten().double()
+    dot = float(torch.dot(F.normalize(a, dim=0), F.normalize(b, dim=0)).clamp(-1, 1))
+    if abs(dot) > dot_threshold:
+        return ((1 - t) * v0.double() + t * v1.double()).to(v0.dtype)
+    theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
+    s0, s1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    return (s0 * v0.double() + s1 * v1.double()).to(v0.dtype)
+
+
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim: keep the `density` fraction of entries largest in magnitude (at least one), zero the rest."""
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[delta.abs().flatten().topk(k).indices] = True
+    return delta * keep.view_as(delta)
+
+
+def drop(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`, dividing the kept ones by it (rescale)."""
+    if density >= 1:
+        return delta
+    kept = delta * torch.bernoulli(torch.full(delta.shape, density), generator=generator)
+    return kept / density if rescale else kept
+
+
+def task_vector_merge(
+    base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], densities: list[float], method: str,
+    normalize: bool, rescale: bool, scale: float, generator: torch.Generator,
+) -> torch.Tensor:  # fmt: skip
+    """base + scale * the merged task vectors (tensor - base): sparsified (ties: trim; dare_*: drop), weighted,
+    and summed, with TIES' sign election for ties and dare_ties (an entry sums only the weighted deltas whose
+    sign is that of the sum of all of them); normalize divides by the weights that took part."""
+    deltas = []
+    for tensor, density in zip(tensors, densities, strict=True):
+        delta = tensor - base
+        if method == "ties":
+            delta = trim(delta, density)
+        elif method.startswith("dare"):
+            delta = drop(delta, density, rescale, generator)
+        deltas.append(delta)
+    w = torch.tensor(weights, dtype=base.dtype).view(-1, *[1] * base.dim())
+    weighted = torch.stack(deltas) * w
+    if method in ("ties", "dare_ties"):
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+        agree = (weighted.sign() == elected).to(base.dtype)
+        merged, total = (weighted * agree).sum(dim=0), (w * agree).sum(dim=0)
+        total[total == 0] = 1
+    else:
+        merged, total = weighted.sum(dim=0), w.sum(dim=0).expand_as(base).clone()
+        total[total.abs() < 1e-8] = 1
+    if normalize:
+        merged = merged / total
+    return base + scale * merged
+
+
+def _check_same_architecture(configs: dict[str, ModelConfig]) -> None:
+    def shape(c: ModelConfig) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("name", "extra", "hf_model_type")}
+
+    (first, reference), *rest = configs.items()
+    for name, config in rest:
+        differ = [f"{k} {v} ({first}: {shape(reference)[k]})" for k, v in shape(config).items()
+                  if v != shape(reference)[k]]  # fmt: skip
+        if differ:
+            raise MergeError(f"{name} does not have {first}'s architecture: {', '.join(differ[:4])}; weight "
+                             "merges need models of one architecture and shape")  # fmt: skip
+    for name, config in configs.items():
+        if config.quantization_config is not None:
+            raise MergeError(f"{name} is quantized; merge the full-precision models, then quantize the result")
+
+
+def merge_models(config: MergeConfig, seed: int = 0, progress: bool = True) -> tuple[OrionLM, Tokenizer | None]:
+    """The merged model, on CPU in the config's dtype (default: the first source's), and the tokenizer of
+    tokenizer_source. Every model is held in memory in float32 (LoRA adapters folded in); `seed` drives DARE's
+    drops."""
+    loaded = {name: load_source(name) for name in config.sources()}
+    _check_same_architecture({name: model.config for name, (model, _) in loaded.items()})
+    states = {name: model.state_dict() for name, (model, _) in loaded.items()}
+    first = config.sources()[0]
+    reference = loaded[first][0].config
+    method, defaults = config.merge_method, METHODS[config.merge_method]
+    generator = torch.Generator().manual_seed(seed)
+
+    def read(key: str, tensor: str, t: float, model: MergeInput | None = None, absent: Any = None) -> Any:
+        """Parameter `key` for a tensor (and a model); `absent` when the method has no such parameter."""
+        if key not in defaults:
+            return absent
+        scopes = [(f"parameters.{key}", config.parameters)]
+        if model is not None and key in PER_MODEL:
+            scopes.insert(0, (f"{model.model}'s parameters.{key}", model.parameters))
+        for where, parameters in scopes:
+            value = setting(parameters[key], tensor, t, where) if key in parameters else None
+            if value is not None:
+                return value
+        if defaults[key] is None:
+            owner = f" for {model.model}" if model else ""
+            raise MergeError(f"{method} needs parameter {key!r}{owner} (none given for tensor {tensor})")
+        return defaults[key]
+
+    merged = {}
+    for name in tqdm(list(states[first]), desc="tensors", disable=not progress):
+        t = layer_position(name, reference.num_layers)
+        if method == "linear":
+            weights = [float(read("weight", name, t, m)) for m in config.models]
+            total = sum(weights) if read("normalize", name, t) and abs(sum(weights)) > 1e-8 else 1.0
+            tensors = [states[m.model][name].float() for m in config.models]
+            merged[name] = sum(w * x for w, x in zip(weights, tensors, strict=True)) / total
+            continue
+        base, others = states[config.base_model][name].float(), config.others()
+        if method == "slerp":
+            merged[name] = slerp(float(read("t", name, t)), base, states[others[0].model][name].float())
+            continue
+        merged[name] = task_vector_merge(
+            base, [states[m.model][name].float() for m in others], [float(read("weight", name, t, m)) for m in others],
+            [float(read("density", name, t, m, absent=1.0)) for m in others], method,
+            bool(read("normalize", name, t)), bool(read("rescale", name, t, absent=False)),
+            float(read("lambda", name, t)), generator,
+        )  # fmt: skip
+    dtype = DTYPES[config.dtype] if config.dtype else source_dtype(first)
+    out_config = dataclasses.replace(reference, extra={**reference.extra, "merge": dataclasses.asdict(config)})
+    model = model_from_tensors(out_config, merged, torch.device("cpu"), dtype, "merge")
+    tokenizer_source = config.tokenizer_source or first
+    if tokenizer_source not in loaded:
+        loaded[tokenizer_source] = load_source(tokenizer_source)
+    return model, loaded[tokenizer_source][1]
