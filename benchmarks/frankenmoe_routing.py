@@ -8,13 +8,15 @@ does the merged model keep each expert's loss on its domain?
 2. Four experts: the base trained further on one domain each, with LoRA (rank 64) on its MLPs only, so
    that everything but the MLPs stays the base's, which is what the MoE takes from the base (moe-merge
    folds the adapters in).
-3. configs/moe-merge.yaml (its prompts; its source models replaced by these runs) through the real CLI.
+3. `orionlm moe-merge` (the real CLI) with hidden gates, top-2, each expert's positive prompts --prompts
+   200-character excerpts of its domain's training text (configs/moe-merge.yaml has the same layout with
+   hand-written prompts; a few hand-written prompts route less well than many excerpts).
 4. On each domain's held-out documents (the last 5% of its documents, never trained on): which expert the
    router ranks first for each token (per layer, and averaged over layers: the routing table, also drawn as
    a heatmap PNG), and the loss per token of the base, of every expert and of the MoE at top-1 and top-2.
 
     .venv/bin/python benchmarks/frankenmoe_routing.py [--out runs/frankenmoe] [--base-steps 400]
-        [--expert-steps 150] [--plot benchmarks/results/frankenmoe_routing.png]
+        [--expert-steps 150] [--prompts 48] [--plot benchmarks/results/frankenmoe_routing.png]
 
 The defaults take about 8 minutes on a 2-core CPU.
 """
@@ -26,6 +28,7 @@ import gzip
 import json
 import os
 import platform
+import random
 import sysconfig
 from pathlib import Path
 
@@ -84,6 +87,14 @@ def recipe(out: Path, name: str, domains: list[str], steps: int, model: dict, lr
                 "eval_every": 0, "eval_batches": 8, "device": "cpu", "keep_last": 1, "tensorboard": False,
                 "progress": False, "plot": False},
     }  # fmt: skip
+
+
+def excerpts(out: Path, domain: str, count: int) -> list[str]:
+    """`count` router prompts: 200-character excerpts of the domain's training documents at random places."""
+    rng = random.Random(0)
+    documents = [json.loads(line)["text"] for line in gzip.open(out / "data" / f"{domain}.jsonl.gz", "rt")]
+    chosen = [rng.choice(documents) for _ in range(count)]
+    return [d[start : start + 200] for d in chosen for start in [rng.randrange(max(1, len(d) - 200))]]
 
 
 def windows(tokenizer: Tokenizer, documents: list[str], count: int) -> torch.Tensor:
@@ -148,6 +159,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "frankenmoe")
     parser.add_argument("--base-steps", type=int, default=400, help=f"base steps of {BATCH} x {SEQ_LEN} tokens")
     parser.add_argument("--expert-steps", type=int, default=150, help="steps of each expert on its domain")
+    parser.add_argument("--prompts", type=int, default=48, help="router prompts per expert (training excerpts)")
     parser.add_argument("--eval-windows", type=int, default=16, help=f"held-out windows of {SEQ_LEN} per domain")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "frankenmoe_routing.png")
     args = parser.parse_args()
@@ -168,10 +180,15 @@ def main() -> None:
         expert["data"]["format"] = "text"
     train_runs(experts, out, [])
 
-    config = yaml.safe_load((ROOT / "configs" / "moe-merge.yaml").read_text())
-    config["base_model"] = str(out / "base")
-    for expert in config["experts"]:
-        expert["source_model"] = str(out / Path(expert["source_model"]).name)
+    config = {
+        "base_model": str(out / "base"),
+        "gate_mode": "hidden",
+        "dtype": "float32",
+        "experts_per_token": 2,
+        "experts": [
+            {"source_model": str(out / d), "positive_prompts": excerpts(out, d, args.prompts)} for d in domains
+        ],
+    }
     (out / "moe-merge.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     orionlm_main(["moe-merge", str(out / "moe-merge.yaml"), str(out / "moe"), "--force"])
 

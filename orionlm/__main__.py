@@ -372,8 +372,35 @@ def convert_to_hf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: 
     _export_model(src, dst, dtype, force, save_hf)
 
 
+def convert_to_gguf(
+    src: Path, dst: Path, /, *, dtype: Literal["f32", "f16", "q8_0"] = "f16", force: bool = False
+) -> None:
+    """Export an orionlm model directory as a GGUF file for llama.cpp: the llama architecture for dense and
+    Mixtral-style MoE models (experts stacked, the router as ffn_gate_inp), with the tokenizer and chat
+    template embedded and Q/K rows in llama.cpp's RoPE order.
+
+    Example:
+      orionlm convert to-gguf runs/m runs/m.gguf --dtype q8_0 && llama-cli -m runs/m.gguf -p "Once upon"
+
+    Args:
+        src: an orionlm model directory (with its tokenizer)
+        dst: the .gguf file to write
+        dtype: the matrices' type: f32, f16 or q8_0 (norms and routers stay f32)
+        force: replace dst if it exists
+    """
+    from .checkpoint import load_checkpoint
+    from .convert.gguf import save_gguf
+
+    _refuse_existing(dst, force)
+    model, tokenizer = load_checkpoint(src, device="cpu", dtype=torch.float32)
+    if tokenizer is None:
+        raise OrionError(f"{src} has no tokenizer; a GGUF file embeds one, so the model needs it")
+    save_gguf(model, tokenizer, dst, dtype)
+    print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB, {dtype})")
+
+
 def convert_from_gguf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
-    """Import an unquantized llama-architecture GGUF file, with its embedded tokenizer.
+    """Import a llama-architecture GGUF file (F32, F16, BF16 or Q8_0, dequantized), with its embedded tokenizer.
 
     Args:
         src: the .gguf file
@@ -974,6 +1001,7 @@ COMMANDS = {
         "from-hf": convert_from_hf,
         "to-hf": convert_to_hf,
         "from-gguf": convert_from_gguf,
+        "to-gguf": convert_to_gguf,
         "from-auron": convert_from_auron,
         "to-auron": convert_to_auron,
     },

@@ -1,8 +1,9 @@
-"""Import an unquantized llama-architecture GGUF file (llama.cpp's format) with its embedded tokenizer.
+"""Import and export llama-architecture GGUF files (llama.cpp's format) with their embedded tokenizer.
 
-Weights: F32/F16/BF16 tensors are renamed to orionlm's (Hugging Face Llama) names. llama.cpp's
-converters store Q/K rows in the interleaved-pair RoPE layout (rotating features 2i and 2i+1);
-orionlm uses HF's rotate-half layout (rotating i and i + head_dim/2), so those rows are permuted back.
+Weights: F32/F16/BF16 tensors (and Q8_0 ones, dequantized) are renamed to orionlm's (Hugging Face Llama)
+names. llama.cpp's converters store Q/K rows in the interleaved-pair RoPE layout (rotating features 2i and
+2i+1); orionlm uses HF's rotate-half layout (rotating i and i + head_dim/2), so those rows are permuted back
+on import and forth on export (save_gguf: F32, F16 or Q8_0 matrices, byte-level BPE tokenizers).
 
 Tokenizer: `tokenizer.ggml.model` "llama" (SentencePiece BPE with byte fallback) is rebuilt as an HF
 `tokenizers` BPE whose merges are ranked by the merged piece's score, which is the order SentencePiece
@@ -11,6 +12,7 @@ BPE applies them in; "gpt2" (byte-level BPE with explicit merges) is rebuilt as 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from ..tokenizer import Tokenizer
 
 try:
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+    from gguf.quants import dequantize
 except ImportError:  # optional dependency: only needed to read GGUF files
     GGUFReader = None
 
@@ -61,18 +64,20 @@ class GGUFError(ValueError):
 def load_gguf(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[OrionLM, Tokenizer]:
-    """Load an F32/F16/BF16 llama-architecture GGUF file as an OrionLM model and its tokenizer."""
+    """Load an F32/F16/BF16/Q8_0 llama-architecture GGUF file as an OrionLM model (Q8_0 dequantized) and its
+    tokenizer."""
     path = Path(path)
     metadata, reader = read_gguf(path)
     arch = metadata.get("general.architecture")
     if arch != ARCHITECTURE:
         raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; only {ARCHITECTURE!r} can be imported")
-    supported = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+    supported = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                 GGMLQuantizationType.Q8_0)  # fmt: skip
     for t in reader.tensors:
         if t.tensor_type not in supported:
             raise GGUFError(
-                f"{path}: quantized GGUF ({t.tensor_type.name}) is not supported; use an F16/F32 file "
-                f"(tensor {t.name!r} is {t.tensor_type.name})"
+                f"{path}: GGUF tensors of type {t.tensor_type.name} are not supported; use an F32, F16, BF16 or Q8_0 "
+                f"file (tensor {t.name!r} is {t.tensor_type.name})"
             )
     gguf_tensors = {t.name: _to_torch(t) for t in reader.tensors}
     config = config_from_metadata(metadata, gguf_tensors, str(path))
@@ -125,6 +130,8 @@ def _field_value(field: Any) -> Any:
 def _to_torch(t: Any) -> torch.Tensor:
     """A tensor copied out of the memory map; GGUF lists dims fastest-first, numpy's shape is the reverse."""
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if t.tensor_type == GGMLQuantizationType.Q8_0:  # dequantized: orionlm computes in float
+        return torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape))
     if t.tensor_type == GGMLQuantizationType.BF16:
         # The reader hands BF16 over as raw bytes; reinterpret them (numpy has no bfloat16).
         raw = np.ascontiguousarray(t.data).view(np.int16).reshape(shape)
@@ -339,3 +346,149 @@ def _byte_level_bpe(tokens: list[str], merges: list[str]) -> HFTokenizer:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+# --- export -------------------------------------------------------------------------------------------------
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's Q/K row order (interleaved pairs) from HF's rotate-half order: the inverse of _unpermute."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under llama.cpp's llama names, Q/K rows permuted, MoE gate/up stacks split."""
+    config = model.config
+    inverse = {v: k for k, v in _BLOCK_NAMES.items()}
+    top = {f"{v}.weight": f"{k}.weight" for k, v in _TOP_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().float().cpu()
+        if name in top:
+            if not (name == "lm_head.weight" and config.tie_embeddings):
+                out[top[name]] = tensor
+            continue
+        _, _, index, rest = name.split(".", 3)  # model.layers.N.rest
+        module, _, suffix = rest.rpartition(".")
+        if rest == "mlp.experts.gate_up_proj":
+            gate, up = tensor.chunk(2, dim=1)  # (E, 2I, C) -> (E, I, C) twice
+            out[f"blk.{index}.ffn_gate_exps.weight"], out[f"blk.{index}.ffn_up_exps.weight"] = gate, up
+            continue
+        if rest == "mlp.experts.down_proj":
+            out[f"blk.{index}.ffn_down_exps.weight"] = tensor
+            continue
+        if module == "self_attn.q_proj":
+            tensor = _permute(tensor, config.num_heads)
+        elif module == "self_attn.k_proj":
+            tensor = _permute(tensor, config.num_kv_heads)
+        out[f"blk.{index}.{inverse[module]}.{suffix}"] = tensor
+    return out
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    problems = []
+    if config.family not in ("dense", "moe"):
+        problems.append(
+            f"the {config.family} family (llama.cpp's llama architecture holds dense and Mixtral-style MoE)"
+        )
+    if config.activation != "swiglu" or config.norm != "rmsnorm" or config.mlp_bias or config.o_bias:
+        problems.append("a non-Llama block (llama.cpp's llama needs RMSNorm, a bias-free SwiGLU MLP and o_proj)")
+    if config.qk_norm:
+        problems.append("qk_norm")
+    if config.partial_rotary_factor != 1.0:
+        problems.append("partial rotary embeddings")
+    if config.sliding_window is not None:
+        problems.append("a sliding attention window")
+    if config.shared_expert_intermediate_size or config.moe_layers is not None:
+        problems.append("shared experts or dense layers between MoE layers (Mixtral has experts in every layer)")
+    if config.quantization_config is not None:
+        problems.append("GPTQ codes (export the full-precision model)")
+    if problems:
+        raise GGUFError(f"GGUF export cannot express {'; '.join(problems)}")
+
+
+def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE as llama.cpp's "gpt2" tokenizer (GPT-2's pre-tokenizer regex), padded with unused
+    tokens to the model's vocabulary size, with its special tokens and chat template."""
+    data = json.loads(tokenizer.backend.to_str())
+    model = data["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer"):
+        raise GGUFError("GGUF export writes byte-level BPE tokenizers (orionlm's and GPT-2-style ones) only")
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    if len(vocab) > vocab_size or sorted(vocab.values()) != list(range(len(vocab))):
+        raise GGUFError(f"the tokenizer's {len(vocab)} ids do not fit the model's vocabulary of {vocab_size}")
+    tokens = sorted(vocab, key=vocab.__getitem__) + [f"[PAD{i}]" for i in range(len(vocab), vocab_size)]
+    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    types = [CONTROL if t in special else NORMAL for t in tokens[: len(vocab)]] + [UNUSED] * (vocab_size - len(vocab))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token, add in (
+        (tokenizer.bos_id, writer.add_bos_token_id), (tokenizer.eos_id, writer.add_eos_token_id),
+        (tokenizer.pad_id, writer.add_pad_token_id),
+    ):  # fmt: skip
+        if token is not None:
+            add(token)
+    writer.add_add_bos_token(tokenizer.add_bos_token)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def save_gguf(model: OrionLM, tokenizer: Tokenizer, path: str | Path, dtype: str = "f16") -> Path:
+    """Write a llama-architecture GGUF file for llama.cpp (dense, or Mixtral-style MoE with stacked experts and
+    the router as ffn_gate_inp) with the tokenizer embedded, atomically. dtype f32, f16 or q8_0 applies to the
+    matrices; norms and routers stay float32, as llama.cpp's converter keeps them."""
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+    from gguf.quants import quantize
+
+    config = model.config
+    _check_exportable(config)
+    if dtype not in GGUF_DTYPES:
+        raise GGUFError(f"GGUF dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = GGUFWriter(tmp, ARCHITECTURE)
+    writer.add_name(config.name or "orionlm")
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.expert_intermediate_size if config.num_experts else config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if config.num_experts:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.experts_per_token)
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(file_type[dtype])
+    _tokenizer_metadata(writer, tokenizer, config.vocab_size)
+    for name, tensor in gguf_tensors(model).items():
+        data = tensor.numpy()
+        keep_f32 = data.ndim == 1 or "ffn_gate_inp" in name or dtype == "f32"
+        if keep_f32:
+            writer.add_tensor(name, data)
+        elif dtype == "f16" or data.shape[-1] % 32:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, quantize(data, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -541,7 +541,9 @@ def test_quantized_file_is_refused(tmp_path: Path) -> None:
     _add_tiny_llama_metadata(writer, vocab_size=64)
     _add_tiny_llama_tensors(writer, vocab_size=64, quantized_q=True)
     _finish(writer)
-    _assert_one_line_error(tmp_path / "q.gguf", r"quantized GGUF \(Q4_K\) is not supported; use an F16/F32 file")
+    _assert_one_line_error(
+        tmp_path / "q.gguf", r"tensors of type Q4_K are not supported; use an F32, F16, BF16 or Q8_0 file"
+    )
 
 
 def test_other_architecture_is_refused(tmp_path: Path) -> None:

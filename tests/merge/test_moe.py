@@ -5,6 +5,7 @@ output loaded by transformers (Mixtral and Qwen2-MoE), and mergekit-moe itself t
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,9 @@ def test_a_lora_adapter_source_is_folded_in(sources, tmp_path):
     torch.testing.assert_close(
         merged.model.layers[1].mlp.experts.gate_up_proj[1], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
     )
+
+
+def test_the_shipped_config_parses():
+    config = load_moe_merge_config(Path(__file__).parents[2] / "configs" / "moe-merge.yaml")
+    assert [len(e.positive_prompts or []) for e in config.experts] == [3, 3, 3, 3]
+    assert config.architecture == "mixtral" and config.gate_mode == "hidden"

@@ -1,0 +1,129 @@
+"""GGUF export (orionlm convert to-gguf): orionlm -> GGUF -> orionlm gives the same model and tokenizer, and
+llama.cpp itself (llama-cpp-python, when installed) runs the file with orionlm's logits and greedy tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="GGUF export needs the `gguf` package (pip install 'orionlm[gguf]')")
+
+from orionlm.__main__ import main  # noqa: E402
+from orionlm.checkpoint import save_checkpoint  # noqa: E402
+from orionlm.config import preset  # noqa: E402
+from orionlm.convert.gguf import GGUFError, _permute, _unpermute, load_gguf, save_gguf  # noqa: E402
+from orionlm.generation import GenerationConfig, generate_ids  # noqa: E402
+from orionlm.model import OrionLM  # noqa: E402
+from orionlm.tokenizer import CHATML_TEMPLATE, Tokenizer  # noqa: E402
+
+TEXT = "def add(a, b):\n    return a + b  # the sum of two numbers"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    texts = [TEXT, "The cat sat on the mat. " * 20, "import os\nimport sys\n" * 10]
+    tok = Tokenizer.train_bpe_from_texts(texts, 300)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _model(name: str, **overrides) -> OrionLM:
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset(name), vocab_size=320, rope_theta=500.0, **overrides)
+    model = OrionLM(config).eval()
+    with torch.no_grad():  # norms away from 1 and larger routers: mistakes in either would show
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+            elif n.endswith("mlp.gate.weight"):
+                p.mul_(20)
+    return model
+
+
+MODELS = {
+    "dense": lambda: _model("tiny-dense"),
+    "dense-tied-gqa": lambda: _model("tiny-dense", tie_embeddings=True, num_kv_heads=1),
+    "moe": lambda: _model("tiny-moe"),
+}
+
+
+def test_permutation_is_the_inverse_of_the_import():
+    w = torch.randn(4 * 16, 8)
+    assert torch.equal(_unpermute(_permute(w, 4), 4), w)
+    assert not torch.equal(_permute(w, 4), w)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_round_trip_is_exact_in_f32(name, tokenizer, tmp_path):
+    model = MODELS[name]()
+    save_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    back, tok = load_gguf(tmp_path / "m.gguf", device="cpu", dtype=torch.float32)
+    ours = model.state_dict()
+    theirs = back.state_dict()
+    assert set(theirs) == set(ours)
+    for key, tensor in ours.items():
+        assert torch.equal(theirs[key], tensor), key
+    assert tok.encode(TEXT) == tokenizer.encode(TEXT) and tok.decode(tokenizer.encode(TEXT)) == TEXT
+    assert tok.eos_token == tokenizer.eos_token and tok.chat_template == tokenizer.chat_template
+    assert back.config.num_experts == model.config.num_experts
+    assert back.config.tie_embeddings == model.config.tie_embeddings
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f16", 2e-3), ("q8_0", 2e-2)])
+def test_f16_and_q8_0_stay_close(dtype, tolerance, tokenizer, tmp_path):
+    model = MODELS["moe"]()
+    save_gguf(model, tokenizer, tmp_path / "m.gguf", dtype=dtype)
+    back, _ = load_gguf(tmp_path / "m.gguf", device="cpu", dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, back(ids).logits
+    assert float((ours - theirs).abs().max() / ours.abs().max()) < tolerance
+    sizes = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert sizes["blk.0.attn_q.weight"] == dtype.upper() and sizes["blk.0.attn_norm.weight"] == "F32"
+    assert sizes["blk.0.ffn_gate_inp.weight"] == "F32"  # routers stay in full precision
+
+
+def test_refused_models(tokenizer, tmp_path):
+    for name, words in (("tiny-alibi", "alibi family"), ("tiny-chimera", "chimera family")):
+        with pytest.raises(GGUFError, match=words):
+            save_gguf(OrionLM(dataclasses.replace(preset(name), vocab_size=320)), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="qk_norm"):
+        save_gguf(_model("tiny-dense", qk_norm=True), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="dtype 'q4' is not one of f32, f16, q8_0"):
+        save_gguf(_model("tiny-dense"), tokenizer, tmp_path / "x.gguf", dtype="q4")
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_cli(tokenizer, tmp_path, capsys):
+    save_checkpoint(MODELS["dense"](), tmp_path / "m", tokenizer)
+    main(["convert", "to-gguf", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--dtype", "f16"])
+    assert "wrote" in capsys.readouterr().out
+    main(["convert", "from-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "back")])
+    assert (tmp_path / "back" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_llama_cpp_runs_the_file_like_orionlm(name, tokenizer, tmp_path):
+    """llama.cpp's logits on the same tokens (all positions) and its greedy continuation equal orionlm's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    model = MODELS[name]()
+    save_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, verbose=False, seed=0)
+    ids = tokenizer.encode(TEXT)
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-3 * np.abs(ours).max(), rtol=0)
+    llm.reset()
+    expected = generate_ids(model, [ids], config=GenerationConfig(max_new_tokens=20, do_sample=False))[0]
+    got = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        got.append(token)
+        if len(got) == len(expected):
+            break
+    assert got == expected
