@@ -1,6 +1,8 @@
 """Three tiny dense models that the merge tests combine, each as an orionlm and a Hugging Face directory."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,3 +41,10 @@ def sources(tmp_path_factory):
         paths[name] = save_checkpoint(model, root / name, tokenizer())
         save_hf(model, tokenizer(), root / f"{name}-hf")
     return paths
+
+
+def cli_error(*args: str) -> list[str]:
+    """The stderr lines of `orionlm ARGS` run as a real process, which must exit with status 2."""
+    run = subprocess.run([sys.executable, "-m", "orionlm", *args], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    return run.stderr.strip().splitlines()

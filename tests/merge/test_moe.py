@@ -23,7 +23,7 @@ from orionlm.loading import load_model
 from orionlm.merge.moe import ExpertSource, MoEMergeConfig, MoEMergeError, load_moe_merge_config, moe_merge
 from orionlm.model import OrionLM
 
-from .conftest import dense, tokenizer
+from .conftest import cli_error, dense, tokenizer
 
 PROMPTS = {
     "base": (["The cat sat on the mat", "Once upon a time"], ["def f(x):"]),
@@ -212,10 +212,7 @@ def test_cli_writes_a_model_that_loads_and_generates(sources, tmp_path, capsys):
 def test_cli_errors_are_one_line(sources, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base_model": str(sources["base"]), "experts": [], "gate_modes": "hidden"}))
-    run = subprocess.run([sys.executable, "-m", "orionlm", "moe-merge", str(bad), str(tmp_path / "o")],
-                         capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
+    assert cli_error("moe-merge", str(bad), str(tmp_path / "o")) == [
         f"orionlm: error: {bad}: unknown key in config: 'gate_modes' (did you mean 'gate_mode'?)"
     ]
     with pytest.raises(OrionError, match="moe-merge config .*missing.yaml does not exist"):

@@ -29,7 +29,7 @@ from orionlm.merge.weights import (
 )
 from orionlm.model import OrionLM
 
-from .conftest import dense, tokenizer
+from .conftest import cli_error, dense, tokenizer
 
 
 def test_slerp_small_cases():
@@ -186,10 +186,7 @@ def test_cli(sources, tmp_path, capsys):
     assert tokenizer_ is not None and model.config.num_layers == 2
     assert stored_dtype(tmp_path / "out") == torch.bfloat16
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "merge_methd": "ties"}))
-    run = subprocess.run([sys.executable, "-m", "orionlm", "merge", str(tmp_path / "bad.yaml"), str(tmp_path / "o")],
-                         capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
+    assert cli_error("merge", str(tmp_path / "bad.yaml"), str(tmp_path / "o")) == [
         f"orionlm: error: {tmp_path / 'bad.yaml'}: unknown key in config: 'merge_methd' (did you mean 'merge_method'?)"
     ]
     with pytest.raises(OrionError, match="merge config .*missing.yaml does not exist"):
