@@ -118,6 +118,8 @@ def load_moe_merge_config(path: str | Path) -> MoEMergeConfig:
 
 
 def _check_dense(config: ModelConfig, source: str) -> None:
+    if config.quantization_config is not None:
+        raise MoEMergeError(f"{source} is quantized; merge the full-precision models, then quantize the MoE")
     if config.family != "dense" or config.activation != "swiglu" or config.mlp_bias:
         raise MoEMergeError(
             f"{source} is a {config.family} model with a {config.activation} MLP; moe-merge builds from dense "
@@ -213,7 +215,7 @@ def moe_merge(config: MoEMergeConfig, seed: int = 0, progress: bool = True) -> t
         base.config, name=f"{base.config.name or 'dense'}-moe{E}", num_experts=E,
         experts_per_token=config.experts_per_token, expert_intermediate_size=I, moe_layers=None,
         norm_topk_prob=True, shared_expert_intermediate_size=I if shared else 0, shared_expert_gate=bool(shared),
-        hf_model_type=ARCHITECTURES[config.architecture or "mixtral"], quantization_config=None,
+        hf_model_type=ARCHITECTURES[str(config.architecture)], quantization_config=None,
         extra={**base.config.extra, "moe_merge": dataclasses.asdict(config)},
     )  # fmt: skip
     state: dict[str, Any] = {k: v.float() for k, v in base.state_dict().items() if ".mlp." not in k}
