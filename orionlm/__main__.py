@@ -376,8 +376,8 @@ def convert_to_gguf(
     src: Path, dst: Path, /, *, dtype: Literal["f32", "f16", "q8_0"] = "f16", force: bool = False
 ) -> None:
     """Export an orionlm model directory as a GGUF file for llama.cpp: the llama architecture for dense and
-    Mixtral-style MoE models (experts stacked, the router as ffn_gate_inp), with the tokenizer and chat
-    template embedded and Q/K rows in llama.cpp's RoPE order.
+    Mixtral-style MoE models (experts stacked, the router as ffn_gate_inp, Q/K rows in llama.cpp's RoPE
+    order), bloom for ALiBi (BLOOM) models; the tokenizer and chat template are embedded.
 
     Example:
       orionlm convert to-gguf runs/m runs/m.gguf --dtype q8_0 && llama-cli -m runs/m.gguf -p "Once upon"

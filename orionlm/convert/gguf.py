@@ -388,18 +388,55 @@ def gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
     return out
 
 
+# orionlm name (after "model.layers.N.") -> llama.cpp's bloom name (after "blk.N.")
+_BLOOM_BLOCK = {
+    "input_layernorm": "attn_norm",
+    "self_attn.qkv_proj": "attn_qkv",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_BLOOM_TOP = {"model.embed_tokens": "token_embd", "model.embed_norm": "token_embd_norm", "model.norm": "output_norm"}
+
+
+def bloom_gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
+    """An ALiBi (BLOOM) model's tensors under llama.cpp's bloom names. BLOOM's fused QKV rows are
+    (heads, 3, head_dim); llama.cpp's are (3, heads, head_dim): all queries, then keys, then values."""
+    config = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().float().cpu()
+        module, _, suffix = name.rpartition(".")
+        if module == "lm_head":
+            out["output.weight"] = tensor  # written even when tied, as llama.cpp's converter does
+        elif module in _BLOOM_TOP:
+            out[f"{_BLOOM_TOP[module]}.{suffix}"] = tensor
+        else:
+            _, _, index, rest = module.split(".", 3)  # model.layers.N.rest
+            if rest == "self_attn.qkv_proj":
+                shape = tensor.shape
+                tensor = tensor.reshape(config.num_heads, 3, config.head_dim, -1).transpose(0, 1).reshape(shape)
+            out[f"blk.{index}.{_BLOOM_BLOCK[rest]}.{suffix}"] = tensor
+    return out
+
+
 def _check_exportable(config: ModelConfig) -> None:
     problems = []
-    if config.family not in ("dense", "moe"):
-        problems.append(
-            f"the {config.family} family (llama.cpp's llama architecture holds dense and Mixtral-style MoE)"
-        )
-    if config.activation != "swiglu" or config.norm != "rmsnorm" or config.mlp_bias or config.o_bias:
-        problems.append("a non-Llama block (llama.cpp's llama needs RMSNorm, a bias-free SwiGLU MLP and o_proj)")
-    if config.qk_norm:
-        problems.append("qk_norm")
-    if config.partial_rotary_factor != 1.0:
-        problems.append("partial rotary embeddings")
+    if config.family == "alibi":
+        bloom = (config.fused_qkv, config.embedding_norm, config.norm == "layernorm", config.activation == "gelu_tanh",
+                 config.qkv_bias and config.o_bias and config.mlp_bias, not config.qk_norm)  # fmt: skip
+        if not all(bloom):
+            problems.append("an ALiBi model that is not in BLOOM's layout (llama.cpp's bloom architecture)")
+    elif config.family not in ("dense", "moe"):
+        problems.append(f"the {config.family} family (llama.cpp takes dense, Mixtral-style MoE and BLOOM models)")
+    else:
+        if config.activation != "swiglu" or config.norm != "rmsnorm" or config.mlp_bias or config.o_bias:
+            problems.append("a non-Llama block (llama.cpp's llama needs RMSNorm, a bias-free SwiGLU MLP and o_proj)")
+        if config.qk_norm:
+            problems.append("qk_norm")
+        if config.partial_rotary_factor != 1.0:
+            problems.append("partial rotary embeddings")
     if config.sliding_window is not None:
         problems.append("a sliding attention window")
     if config.shared_expert_intermediate_size or config.moe_layers is not None:
@@ -441,9 +478,10 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
 
 
 def save_gguf(model: OrionLM, tokenizer: Tokenizer, path: str | Path, dtype: str = "f16") -> Path:
-    """Write a llama-architecture GGUF file for llama.cpp (dense, or Mixtral-style MoE with stacked experts and
-    the router as ffn_gate_inp) with the tokenizer embedded, atomically. dtype f32, f16 or q8_0 applies to the
-    matrices; norms and routers stay float32, as llama.cpp's converter keeps them."""
+    """Write a GGUF file for llama.cpp with the tokenizer embedded, atomically: the llama architecture for dense
+    and Mixtral-style MoE models (stacked experts, the router as ffn_gate_inp), bloom for ALiBi (BLOOM) ones.
+    dtype f32, f16 or q8_0 applies to the matrices; norms and routers stay float32, as llama.cpp's converter
+    keeps them."""
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
     from gguf.quants import quantize
 
@@ -454,7 +492,8 @@ def save_gguf(model: OrionLM, tokenizer: Tokenizer, path: str | Path, dtype: str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    writer = GGUFWriter(tmp, ARCHITECTURE)
+    bloom = config.family == "alibi"
+    writer = GGUFWriter(tmp, "bloom" if bloom else ARCHITECTURE)
     writer.add_name(config.name or "orionlm")
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.hidden_size)
@@ -462,19 +501,22 @@ def save_gguf(model: OrionLM, tokenizer: Tokenizer, path: str | Path, dtype: str
     writer.add_feed_forward_length(config.expert_intermediate_size if config.num_experts else config.intermediate_size)
     writer.add_head_count(config.num_heads)
     writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if bloom:
+        writer.add_layer_norm_eps(config.norm_eps)
+    else:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
     if config.num_experts:
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.experts_per_token)
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
     writer.add_file_type(file_type[dtype])
     _tokenizer_metadata(writer, tokenizer, config.vocab_size)
-    for name, tensor in gguf_tensors(model).items():
+    for name, tensor in (bloom_gguf_tensors(model) if bloom else gguf_tensors(model)).items():
         data = tensor.numpy()
         keep_f32 = data.ndim == 1 or "ffn_gate_inp" in name or dtype == "f32"
         if keep_f32:
