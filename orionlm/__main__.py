@@ -15,12 +15,11 @@ from .cli import build_parser, run
 from .errors import OrionError
 from .serve import serve
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def _dtype(name: str, source: Path) -> torch.dtype:
-    from .checkpoint import stored_dtype
+    from .checkpoint import DTYPES, stored_dtype
 
     if name != "auto":
         return DTYPES[name]
@@ -388,15 +387,9 @@ def convert_to_gguf(
         dtype: the matrices' type: f32, f16 or q8_0 (norms and routers stay f32)
         force: replace dst if it exists
     """
-    from .checkpoint import load_checkpoint
     from .convert.gguf import save_gguf
 
-    _refuse_existing(dst, force)
-    model, tokenizer = load_checkpoint(src, device="cpu", dtype=torch.float32)
-    if tokenizer is None:
-        raise OrionError(f"{src} has no tokenizer; a GGUF file embeds one, so the model needs it")
-    save_gguf(model, tokenizer, dst, dtype)
-    print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB, {dtype})")
+    _export_model(src, dst, "float32", force, lambda model, tokenizer, out: save_gguf(model, tokenizer, out, dtype))
 
 
 def convert_from_gguf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:

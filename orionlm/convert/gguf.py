@@ -359,7 +359,7 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
+def llama_gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
     """The model's tensors under llama.cpp's llama names, Q/K rows permuted, MoE gate/up stacks split."""
     config = model.config
     inverse = {v: k for k, v in _BLOCK_NAMES.items()}
@@ -477,7 +477,7 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def save_gguf(model: OrionLM, tokenizer: Tokenizer, path: str | Path, dtype: str = "f16") -> Path:
+def save_gguf(model: OrionLM, tokenizer: Tokenizer | None, path: str | Path, dtype: str = "f16") -> Path:
     """Write a GGUF file for llama.cpp with the tokenizer embedded, atomically: the llama architecture for dense
     and Mixtral-style MoE models (stacked experts, the router as ffn_gate_inp), bloom for ALiBi (BLOOM) ones.
     dtype f32, f16 or q8_0 applies to the matrices; norms and routers stay float32, as llama.cpp's converter
@@ -487,6 +487,8 @@ def save_gguf(model: OrionLM, tokenizer: Tokenizer, path: str | Path, dtype: str
 
     config = model.config
     _check_exportable(config)
+    if tokenizer is None:
+        raise GGUFError("the model has no tokenizer; a GGUF file embeds one, so export a model directory that has it")
     if dtype not in GGUF_DTYPES:
         raise GGUFError(f"GGUF dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
     path = Path(path)
@@ -516,7 +518,7 @@ def save_gguf(model: OrionLM, tokenizer: Tokenizer, path: str | Path, dtype: str
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
     writer.add_file_type(file_type[dtype])
     _tokenizer_metadata(writer, tokenizer, config.vocab_size)
-    for name, tensor in (bloom_gguf_tensors(model) if bloom else gguf_tensors(model)).items():
+    for name, tensor in (bloom_gguf_tensors(model) if bloom else llama_gguf_tensors(model)).items():
         data = tensor.numpy()
         keep_f32 = data.ndim == 1 or "ffn_gate_inp" in name or dtype == "f32"
         if keep_f32:

@@ -1,1 +1,2 @@
-"""Model surgery: frankenMoE assembly (moe.py)."""
+"""Model surgery: frankenMoE assembly (moe.py), weight merges (weights.py), their shared input handling
+(sources.py)."""

@@ -22,24 +22,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import model_from_tensors, stored_dtype
+from ..checkpoint import DTYPES, model_from_tensors
 from ..config import ModelConfig
-from ..errors import OrionError
-from ..loading import load_model, resolve_model_path
 from ..model import OrionLM
-from ..nn.lora import merge_lora
 from ..tokenizer import Tokenizer
-from ..train.recipe import build_dataclass, read_yaml_mapping
+from .sources import MergeError, load_config, load_source, source_dtype
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe"}  # config name -> hf_model_type
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A source model must match the base in all of these to lend it its MLPs.
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
               "vocab_size", "activation", "norm", "position", "mlp_bias")  # fmt: skip
 
 
-class MoEMergeError(OrionError):
+class MoEMergeError(MergeError):
     """A moe-merge config or set of models that cannot make an MoE; the message says what to change."""
 
 
@@ -110,16 +106,10 @@ class MoEMergeConfig:
 
 
 def load_moe_merge_config(path: str | Path) -> MoEMergeConfig:
-    data = read_yaml_mapping(path, "moe-merge config", "keys (base_model, experts, gate_mode, ...)")
-    try:
-        return build_dataclass(MoEMergeConfig, data, "config")
-    except OrionError as e:
-        raise MoEMergeError(f"{path}: {e}") from None
+    return load_config(MoEMergeConfig, path, "moe-merge config", "base_model, experts, gate_mode")
 
 
 def _check_dense(config: ModelConfig, source: str) -> None:
-    if config.quantization_config is not None:
-        raise MoEMergeError(f"{source} is quantized; merge the full-precision models, then quantize the MoE")
     if config.family != "dense" or config.activation != "swiglu" or config.mlp_bias:
         raise MoEMergeError(
             f"{source} is a {config.family} model with a {config.activation} MLP; moe-merge builds from dense "
@@ -241,21 +231,6 @@ def moe_merge(config: MoEMergeConfig, seed: int = 0, progress: bool = True) -> t
         state[prefix + "experts.down_proj"] = down[i]
     dtype = DTYPES[config.dtype] if config.dtype else source_dtype(config.base_model)
     return model_from_tensors(moe_config, state, torch.device("cpu"), dtype, "moe-merge"), tokenizer
-
-
-def source_dtype(name_or_path: str) -> torch.dtype:
-    """The dtype a model directory stores its weights in (float32 for anything else, e.g. a GGUF file): a
-    merge's output dtype when its config names none."""
-    path = resolve_model_path(name_or_path)
-    return stored_dtype(path) if path.is_dir() else torch.float32
-
-
-def load_source(name_or_path: str) -> tuple[OrionLM, Tokenizer | None]:
-    """A model to merge, float32 on CPU, with the LoRA adapter it may be (an adapter directory, or a LoRA run)
-    folded into its weights."""
-    model, tokenizer, _ = load_model(name_or_path, device="cpu", dtype=torch.float32)
-    merge_lora(model)
-    return model.eval(), tokenizer
 
 
 def _load_expert(base: ModelConfig, where: str, expert: ExpertSource) -> OrionLM:

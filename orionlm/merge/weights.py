@@ -24,19 +24,18 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import model_from_tensors
+from ..checkpoint import DTYPES, model_from_tensors
 from ..config import ModelConfig
-from ..errors import OrionError
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
-from ..train.recipe import build_dataclass, read_yaml_mapping
-from .moe import DTYPES, load_source, source_dtype
+from .sources import MergeError, load_config, load_source, source_dtype
 
 # method -> its parameters and their defaults (None: required)
 METHODS: dict[str, dict[str, Any]] = {
@@ -49,10 +48,6 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 PER_MODEL = {"weight", "density"}  # the others are read from the top-level parameters only
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-class MergeError(OrionError):
-    """A merge config or set of models that cannot be merged; the message says what to change."""
 
 
 @dataclass
@@ -107,12 +102,8 @@ class MergeConfig:
         return names + [m.model for m in self.models if m.model not in names]
 
 
-def load_merge_config(path: str) -> MergeConfig:
-    data = read_yaml_mapping(path, "merge config", "keys (merge_method, models, base_model, parameters, ...)")
-    try:
-        return build_dataclass(MergeConfig, data, "config")
-    except OrionError as e:
-        raise MergeError(f"{path}: {e}") from None
+def load_merge_config(path: str | Path) -> MergeConfig:
+    return load_config(MergeConfig, path, "merge config", "merge_method, models, base_model, parameters")
 
 
 def setting(value: Any, tensor: str, t: float, where: str) -> Any:
@@ -211,9 +202,6 @@ def _check_same_architecture(configs: dict[str, ModelConfig]) -> None:
         if differ:
             raise MergeError(f"{name} does not have {first}'s architecture: {', '.join(differ[:4])}; weight "
                              "merges need models of one architecture and shape")  # fmt: skip
-    for name, config in configs.items():
-        if config.quantization_config is not None:
-            raise MergeError(f"{name} is quantized; merge the full-precision models, then quantize the result")
 
 
 def merge_models(config: MergeConfig, seed: int = 0, progress: bool = True) -> tuple[OrionLM, Tokenizer | None]:
