@@ -393,7 +393,8 @@ def convert_to_gguf(
 
 
 def convert_from_gguf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:
-    """Import a llama-architecture GGUF file (F32, F16, BF16 or Q8_0, dequantized), with its embedded tokenizer.
+    """Import a llama- or bloom-architecture GGUF file (F32, F16, BF16 or Q8_0, dequantized), with its embedded
+    tokenizer.
 
     Args:
         src: the .gguf file

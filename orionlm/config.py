@@ -260,7 +260,7 @@ _TINY = dict(
 )
 
 # BLOOM's layout: LayerNorm, GELU (tanh) MLP 4x wide, fused QKV, ALiBi, embedding LayerNorm, biases everywhere
-_BLOOM = dict(
+BLOOM_LAYOUT = dict(
     norm="layernorm",
     activation="gelu_tanh",
     position="alibi",
@@ -367,7 +367,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_topk_prob=False,
         hf_model_type="qwen2_moe",
     ),
-    "tiny-alibi": _TINY | _BLOOM | dict(num_kv_heads=4, intermediate_size=256),
+    "tiny-alibi": _TINY | BLOOM_LAYOUT | dict(num_kv_heads=4, intermediate_size=256),
     # 2 bottom + 2 shared blocks looped twice (6 virtual layers), GDN then attention in each zone
     "tiny-chimera": _auron(
         dim=64,
@@ -418,7 +418,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         hf_model_type="mixtral",
     ),
     # LumiOpen/Poro-34B config.json (BLOOM architecture with ALiBi): 34.2B parameters
-    "poro-34b": _BLOOM
+    "poro-34b": BLOOM_LAYOUT
     | dict(
         vocab_size=128000,
         hidden_size=7168,

@@ -1,18 +1,23 @@
-"""Import and export llama-architecture GGUF files (llama.cpp's format) with their embedded tokenizer.
+"""Import and export GGUF files (llama.cpp's format) of the llama (dense and Mixtral-style MoE) and bloom
+architectures, with their embedded tokenizer.
 
-Weights: F32/F16/BF16 tensors (and Q8_0 ones, dequantized) are renamed to orionlm's (Hugging Face Llama)
-names. llama.cpp's converters store Q/K rows in the interleaved-pair RoPE layout (rotating features 2i and
+Weights: F32/F16/BF16 tensors (and Q8_0 ones, dequantized) are renamed to orionlm's (Hugging Face) names.
+llama.cpp's converters store llama Q/K rows in the interleaved-pair RoPE layout (rotating features 2i and
 2i+1); orionlm uses HF's rotate-half layout (rotating i and i + head_dim/2), so those rows are permuted back
-on import and forth on export (save_gguf: F32, F16 or Q8_0 matrices, byte-level BPE tokenizers).
+on import and forth on export. bloom's fused QKV rows are (3, heads, head_dim) in GGUF and (heads, 3,
+head_dim) in orionlm (and HF). save_gguf writes F32, F16 or Q8_0 matrices.
 
 Tokenizer: `tokenizer.ggml.model` "llama" (SentencePiece BPE with byte fallback) is rebuilt as an HF
 `tokenizers` BPE whose merges are ranked by the merged piece's score, which is the order SentencePiece
 BPE applies them in; "gpt2" (byte-level BPE with explicit merges) is rebuilt as GPT-2's byte-level BPE.
+Export writes both kinds back: a SentencePiece-style BPE gets scores that rank its merges the same way.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..checkpoint import CheckpointError, model_from_tensors, resolve_device
-from ..config import ConfigError, ModelConfig
+from ..config import BLOOM_LAYOUT, ConfigError, ModelConfig
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
 
@@ -32,7 +37,7 @@ try:
 except ImportError:  # optional dependency: only needed to read GGUF files
     GGUFReader = None
 
-ARCHITECTURE = "llama"
+ARCHITECTURES = ("llama", "bloom")
 
 # GGUF tensor name (after "blk.N.") -> orionlm name (after "model.layers.N.")
 _BLOCK_NAMES = {
@@ -50,6 +55,16 @@ _BLOCK_NAMES = {
     "ffn_down_exps": "mlp.experts.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# The same for llama.cpp's bloom architecture
+_BLOOM_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOOM_TOP_NAMES = {"token_embd_norm": "model.embed_norm"} | _TOP_NAMES
 
 # llama.cpp's token types (llama_token_type / gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -64,13 +79,16 @@ class GGUFError(ValueError):
 def load_gguf(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[OrionLM, Tokenizer]:
-    """Load an F32/F16/BF16/Q8_0 llama-architecture GGUF file as an OrionLM model (Q8_0 dequantized) and its
-    tokenizer."""
+    """Load an F32/F16/BF16/Q8_0 llama- or bloom-architecture GGUF file as an OrionLM model (Q8_0 dequantized)
+    and its tokenizer."""
     path = Path(path)
     metadata, reader = read_gguf(path)
     arch = metadata.get("general.architecture")
-    if arch != ARCHITECTURE:
-        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; only {ARCHITECTURE!r} can be imported")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(
+            f"{path}: GGUF architecture {arch!r} is not supported; only {' and '.join(map(repr, ARCHITECTURES))} "
+            "can be imported"
+        )
     supported = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
                  GGMLQuantizationType.Q8_0)  # fmt: skip
     for t in reader.tensors:
@@ -81,7 +99,7 @@ def load_gguf(
             )
     gguf_tensors = {t.name: _to_torch(t) for t in reader.tensors}
     config = config_from_metadata(metadata, gguf_tensors, str(path))
-    tensors = hf_tensors(gguf_tensors, config, str(path))
+    tensors = (bloom_hf_tensors if arch == "bloom" else llama_hf_tensors)(gguf_tensors, config, str(path))
     device, dtype = resolve_device(device, dtype)
     try:
         model = model_from_tensors(config, tensors, device, dtype, str(path))
@@ -140,18 +158,43 @@ def _to_torch(t: Any) -> torch.Tensor:
 
 
 def config_from_metadata(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> ModelConfig:
-    """ModelConfig from the `llama.*` keys; vocab size and untied head come from the tensors."""
+    """ModelConfig from the `llama.*` or `bloom.*` keys; vocab size and untied head come from the tensors."""
+    arch = metadata["general.architecture"]
 
     def key(name: str, default: Any = None) -> Any:
-        value = metadata.get(f"{ARCHITECTURE}.{name}", default)
+        value = metadata.get(f"{arch}.{name}", default)
         if value is None:
-            raise GGUFError(f"{source}: metadata key {ARCHITECTURE}.{name} is missing")
+            raise GGUFError(f"{source}: metadata key {arch}.{name} is missing")
         if isinstance(value, list):
-            raise GGUFError(f"{source}: per-layer {ARCHITECTURE}.{name} is not supported (one value for all layers)")
+            raise GGUFError(f"{source}: per-layer {arch}.{name} is not supported (one value for all layers)")
         return value
 
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{source}: tensor 'token_embd.weight' is missing")
+    embedding, head = tensors["token_embd.weight"], tensors.get("output.weight")
+    common = dict(
+        name=str(metadata.get("general.name") or ""),
+        vocab_size=embedding.shape[0],
+        hidden_size=key("embedding_length"),
+        num_layers=key("block_count"),
+        num_heads=key("attention.head_count"),
+        max_seq_len=key("context_length"),
+        # llama.cpp's llama files leave out a tied head; its bloom converter writes a copy of the embedding.
+        tie_embeddings=head is None or (arch == "bloom" and torch.equal(head, embedding)),
+        extra={"source": "gguf", "gguf_architecture": arch},
+    )
+    try:
+        if arch == "bloom":
+            fields = BLOOM_LAYOUT | dict(intermediate_size=key("feed_forward_length"),
+                                         norm_eps=key("attention.layer_norm_epsilon"))  # fmt: skip
+        else:
+            fields = _llama_fields(key, tensors, source)
+        return ModelConfig(**(fields | common))
+    except ConfigError as e:
+        raise GGUFError(f"{source}: {e}") from None
+
+
+def _llama_fields(key: Callable[..., Any], tensors: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     hidden, heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", hidden // heads)
     if key("attention.value_length", head_dim) != head_dim:
@@ -160,7 +203,7 @@ def config_from_metadata(metadata: dict[str, Any], tensors: dict[str, torch.Tens
     if rope_dim != head_dim:
         # llama.cpp's Q/K permutation spans the whole head, so a partial rotary layout cannot be undone.
         raise GGUFError(f"{source}: rope.dimension_count ({rope_dim}) != head dim ({head_dim}) is not supported")
-    scaling = metadata.get(f"{ARCHITECTURE}.rope.scaling.type", "none")
+    scaling = key("rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensors:
         raise GGUFError(f"{source}: RoPE scaling ({scaling}) is not supported; use a model without rope scaling")
     experts = key("expert_count", 0)
@@ -173,28 +216,17 @@ def config_from_metadata(metadata: dict[str, Any], tensors: dict[str, torch.Tens
             expert_intermediate_size=ffn,
             norm_topk_prob=True,  # llama.cpp's llama MoE renormalizes the top-k softmax weights, as Mixtral does
         )
-    try:
-        return ModelConfig(
-            name=str(metadata.get("general.name") or ""),
-            vocab_size=tensors["token_embd.weight"].shape[0],
-            hidden_size=hidden,
-            num_layers=key("block_count"),
-            num_heads=heads,
-            num_kv_heads=key("attention.head_count_kv", heads),
-            head_dim=head_dim,
-            intermediate_size=ffn,
-            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta=key("rope.freq_base", 10000.0),
-            max_seq_len=key("context_length"),
-            tie_embeddings="output.weight" not in tensors,
-            qkv_bias="blk.0.attn_q.bias" in tensors,
-            o_bias="blk.0.attn_output.bias" in tensors,
-            hf_model_type="mixtral" if experts else "llama",
-            extra={"source": "gguf", "gguf_architecture": ARCHITECTURE},
-            **moe,
-        )
-    except ConfigError as e:
-        raise GGUFError(f"{source}: {e}") from None
+    return dict(
+        num_kv_heads=key("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        intermediate_size=ffn,
+        norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=key("rope.freq_base", 10000.0),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        o_bias="blk.0.attn_output.bias" in tensors,
+        hf_model_type="mixtral" if experts else "llama",
+        **moe,
+    )
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -203,7 +235,7 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+def llama_hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
     """GGUF tensors renamed to orionlm's names, Q/K un-permuted and MoE gate/up stacked as [gate; up]."""
     out: dict[str, torch.Tensor] = {}
     gate_exps: dict[str, torch.Tensor] = {}
@@ -238,6 +270,28 @@ def hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: st
     for prefix, gate in gate_exps.items():
         out[prefix + "mlp.experts.gate_up_proj"] = torch.cat([gate, up_exps[prefix]], dim=1)  # (E, 2I, C)
     return out
+
+
+def bloom_hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """GGUF bloom tensors renamed to orionlm's names, the fused QKV rows regrouped per head."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit() and parts[2] in _BLOOM_BLOCK_NAMES:
+            if parts[2] == "attn_qkv":
+                tensor = _swap_qkv_groups(tensor, 3, config.num_heads)
+            out[f"model.layers.{parts[1]}.{_BLOOM_BLOCK_NAMES[parts[2]]}.{parts[3]}"] = tensor
+        elif len(parts) == 2 and parts[0] in _BLOOM_TOP_NAMES:
+            out[f"{_BLOOM_TOP_NAMES[parts[0]]}.{parts[1]}"] = tensor
+        else:
+            raise GGUFError(f"{source}: unexpected tensor {name!r} for a bloom model")
+    return out
+
+
+def _swap_qkv_groups(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+    """Fused QKV rows grouped (outer, inner, head_dim) regrouped as (inner, outer, head_dim): BLOOM groups
+    them by head (heads, 3, head_dim), llama.cpp by kind (3, heads, head_dim)."""
+    return tensor.reshape(outer, inner, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
 
 def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
@@ -388,36 +442,22 @@ def llama_gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
     return out
 
 
-# orionlm name (after "model.layers.N.") -> llama.cpp's bloom name (after "blk.N.")
-_BLOOM_BLOCK = {
-    "input_layernorm": "attn_norm",
-    "self_attn.qkv_proj": "attn_qkv",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_BLOOM_TOP = {"model.embed_tokens": "token_embd", "model.embed_norm": "token_embd_norm", "model.norm": "output_norm"}
-
-
 def bloom_gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
-    """An ALiBi (BLOOM) model's tensors under llama.cpp's bloom names. BLOOM's fused QKV rows are
-    (heads, 3, head_dim); llama.cpp's are (3, heads, head_dim): all queries, then keys, then values."""
+    """An ALiBi (BLOOM) model's tensors under llama.cpp's bloom names, the fused QKV rows grouped by kind."""
     config = model.config
+    block = {v: k for k, v in _BLOOM_BLOCK_NAMES.items()}
+    top = {v: k for k, v in _BLOOM_TOP_NAMES.items()}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().float().cpu()
+        tensor = tensor.detach().float().cpu()  # lm_head is written even when tied, as llama.cpp's converter does
         module, _, suffix = name.rpartition(".")
-        if module == "lm_head":
-            out["output.weight"] = tensor  # written even when tied, as llama.cpp's converter does
-        elif module in _BLOOM_TOP:
-            out[f"{_BLOOM_TOP[module]}.{suffix}"] = tensor
+        if module in top:
+            out[f"{top[module]}.{suffix}"] = tensor
         else:
             _, _, index, rest = module.split(".", 3)  # model.layers.N.rest
             if rest == "self_attn.qkv_proj":
-                shape = tensor.shape
-                tensor = tensor.reshape(config.num_heads, 3, config.head_dim, -1).transpose(0, 1).reshape(shape)
-            out[f"blk.{index}.{_BLOOM_BLOCK[rest]}.{suffix}"] = tensor
+                tensor = _swap_qkv_groups(tensor, config.num_heads, 3)
+            out[f"blk.{index}.{block[rest]}.{suffix}"] = tensor
     return out
 
 
@@ -448,33 +488,78 @@ def _check_exportable(config: ModelConfig) -> None:
 
 
 def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE as llama.cpp's "gpt2" tokenizer (GPT-2's pre-tokenizer regex), padded with unused
-    tokens to the model's vocabulary size, with its special tokens and chat template."""
+    """The tokenizer as llama.cpp's "gpt2" vocabulary (byte-level BPE, GPT-2's pre-tokenizer regex) or its
+    "llama" one (SentencePiece-style BPE), padded with unused tokens to the model's vocabulary size, with its
+    special tokens and chat template."""
     data = json.loads(tokenizer.backend.to_str())
     model = data["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer"):
-        raise GGUFError("GGUF export writes byte-level BPE tokenizers (orionlm's and GPT-2-style ones) only")
+    space_prefix = _sentencepiece_space_prefix(data)
+    byte_level = not (model.get("byte_fallback") or data.get("normalizer")) and space_prefix is None
+    if model.get("type") != "BPE" or not (byte_level or space_prefix is not None):
+        raise GGUFError("GGUF export writes BPE tokenizers only: byte-level ones (GPT-2-style, orionlm's) and "
+                        "SentencePiece-style ones (▁ for spaces, byte fallback)")  # fmt: skip
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     if len(vocab) > vocab_size or sorted(vocab.values()) != list(range(len(vocab))):
         raise GGUFError(f"the tokenizer's {len(vocab)} ids do not fit the model's vocabulary of {vocab_size}")
     tokens = sorted(vocab, key=vocab.__getitem__) + [f"[PAD{i}]" for i in range(len(vocab), vocab_size)]
-    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
-    types = [CONTROL if t in special else NORMAL for t in tokens[: len(vocab)]] + [UNUSED] * (vocab_size - len(vocab))
+    added = {t["content"]: t.get("special", False) for t in data.get("added_tokens", [])}
+    types = []
+    for i, token in enumerate(tokens):
+        if i >= len(vocab):
+            types.append(UNUSED)
+        elif token in added:
+            types.append((UNKNOWN if token == tokenizer.unk_token else CONTROL) if added[token] else USER_DEFINED)
+        elif model.get("byte_fallback") and _BYTE_TOKEN.fullmatch(token):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    if space_prefix is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_merges(merges)
+    else:
+        # llama.cpp merges the adjacent pair whose result scores highest; a result's first merge rank
+        # makes that order HF's merge order. Tokens no merge makes are never formed by merging.
+        first_rank: dict[str, int] = {}
+        for rank, merge in enumerate(merges):
+            first_rank.setdefault(merge.replace(" ", "", 1), rank)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([-float(first_rank.get(t, len(merges))) for t in tokens])
+        writer.add_add_space_prefix(space_prefix)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
     for token, add in (
         (tokenizer.bos_id, writer.add_bos_token_id), (tokenizer.eos_id, writer.add_eos_token_id),
-        (tokenizer.pad_id, writer.add_pad_token_id),
+        (tokenizer.pad_id, writer.add_pad_token_id), (vocab.get(tokenizer.unk_token), writer.add_unk_token_id),
     ):  # fmt: skip
         if token is not None:
             add(token)
     writer.add_add_bos_token(tokenizer.add_bos_token)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _sentencepiece_space_prefix(data: dict[str, Any]) -> bool | None:
+    """For a tokenizer.json that writes spaces as ▁ the SentencePiece way, whether it prepends one to the
+    text (llama.cpp's add_space_prefix); None for any other tokenizer. Two forms exist: normalizers
+    [Prepend ▁,] Replace " " -> ▁ (orionlm's GGUF import, older HF Llama files), or a Metaspace
+    pre-tokenizer that does not split (newer HF files)."""
+    normalizer = data.get("normalizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    if [s.get("type") for s in steps] in (["Prepend", "Replace"], ["Replace"]):
+        replace = steps[-1]
+        if replace.get("pattern") == {"String": " "} and replace.get("content") == SPIECE_SPACE:
+            if len(steps) == 1 or steps[0].get("prepend") == SPIECE_SPACE:
+                return len(steps) == 2
+    pre = data.get("pre_tokenizer") or {}
+    if not normalizer and pre.get("type") == "Metaspace" and pre.get("replacement") == SPIECE_SPACE:
+        if not pre.get("split", True):
+            return pre.get("prepend_scheme", "always") != "never"
+    return None
 
 
 def save_gguf(model: OrionLM, tokenizer: Tokenizer | None, path: str | Path, dtype: str = "f16") -> Path:
@@ -495,7 +580,7 @@ def save_gguf(model: OrionLM, tokenizer: Tokenizer | None, path: str | Path, dty
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     bloom = config.family == "alibi"
-    writer = GGUFWriter(tmp, "bloom" if bloom else ARCHITECTURE)
+    writer = GGUFWriter(tmp, "bloom" if bloom else "llama")
     writer.add_name(config.name or "orionlm")
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.hidden_size)

@@ -29,7 +29,7 @@ from ..checkpoint import (
     state_dict_for_saving,
     write_safetensors,
 )
-from ..config import ConfigError, ModelConfig
+from ..config import BLOOM_LAYOUT, ConfigError, ModelConfig
 from ..errors import OrionError
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
@@ -290,22 +290,14 @@ def _from_bloom(k: _Keys) -> dict[str, Any]:
             "residual before the layer norm (as the published BLOOM models do)"
         )
     hidden = k("n_embed", "hidden_size")
-    return dict(
+    return BLOOM_LAYOUT | dict(
         vocab_size=k("vocab_size"),
         hidden_size=hidden,
         num_layers=k("n_layer", "num_hidden_layers"),
         num_heads=k("n_head", "num_attention_heads"),
         intermediate_size=4 * hidden,
-        norm="layernorm",
         norm_eps=k("layer_norm_epsilon"),
-        activation="gelu_tanh",
-        position="alibi",
         max_seq_len=k("seq_length"),
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        fused_qkv=True,
-        embedding_norm=True,
         tie_embeddings=bool(k("tie_word_embeddings")),
         initializer_range=k("initializer_range"),
     )
@@ -336,10 +328,10 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
         raise ConvertError(
             f"{source}: quantization_config ({method}) is not supported; convert the unquantized checkpoint"
         )
-    fields = _READERS[model_type](_Keys(data, model_type, source))
+    fields = _READERS[model_type](_Keys(data, model_type, source)) | dict(hf_model_type=model_type)
     token_ids = {key: data[key] for key in TOKEN_ID_KEYS if data.get(key) is not None}
     try:
-        return ModelConfig(**fields, hf_model_type=model_type, extra={"hf_token_ids": token_ids} if token_ids else {})
+        return ModelConfig(**fields, extra={"hf_token_ids": token_ids} if token_ids else {})
     except (ConfigError, TypeError) as e:
         raise ConvertError(f"{source}: {e}") from None
 

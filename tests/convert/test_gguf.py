@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 gguf = pytest.importorskip("gguf", reason="GGUF import needs the `gguf` package (pip install 'orionlm[gguf]')")
 
 from orionlm.convert import gguf as orion_gguf  # noqa: E402
-from orionlm.convert.gguf import GGUFError, load_gguf  # noqa: E402
+from orionlm.convert.gguf import SPIECE_SPACE, GGUFError, load_gguf, save_gguf  # noqa: E402
 from orionlm.generation import generate_ids  # noqa: E402
+from orionlm.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STORIES = REPO / ".." / "shared" / "data" / "models" / "stories260K"
@@ -287,6 +288,56 @@ def test_greedy_generation_matches_llama2c_and_llama_cpp(loaded, reference) -> N
     assert loaded[1].decode(got).startswith("Once upon a time, there was a little girl named Lily. She loved to play")
 
 
+def _llama_cpp_greedy(llama_cpp, path: Path, steps: int) -> list[int]:
+    llm = llama_cpp.Llama(str(path), n_ctx=128, seed=0, verbose=False)
+    ids = []
+    for token in llm.generate([1], top_k=1, temp=0.0, reset=True):
+        ids.append(token)
+        if len(ids) == steps:
+            return ids
+    return ids
+
+
+def test_stories_exported_back_to_gguf(loaded, stories, tmp_path) -> None:
+    """orionlm's import of stories260K, exported again (SentencePiece vocabulary with scores derived from the
+    merge ranks): the same model and tokenizer in orionlm, and llama.cpp generates the same text from both files."""
+    model, tokenizer = loaded
+    save_gguf(model, tokenizer, tmp_path / "back.gguf", dtype="f32")
+    back, back_tokenizer = load_gguf(tmp_path / "back.gguf", device="cpu", dtype=torch.float32)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    for text in TEXTS:
+        assert back_tokenizer.encode(text) == tokenizer.encode(text)
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    steps = len(LLAMA_CPP_GREEDY_FROM_BOS)
+    assert _llama_cpp_greedy(llama_cpp, tmp_path / "back.gguf", steps) == LLAMA_CPP_GREEDY_FROM_BOS
+    assert _llama_cpp_greedy(llama_cpp, stories["stories260K.gguf"], steps) == LLAMA_CPP_GREEDY_FROM_BOS
+    llm = llama_cpp.Llama(str(tmp_path / "back.gguf"), n_ctx=128, verbose=False)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tokenizer.encode(text), text
+
+
+@pytest.mark.parametrize("form", ["metaspace", "no-space-prefix"])
+def test_other_sentencepiece_forms_export(loaded, tmp_path, form: str) -> None:
+    """HF's newer SentencePiece form (a Metaspace pre-tokenizer) and one without the leading space are
+    written with the matching add_space_prefix: llama.cpp tokenizes like the tokenizer."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    model, tokenizer = loaded
+    backend = HFTokenizer.from_str(tokenizer.backend.to_str())
+    if form == "metaspace":
+        backend.normalizer = None
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    else:
+        backend.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
+    variant = Tokenizer(backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True)
+    save_gguf(model, variant, tmp_path / "m.gguf", dtype="f32")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, verbose=False)
+    for text in TEXTS[:4]:
+        ids = variant.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
+    assert (variant.encode("a")[1] == tokenizer.encode("a")[1]) == (form == "metaspace")
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny transformers models written as GGUF the way llama.cpp's convert_hf_to_gguf.py writes them
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +601,7 @@ def test_other_architecture_is_refused(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
     _finish(writer)
-    _assert_one_line_error(tmp_path / "gpt2.gguf", r"architecture 'gpt2' is not supported; only 'llama'")
+    _assert_one_line_error(tmp_path / "gpt2.gguf", r"architecture 'gpt2' is not supported; only 'llama' and 'bloom'")
 
 
 def test_missing_tokenizer_is_refused(tmp_path: Path) -> None:

@@ -48,7 +48,10 @@ MODELS = {
     "dense-tied-gqa": lambda: _model("tiny-dense", tie_embeddings=True, num_kv_heads=1),
     "moe": lambda: _model("tiny-moe"),
 }
-BLOOM = {"bloom": lambda: _model("tiny-alibi")}  # exported as llama.cpp's bloom; orionlm imports llama GGUF only
+BLOOM = {  # llama.cpp's bloom architecture
+    "bloom": lambda: _model("tiny-alibi"),
+    "bloom-untied": lambda: _model("tiny-alibi", tie_embeddings=False),
+}
 
 
 def test_permutation_is_the_inverse_of_the_import():
@@ -57,9 +60,9 @@ def test_permutation_is_the_inverse_of_the_import():
     assert not torch.equal(_permute(w, 4), w)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, *BLOOM])
 def test_round_trip_is_exact_in_f32(name, tokenizer, tmp_path):
-    model = MODELS[name]()
+    model = (MODELS | BLOOM)[name]()
     save_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
     back, tok = load_gguf(tmp_path / "m.gguf", device="cpu", dtype=torch.float32)
     ours = model.state_dict()
@@ -71,6 +74,7 @@ def test_round_trip_is_exact_in_f32(name, tokenizer, tmp_path):
     assert tok.eos_token == tokenizer.eos_token and tok.chat_template == tokenizer.chat_template
     assert back.config.num_experts == model.config.num_experts
     assert back.config.tie_embeddings == model.config.tie_embeddings
+    assert back.config.family == model.config.family
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 2e-3), ("q8_0", 2e-2)])
