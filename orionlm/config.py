@@ -83,6 +83,13 @@ class ModelConfig:
     x0_inject: bool = False  # x += lambda_v * x0 before virtual layer v (lambda init 0)
     resid_lambdas: bool = False  # learned scalars on each block's residual stream (init sqrt(1.1))
     unet_skips: bool = False  # the inputs of the first half of virtual layers feed the second half
+    # Quiet-STaR (a model that thinks before each token): the ids of <|startthought|> and <|endthought|>;
+    # None: no thinking head. A thought is the start token, thought_length - 3 sampled tokens and the end
+    # token (the paper's n_ahead counts the pass before them too).
+    thought_start_id: int | None = None
+    thought_end_id: int | None = None
+    thought_length: int = 12
+    meta_embedding_scale: float = 100.0  # the meta embeddings are stored divided by this: a larger step size
     # Which Hugging Face architecture this model came from or exports to (None: inferred)
     hf_model_type: str | None = None
     # a quantized model's GPTQ settings (quantize_config.json's keys, read there by transformers); None: not quantized
@@ -118,6 +125,15 @@ class ModelConfig:
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
+        meta = (self.thought_start_id, self.thought_end_id)
+        if meta != (None, None):
+            need(None not in meta, "set both thought_start_id and thought_end_id, or neither")
+            need(
+                all(0 <= i < self.vocab_size for i in meta) and meta[0] != meta[1],
+                f"thought_start_id and thought_end_id must be two different ids below vocab_size, got {meta}",
+            )
+        length = self.thought_length
+        need(length >= 3, f"thought_length counts the start and end tokens, so it is at least 3; got {length}")
         need(
             self.num_heads % self.num_kv_heads == 0,
             f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})",
@@ -198,6 +214,11 @@ class ModelConfig:
         if self.position == "alibi":
             return "alibi"
         return "moe" if self.num_experts else "dense"
+
+    @property
+    def thinks(self) -> bool:
+        """Whether this is a Quiet-STaR model (meta tokens and a mixing head)."""
+        return self.thought_start_id is not None
 
     def is_moe_layer(self, index: int) -> bool:
         if not self.num_experts:
@@ -331,6 +352,8 @@ def to_auron_config(config: ModelConfig) -> dict[str, Any]:
     fixed = {k: getattr(config, k) for k in _AURON_FIXED}
     if fixed != _AURON_FIXED or config.qkv_bias or config.qk_norm or config.o_bias:
         raise ConfigError(f"only Auron-layout chimera models export to Auron's format ({_AURON_FIXED}, no biases)")
+    if config.thinks:
+        raise ConfigError("a Quiet-STaR model's meta embeddings and mixing head have no place in Auron's format")
     data = {theirs: getattr(config, ours) for theirs, ours in _AURON_KEYS.items()}
     data["n_bottom"] = config.num_layers - config.shared_layers
     exact = config.intermediate_size / config.hidden_size

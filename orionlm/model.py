@@ -22,6 +22,7 @@ from .nn.mlp import MLP
 from .nn.moe import MoE, load_balancing_loss, router_z_loss
 from .nn.norm import make_norm
 from .nn.rope import RotaryEmbedding
+from .nn.thinking import ThinkingHead
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ModelOutput:
     z_loss: torch.Tensor | None = None  # MoE router z-loss (unscaled)
     router_logits: list[torch.Tensor] | None = None  # per MoE layer, (B*T, E)
     expert_counts: torch.Tensor | None = None  # (MoE layers, E) routed slots per expert
+    hidden: torch.Tensor | None = None  # (B, T, C) after the final norm, when asked for (output_hidden)
 
 
 class Block(nn.Module):
@@ -76,6 +78,7 @@ class OrionLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.thinking = ThinkingHead(config) if config.thinks else None
         self.activation_checkpointing = False
         self.init_buffers()
         if not self.lm_head.weight.is_meta:  # meta-built models get their weights from a checkpoint
@@ -99,6 +102,8 @@ class OrionLM(nn.Module):
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
+            if name.startswith("thinking."):
+                continue  # below, with its module
             if leaf in ("x0_lambdas", "layer_ids") or name.endswith("bias") and leaf != "dt_bias":
                 p.zero_()
             elif leaf in ("attn_lambda", "mlp_lambda"):
@@ -115,6 +120,8 @@ class OrionLM(nn.Module):
         for module in self.modules():
             if isinstance(module, GatedDeltaNet):
                 module.reset_gates(generator)
+        if self.thinking is not None:
+            self.thinking.reset_parameters(std, generator)
 
     @property
     def device(self) -> torch.device:
@@ -138,6 +145,9 @@ class OrionLM(nn.Module):
         logits_to_keep: int = 0,  # > 0: logits of the last n positions only (generation needs 1)
         targets: torch.Tensor | None = None,  # (B, T) next-token ids (-100: ignored): return the loss, no logits
         document_ids: torch.Tensor | None = None,  # (B, T) packed rows: a token attends within its document only
+        mask: torch.Tensor | None = None,  # (B or 1, 1, T, past + T) bool: the keys each query sees, for any order
+        key_positions: torch.Tensor | None = None,  # (B or 1, past + T) with `mask`: the keys' positions (ALiBi)
+        output_hidden: bool = False,  # also return the final-norm hidden states
     ) -> ModelOutput:
         B, T = input_ids.shape
         if document_ids is not None and (cache is not None or isinstance(self.model, ChimeraDecoder)):
@@ -153,13 +163,18 @@ class OrionLM(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if self.thinking is not None:
+            x = self.thinking.embed(input_ids, x)
         if self.config.embedding_norm:
             x = self.model.embed_norm(x)
         rope = self.rotary(position_ids) if self.rotary is not None else None
         ragged_lengths = cache.lengths if ragged and not cache.uniform else None
-        mask, is_causal = self._attention_mask(
-            B, T, past, attention_mask, position_ids, x.dtype, ragged_lengths, document_ids
-        )
+        if mask is not None:
+            mask, is_causal = self._explicit_mask(mask, key_positions, past + T, x.dtype), False
+        else:
+            mask, is_causal = self._attention_mask(
+                B, T, past, attention_mask, position_ids, x.dtype, ragged_lengths, document_ids
+            )
         router_logits, counts = [], []
         checkpointing = self.activation_checkpointing and self.training
         if isinstance(self.model, ChimeraDecoder):
@@ -184,6 +199,8 @@ class OrionLM(nn.Module):
             out = ModelOutput(None, loss=linear_cross_entropy(x, self.lm_head.weight, targets))
         else:
             out = ModelOutput(self.lm_head(x))  # (B, T or logits_to_keep, V)
+        if output_hidden:
+            out.hidden = x
         if not router_logits:
             return out
         out.router_logits, out.expert_counts = router_logits, torch.stack(counts)
@@ -192,6 +209,15 @@ class OrionLM(nn.Module):
             out.aux_loss = load_balancing_loss(router_logits, self.config.experts_per_token)
             out.z_loss = router_z_loss(router_logits)
         return out
+
+    def _explicit_mask(self, allowed, key_positions, L, dtype):
+        """A caller's mask as scaled_dot_product_attention takes it, with the ALiBi bias of the keys' positions."""
+        if self.config.position != "alibi":
+            return allowed
+        if key_positions is None:
+            key_positions = torch.arange(L, device=allowed.device).view(1, L)
+        bias = alibi_bias(self.alibi_slopes.float(), key_positions)  # (B or 1, H, 1, L)
+        return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
     def _attention_mask(self, B, T, past, attention_mask, position_ids, dtype, ragged_lengths=None, document_ids=None):
         """The mask for scaled_dot_product_attention, or (None, is_causal) when the plain causal

@@ -12,8 +12,8 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import OrionError
 
@@ -100,6 +100,11 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        """Add tokens that are never split and that decode (skipping special tokens) leaves out; ones the
+        vocabulary has already keep their ids."""
+        self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text. With add_special_tokens, the tokenizer's own post-processor runs

@@ -483,6 +483,8 @@ def _check_exportable(config: ModelConfig) -> None:
         problems.append("shared experts or dense layers between MoE layers (Mixtral has experts in every layer)")
     if config.quantization_config is not None:
         problems.append("GPTQ codes (export the full-precision model)")
+    if config.thinks:
+        problems.append("a Quiet-STaR thinking head (meta embeddings and mixing head)")
     if problems:
         raise GGUFError(f"GGUF export cannot express {'; '.join(problems)}")
 

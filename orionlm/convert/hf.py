@@ -533,6 +533,8 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
     """config.json for `architecture`; raises ConvertError when the architecture cannot express the config."""
     if architecture not in _WRITERS:
         raise ConvertError(f"architecture {architecture!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    if config.thinks:
+        raise ConvertError("a Quiet-STaR model's meta embeddings and mixing head have no Hugging Face layout")
     return {"architectures": [ARCHITECTURES[architecture]], "model_type": architecture} | _WRITERS[architecture](config)
 
 

@@ -1,6 +1,7 @@
 """Training recipes: one YAML file -> typed, validated dataclasses, with `--section.key=value` overrides.
 
 mode:      pretrain (default) | sft (full fine-tuning) | lora (adapters on a frozen base)
+           | quietstar (train the model to think before each token; text data)
 model:     {preset: tiny-moe, overrides: {hidden_size: 128}}   (or {config: {...}}, or {path: DIR} to start from)
 tokenizer: {path: DIR}  or  {train_vocab_size: 4096}            (train a byte-level BPE on the data)
 data:      DataConfig   (sources with weights, seq_len, validation split)
@@ -8,6 +9,8 @@ optim:     OptimConfig  (AdamW or Muon + AdamW)
 schedule:  ScheduleConfig (cosine or WSD)
 run:       RunConfig    (steps, batch, checkpoints, logging, devices)
 lora:      LoRAConfig   (rank, alpha, dropout, target modules; mode lora only)
+quietstar: QuietStarConfig (thought length, talk-ahead tokens, thoughts per position, policy weight; mode
+           quietstar only)
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from ..data import DataConfig
 from ..errors import OrionError, unknown_names
 from ..nn.lora import LoRAConfig
 from .optim import OptimConfig
+from .quietstar import QuietStarConfig
 from .schedule import ScheduleConfig
 
-MODES = ("pretrain", "sft", "lora")
+MODES = ("pretrain", "sft", "lora", "quietstar")
 
 
 class RecipeError(OrionError):
@@ -100,6 +104,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
     lora: LoRAConfig | None = None  # read with mode: lora only; absent: LoRAConfig's defaults
+    quietstar: QuietStarConfig | None = None  # read with mode: quietstar only; absent: its defaults
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -112,11 +117,17 @@ class Recipe:
             if self.run.fsdp:
                 raise RecipeError("mode: lora trains with one process or DDP: set run.fsdp=false")
             self.lora = self.lora or LoRAConfig()
+        if self.mode == "quietstar":
+            if self.data.format not in (None, "text"):
+                raise RecipeError("mode: quietstar thinks at every position of text windows: set data.format=text")
+            if self.run.fsdp:
+                raise RecipeError("mode: quietstar trains with one process or DDP: set run.fsdp=false")
+            self.quietstar = self.quietstar or QuietStarConfig()
 
     @property
     def data_format(self) -> str:
         """data.format, or its default: chat for fine-tuning, text for pretraining."""
-        return self.data.format or ("text" if self.mode == "pretrain" else "chat")
+        return self.data.format or ("text" if self.mode in ("pretrain", "quietstar") else "chat")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

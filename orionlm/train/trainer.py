@@ -1,9 +1,10 @@
 """The training loop: one process on a laptop CPU, or many under torchrun (DDP, or FSDP2 to shard).
 
-Three modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
-base), on text windows or chat rows (data/sft.py). A run directory holds the resolved recipe, run.json
-(versions, machine, data), metrics.jsonl, the tokenizer it trained (if any), the charts, and checkpoints:
-checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning. Each is a
+Four modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
+base), on text windows or chat rows (data/sft.py), and Quiet-STaR (quietstar.py: learning to think, on text
+windows). A run directory holds the resolved recipe, run.json (versions, machine, data), metrics.jsonl, the
+tokenizer it trained (if any), the charts, and checkpoints: checkpoints/<tokens seen>/ when pretraining,
+checkpoints/checkpoint-<step>/ when fine-tuning or thinking. Each is a
 loadable model directory (a PEFT adapter directory for LoRA) plus the training state (optimizer, data
 position, RNG), so `--resume` continues bit-identically on CPU.
 """
@@ -38,6 +39,7 @@ from ..model import OrionLM, count_parameters, virtual_parameters
 from ..nn.lora import apply_lora, load_adapter, write_adapter
 from ..tokenizer import Tokenizer
 from .optim import build_optimizer
+from .quietstar import QuietStar, add_thought_tokens
 from .recipe import Recipe, RecipeError
 from .schedule import lr_factor
 
@@ -340,12 +342,16 @@ def train(recipe: Recipe) -> Path:
             load_adapter(model, resume_dir)
         else:
             apply_lora(model, recipe.lora)
+    thinking = recipe.quietstar if recipe.mode == "quietstar" else None
+    if thinking is not None:
+        model = add_thought_tokens(model, tokenizer, thinking.n_ahead, thinking.meta_init)
+        config = model.config
     model.activation_checkpointing = run.activation_checkpointing
     model.to(d.device)
     total_params, active_params = count_parameters(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    wrapped = wrap_model(model, recipe, d)
+    wrapped = wrap_model(model if thinking is None else QuietStar(model, thinking), recipe, d)
     optimizer = build_optimizer(model, recipe.optim)
     loader = dataset.train_loader(run.batch_size, rank=d.rank, world_size=d.world_size)
     step = tokens = 0
@@ -387,20 +393,27 @@ def train(recipe: Recipe) -> Path:
     log = MetricsLog(out_dir, step if resume_dir is not None else None, run.tensorboard) if d.main else None
     peak = run.peak_flops or measure_peak_flops(d.device) * d.world_size
     step_flops = flops_per_token(config, seq_len) * tokens_per_step
+    if thinking is not None:  # every thought pass runs the model on the whole batch again (attention grows, uncounted)
+        step_flops *= thinking.n_passes * (thinking.n_ahead + thinking.n_ahead_talk - 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
     val_batches = [as_inputs(b) for b in dataset.val_batches(run.batch_size, max_batches=run.eval_batches)]
 
-    def evaluate() -> float:
-        """The mean loss over the validation targets (chat: every assistant token weighs the same)."""
+    def evaluate() -> dict[str, float]:
+        """The mean loss over the validation targets (chat: every assistant token weighs the same), and
+        Quiet-STaR's metrics, as val_* entries."""
         wrapped.eval()
-        total = count = 0.0
+        sums: dict[str, float] = {}
+        count = 0.0
         with torch.no_grad(), autocast:
             for batch in val_batches:
                 n = (batch["targets"] != IGNORE).sum().item()
-                total += wrapped(**to_device(batch, d.device)).loss.item() * n
+                out = wrapped(**to_device(batch, d.device))
+                values = {"loss": out.loss} | (out.metrics if thinking is not None else {})
+                for key, value in values.items():
+                    sums[f"val_{key}"] = sums.get(f"val_{key}", 0.0) + value.item() * n
                 count += n
         wrapped.train()
-        return total / count if count else float("nan")
+        return {key: total / count for key, total in sums.items()} if count else {"val_loss": float("nan")}
 
     def save() -> None:
         model_state, optim_state = full_state(model, optimizer, run.fsdp and d.world_size > 1)
@@ -439,13 +452,14 @@ def train(recipe: Recipe) -> Path:
     wrapped.train()
     if recipe.mode != "pretrain" and resume_dir is None:
         # Where fine-tuning starts from: the base model's held-out loss, logged as step 0.
-        start = {"step": 0, "tokens": 0, "val_loss": evaluate()}
+        start = {"step": 0, "tokens": 0} | evaluate()
         if log is not None:
             log.write(start)
             print(f"validation loss before fine-tuning: {start['val_loss']:.4f}")
     bar = tqdm(total=total_steps, initial=step, disable=not (d.main and run.progress), unit="step", dynamic_ncols=True)
     last_record: dict[str, Any] = {}
     interval_loss = torch.zeros((), device=d.device)
+    interval_metrics: dict[str, torch.Tensor] = {}  # Quiet-STaR's loss parts, summed over the interval
     interval_steps = 0
     interval_start = time.perf_counter()
     expert_counts = None
@@ -472,6 +486,9 @@ def train(recipe: Recipe) -> Path:
                     expert_counts = counts if expert_counts is None else expert_counts + counts
                 (total / run.grad_accum).backward()
             interval_loss += loss.detach() / run.grad_accum
+            if thinking is not None:
+                for key, value in out.metrics.items():
+                    interval_metrics[key] = interval_metrics.get(key, 0.0) + value / run.grad_accum
         grad_norm = None
         if recipe.optim.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
@@ -491,6 +508,8 @@ def train(recipe: Recipe) -> Path:
                 "loss": d.mean(interval_loss).item() / interval_steps,
                 "lr": optimizer.param_groups[0]["lr"],
             }
+            for key, value in interval_metrics.items():
+                record[key] = d.mean(value).item() / interval_steps
             if grad_norm is not None:
                 norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 record["grad_norm"] = norm.item()
@@ -502,7 +521,7 @@ def train(recipe: Recipe) -> Path:
                 fractions = expert_counts / expert_counts.sum(dim=-1, keepdim=True)
                 record["expert_fractions"] = [[round(f, 5) for f in row] for row in fractions.tolist()]
             if evaluating:
-                record["val_loss"] = evaluate()
+                record |= evaluate()
             last_record = record
             if log is not None:
                 log.write(record)
@@ -510,6 +529,7 @@ def train(recipe: Recipe) -> Path:
                 {k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in record}, refresh=False
             )
             interval_loss.zero_()
+            interval_metrics.clear()
             router_sums.zero_()
             interval_steps, expert_counts = 0, None
             interval_start = time.perf_counter()

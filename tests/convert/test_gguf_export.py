@@ -96,6 +96,8 @@ def test_refused_models(tokenizer, tmp_path):
         save_gguf(OrionLM(dataclasses.replace(preset("tiny-chimera"), vocab_size=320)), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="an ALiBi model that is not in BLOOM's layout"):
         save_gguf(_model("tiny-alibi", fused_qkv=False), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="a Quiet-STaR thinking head"):
+        save_gguf(_model("tiny-dense", thought_start_id=300, thought_end_id=301), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="qk_norm"):
         save_gguf(_model("tiny-dense", qk_norm=True), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="dtype 'q4' is not one of f32, f16, q8_0"):

@@ -296,6 +296,8 @@ def test_save_hf_refuses_what_the_architecture_cannot_express(reference, tmp_pat
         save_hf(OrionLM(preset("tiny-moe", moe_layers=[0])), None, tmp_path / "out")
     with pytest.raises(ConvertError, match="architecture 'gpt2' is not supported"):
         save_hf(OrionLM(preset("tiny-moe")), None, tmp_path / "out", architecture="gpt2")
+    with pytest.raises(ConvertError, match="a Quiet-STaR model's meta embeddings and mixing head have no Hugging"):
+        save_hf(OrionLM(preset("tiny-dense", thought_start_id=1, thought_end_id=2)), None, tmp_path / "out")
 
 
 # Generation
