@@ -495,9 +495,9 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
     special tokens and chat template."""
     data = json.loads(tokenizer.backend.to_str())
     model = data["model"]
-    space_prefix = _sentencepiece_space_prefix(data)
-    byte_level = not (model.get("byte_fallback") or data.get("normalizer")) and space_prefix is None
-    if model.get("type") != "BPE" or not (byte_level or space_prefix is not None):
+    space_prefix = _sentencepiece_space_prefix(data)  # None: not SentencePiece-style
+    byte_level = not (model.get("byte_fallback") or data.get("normalizer"))
+    if model.get("type") != "BPE" or (space_prefix is None and not byte_level):
         raise GGUFError("GGUF export writes BPE tokenizers only: byte-level ones (GPT-2-style, orionlm's) and "
                         "SentencePiece-style ones (▁ for spaces, byte fallback)")  # fmt: skip
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)

@@ -23,7 +23,6 @@ and the thought tokens' log-probabilities are taken at temperature `reinforce_te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from torch import nn
 
 from ..data.chat import IGNORE
 from ..errors import OrionError
-from ..model import OrionLM
+from ..model import ModelOutput, OrionLM
 from ..tokenizer import Tokenizer
 
 START_THOUGHT, END_THOUGHT = "<|startthought|>", "<|endthought|>"
@@ -122,7 +121,7 @@ class ParallelThoughts:
         self.length = input_ids.shape[1]
         self.first = model(input_ids, cache=self.cache, output_hidden=True)
 
-    def step(self, tokens: torch.Tensor) -> Any:
+    def step(self, tokens: torch.Tensor) -> ModelOutput:
         """Feed tokens (B, L), one per position; returns the model output (logits, hidden states) of this pass."""
         self.passes += 1
         j, L = self.passes, self.length
