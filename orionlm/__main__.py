@@ -6,6 +6,7 @@ import json as jsonlib
 import math
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,10 +229,15 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     chat: bool = False,
+    show_thoughts: bool = False,
+    no_think: bool = False,
     device: str | None = None,
 ) -> None:
     """Generate a continuation of PROMPT and stream it to stdout; several prompts run as one continuous
     batch and print when all are done, each under a "--- i" line.
+
+    A thinking (Quiet-STaR) model thinks before every token; --show-thoughts prints each thought (dimmed
+    on a terminal) between <|startthought|> and <|endthought|>, --no-think turns thinking off.
 
     Unset sampling options take the model's generation_config.json defaults.
 
@@ -252,10 +258,12 @@ def generate(
         stop: stop when one of these strings is produced
         seed: random seed, for reproducible sampling
         chat: wrap PROMPT in the model's chat template as a user message
+        show_thoughts: print a thinking model's thoughts too
+        no_think: a thinking model generates without thoughts (its base model's predictions)
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
     from .generation import generate as generate_texts
-    from .generation import stream
+    from .generation import stream, stream_thoughts
     from .loading import load_model
 
     lm, tokenizer, _ = load_model(model, device=device)
@@ -264,6 +272,15 @@ def generate(
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     sampling = _sampling(temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed)
+    if no_think:
+        sampling["think"] = False
+    if show_thoughts:
+        if not lm.config.thinks:
+            raise OrionError(
+                f"{model} is not a thinking model (it has no <|startthought|> token): it has no thoughts to show"
+            )
+        _print_thoughts(stream_thoughts(lm, tokenizer, prompts, **sampling), len(prompts))
+        return
     if len(prompts) > 1:
         for i, text in enumerate(generate_texts(lm, tokenizer, None, prompts, **sampling)):
             print(f"--- {i}\n{text}")
@@ -272,6 +289,23 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _print_thoughts(pieces: Iterator[tuple[int, str, str]], count: int) -> None:
+    """Text with each thought before its token, dimmed on a terminal; several prompts print when all are done."""
+    dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    texts = [""] * count
+    for row, thought, piece in pieces:
+        text = f"{dim}<|startthought|>{thought}<|endthought|>{plain}{piece}" if thought else piece
+        if count == 1:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        texts[row] += text
+    if count == 1:
+        sys.stdout.write("\n")
+        return
+    for i, text in enumerate(texts):
+        print(f"--- {i}\n{text}")
 
 
 def _sampling(temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed) -> dict:
@@ -292,6 +326,7 @@ def chat(
     top_p: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
+    no_think: bool = False,
     device: str | None = None,
 ) -> None:
     """Chat with a model in the terminal, using its chat template.
@@ -305,6 +340,7 @@ def chat(
         top_p: nucleus sampling threshold
         max_tokens: the most tokens per reply
         seed: random seed, for reproducible sampling
+        no_think: a thinking (Quiet-STaR) model replies without thoughts
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
     from .generation import stream
@@ -316,6 +352,8 @@ def chat(
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     sampling = _sampling(temp, None, top_p, None, None, None, None, max_tokens, None, seed)
+    if no_think:
+        sampling["think"] = False
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -626,6 +664,7 @@ def eval_model(
     context: int | None = None,
     stride: int | None = None,
     max_new_tokens: int = 256,
+    no_think: bool = False,
     out: Path | None = None,
     chart: Path | None = None,
     device: str | None = None,
@@ -651,6 +690,7 @@ def eval_model(
         context: wikitext: the sliding window in tokens (default: the model's context)
         stride: wikitext: how far the window moves (default: the whole window)
         max_new_tokens: gsm8k: the longest worked answer generated
+        no_think: gsm8k: a thinking (Quiet-STaR) model answers without thoughts
         out: write the full results (config, versions, metrics, timing) to this JSON file
         chart: compare: also draw the accuracies as grouped bars in this PNG
         device: cpu, cuda or cuda:N (default: cuda when available)
@@ -696,6 +736,7 @@ def eval_model(
         stride,
         progress,
         max_new_tokens,
+        not no_think,
     )
     report["config"]["model_path"] = str(model)
     print(format_table(report))

@@ -12,6 +12,8 @@ GDNState for GDN, so a looped block keeps one per loop.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,6 +89,13 @@ class HybridCache(KVCache):
         super().select(rows)
         for state in self.states:
             state.select(rows)
+
+    def mark(self) -> Any:
+        # A GDN layer replaces its state's tensors rather than writing into them, so keeping them is enough.
+        return self.length, [replace(s) for s in self.states]
+
+    def rewind(self, mark: Any) -> None:
+        self.length, self.states = mark[0], [replace(s) for s in mark[1]]
 
 
 class ChimeraDecoder(nn.Module):

@@ -1,8 +1,12 @@
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from orionlm.config import preset
+from orionlm.model import OrionLM
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -16,3 +20,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"the shared test data is absent ({SHARED_DATA}); it only exists beside the project checkout")
     return SHARED_DATA
+
+
+@pytest.fixture
+def thinking_model():
+    """Builds tiny thinking models from a preset name: vocabulary 64, <|startthought|> 60, <|endthought|> 61,
+    meta embeddings unlike any other token and a mixing head that mixes."""
+
+    def build(name: str) -> OrionLM:
+        torch.manual_seed(0)
+        config = dataclasses.replace(preset(name), vocab_size=64, thought_start_id=60, thought_end_id=61)
+        model = OrionLM(config).eval()
+        with torch.no_grad():
+            model.thinking.meta_embeddings.normal_(std=0.02)
+            model.thinking.mixing_head[-1].weight.normal_(std=0.1)
+        return model
+
+    return build

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,3 +122,24 @@ def test_convert_round_trip_and_generate(tmp_path, shared_data):
     assert result.stdout.startswith(", there was a little girl named Lily.")
     again = orionlm("convert", "to-hf", tmp_path / "orion", tmp_path / "hf")
     assert again.returncode == 2 and "pass --force" in again.stderr
+
+
+def test_generate_shows_a_thinking_models_thoughts(tiny_model, tmp_path):
+    from orionlm.checkpoint import save_checkpoint
+    from orionlm.loading import load_model
+    from orionlm.train.quietstar import add_thought_tokens
+
+    model, tokenizer, _ = load_model(tiny_model)
+    model = add_thought_tokens(model, tokenizer, n_ahead=5)
+    save_checkpoint(model, tmp_path / "thinking", tokenizer)
+    args = ["generate", "Once upon", "--model", tmp_path / "thinking", "--max-tokens", "6", "--temp", "0"]
+    shown, plain = orionlm(*args, "--show-thoughts"), orionlm(*args)
+    assert shown.returncode == 0, shown.stderr
+    thoughts = re.findall(r"<\|startthought\|>(.*?)<\|endthought\|>", shown.stdout, flags=re.S)
+    assert len(thoughts) == 6 and all(thoughts)  # one thought of 2 tokens before each token
+    # a new thinking model's mixing head is zero: its text is its base model's, thinking or not
+    base = orionlm("generate", "Once upon", "--model", tiny_model, "--max-tokens", "6", "--temp", "0")
+    assert re.sub(r"<\|startthought\|>.*?<\|endthought\|>", "", shown.stdout, flags=re.S) == plain.stdout
+    assert plain.stdout == base.stdout == orionlm(*args, "--no-think").stdout
+    refused = orionlm("generate", "Once upon", "--model", tiny_model, "--show-thoughts")
+    assert refused.returncode == 2 and "is not a thinking model" in refused.stderr

@@ -93,10 +93,11 @@ def _multiple_choice(
 
 def _gsm8k(
     model: OrionLM, tokenizer: Tokenizer, path: Path, limit: int | None, num_fewshot: int, seed: int,
-    max_new_tokens: int,
+    max_new_tokens: int, think: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """Greedy worked answers, cut at lm-evaluation-harness's stop strings, all problems as one continuous
-    batch; exact match of the "#### N" answer (strict) and of the last number (flexible)."""
+    batch; exact match of the "#### N" answer (strict) and of the last number (flexible). A thinking model
+    thinks before each token unless `think` is False."""
     problems = load_problems(path)
     items = problems[:limit]
     prompts = []
@@ -112,7 +113,7 @@ def _gsm8k(
             prompt = tokenizer.decode(ids[-room:], skip_special_tokens=False)
         prompts.append(prompt)
     texts = generate(model, tokenizer, None, prompts, max_new_tokens=max_new_tokens, do_sample=False,
-                     stop=GSM8K_STOP)  # fmt: skip
+                     stop=GSM8K_STOP, think=think)  # fmt: skip
     strict, flexible = [], []
     for item, text in zip(items, texts, strict=True):
         got_strict, got_flexible = extract_answers(text)
@@ -138,8 +139,11 @@ def evaluate(
     stride: int | None = None,
     progress: bool = True,
     max_new_tokens: int = 256,
+    think: bool = True,
 ) -> dict[str, Any]:
-    """Run the tasks (names from TASKS) on the first `limit` items of each; see the module docstring."""
+    """Run the tasks (names from TASKS) on the first `limit` items of each; see the module docstring.
+    `think`: whether a thinking model thinks while it generates (gsm8k); the scored tasks read its base
+    predictions."""
     task_files = task_files or {}
     unknown = [t for t in tasks if t not in FILES]
     if unknown:
@@ -164,7 +168,7 @@ def evaluate(
                 model, tokenizer, task, paths[task], shots, limit, num_fewshot, seed, batch_size, progress
             )
         elif task == "gsm8k":
-            results[task] = _gsm8k(model, tokenizer, paths[task], limit, num_fewshot, seed, max_new_tokens)
+            results[task] = _gsm8k(model, tokenizer, paths[task], limit, num_fewshot, seed, max_new_tokens, think)
         elif task == "lambada":
             pairs = load_lambada(paths[task])[:limit]
             scores = loglikelihood(model, tokenizer, pairs, batch_size, progress)
@@ -180,7 +184,7 @@ def evaluate(
         timing[task] = time.perf_counter() - start
     config = {"tasks": tasks, "files": {t: str(p) for t, p in paths.items()}, "limit": limit,
               "num_fewshot": num_fewshot, "seed": seed, "batch_size": batch_size, "context": context,
-              "stride": stride, "model": model.config.to_dict()}  # fmt: skip
+              "stride": stride, "think": think and model.config.thinks, "model": model.config.to_dict()}  # fmt: skip
     versions = {"orionlm": __version__, "torch": torch.__version__, "python": platform.python_version()}
     return {"results": results, "config": config, "versions": versions, "timing_s": timing}
 

@@ -9,6 +9,7 @@ from .engine import (
     generate_ids,
     resolve_config,
     stream,
+    stream_thoughts,
 )
 from .sampling import (
     GenerationConfig,
@@ -23,6 +24,7 @@ from .sampling import (
     process_logits,
     token_mask,
 )
+from .thinking import think
 
 __all__ = [
     "Engine",
@@ -45,5 +47,7 @@ __all__ = [
     "process_logits",
     "resolve_config",
     "stream",
+    "stream_thoughts",
+    "think",
     "token_mask",
 ]

@@ -10,6 +10,9 @@ The engine behind the server, `orionlm generate` and `orionlm bench`. Each `Engi
    a finished prefill picks its first token and joins the batch (`RaggedCache.add`);
 4. decodes one token for every running request in a single forward pass, each row at its own length.
 
+A thinking (Quiet-STaR) model writes a thought before each token of the requests that think (their
+`config.think`), all rows at once on the same cache, which then rewinds (orionlm.generation.thinking).
+
 Every request has its own sampling settings, seed and stop tokens, so its tokens do not depend on what
 else runs beside it (greedy output equals `generate_ids` alone; tested).
 """
@@ -26,6 +29,7 @@ from ..model import OrionLM
 from ..nn.attention import KVCache, RaggedCache
 from ..nn.linear import use_decode_layout
 from .sampling import GenerationConfig, GenerationError, Sampler, process_logits
+from .thinking import think, thought_slots
 
 _ids = itertools.count()
 
@@ -59,25 +63,29 @@ class Request:
     cancelled: bool = False
 
     @property
-    def reserved_tokens(self) -> int:
+    def length(self) -> int:
+        """The most tokens the sequence can reach: prompt and output."""
         return len(self.prompt) + self.config.max_new_tokens
 
 
 @dataclass
 class Event:
-    """A token picked for a request; `finish_reason` is set on its last token."""
+    """A token picked for a request; `finish_reason` is set on its last token. A thinking request's
+    `thought` holds the tokens it thought before this one."""
 
     request: Request
     token: int
     logprob: TokenLogprob | None
     finish_reason: str | None
+    thought: list[int] | None = None
 
 
 class _Running:
     """A request's sampling state while it runs."""
 
-    def __init__(self, request: Request, vocab: int, device: torch.device) -> None:
+    def __init__(self, request: Request, vocab: int, device: torch.device, unseen: torch.Tensor | None) -> None:
         self.request = request
+        self.unseen = unseen  # token ids never output (a thinking model's meta tokens)
         config = request.config
         self.stop_ids = request.stop_ids | set(config.stop_token_ids)
         self.sampler = Sampler(config, 1, device)
@@ -97,6 +105,8 @@ class _Running:
         """The next token from float32 logits (1, V), its log-probability if asked, and why the request
         ends with it (None: it goes on)."""
         request, config = self.request, self.request.config
+        if self.unseen is not None:
+            logits = logits.index_fill(-1, self.unseen, float("-inf"))
         logprob = None
         if request.logprobs is not None:
             logprob = torch.log_softmax(logits[0], dim=-1)
@@ -114,6 +124,10 @@ class _Running:
             finish = "length"
         request.finish_reason = finish
         return token, None if logprob is None else _token_logprob(logprob, token, request.logprobs), finish
+
+    def pick_thought(self, logits: torch.Tensor) -> torch.Tensor:
+        """A thought token (1,) from float32 logits (1, V): the sampling settings without penalties or bias."""
+        return self.sampler(process_logits(logits, self.request.config))
 
 
 def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -144,6 +158,11 @@ class Engine:
         if max_batch < 1 or prefill_chunk < 1:
             raise GenerationError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model = model.eval()
+        self.meta_ids = None
+        if model.config.thinks:
+            self.meta_ids = torch.tensor(
+                [model.config.thought_start_id, model.config.thought_end_id], device=model.device
+            )
         if model.device.type == "cpu":
             use_decode_layout(model)
         self.max_batch = max_batch
@@ -174,19 +193,23 @@ class Engine:
         bad = [t for t in request.prompt if not 0 <= t < vocab]
         if bad:
             raise GenerationError(f"{name} has token ids {bad[:5]} outside the vocabulary (0..{vocab - 1})")
-        if request.reserved_tokens > config.max_seq_len:
+        if request.length > config.max_seq_len:
             raise GenerationError(
                 f"{name} has {len(request.prompt)} tokens; with max_new_tokens={request.config.max_new_tokens} "
-                f"that is {request.reserved_tokens} > the model's max_seq_len ({config.max_seq_len}): shorten "
+                f"that is {request.length} > the model's max_seq_len ({config.max_seq_len}): shorten "
                 "the prompt or lower max_new_tokens to fit the context"
             )
-        if request.reserved_tokens > self.max_cached_tokens:
+        if self.reserved(request) > self.max_cached_tokens:
             raise GenerationError(
-                f"the request needs {request.reserved_tokens} cached tokens; the engine holds {self.max_cached_tokens}"
+                f"the request needs {self.reserved(request)} cached tokens; the engine holds {self.max_cached_tokens}"
             )
         bias = [t for t in request.config.logit_bias if not 0 <= t < vocab]
         if bias:
             raise GenerationError(f"logit_bias names token ids {bias[:5]} outside the vocabulary (0..{vocab - 1})")
+
+    def reserved(self, request: Request) -> int:
+        """Cache positions the request may hold: prompt, output and, when it thinks, a thought."""
+        return request.length + thought_slots(self.model, request.config)
 
     def cancel(self, request: Request) -> None:
         """Stop a request; its row is freed at the next step."""
@@ -212,15 +235,15 @@ class Engine:
         self.cancelled += before - len(self.waiting) - len(self.prefilling) - len(self.running)
 
     def _admit(self) -> None:
-        reserved = sum(r.request.reserved_tokens for r in self.running)
-        reserved += sum(p.request.reserved_tokens for p in self.prefilling)
+        reserved = sum(self.reserved(r.request) for r in self.running)
+        reserved += sum(self.reserved(p.request) for p in self.prefilling)
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
             request = self.waiting[0]
-            if reserved + request.reserved_tokens > self.max_cached_tokens:
+            if reserved + self.reserved(request) > self.max_cached_tokens:
                 break
             self.waiting.popleft()
-            reserved += request.reserved_tokens
-            cache = self.model.new_cache(1, len(request.prompt))
+            reserved += self.reserved(request)
+            cache = self.model.new_cache(1, len(request.prompt) + thought_slots(self.model, request.config))
             self.prefilling.append(_Prefill(request, cache))
             if request.prompt_logprobs is not None:
                 request.prompt_logprob_values = [None]
@@ -233,7 +256,9 @@ class Engine:
         chunk = request.prompt[job.done : job.done + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.model.device)
         want_all = request.prompt_logprobs is not None
-        logits = self.model(ids, cache=job.cache, logits_to_keep=0 if want_all else 1).logits[0].float()
+        thinks = thought_slots(self.model, request.config) > 0
+        out = self.model(ids, cache=job.cache, logits_to_keep=0 if want_all else 1, output_hidden=thinks)
+        logits = out.logits[0].float()
         if want_all:
             logprobs = torch.log_softmax(torch.cat([job.last_logits[None], logits]) if job.done else logits, -1)
             targets = request.prompt[job.done + (0 if job.done else 1) : job.done + len(chunk)]
@@ -245,21 +270,41 @@ class Engine:
         if job.done < len(request.prompt):
             return []
         self.prefilling.popleft()
-        running = _Running(request, self.model.config.vocab_size, self.model.device)
-        token, logprob, finish = running.pick(job.last_logits[None])
+        running = _Running(request, self.model.config.vocab_size, self.model.device, self.meta_ids)
+        logits, thought = job.last_logits[None], None
+        if thinks:
+            logits, thoughts = think(self.model, job.cache, out.hidden[0, -1:], running.pick_thought)
+            thought = thoughts[0].tolist()
+        token, logprob, finish = running.pick(logits)
         if finish is None:
             self.cache.add(job.cache)
             self.running.append(running)
-        return [Event(request, token, logprob, finish)]
+        return [Event(request, token, logprob, finish, thought)]
 
     def _decode(self) -> list[Event]:
         tokens = torch.tensor([[r.request.output[-1]] for r in self.running], device=self.model.device)
         self.cache.reserve_step()
-        logits = self.model(tokens, cache=self.cache).logits[:, -1].float()  # (rows, V)
+        thinking = [thought_slots(self.model, r.request.config) > 0 for r in self.running]
+        out = self.model(tokens, cache=self.cache, output_hidden=any(thinking))
+        logits = out.logits[:, -1].float()  # (rows, V)
+        thoughts = None
+        if any(thinking):
+            # Every row thinks (one batch on one cache); rows whose requests do not think keep their base
+            # logits, and think greedily so that their samplers' draws stay their own text's.
+            def pick(rows_logits: torch.Tensor) -> torch.Tensor:
+                return torch.cat([
+                    r.pick_thought(rows_logits[i : i + 1]) if thinking[i] else rows_logits[i : i + 1].argmax(-1)
+                    for i, r in enumerate(self.running)
+                ])  # fmt: skip
+
+            mixed, thoughts = think(self.model, self.cache, out.hidden[:, -1], pick)
+            use = torch.tensor(thinking, device=logits.device).view(-1, 1)
+            logits = torch.where(use, mixed, logits)
         events, finished = [], []
         for row, running in enumerate(self.running):
             token, logprob, finish = running.pick(logits[row : row + 1])
-            events.append(Event(running.request, token, logprob, finish))
+            thought = thoughts[row].tolist() if thinking[row] else None
+            events.append(Event(running.request, token, logprob, finish, thought))
             if finish is not None:
                 finished.append(row)
         for row in reversed(finished):

@@ -164,8 +164,11 @@ def _start_text(
     return engine, requests, [TextStream(tokenizer, config.stop) for _ in prompts]
 
 
-def _text_pieces(engine: Engine, requests: list[Request], streams: list[TextStream]) -> Iterator[tuple[int, str]]:
-    """(prompt index, text piece) as the tokens of each row are generated."""
+def _text_pieces(
+    engine: Engine, requests: list[Request], streams: list[TextStream], tokenizer: Tokenizer
+) -> Iterator[tuple[int, str, str]]:
+    """(prompt index, thought, text piece) as the tokens of each row are generated; the thought is the text
+    a thinking model thought before the piece's token ("" when it did not think)."""
     row_of = {request.id: row for row, request in enumerate(requests)}
     while engine.has_work:
         for event in engine.step():
@@ -173,14 +176,15 @@ def _text_pieces(engine: Engine, requests: list[Request], streams: list[TextStre
                 continue
             row = row_of[event.request.id]
             piece = streams[row].push(event.token)
-            if piece:
-                yield row, piece
+            thought = tokenizer.decode(event.thought) if event.thought else ""
+            if piece or thought:
+                yield row, thought, piece
             if streams[row].stopped:
                 engine.cancel(event.request)  # before the next step: no forward pass for this row's last token
     for row, text_stream in enumerate(streams):
         piece = text_stream.flush()
         if piece:
-            yield row, piece
+            yield row, "", piece
 
 
 def stream(
@@ -194,7 +198,21 @@ def stream(
     token (the config's or the tokenizer's EOS), at a stop string (not emitted) or at max_new_tokens.
     Bad settings or prompts raise GenerationError here, not at the first piece."""
     started = _start_text(model, tokenizer, [prompt], resolve_config(model, defaults, **sampling))
-    return (piece for _, piece in _text_pieces(*started))
+    return (piece for _, _, piece in _text_pieces(*started, tokenizer) if piece)
+
+
+def stream_thoughts(
+    model: OrionLM,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    defaults: GenerationConfig | dict[str, Any] | None = None,
+    **sampling: Any,
+) -> Iterator[tuple[int, str, str]]:
+    """Like `stream` for a batch of prompts, with the thoughts: (prompt index, thought, text piece), where
+    the thought is what a thinking model thought before the piece's token ("" for a model that does not
+    think, or with think=False)."""
+    started = _start_text(model, tokenizer, prompts, resolve_config(model, defaults, **sampling))
+    return _text_pieces(*started, tokenizer)
 
 
 def generate(
@@ -217,6 +235,6 @@ def generate(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     started = _start_text(model, tokenizer, prompts, resolve_config(model, defaults, **sampling))
     texts = [""] * len(prompts)
-    for row, piece in _text_pieces(*started):
+    for row, _, piece in _text_pieces(*started, tokenizer):
         texts[row] += piece
     return texts[0] if isinstance(prompt, str) else texts

@@ -30,7 +30,9 @@ class GenerationConfig:
     Penalties: `repetition_penalty` is Hugging Face's (multiplicative, over prompt and generated
     tokens); `presence_penalty` and `frequency_penalty` are OpenAI's (additive, generated tokens only).
     `seed` makes sampling reproducible: every row draws from its own generator seeded with it, so a
-    prompt's output does not depend on the other prompts of its batch.
+    prompt's output does not depend on the other prompts of its batch. A thinking model samples its
+    thoughts with the same temperature, top-k/p and min-p (greedy settings think greedily), without the
+    penalties and logit_bias, which are about the visible text.
     """
 
     max_new_tokens: int = 256
@@ -46,6 +48,7 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
+    think: bool = True  # a thinking (Quiet-STaR) model thinks before each token; False: its base predictions
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,7 +79,8 @@ class GenerationConfig:
             is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
             f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}",
         )
-        need(isinstance(self.do_sample, bool), f"do_sample must be true or false, got {self.do_sample!r}")
+        for key in ("do_sample", "think"):
+            need(isinstance(getattr(self, key), bool), f"{key} must be true or false, got {getattr(self, key)!r}")
         need(
             is_number(self.temperature) and self.temperature >= 0,
             f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +45,13 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
+
+    def mark(self) -> Any:
+        """Where the cache stands now; `rewind(mark)` forgets every token fed after it (a thought)."""
+        return self.length
+
+    def rewind(self, mark: Any) -> None:
+        self.length = mark  # the slots after it are written over by the next tokens
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (used when finished sequences leave a batch)."""
@@ -219,3 +229,11 @@ class RaggedCache:
     def advance(self, num_tokens: int) -> None:
         self.lengths += num_tokens
         self.sizes = [n + num_tokens for n in self.sizes]
+
+    def mark(self) -> Any:
+        """Where every row stands now (see KVCache.mark); valid while no row joins or leaves."""
+        return self.lengths.clone(), list(self.sizes), [replace(s) for s in self.states]
+
+    def rewind(self, mark: Any) -> None:
+        lengths, sizes, states = mark
+        self.lengths, self.sizes, self.states = lengths.clone(), list(sizes), [replace(s) for s in states]

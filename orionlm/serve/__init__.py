@@ -24,6 +24,7 @@ def serve(
     prefill_chunk: int = 512,
     api_key: str | None = None,
     served_model_name: str | None = None,
+    no_think: bool = False,
     device: str | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
@@ -45,6 +46,7 @@ def serve(
         prefill_chunk: prompt tokens prefilled per engine step, so long prompts do not stall running requests
         api_key: require 'Authorization: Bearer KEY' (default: the ORIONLM_API_KEY environment variable)
         served_model_name: the model id clients send (default: the directory's name)
+        no_think: a thinking (Quiet-STaR) model answers without thoughts unless a request sends "think": true
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
     try:
@@ -63,7 +65,10 @@ def serve(
         raise OrionError(f"{model} has no tokenizer.json; the server needs one")
     name = served_model_name or Path(str(model)).name
     engine = AsyncEngine(Engine(lm, max_batch, max_cached_tokens, prefill_chunk))
-    server = Server(engine, tokenizer, name, getattr(lm, "generation_defaults", None))
+    defaults = dict(getattr(lm, "generation_defaults", None) or {})
+    if no_think:
+        defaults["think"] = False
+    server = Server(engine, tokenizer, name, defaults)
     ready = f"orionlm serve: ready on http://{host}:{port}/v1 (model {name!r}, max batch {max_batch})"
     app = create_app(server, api_key or os.environ.get(API_KEY_ENV), ready)
     uvicorn.run(app, host=host, port=port, log_level="warning")

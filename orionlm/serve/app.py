@@ -206,7 +206,7 @@ class Server:
                 raise APIError(400, message, where)
         values: dict[str, Any] = {"max_new_tokens": max_tokens}
         for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-                    "repetition_penalty", "seed"):  # fmt: skip
+                    "repetition_penalty", "seed", "think"):  # fmt: skip
             value = getattr(body, key)
             if value is not None:
                 values[key] = value

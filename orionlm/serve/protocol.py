@@ -39,6 +39,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # orionlm's: whether a thinking (Quiet-STaR) model thinks before each token (None: the server's default)
+    think: bool | None = None
 
 
 class CompletionRequest(SamplingFields):

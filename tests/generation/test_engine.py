@@ -42,7 +42,9 @@ class ScriptedLM(OrionLM):
         self.rule = rule
         self.forward_calls = 0
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, logits_to_keep=0):
+    def forward(
+        self, input_ids, position_ids=None, attention_mask=None, cache=None, logits_to_keep=0, output_hidden=False
+    ):
         if cache.length == 0:
             self.prompt_len = input_ids.shape[1]
         out = super().forward(input_ids, position_ids, attention_mask, cache, logits_to_keep)

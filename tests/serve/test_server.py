@@ -1,11 +1,13 @@
 """The server, live: a real `orionlm serve` process on a loopback port, driven by the official openai client."""
 
 import concurrent.futures
+import contextlib
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,6 +20,7 @@ from orionlm.generation import generate_ids
 from orionlm.loading import load_model
 from orionlm.model import OrionLM
 from orionlm.tokenizer import Tokenizer
+from orionlm.train.quietstar import add_thought_tokens
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -44,17 +47,26 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
+@contextlib.contextmanager
+def _serve(model_dir: Path, *options: str) -> Iterator[str]:
+    """A live `orionlm serve` process on the model; yields its address."""
     port = _free_port()
     command = [sys.executable, "-m", "orionlm", "serve", str(model_dir), "--port", str(port), "--api-key", KEY,
-               "--served-model-name", NAME, "--max-batch", "4", "--prefill-chunk", "16"]  # fmt: skip
+               "--served-model-name", NAME, "--max-batch", "4", "--prefill-chunk", "16", *options]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = process.stdout.readline()
     assert "ready" in line, line + process.stdout.read()
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=20)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with _serve(model_dir) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +214,25 @@ def test_tokenize_detokenize(server, local):
     assert back["prompt"] == "import os"
     info = httpx.get(server + "/tokenizer_info", headers=headers).json()
     assert info["vocab_size"] == tokenizer.vocab_size and info["eos_token"] == tokenizer.eos_token
+
+
+def test_a_thinking_model_thinks_unless_told_not_to(model_dir, tmp_path):
+    """A Quiet-STaR model served with --no-think: a request's "think": true gives the tokens of generation with
+    thoughts, the default those of its base predictions; the meta tokens never reach the text."""
+    model, tokenizer, _ = load_model(model_dir)
+    model = add_thought_tokens(model, tokenizer, n_ahead=5)
+    torch.nn.init.normal_(model.thinking.mixing_head[-1].weight, std=1.0)
+    save_checkpoint(model, tmp_path / "thinking", tokenizer, generation_config={})
+    ids = tokenizer.encode("import json")
+    expected = {
+        think: tokenizer.decode(generate_ids(model, [ids], max_new_tokens=12, do_sample=False, think=think)[0])
+        for think in (True, False)
+    }
+    assert expected[True] != expected[False]
+    with _serve(tmp_path / "thinking", "--no-think") as address:
+        client = openai.OpenAI(base_url=address + "/v1", api_key=KEY, max_retries=0)
+        for think in (True, False):
+            body = {"think": True} if think else {}
+            out = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0, extra_body=body)
+            assert out.choices[0].text == expected[think]
+            assert "thought|>" not in out.choices[0].text

@@ -28,21 +28,11 @@ from orionlm.train.trainer import train
 
 from .test_trainer import metrics, write_recipe
 
-VOCAB, START, END = 64, 60, 61
-
-
-def thinking_model(name: str) -> OrionLM:
-    torch.manual_seed(0)
-    config = dataclasses.replace(preset(name), vocab_size=VOCAB, thought_start_id=START, thought_end_id=END)
-    model = OrionLM(config).eval()
-    with torch.no_grad():  # meta embeddings unlike any other token, and a mixing head that mixes
-        model.thinking.meta_embeddings.normal_(std=0.02)
-        model.thinking.mixing_head[-1].weight.normal_(std=0.1)
-    return model
+START, END = 60, 61  # conftest's thinking_model
 
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-alibi"])
-def test_parallel_passes_equal_each_position_thinking_alone(name):
+def test_parallel_passes_equal_each_position_thinking_alone(name, thinking_model):
     """Pass j's hidden state at position t equals the model run on x_0..x_t followed by that position's
     tokens of passes 1..j: the mask, the positions and the cache of the parallel passes are right."""
     model = thinking_model(name)
@@ -60,7 +50,7 @@ def test_parallel_passes_equal_each_position_thinking_alone(name):
                 torch.testing.assert_close(got, alone, atol=2e-5, rtol=0)
 
 
-def test_zero_mixing_weight_gives_the_base_models_loss():
+def test_zero_mixing_weight_gives_the_base_models_loss(thinking_model):
     model = thinking_model("tiny-dense").train()
     with torch.no_grad():
         model.thinking.mixing_head[-1].weight.zero_()
@@ -83,7 +73,7 @@ def test_zero_mixing_weight_gives_the_base_models_loss():
     assert model.thinking.mixing_head[-1].weight.grad.abs().max() > 0
 
 
-def test_gradients_reach_the_meta_embeddings_and_the_mixing_head():
+def test_gradients_reach_the_meta_embeddings_and_the_mixing_head(thinking_model):
     model = thinking_model("tiny-moe").train()
     ids = torch.randint(0, START, (2, 12))
     targets = torch.roll(ids, -1, 1)
