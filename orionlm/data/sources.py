@@ -35,6 +35,7 @@ class SourceConfig:
     name: str | None = None  # display name; default: derived from path
     split: str = "train"  # for HF datasets
     doc_separator: str | None = None  # plain text: split a file into documents on this string; None = one per file
+    template: str | None = None  # JSONL: each document made of several fields, "Question: {question}\nAnswer: {answer}"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -47,6 +48,8 @@ class SourceConfig:
             raise DataError(f"source {self.path!r}: doc_separator must be a non-empty string or None")
         if self.doc_separator is not None and self.kind not in ("auto", "text"):
             raise DataError(f"source {self.path!r}: doc_separator applies to plain text only, not kind {self.kind!r}")
+        if self.template is not None and self.kind not in ("auto", "jsonl"):
+            raise DataError(f"source {self.path!r}: template applies to JSONL only, not kind {self.kind!r}")
         if self.name is None:
             self.name = _default_name(self.path)
 
@@ -120,7 +123,7 @@ def file_kind(source: SourceConfig, path: Path) -> str:
 
 def fingerprint(source: SourceConfig) -> dict[str, Any]:
     """What the tokens of a source depend on: its files (with sizes and modification times) and read settings."""
-    reading = {"field": source.field, "doc_separator": source.doc_separator}
+    reading = {"field": source.field, "doc_separator": source.doc_separator, "template": source.template}
     if source.is_hf:
         dataset = load_hf_dataset(source)
         # datasets' own fingerprint changes whenever the prepared data does.
@@ -154,7 +157,7 @@ def _file_documents(source: SourceConfig, on_bytes: Callable[[int], None]) -> It
         elif kind == "jsonl":
             if source.doc_separator is not None:
                 raise DataError(f"{path}: doc_separator applies to plain text only; a JSONL line is one document")
-            yield from _jsonl_documents(path, source.field, on_bytes)
+            yield from _jsonl_documents(path, source.field, source.template, on_bytes)
         elif kind == "parquet":
             yield from _parquet_documents(path, source.field, on_bytes)
         else:
@@ -238,9 +241,18 @@ def jsonl_records(
         yield number, record
 
 
-def _jsonl_documents(path: Path, field: str, on_bytes: Callable[[int], None]) -> Iterator[str]:
+def _jsonl_documents(path: Path, field: str, template: str | None, on_bytes: Callable[[int], None]) -> Iterator[str]:
     with _open_text(path, on_bytes) as f:
         for number, record in jsonl_records(f, path):
+            if template is not None:
+                try:
+                    yield template.format_map(record)
+                except (KeyError, IndexError, ValueError) as e:
+                    raise DataError(
+                        f"{path}:{number}: the source's template {template!r} cannot be filled ({e!r}); "
+                        f"its {{names}} must be fields of every line: {sorted(record)}"
+                    ) from None
+                continue
             if field not in record:
                 raise DataError(
                     f"{path}:{number}: no field {unknown_names([field], record)}; "

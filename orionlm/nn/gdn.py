@@ -48,10 +48,12 @@ def recurrent_gated_delta_rule(
     initial_state: torch.Tensor | None = None,  # (B, H, d_k, d_v)
     output_final_state: bool = False,
     scale: float | None = None,
+    output_all_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule one step at a time. q and k come normalised (the layer L2-normalises them);
     q is multiplied by `scale` (default d_k^-1/2). Returns the output (B, T, H, d_v) in v's dtype and,
-    if asked, the final state (B, H, d_k, d_v) in float32."""
+    if asked, the final state (B, H, d_k, d_v) in float32, or with `output_all_states` the state after
+    every step (B, T, H, d_k, d_v)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = v.dtype
     q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))  # (B, H, T, D)
@@ -59,13 +61,17 @@ def recurrent_gated_delta_rule(
     q = q * scale
     B, H, T, d_k = k.shape
     S = v.new_zeros(B, H, d_k, v.shape[-1]) if initial_state is None else initial_state.float()
-    outputs = []
+    outputs, states = [], []
     for t in range(T):
         k_t = k[:, :, t]  # (B, H, d_k)
         S = S * alpha[:, :, t, None, None]
         delta = beta[:, :, t, None] * (v[:, :, t] - (k_t.unsqueeze(-2) @ S).squeeze(-2))  # (B, H, d_v)
         S = S + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
         outputs.append((q[:, :, t].unsqueeze(-2) @ S).squeeze(-2))
+        if output_all_states:
+            states.append(S)
+    if output_all_states:
+        return torch.stack(outputs, dim=1).to(out_dtype), torch.stack(states, dim=1)
     return torch.stack(outputs, dim=1).to(out_dtype), S if output_final_state else None
 
 
@@ -157,6 +163,16 @@ class GDNState:
         """Keep only the given batch rows (finished sequences leaving a batch)."""
         self.conv = None if self.conv is None else self.conv[rows]
         self.recurrent = self.recurrent[rows]
+
+
+class PositionStreams:
+    """A GDN state that lets every position of a (B, T) sequence go on as a sequence of its own (Quiet-STaR's
+    parallel thoughts). The first forward runs the sequence from its start and keeps the state after each
+    position; each later forward takes (B, T) tokens, one more per position, and continues each position's
+    stream. Tensors are replaced, never written into, so gradients flow through every step."""
+
+    def __init__(self) -> None:
+        self.streams: GDNState | None = None  # B * T rows: row b * T + t continues position t of row b
 
 
 class GatedRMSNorm(nn.Module):
@@ -263,33 +279,27 @@ class GatedDeltaNet(nn.Module):
             return F.silu((x * weight.squeeze(1).to(x.dtype)).sum(-1, keepdim=True)).transpose(1, 2)
         return F.silu(F.conv1d(x, weight.to(x.dtype), groups=x.shape[1])).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: GDNState | None = None, mode: Mode = "auto") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: GDNState | PositionStreams | None = None, mode: Mode = "auto"
+    ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). Without a state, a sequence from its start (training, prefill). With one,
-        the sequence continues from it and the state is updated in place. `mode` picks the form: "auto" is
-        the recurrent step for T == 1 and the chunked form otherwise."""
+        the sequence continues from it and the state is updated in place; with PositionStreams, every position
+        goes on on its own. `mode` picks the form: "auto" is the recurrent step for T == 1 and the chunked
+        form otherwise."""
         if mode not in ("auto", "chunk", "recurrent"):
             raise OrionError(f"GDN mode must be 'auto', 'chunk' or 'recurrent', not {mode!r}")
-        B, T, _ = x.shape
+        B, T, C = x.shape
+        if isinstance(state, PositionStreams):
+            if state.streams is None:
+                return self._start_streams(x, state)
+            return self.forward(x.reshape(B * T, 1, C), state.streams).view(B, T, C)
         if state is not None and state.recurrent.shape[0] != B:
             raise OrionError(
                 f"the GDN state holds {state.recurrent.shape[0]} sequences but the input has {B}; "
                 "make one with new_state(batch)"
             )
-        if self.packed is not None and self.packed.valid():
-            q, k, v, a, b, *gate = self.packed(x)
-        else:
-            q, k, v, a, b = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj))
-            gate = [self.g_proj(x)] if self.use_gate else []
-        if self.use_short_conv:
-            q, k, v = self._short_conv(torch.cat([q, k, v], dim=-1), state).split(
-                [self.key_dim, self.key_dim, self.value_dim], dim=-1
-            )
-        else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k = q.view(B, T, self.num_heads, self.head_k_dim), k.view(B, T, self.num_heads, self.head_k_dim)
-        v = v.view(B, T, self.num_heads, self.head_v_dim)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (B, T, H)
-        beta = b.float().sigmoid()
+        qkv, a, b, gate = self._project(x)
+        q, k, v, g, beta = self._inputs(qkv, a, b, state)
         recurrent = mode == "recurrent" or (mode == "auto" and T == 1)
         initial = None if state is None else state.recurrent
 
@@ -308,6 +318,46 @@ class GatedDeltaNet(nn.Module):
                 o, final = chunk_gated_delta_rule(q, k, v.float(), g, beta, self.chunk_size, initial, state is not None)
         if state is not None:
             state.recurrent = final
+        return self._output(o, gate, x.dtype)
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """q|k|v (B, T, 2 key_dim + value_dim) before the convolution, a, b, and [gate] or []."""
+        if self.packed is not None and self.packed.valid():
+            q, k, v, a, b, *gate = self.packed(x)
+        else:
+            q, k, v, a, b = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj))
+            gate = [self.g_proj(x)] if self.use_gate else []
+        return torch.cat([q, k, v], dim=-1), a, b, gate
+
+    def _inputs(self, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, state: GDNState | None):
+        """The delta rule's q, k (B, T, H, d_k), v (B, T, H, d_v), g and beta (B, T, H) float32."""
+        B, T, _ = qkv.shape
+        qkv = self._short_conv(qkv, state) if self.use_short_conv else F.silu(qkv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k = q.view(B, T, self.num_heads, self.head_k_dim), k.view(B, T, self.num_heads, self.head_k_dim)
+        v = v.view(B, T, self.num_heads, self.head_v_dim)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # (B, T, H)
+        return q, k, v, g, b.float().sigmoid()
+
+    def _output(self, o: torch.Tensor, gate: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        B, T = o.shape[:2]
         o = self.o_norm(o, gate[0].view(B, T, self.num_heads, self.head_v_dim) if gate else None)
-        return self.o_proj(o.reshape(B, T, self.value_dim).to(x.dtype))
+        return self.o_proj(o.reshape(B, T, self.value_dim).to(dtype))
+
+    def _start_streams(self, x: torch.Tensor, state: PositionStreams) -> torch.Tensor:
+        """The sequence from its start, step by step, keeping every position's state in `state`."""
+        B, T, _ = x.shape
+        qkv, a, b, gate = self._project(x)
+        conv = None
+        if self.use_short_conv:  # position t's conv cache: the inputs t - kernel + 2 .. t (zeros before 0)
+            keep, channels = self.conv_kernel - 1, qkv.shape[-1]
+            conv = qkv.new_zeros(B * T, channels, 0)
+            if keep:
+                windows = F.pad(qkv.transpose(1, 2), (keep, 0)).unfold(-1, keep, 1)[:, :, 1:]  # (B, ch, T, keep)
+                conv = windows.permute(0, 2, 1, 3).reshape(B * T, channels, keep)
+        q, k, v, g, beta = self._inputs(qkv, a, b, None)
+        o, states = recurrent_gated_delta_rule(
+            l2norm(q.float()), l2norm(k.float()), v.float(), g, beta, output_all_states=True
+        )
+        state.streams = GDNState(conv, states.flatten(0, 1))
+        return self._output(o, gate, x.dtype)

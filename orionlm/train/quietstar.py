@@ -31,6 +31,7 @@ from torch import nn
 from ..data.chat import IGNORE
 from ..errors import OrionError
 from ..model import ModelOutput, OrionLM
+from ..nn.gdn import PositionStreams
 from ..tokenizer import Tokenizer
 
 START_THOUGHT, END_THOUGHT = "<|startthought|>", "<|endthought|>"
@@ -92,11 +93,13 @@ def add_thought_tokens(model: OrionLM, tokenizer: Tokenizer, n_ahead: int, meta_
 
 
 class _GrowingCache:
-    """Keys and values kept by concatenation (a KVCache writes in place), so gradients reach every pass."""
+    """Keys and values kept by concatenation (a KVCache writes in place), so gradients reach every pass; a
+    hybrid model's GDN layers keep every position's recurrent state and continue each on its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, gdn_slots: int) -> None:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.states = [PositionStreams() for _ in range(gdn_slots)]
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +118,7 @@ class ParallelThoughts:
     and attends to the text tokens 0..t and to the tokens of passes 1..j at position t."""
 
     def __init__(self, model: OrionLM, input_ids: torch.Tensor) -> None:
-        if model.config.architecture == "chimera":
-            raise OrionError("Quiet-STaR's parallel thoughts need attention layers only; Chimera is not supported yet")
-        self.model, self.cache, self.passes = model, _GrowingCache(), 0
+        self.model, self.cache, self.passes = model, _GrowingCache(getattr(model.model, "gdn_slots", 0)), 0
         self.length = input_ids.shape[1]
         self.first = model(input_ids, cache=self.cache, output_hidden=True)
 

@@ -67,6 +67,18 @@ def test_jsonl_field_and_gzip(tmp_path: Path) -> None:
     assert list(iter_documents(SourceConfig(path=str(tmp_path / "d.jsonl.gz"), field="body"))) == ["one", "two\nlines"]
 
 
+def test_jsonl_template_joins_fields(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "#### 2", "id": 7}\n{"question": "2+2?", "answer": "#### 4"}\n')
+    template = "Question: {question}\nAnswer: {answer}"
+    got = list(iter_documents(SourceConfig(path=str(path), template=template)))
+    assert got == ["Question: 1+1?\nAnswer: #### 2", "Question: 2+2?\nAnswer: #### 4"]
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: the source's template .* cannot be filled \(KeyError\('id'\)\)"):
+        list(iter_documents(SourceConfig(path=str(path), template="{id}: {question}")))
+    with pytest.raises(DataError, match="template applies to JSONL only"):
+        SourceConfig(path=str(path), kind="text", template=template)
+
+
 def test_jsonl_errors_name_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "ok"}\n{"txt": "typo"}\n')

@@ -31,7 +31,7 @@ from .test_trainer import metrics, write_recipe
 START, END = 60, 61  # conftest's thinking_model
 
 
-@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-alibi"])
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-alibi", "tiny-chimera"])
 def test_parallel_passes_equal_each_position_thinking_alone(name, thinking_model):
     """Pass j's hidden state at position t equals the model run on x_0..x_t followed by that position's
     tokens of passes 1..j: the mask, the positions and the cache of the parallel passes are right."""
@@ -73,15 +73,21 @@ def test_zero_mixing_weight_gives_the_base_models_loss(thinking_model):
     assert model.thinking.mixing_head[-1].weight.grad.abs().max() > 0
 
 
-def test_gradients_reach_the_meta_embeddings_and_the_mixing_head(thinking_model):
-    model = thinking_model("tiny-moe").train()
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-chimera"])
+def test_gradients_reach_the_meta_embeddings_and_the_mixing_head(name, thinking_model):
+    model = thinking_model(name).train()
     ids = torch.randint(0, START, (2, 12))
     targets = torch.roll(ids, -1, 1)
     out = quietstar_loss(model, ids, targets, QuietStarConfig(n_ahead=5, n_ahead_talk=2, n_passes=2))
     out.loss.backward()
-    for name, p in model.thinking.named_parameters():
-        assert p.grad is not None and p.grad.abs().max() > 0, name
-    assert out.aux_loss is not None and out.metrics["mix_weight"] != 0
+    for parameter, p in model.thinking.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, parameter
+    assert out.metrics["mix_weight"] != 0
+    if name == "tiny-chimera":  # the thoughts' GDN steps backpropagate into the recurrent layers
+        gdn = model.model.layers[0].linear_attn
+        assert gdn.A_log.grad is not None and gdn.A_log.grad.abs().max() > 0
+    else:
+        assert out.aux_loss is not None
 
 
 def test_rewards_subtract_the_mean_of_the_rows_thoughts_and_clip_negatives():
@@ -107,9 +113,10 @@ def test_adding_thought_tokens_keeps_the_models_predictions():
         torch.testing.assert_close(model.thinking.meta_embeddings * scale, dash.expand(2, -1))
 
 
-def test_a_quietstar_run_logs_the_talk_losses_and_saves_a_thinking_model(tmp_path):
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-chimera"])
+def test_a_quietstar_run_logs_the_talk_losses_and_saves_a_thinking_model(name, tmp_path):
     quietstar = {"n_ahead": 4, "n_ahead_talk": 2, "n_passes": 2}
-    path = write_recipe(tmp_path, run={"max_steps": 3, "save_every_steps": 3, "batch_size": 2})
+    path = write_recipe(tmp_path, model={"preset": name}, run={"max_steps": 3, "save_every_steps": 3, "batch_size": 2})
     recipe = load_recipe(path, ["mode=quietstar", *(f"quietstar.{k}={v}" for k, v in quietstar.items())])
     run_dir = train(recipe)
     records = metrics(run_dir)
