@@ -271,9 +271,9 @@ def generate(
         raise OrionError(f"{model} has no tokenizer.json; generation needs one")
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    sampling = _sampling(temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed)
-    if no_think:
-        sampling["think"] = False
+    sampling = _sampling(
+        temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed, no_think
+    )
     if show_thoughts:
         if not lm.config.thinks:
             raise OrionError(
@@ -308,12 +308,14 @@ def _print_thoughts(pieces: Iterator[tuple[int, str, str]], count: int) -> None:
         print(f"--- {i}\n{text}")
 
 
-def _sampling(temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed) -> dict:
+def _sampling(
+    temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed, no_think
+) -> dict:
     """CLI option names -> generation keyword arguments, leaving out what was not given."""
     values = dict(
         temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep_pen,
         presence_penalty=presence_pen, frequency_penalty=frequency_pen, max_new_tokens=max_tokens,
-        stop=stop, seed=seed,
+        stop=stop, seed=seed, think=False if no_think else None,
     )  # fmt: skip
     return {k: v for k, v in values.items() if v is not None}
 
@@ -351,9 +353,7 @@ def chat(
         raise OrionError(f"{model} has no tokenizer.json; chat needs one")
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    sampling = _sampling(temp, None, top_p, None, None, None, None, max_tokens, None, seed)
-    if no_think:
-        sampling["think"] = False
+    sampling = _sampling(temp, None, top_p, None, None, None, None, max_tokens, None, seed, no_think)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
