@@ -262,8 +262,7 @@ def generate(
         no_think: a thinking model generates without thoughts (its base model's predictions)
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
-    from .generation import generate as generate_texts
-    from .generation import stream, stream_thoughts
+    from .generation import stream_thoughts
     from .loading import load_model
 
     lm, tokenizer, _ = load_model(model, device=device)
@@ -274,29 +273,20 @@ def generate(
     sampling = _sampling(
         temp, top_k, top_p, min_p, rep_pen, presence_pen, frequency_pen, max_tokens, stop, seed, no_think
     )
-    if show_thoughts:
-        if not lm.config.thinks:
-            raise OrionError(
-                f"{model} is not a thinking model (it has no <|startthought|> token): it has no thoughts to show"
-            )
-        _print_thoughts(stream_thoughts(lm, tokenizer, prompts, **sampling), len(prompts))
-        return
-    if len(prompts) > 1:
-        for i, text in enumerate(generate_texts(lm, tokenizer, None, prompts, **sampling)):
-            print(f"--- {i}\n{text}")
-        return
-    for piece in stream(lm, tokenizer, prompts[0], **sampling):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    if show_thoughts and not lm.config.thinks:
+        raise OrionError(
+            f"{model} is not a thinking model (it has no <|startthought|> token): it has no thoughts to show"
+        )
+    _print_generation(stream_thoughts(lm, tokenizer, prompts, **sampling), len(prompts), show_thoughts)
 
 
-def _print_thoughts(pieces: Iterator[tuple[int, str, str]], count: int) -> None:
-    """Text with each thought before its token, dimmed on a terminal; several prompts print when all are done."""
+def _print_generation(pieces: Iterator[tuple[int, str, str]], count: int, show_thoughts: bool) -> None:
+    """One prompt's text as it comes; several prompts' texts when all are done. With show_thoughts each
+    thought goes before its token, dimmed on a terminal."""
     dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
     texts = [""] * count
     for row, thought, piece in pieces:
-        text = f"{dim}<|startthought|>{thought}<|endthought|>{plain}{piece}" if thought else piece
+        text = f"{dim}<|startthought|>{thought}<|endthought|>{plain}{piece}" if show_thoughts and thought else piece
         if count == 1:
             sys.stdout.write(text)
             sys.stdout.flush()

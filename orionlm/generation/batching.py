@@ -292,10 +292,10 @@ class Engine:
             # Every row thinks (one batch on one cache); rows whose requests do not think keep their base
             # logits, and think greedily so that their samplers' draws stay their own text's.
             def pick(rows_logits: torch.Tensor) -> torch.Tensor:
-                return torch.cat([
-                    r.pick_thought(rows_logits[i : i + 1]) if thinking[i] else rows_logits[i : i + 1].argmax(-1)
-                    for i, r in enumerate(self.running)
-                ])  # fmt: skip
+                picked = []
+                for running, row, thinks in zip(self.running, rows_logits.split(1), thinking, strict=True):
+                    picked.append(running.pick_thought(row) if thinks else row.argmax(-1))
+                return torch.cat(picked)
 
             mixed, thoughts = think(self.model, self.cache, out.hidden[:, -1], pick)
             use = torch.tensor(thinking, device=logits.device).view(-1, 1)
