@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import atomic_directory, read_safetensors, save_checkpoint
 from ..config import ModelConfig
 from ..data import build_dataset, iter_documents
