@@ -211,10 +211,12 @@ EXPERT_WRAPPERS: dict[type[nn.Module], type[nn.Module]] = {Experts: LoRAExperts}
 
 
 def is_linear(module: nn.Module) -> bool:
+    """Whether LoRA adapts the module as a linear layer (its class, or a base of it, has a wrapper)."""
     return isinstance(module, tuple(LINEAR_WRAPPERS))
 
 
 def is_experts(module: nn.Module) -> bool:
+    """Whether LoRA adapts the module as an MoE layer's expert stacks."""
     return isinstance(module, tuple(EXPERT_WRAPPERS))
 
 
