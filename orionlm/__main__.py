@@ -816,8 +816,8 @@ def merge_lora(
         force: replace out if it exists
     """
     from .checkpoint import save_checkpoint
+    from .convert.peft import load_adapter
     from .loading import load_model
-    from .nn.lora import load_adapter
     from .nn.lora import merge_lora as merge
 
     if adapter is None:

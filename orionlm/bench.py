@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation.batching import Engine, Request
+from .generation.engine import Engine, Request
 from .generation.sampling import GenerationConfig
 from .model import OrionLM
 

@@ -139,7 +139,8 @@ def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: dic
     """Make every linear layer (and MoE expert stack) the checkpoint stores in GPTQ form (a `.qweight`) a
     QuantLinear (a QuantExperts), on meta."""
     from .nn.moe import Experts
-    from .quant.pack import QuantExperts, QuantLinear, checkpoint_format_of
+    from .quant.linear import QuantExperts, QuantLinear
+    from .quant.pack import checkpoint_format_of
 
     settings = (quantization["bits"], quantization["group_size"])
     checkpoint_format = checkpoint_format_of(quantization)
@@ -156,8 +157,7 @@ def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: dic
             layer = QuantExperts(*stacks)
         else:
             continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+        model.set_submodule(name, layer)
 
 
 def load_checkpoint(

@@ -12,16 +12,15 @@ GDNState for GDN, so a looped block keeps one per loop.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .nn.attention import Attention, KVCache
-from .nn.gdn import GatedDeltaNet, GDNState
+from .nn.attention import Attention
+from .nn.cache import HybridCache
+from .nn.gdn import GatedDeltaNet
 from .nn.mlp import MLP
 from .nn.norm import make_norm
 
@@ -75,27 +74,6 @@ class ChimeraBlock(nn.Module):
             return self.mlp_lambda.to(x.dtype) * x + self.mlp(self.post_attention_layernorm(x))
         x = x + y
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class HybridCache(KVCache):
-    """A KV cache slot per virtual attention layer and a GDNState per virtual GDN layer."""
-
-    def __init__(self, attention_slots: int, states: list[GDNState], config: ModelConfig, batch_size: int,
-                 capacity: int, device, dtype) -> None:  # fmt: skip
-        super().__init__(config, batch_size, capacity, device, dtype, num_layers=attention_slots)
-        self.states = states
-
-    def select(self, rows: torch.Tensor) -> None:
-        super().select(rows)
-        for state in self.states:
-            state.select(rows)
-
-    def mark(self) -> Any:
-        # A GDN layer replaces its state's tensors rather than writing into them, so keeping them is enough.
-        return self.length, [replace(s) for s in self.states]
-
-    def rewind(self, mark: Any) -> None:
-        self.length, self.states = mark[0], [replace(s) for s in mark[1]]
 
 
 class ChimeraDecoder(nn.Module):

@@ -11,9 +11,9 @@ import torch
 
 from .checkpoint import load_checkpoint, read_config_json, read_generation_config, resolve_device
 from .config import is_auron_config
+from .convert.peft import ADAPTER_CONFIG, load_adapter
 from .errors import OrionError
 from .model import OrionLM
-from .nn.lora import ADAPTER_CONFIG, load_adapter
 from .tokenizer import Tokenizer
 
 # What a model directory needs; nothing executable is ever fetched.

@@ -14,7 +14,8 @@ from .chimera import RESID_LAMBDA_INIT, ChimeraDecoder
 from .config import ModelConfig
 from .errors import OrionError
 from .nn.alibi import alibi_bias, alibi_slopes
-from .nn.attention import Attention, KVCache, RaggedCache
+from .nn.attention import Attention
+from .nn.cache import KVCache, RaggedCache
 from .nn.gdn import GatedDeltaNet
 from .nn.linear import Linear
 from .nn.loss import linear_cross_entropy

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..generation import generate
 from ..model import OrionLM
 from ..tokenizer import Tokenizer

@@ -1,16 +1,7 @@
 """Text generation: sampling settings, logits processors, the continuous-batching engine and the
 generate/stream loops over it."""
 
-from .batching import Engine, Event, Request, TokenLogprob
-from .engine import (
-    IncrementalDetokenizer,
-    TextStream,
-    generate,
-    generate_ids,
-    resolve_config,
-    stream,
-    stream_thoughts,
-)
+from .engine import Engine, Event, Request, TokenLogprob
 from .sampling import (
     GenerationConfig,
     GenerationError,
@@ -23,6 +14,15 @@ from .sampling import (
     apply_top_p,
     process_logits,
     token_mask,
+)
+from .text import (
+    IncrementalDetokenizer,
+    TextStream,
+    generate,
+    generate_ids,
+    resolve_config,
+    stream,
+    stream_thoughts,
 )
 from .thinking import think
 

@@ -1,240 +1,319 @@
-"""Generation from Python: `generate_ids`, `generate` and `stream`, thin loops over the continuous-batching
-`Engine` (orionlm.generation.batching), and the text side: incremental detokenization and stop strings.
+"""Continuous batching: requests join and leave the running batch between decode steps.
 
-Rows stop independently (stop token ids in the engine, stop strings in `TextStream`); a finished row leaves
-the batch, so the others stop paying for it.
+The engine behind the server, `orionlm generate` and `orionlm bench`. Each `Engine.step()`:
+
+1. drops cancelled requests (a client that went away frees its row at once);
+2. admits waiting requests, first come first served, while the running batch has a free row and the
+   cached-token budget (prompt + max_new_tokens of every admitted request) has room;
+3. prefills one chunk (at most `prefill_chunk` tokens) of the oldest admitted prompt, on a cache of its
+   own, so a long prompt delays the running requests by one chunk per step rather than by all of it;
+   a finished prefill picks its first token and joins the batch (`RaggedCache.add`);
+4. decodes one token for every running request in a single forward pass, each row at its own length.
+
+A thinking (Quiet-STaR) model writes a thought before each token of the requests that think (their
+`config.think`), all rows at once on the same cache, which then rewinds (orionlm.generation.thinking).
+
+Every request has its own sampling settings, seed and stop tokens, so its tokens do not depend on what
+else runs beside it (greedy output equals `generate_ids` alone; tested).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model import OrionLM
-from ..tokenizer import Tokenizer
-from .batching import Engine, Request
-from .sampling import GenerationConfig, GenerationError
+from ..nn.cache import KVCache, RaggedCache
+from ..nn.linear import use_decode_layout
+from .sampling import GenerationConfig, GenerationError, Sampler, process_logits
+from .thinking import think, thought_slots
 
-REPLACEMENT = "\ufffd"  # what a decoder returns for an incomplete UTF-8 sequence
-
-
-def resolve_config(
-    model: OrionLM | None = None,
-    defaults: GenerationConfig | dict[str, Any] | None = None,
-    config: GenerationConfig | None = None,
-    **sampling: Any,
-) -> GenerationConfig:
-    """Settings by precedence: keyword arguments > `config` > `defaults` > the model's
-    generation_config.json (`model.generation_defaults`) > GenerationConfig's own defaults."""
-    if config is None:
-        if isinstance(defaults, GenerationConfig):
-            config = defaults
-        else:
-            data = dict(getattr(model, "generation_defaults", None) or {})
-            data.update(defaults or {})
-            config = GenerationConfig.from_dict(data)
-    return config.replace(**sampling) if sampling else config
+_ids = itertools.count()
 
 
-def generate_ids(
-    model: OrionLM,
-    prompts: list[list[int]],
-    max_new_tokens: int | None = None,
-    config: GenerationConfig | None = None,
-    **sampling: Any,
-) -> list[list[int]]:
-    """New token ids for each prompt (token id lists, any lengths), generated as one continuous batch.
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits, before any sampling setting), with the
+    `top` most likely tokens at its position."""
 
-    Settings come from `config` (default: GenerationConfig()) updated with the keyword arguments; the
-    model's generation defaults are not read here. Each row stops at its first stop token, which is
-    included in its output (as transformers' generate does), or after max_new_tokens.
-    """
-    if max_new_tokens is not None:
-        sampling["max_new_tokens"] = max_new_tokens
-    config = (config or GenerationConfig()).replace(**sampling)
-    engine, requests = _start(model, prompts, config)
-    while engine.has_work:
-        engine.step()
-    return [request.output for request in requests]
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
-def _start(
-    model: OrionLM, prompts: list[list[int]], config: GenerationConfig, stop_ids: list[int] = ()
-) -> tuple[Engine, list[Request]]:
-    """An engine running every prompt at once; raises GenerationError for a bad prompt before anything runs."""
-    if not prompts:
-        raise GenerationError("no prompts were given")
-    engine = Engine(model, max_batch=len(prompts))
-    requests = [Request(prompt, config, frozenset(stop_ids)) for prompt in prompts]
-    for i, request in enumerate(requests):
-        engine.submit(request, f"prompt {i}")
-    return engine, requests
+@dataclass
+class Request:
+    """One sequence to generate. `stop_ids` ends it when picked (the token is part of the output), on top of
+    config.stop_token_ids; `logprobs` asks for each generated token's log-probability and that many
+    alternatives; `prompt_logprobs` the same for the prompt tokens (the first has none)."""
+
+    prompt: list[int]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    # Filled in by the engine
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens)
+    prompt_logprob_values: list[TokenLogprob | None] | None = None
+    cancelled: bool = False
+
+    @property
+    def length(self) -> int:
+        """The most tokens the sequence can reach: prompt and output."""
+        return len(self.prompt) + self.config.max_new_tokens
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text pieces that never split a UTF-8 character.
+@dataclass
+class Event:
+    """A token picked for a request; `finish_reason` is set on its last token. A thinking request's
+    `thought` holds the tokens it thought before this one."""
 
-    Decoding one token at a time breaks multi-byte characters (byte tokens) and drops the leading
-    space that SentencePiece-style decoders strip at the start of a sequence. So each new piece is the
-    difference between two decodes that share a few tokens of context (`prefix`..`read`), and a piece
-    is held back while its text ends in U+FFFD, the mark of an incomplete byte sequence.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the context tokens
-        self.read = 0  # tokens before this are already emitted as text
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        """Whatever is held back (an incomplete character stays a U+FFFD)."""
-        return self._delta(final=True)
-
-    def _delta(self, final: bool) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix :])
-        if len(text) <= len(before) or (text.endswith(REPLACEMENT) and not final):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before) :]
+    request: Request
+    token: int
+    logprob: TokenLogprob | None
+    finish_reason: str | None
+    thought: list[int] | None = None
 
 
-class TextStream:
-    """The text of one generated sequence, piece by piece, cut at the first stop string.
+class _Running:
+    """A request's sampling state while it runs."""
 
-    Text that could be the start of a stop string is held back until it is known not to be one, so
-    a stop string is never emitted, not even in part.
-    """
+    def __init__(self, request: Request, vocab: int, device: torch.device, unseen: torch.Tensor | None) -> None:
+        self.request = request
+        self.unseen = unseen  # token ids never output (a thinking model's meta tokens)
+        config = request.config
+        self.stop_ids = request.stop_ids | set(config.stop_token_ids)
+        self.sampler = Sampler(config, 1, device)
+        self.seen = self.counts = None
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, request.prompt] = True
+        if config.presence_penalty or config.frequency_penalty:
+            self.counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
+        self.bias = None
+        if config.logit_bias:
+            self.bias = torch.zeros(1, vocab, device=device)
+            for token, value in config.logit_bias.items():
+                self.bias[0, token] = value
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stop = stop
-        self.pending = ""  # decoded text not yet emitted
-        self.stopped = False
+    def pick(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None, str | None]:
+        """The next token from float32 logits (1, V), its log-probability if asked, and why the request
+        ends with it (None: it goes on)."""
+        request, config = self.request, self.request.config
+        if self.unseen is not None:
+            logits = logits.index_fill(-1, self.unseen, float("-inf"))
+        logprob = None
+        if request.logprobs is not None:
+            logprob = torch.log_softmax(logits[0], dim=-1)
+        processed = logits if self.bias is None else logits + self.bias
+        token = int(self.sampler(process_logits(processed, config, self.seen, self.counts))[0])
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
+        request.output.append(token)
+        finish = None
+        if token in self.stop_ids:
+            finish = "stop"
+        elif len(request.output) >= config.max_new_tokens:
+            finish = "length"
+        request.finish_reason = finish
+        return token, None if logprob is None else _token_logprob(logprob, token, request.logprobs), finish
 
-    def push(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.pending += self.detokenizer.push(token)
-        return self._emit()
-
-    def flush(self) -> str:
-        if not self.stopped:
-            self.pending += self.detokenizer.flush()
-        piece = self._emit()
-        if not self.stopped:
-            piece, self.pending = piece + self.pending, ""
-        return piece
-
-    def _emit(self) -> str:
-        if not self.stop:
-            piece, self.pending = self.pending, ""
-            return piece
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            piece, self.pending = self.pending[: min(hits)], ""
-            return piece
-        hold = max((_overlap(self.pending, s) for s in self.stop), default=0)
-        piece, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        return piece
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a beginning of `stop`."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
-
-
-def _start_text(
-    model: OrionLM, tokenizer: Tokenizer, prompts: list[str], config: GenerationConfig
-) -> tuple[Engine, list[Request], list[TextStream]]:
-    """Encode the prompts and set up their generation; errors surface here, before any text."""
-    ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    engine, requests = _start(model, ids, config, stop_ids)
-    return engine, requests, [TextStream(tokenizer, config.stop) for _ in prompts]
+    def pick_thought(self, logits: torch.Tensor) -> torch.Tensor:
+        """A thought token (1,) from float32 logits (1, V): the sampling settings without penalties or bias."""
+        return self.sampler(process_logits(logits, self.request.config))
 
 
-def _text_pieces(
-    engine: Engine, requests: list[Request], streams: list[TextStream], tokenizer: Tokenizer
-) -> Iterator[tuple[int, str, str]]:
-    """(prompt index, thought, text piece) as the tokens of each row are generated; the thought is the text
-    a thinking model thought before the piece's token ("" when it did not think)."""
-    row_of = {request.id: row for row, request in enumerate(requests)}
-    while engine.has_work:
-        for event in engine.step():
-            if event.finish_reason == "stop":  # a stop token: it ends the text, it is not part of it
-                continue
-            row = row_of[event.request.id]
-            piece = streams[row].push(event.token)
-            thought = tokenizer.decode(event.thought) if event.thought else ""
-            if piece or thought:
-                yield row, thought, piece
-            if streams[row].stopped:
-                engine.cancel(event.request)  # before the next step: no forward pass for this row's last token
-    for row, text_stream in enumerate(streams):
-        piece = text_stream.flush()
-        if piece:
-            yield row, "", piece
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
-def stream(
-    model: OrionLM,
-    tokenizer: Tokenizer,
-    prompt: str,
-    defaults: GenerationConfig | dict[str, Any] | None = None,
-    **sampling: Any,
-) -> Iterator[str]:
-    """Text pieces of the continuation of `prompt` as they are generated. Generation ends at a stop
-    token (the config's or the tokenizer's EOS), at a stop string (not emitted) or at max_new_tokens.
-    Bad settings or prompts raise GenerationError here, not at the first piece."""
-    started = _start_text(model, tokenizer, [prompt], resolve_config(model, defaults, **sampling))
-    return (piece for _, _, piece in _text_pieces(*started, tokenizer) if piece)
+@dataclass
+class _Prefill:
+    request: Request
+    cache: KVCache
+    done: int = 0  # prompt tokens fed so far
+    last_logits: torch.Tensor | None = None  # (V,) float32 at the last fed position
 
 
-def stream_thoughts(
-    model: OrionLM,
-    tokenizer: Tokenizer,
-    prompts: list[str],
-    defaults: GenerationConfig | dict[str, Any] | None = None,
-    **sampling: Any,
-) -> Iterator[tuple[int, str, str]]:
-    """Like `stream` for a batch of prompts, with the thoughts: (prompt index, thought, text piece), where
-    the thought is what a thinking model thought before the piece's token ("" for a model that does not
-    think, or with think=False)."""
-    started = _start_text(model, tokenizer, prompts, resolve_config(model, defaults, **sampling))
-    return _text_pieces(*started, tokenizer)
+class Engine:
+    """Continuous batching over one model. Not thread-safe: one thread submits, steps and cancels (the
+    server runs it on its own thread and talks to it through a queue)."""
 
+    def __init__(
+        self,
+        model: OrionLM,
+        max_batch: int = 16,
+        max_cached_tokens: int | None = None,
+        prefill_chunk: int = 512,
+    ) -> None:
+        if max_batch < 1 or prefill_chunk < 1:
+            raise GenerationError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
+        self.model = model.eval()
+        self.meta_ids = None
+        if model.config.thinks:
+            self.meta_ids = torch.tensor(
+                [model.config.thought_start_id, model.config.thought_end_id], device=model.device
+            )
+        if model.device.type == "cpu":
+            use_decode_layout(model)
+        self.max_batch = max_batch
+        self.max_cached_tokens = max_cached_tokens or max_batch * model.config.max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[_Prefill] = deque()
+        self.running: list[_Running] = []  # row i of self.cache
+        self.cache = RaggedCache()
+        self.cancelled = 0  # requests dropped unfinished so far
 
-def generate(
-    model: OrionLM,
-    tokenizer: Tokenizer,
-    device: torch.device | str | None,
-    prompt: str | list[str],
-    defaults: GenerationConfig | dict[str, Any] | None = None,
-    **sampling: Any,
-) -> str | list[str]:
-    """The continuation of `prompt` (a list of prompts is generated as one batch and gives a list).
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
 
-    Settings: keyword arguments > `defaults` > the model's generation_config.json > GenerationConfig().
-    Stop tokens and stop strings are not part of the returned text. `device` must be the model's
-    (None: wherever the model is).
-    """
-    wanted = torch.device(device) if device is not None else model.device
-    if wanted.type != model.device.type or wanted.index not in (None, model.device.index):
-        raise GenerationError(f"the model is on {model.device}, not {device}; move it with model.to({str(device)!r})")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    started = _start_text(model, tokenizer, prompts, resolve_config(model, defaults, **sampling))
-    texts = [""] * len(prompts)
-    for row, _, piece in _text_pieces(*started, tokenizer):
-        texts[row] += piece
-    return texts[0] if isinstance(prompt, str) else texts
+    def submit(self, request: Request, name: str = "the prompt") -> None:
+        """Queue a request; raises GenerationError (before anything runs) for one that can never run."""
+        self.check(request, name)
+        self.waiting.append(request)
+
+    def check(self, request: Request, name: str = "the prompt") -> None:
+        """Raise GenerationError if the request can never run (bad tokens, too long for the context or the
+        cache); `name` is how the message calls the prompt. Reads only the model's config: safe from any
+        thread."""
+        config, vocab = self.model.config, self.model.config.vocab_size
+        if not request.prompt:
+            raise GenerationError(f"{name} is empty; it needs at least one token (e.g. BOS)")
+        bad = [t for t in request.prompt if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"{name} has token ids {bad[:5]} outside the vocabulary (0..{vocab - 1})")
+        if request.length > config.max_seq_len:
+            raise GenerationError(
+                f"{name} has {len(request.prompt)} tokens; with max_new_tokens={request.config.max_new_tokens} "
+                f"that is {request.length} > the model's max_seq_len ({config.max_seq_len}): shorten "
+                "the prompt or lower max_new_tokens to fit the context"
+            )
+        if self.reserved(request) > self.max_cached_tokens:
+            raise GenerationError(
+                f"the request needs {self.reserved(request)} cached tokens; the engine holds {self.max_cached_tokens}"
+            )
+        bias = [t for t in request.config.logit_bias if not 0 <= t < vocab]
+        if bias:
+            raise GenerationError(f"logit_bias names token ids {bias[:5]} outside the vocabulary (0..{vocab - 1})")
+
+    def reserved(self, request: Request) -> int:
+        """Cache positions the request may hold: prompt, output and, when it thinks, a thought."""
+        return request.length + thought_slots(self.model, request.config)
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request; its row is freed at the next step."""
+        request.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One round of admission, a prefill chunk and a decode step; returns the tokens picked."""
+        self._drop_cancelled()
+        self._admit()
+        events = self._prefill_chunk()
+        if self.running:
+            events += self._decode()
+        return events
+
+    def _drop_cancelled(self) -> None:
+        before = len(self.waiting) + len(self.prefilling) + len(self.running)
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        self.prefilling = deque(p for p in self.prefilling if not p.request.cancelled)
+        for row in reversed(range(len(self.running))):
+            if self.running[row].request.cancelled:
+                self._remove(row)
+        self.cancelled += before - len(self.waiting) - len(self.prefilling) - len(self.running)
+
+    def _admit(self) -> None:
+        reserved = sum(self.reserved(r.request) for r in self.running)
+        reserved += sum(self.reserved(p.request) for p in self.prefilling)
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
+            request = self.waiting[0]
+            if reserved + self.reserved(request) > self.max_cached_tokens:
+                break
+            self.waiting.popleft()
+            reserved += self.reserved(request)
+            cache = self.model.new_cache(1, len(request.prompt) + thought_slots(self.model, request.config))
+            self.prefilling.append(_Prefill(request, cache))
+            if request.prompt_logprobs is not None:
+                request.prompt_logprob_values = [None]
+
+    def _prefill_chunk(self) -> list[Event]:
+        if not self.prefilling:
+            return []
+        job = self.prefilling[0]
+        request = job.request
+        chunk = request.prompt[job.done : job.done + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.model.device)
+        want_all = request.prompt_logprobs is not None
+        thinks = thought_slots(self.model, request.config) > 0
+        out = self.model(ids, cache=job.cache, logits_to_keep=0 if want_all else 1, output_hidden=thinks)
+        logits = out.logits[0].float()
+        if want_all:
+            logprobs = torch.log_softmax(torch.cat([job.last_logits[None], logits]) if job.done else logits, -1)
+            targets = request.prompt[job.done + (0 if job.done else 1) : job.done + len(chunk)]
+            request.prompt_logprob_values += [
+                _token_logprob(lp, t, request.prompt_logprobs) for lp, t in zip(logprobs, targets, strict=False)
+            ]
+        job.done += len(chunk)
+        job.last_logits = logits[-1]
+        if job.done < len(request.prompt):
+            return []
+        self.prefilling.popleft()
+        running = _Running(request, self.model.config.vocab_size, self.model.device, self.meta_ids)
+        logits, thought = job.last_logits[None], None
+        if thinks:
+            logits, thoughts = think(self.model, job.cache, out.hidden[0, -1:], running.pick_thought)
+            thought = thoughts[0].tolist()
+        token, logprob, finish = running.pick(logits)
+        if finish is None:
+            self.cache.add(job.cache)
+            self.running.append(running)
+        return [Event(request, token, logprob, finish, thought)]
+
+    def _decode(self) -> list[Event]:
+        tokens = torch.tensor([[r.request.output[-1]] for r in self.running], device=self.model.device)
+        self.cache.reserve_step()
+        thinking = [thought_slots(self.model, r.request.config) > 0 for r in self.running]
+        out = self.model(tokens, cache=self.cache, output_hidden=any(thinking))
+        logits = out.logits[:, -1].float()  # (rows, V)
+        thoughts = None
+        if any(thinking):
+            # Every row thinks (one batch on one cache); rows whose requests do not think keep their base
+            # logits, and think greedily so that their samplers' draws stay their own text's.
+            def pick(rows_logits: torch.Tensor) -> torch.Tensor:
+                picked = []
+                for running, row, thinks in zip(self.running, rows_logits.split(1), thinking, strict=True):
+                    picked.append(running.pick_thought(row) if thinks else row.argmax(-1))
+                return torch.cat(picked)
+
+            mixed, thoughts = think(self.model, self.cache, out.hidden[:, -1], pick)
+            use = torch.tensor(thinking, device=logits.device).view(-1, 1)
+            logits = torch.where(use, mixed, logits)
+        events, finished = [], []
+        for row, running in enumerate(self.running):
+            token, logprob, finish = running.pick(logits[row : row + 1])
+            thought = thoughts[row].tolist() if thinking[row] else None
+            events.append(Event(running.request, token, logprob, finish, thought))
+            if finish is not None:
+                finished.append(row)
+        for row in reversed(finished):
+            self._remove(row)
+        return events
+
+    def _remove(self, row: int) -> None:
+        """Free a row: the last running request moves into it, in the cache and here alike."""
+        self.cache.remove(row)
+        last = self.running.pop()
+        if row < len(self.running):
+            self.running[row] = last

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..model import OrionLM
-from ..nn.attention import KVCache, RaggedCache
+from ..nn.cache import KVCache, RaggedCache
 from .sampling import GenerationConfig
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OrionError
+from .cache import GDNState, PositionStreams
 from .linear import Linear, Packed
 
 Mode = Literal["auto", "chunk", "recurrent"]
@@ -149,30 +149,6 @@ def _fla_kernels():
     except ImportError:
         return None
     return chunk, recurrent
-
-
-@dataclass
-class GDNState:
-    """The decode cache of one GatedDeltaNet layer (one per loop of a looped block): enough to continue
-    a sequence at O(1) cost per token. `forward` replaces the tensors with the updated ones."""
-
-    conv: torch.Tensor | None  # (B, 2 key_dim + value_dim, kernel - 1) last q|k|v conv inputs; None without convs
-    recurrent: torch.Tensor  # (B, heads, d_k, d_v) float32
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (finished sequences leaving a batch)."""
-        self.conv = None if self.conv is None else self.conv[rows]
-        self.recurrent = self.recurrent[rows]
-
-
-class PositionStreams:
-    """A GDN state that lets every position of a (B, T) sequence go on as a sequence of its own (Quiet-STaR's
-    parallel thoughts). The first forward runs the sequence from its start and keeps the state after each
-    position; each later forward takes (B, T) tokens, one more per position, and continues each position's
-    stream. Tensors are replaced, never written into, so gradients flow through every step."""
-
-    def __init__(self) -> None:
-        self.streams: GDNState | None = None  # B * T rows: row b * T + t continues position t of row b
 
 
 class GatedRMSNorm(nn.Module):

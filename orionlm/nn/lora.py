@@ -1,12 +1,12 @@
-"""LoRA: low-rank adapters on linear layers and on the MoE expert stacks, saved and loaded as PEFT files.
+"""LoRA: low-rank adapters on linear layers and on the MoE expert stacks, named as PEFT names them.
 
 A wrapped layer computes base(x) + scaling * B(A(dropout(x))) with the base weight frozen, A (r, in)
 initialised as PEFT does (Kaiming-uniform) and B (out, r) at zero, so training starts from the base model;
 scaling is alpha / r, or alpha / sqrt(r) with rsLoRA. The wrapped layer keeps its `weight` and `bias`
 under their own names, so the model's state dict (and its checkpoints) keep the base names and only gain
 `<module>.lora_A.weight` / `<module>.lora_B.weight`, which are PEFT's names after its
-`base_model.model.` prefix: an adapter written here loads in `peft` on the Hugging Face export of the
-same base model, and one written by `peft` loads here.
+`base_model.model.` prefix (convert.peft reads and writes the adapter files): an adapter written here loads in
+`peft` on the Hugging Face export of the same base model, and one written by `peft` loads here.
 
 The expert stacks (E, out, in) are parameters, not layers: LoRAConfig.target_parameters names them, as
 PEFT's does. Each adapted stack gets A (r*E, in) and B (out, r*E) in PEFT's layout, expert e's delta being
@@ -16,30 +16,27 @@ order, so with both stacks adapted gate_up_proj's factors are `experts.base_laye
 `experts.lora_A/B`; the modules here are nested the same way, so the names match.
 
 The MoE router (target module "gate") is a LoRALinear whose term MoE.route adds to its float32 logits.
-Hugging Face's routers are not nn.Linear, so the PEFT file names it as the parameter "mlp.gate.weight".
+
+This module knows the full-precision layers only. Which wrapper adapts a layer is looked up by the layer's
+class in LINEAR_WRAPPERS and EXPERT_WRAPPERS, which other packages extend with their own layers (quant.lora:
+the GPTQ ones): the core knows no backend, as in peft, whose GPTQ layer imports its LoRA layer and never the
+reverse.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import OrionError
-from ..quant.pack import STACKS, QuantExperts, QuantLinear
 from .linear import Linear
-from .moe import Experts, MoE, grouped_linear, swiglu_expert
-
-PEFT_PREFIX = "base_model.model."
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+from .moe import STACKS, Experts, MoE, grouped_linear, swiglu_expert
 
 
 @dataclass
@@ -90,8 +87,8 @@ def _add_factors(module: nn.Module, in_features: int, out_features: int, rank: i
     nn.init.zeros_(module.lora_B.weight)
 
 
-class _LowRank:
-    """What LoRALinear and LoRAQuantLinear add to their layer's forward: scaling * B A dropout(x)."""
+class LowRank:
+    """What LoRALinear (and quant.lora.LoRAQuantLinear) add to their layer's forward: scaling * B A dropout(x)."""
 
     def _add_adapter(self, config: LoRAConfig, like: torch.Tensor) -> None:
         _add_factors(self, self.in_features, self.out_features, config.r, like)
@@ -107,7 +104,7 @@ class _LowRank:
         return super().forward(x) + self.adapter(x)
 
 
-class LoRALinear(_LowRank, Linear):
+class LoRALinear(LowRank, Linear):
     """A Linear whose frozen weight is adapted by a trainable low-rank product."""
 
     def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
@@ -127,41 +124,12 @@ class LoRALinear(_LowRank, Linear):
         return layer
 
 
-def _float_like(layer: QuantLinear) -> torch.Tensor:
-    """What a quantized layer's adapter is created like: float32 on its device (its own tensors are integer codes
-    and float16 scales)."""
-    return layer.qweight.new_empty(0, dtype=torch.float32)
-
-
-def _cannot_merge(module: nn.Module) -> OrionError:
-    return OrionError(
-        f"cannot merge a LoRA adapter into the GPTQ {type(module).__name__.removeprefix('LoRA')} layers of a quantized "
-        "model (that would need quantizing again): merge it into the full-precision model that was quantized "
-        "(orionlm merge-lora --base FP_MODEL --adapter DIR), or run it unmerged (load the adapter directory)"
-    )
-
-
-class LoRAQuantLinear(_LowRank, QuantLinear):
-    """A GPTQ layer (its weight is integer codes, frozen by nature) adapted by a trainable low-rank product in
-    floating point: QLoRA's recipe with GPTQ's codes. The codes keep their names, so the model's state dict only
-    gains the factors, as with LoRALinear."""
-
-    def __init__(self, base: QuantLinear, config: LoRAConfig) -> None:
-        super().__init__(base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
-                         base.checkpoint_format, base.keep_dequantized, device="meta")  # fmt: skip
-        for name, tensor in base.named_buffers(recurse=False):
-            setattr(self, name, tensor)  # the same codes, not copies
-        self._add_adapter(config, _float_like(base))
-
-    def merged(self) -> QuantLinear:
-        raise _cannot_merge(self)
-
-
-class _ExpertLowRank:
-    """What LoRAExperts and LoRAQuantExperts add to their expert stacks `names` (of gate_up_proj, down_proj):
-    per-expert low-rank products. The grouped path (training, prefill) adds scaling * (x A_e^T) B_e^T to each
-    expert's product, never forming a delta matrix: two thin grouped products, r (in + out) / (in * out) of the
-    base's flops. weights() (single-token decoding: the k chosen experts; the reference path) builds stack + delta."""
+class ExpertLowRank:
+    """What LoRAExperts (and quant.lora.LoRAQuantExperts) add to their expert stacks `names` (of gate_up_proj,
+    down_proj): per-expert low-rank products. The grouped path (training, prefill) adds scaling * (x A_e^T) B_e^T
+    to each expert's product, never forming a delta matrix: two thin grouped products, r (in + out) / (in * out)
+    of the base's flops. weights() (single-token decoding: the k chosen experts; the reference path) builds
+    stack + delta."""
 
     def _add_adapters(
         self, config: LoRAConfig, names: list[str], shapes: dict[str, tuple[int, int]], like: torch.Tensor
@@ -208,8 +176,8 @@ class _ExpertLowRank:
         return swiglu_expert(x, gate_up_proj, down_proj)
 
 
-class LoRAExperts(_ExpertLowRank, Experts):
-    """Experts whose frozen stacks are adapted by per-expert low-rank products (see _ExpertLowRank)."""
+class LoRAExperts(ExpertLowRank, Experts):
+    """Experts whose frozen stacks are adapted by per-expert low-rank products (see ExpertLowRank)."""
 
     def __init__(self, base: Experts, config: LoRAConfig, names: list[str]) -> None:
         num_experts, two_intermediate, hidden = base.gate_up_proj.shape
@@ -234,41 +202,43 @@ class LoRAExperts(_ExpertLowRank, Experts):
         return experts
 
 
-class LoRAQuantExperts(_ExpertLowRank, QuantExperts):
-    """GPTQ experts (one QuantLinear per expert and stack) adapted as LoRAExperts adapts a stack, in the same
-    PEFT layout: an adapter trained on the quantized experts loads on the full-precision ones and back."""
-
-    def __init__(self, base: QuantExperts, config: LoRAConfig, names: list[str]) -> None:
-        super().__init__(list(base.gate_up_proj), list(base.down_proj))  # the same layers, not copies
-        self.num_experts = len(base.down_proj)
-        shapes = {name: (getattr(self, name)[0].out_features, getattr(self, name)[0].in_features) for name in STACKS}
-        self._add_adapters(config, names, shapes, _float_like(base.down_proj[0]))
-
-    def merged(self) -> QuantExperts:
-        raise _cannot_merge(self)
+ADAPTED = (LowRank, ExpertLowRank)
+# The wrapper class of each kind of layer, by the layer's class: a linear layer's is built as wrapper(layer,
+# config), an expert-stack module's as wrapper(experts, config, names of the adapted stacks). Other packages add
+# their layers here (quant.lora: QuantLinear and QuantExperts).
+LINEAR_WRAPPERS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: LoRALinear}
+EXPERT_WRAPPERS: dict[type[nn.Module], type[nn.Module]] = {Experts: LoRAExperts}
 
 
-ADAPTED = (_LowRank, _ExpertLowRank)
+def is_linear(module: nn.Module) -> bool:
+    """Whether LoRA adapts the module as a linear layer (its class, or a base of it, has a wrapper)."""
+    return isinstance(module, tuple(LINEAR_WRAPPERS))
 
 
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+def is_experts(module: nn.Module) -> bool:
+    """Whether LoRA adapts the module as an MoE layer's expert stacks."""
+    return isinstance(module, tuple(EXPERT_WRAPPERS))
 
 
-def _routers(model: nn.Module) -> set[str]:
+def _wrapper(wrappers: dict[type[nn.Module], type[nn.Module]], module: nn.Module) -> type[nn.Module]:
+    """The wrapper registered for the nearest class of the module's that has one."""
+    return next(wrappers[cls] for cls in type(module).__mro__ if cls in wrappers)
+
+
+def routers(model: nn.Module) -> set[str]:
     """Names of the MoE routers: Hugging Face's MoE models hold them as custom modules, not nn.Linear."""
     return {f"{name}.gate".lstrip(".") for name, module in model.named_modules() if isinstance(module, MoE)}
 
 
-def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
-    """Every module but the adapters' own, with the names of its parameters, in model order; GPTQ experts with
-    their stacks' names, their per-expert layers left out (they are parts of the stacks)."""
+def layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
+    """Every module but the adapters' own, with the names of its parameters, in model order; expert-stack
+    modules with their stacks' names and without their submodules (GPTQ experts' per-expert layers are parts of
+    the stacks)."""
     stacked: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if ".lora_" in name or (stacked and name.startswith(stacked)):
             continue
-        if isinstance(module, QuantExperts):
+        if is_experts(module):
             stacked += (f"{name}.",)
             yield name, module, list(STACKS)
         else:
@@ -278,21 +248,22 @@ def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Wrap every matching linear layer (target_modules, or its weight in target_parameters) and expert stack
     (target_parameters) and freeze everything else; returns the wrapped layer names and expert stack names.
-    GPTQ layers and experts (quant.pack) are adapted in the same way, their codes frozen: QLoRA."""
+    Layers of other packages are adapted by the wrappers they register (quant.lora: GPTQ layers and experts,
+    their codes frozen: QLoRA)."""
     linears, experts, parameters = [], {}, []
-    for name, module, params in _layers(model):
+    for name, module, params in layers(model):
         if isinstance(module, ADAPTED):
             continue
-        is_linear = isinstance(module, (nn.Linear, QuantLinear))
-        if is_linear and config.matches(name):
+        linear = is_linear(module)
+        if linear and config.matches(name):
             linears.append(name)
         for param in params:
             if not config.matches_parameter(f"{name}.{param}"):
                 continue
             parameters.append(f"{name}.{param}")
-            if isinstance(module, (Experts, QuantExperts)):
+            if is_experts(module):
                 experts.setdefault(name, []).append(param)
-            elif is_linear and param == "weight":
+            elif linear and param == "weight":
                 if name not in linears:
                     linears.append(name)
             else:
@@ -310,7 +281,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             "LoRA cannot adapt lm_head: the training loss multiplies by lm_head.weight directly (fused "
             "cross-entropy), which would skip the adapter"
         )
-    if config.dropout and set(linears) & _routers(model):
+    if config.dropout and set(linears) & routers(model):
         raise OrionError(
             f"LoRA dropout ({config.dropout}) cannot be used on the MoE router (gate): PEFT adapts the Hugging Face "
             "router's weight as a parameter, which refuses dropout, so the adapter would not load there"
@@ -319,7 +290,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         p.requires_grad_(False)
     for name in linears:
         layer = model.get_submodule(name)
-        _replace(model, name, (LoRAQuantLinear if isinstance(layer, QuantLinear) else LoRALinear)(layer, config))
+        model.set_submodule(name, _wrapper(LINEAR_WRAPPERS, layer)(layer, config))
         # use_decode_layout may have packed this layer with its siblings into one matrix whose product skips
         # the adapter; drop the pack (use_decode_layout leaves modules with adapters unpacked)
         parent = model.get_submodule(name.rpartition(".")[0])
@@ -327,8 +298,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             parent.packed = None
     for name, params in experts.items():
         stacks = model.get_submodule(name)
-        wrapper = LoRAQuantExperts if isinstance(stacks, QuantExperts) else LoRAExperts
-        _replace(model, name, wrapper(stacks, config, params))
+        model.set_submodule(name, _wrapper(EXPERT_WRAPPERS, stacks)(stacks, config, params))
     model.lora_config = config
     return linears + [f"{name}.{param}" for name, params in experts.items() for param in params]
 
@@ -337,91 +307,5 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, in place: the model is a plain model again."""
     for name, module in list(model.named_modules()):
         if isinstance(module, ADAPTED):
-            _replace(model, name, module.merged())
+            model.set_submodule(name, module.merged())
     model.__dict__.pop("lora_config", None)
-
-
-def _peft_suffix(name: str) -> str:
-    """The name after its layer index ("model.layers.3.mlp.experts" -> "mlp.experts"): a target that PEFT
-    matches in every layer and nowhere else."""
-    return re.split(r"\.\d+\.", name)[-1]
-
-
-def _peft_targets(entries: list[tuple[str, str, bool]]) -> list[str]:
-    """The short name where every entry with that short name is adapted, else the adapted ones' full names
-    (a regex picked some layers): PEFT matches either as a suffix, and so does LoRAConfig."""
-    groups: dict[str, tuple[list[str], list[str]]] = {}
-    for short, full, adapted in entries:
-        groups.setdefault(short, ([], []))[not adapted].append(full)
-    return [t for short, (adapted, other) in groups.items() for t in ([short] if adapted and not other else adapted)]
-
-
-def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") -> Path:
-    """A new directory holding the adapter as PEFT writes it (see write_adapter), written atomically."""
-    from ..checkpoint import atomic_directory
-
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        write_adapter(model, tmp, base_model)
-    return directory
-
-
-def write_adapter(model: nn.Module, directory: Path, base_model: str = "") -> None:
-    """adapter_config.json and adapter_model.safetensors, as PEFT writes them, into an existing directory."""
-    config: LoRAConfig = model.lora_config
-    tensors = {f"{PEFT_PREFIX}{name}": p.detach().to("cpu").contiguous()
-               for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}  # fmt: skip
-    routers = _routers(model)
-    layers, stacks = [], []  # (PEFT's short target, full name, adapted) in model order
-    for name, module, params in _layers(model):
-        adapted = isinstance(module, ADAPTED)
-        if name in routers:  # PEFT adapts the Hugging Face router's weight as a parameter
-            stacks.append((f"{_peft_suffix(name)}.weight", f"{name}.weight", adapted))
-        elif isinstance(module, (nn.Linear, QuantLinear)):
-            layers.append((name.rsplit(".", 1)[-1], name, adapted))
-        elif isinstance(module, (Experts, QuantExperts)):
-            for param in params:  # in the order PEFT nests them
-                stacks.append((f"{_peft_suffix(name)}.{param}", f"{name}.{param}", adapted and param in module.factors))
-    modules, parameters = _peft_targets(layers), _peft_targets(stacks)
-    peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model), "r": config.r,
-        "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora, "bias": "none",
-        "target_modules": modules or None, "target_parameters": parameters or None, "fan_in_fan_out": False,
-        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
-    }  # fmt: skip
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
-    """Wrap the model's layers as the adapter says and load its weights (written here or by PEFT)."""
-    directory = Path(directory)
-    try:
-        data = json.loads((directory / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(directory / ADAPTER_WEIGHTS))
-    except (OSError, json.JSONDecodeError) as e:
-        raise OrionError(f"{directory} is not a LoRA adapter directory: {e}") from None
-    if data.get("peft_type") != "LORA":
-        raise OrionError(f"{directory}: peft_type {data.get('peft_type')!r}; only LORA adapters load")
-    if data.get("bias", "none") != "none" or data.get("modules_to_save"):
-        raise OrionError(f"{directory}: adapters with trained biases or modules_to_save are not supported")
-    if data.get("rank_pattern") or data.get("alpha_pattern") or data.get("use_dora"):
-        raise OrionError(f"{directory}: adapters with per-layer ranks or alphas, or DoRA, are not supported")
-    targets, parameters = data.get("target_modules") or [], data.get("target_parameters") or []
-    config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)),
-                        target_modules=[targets] if isinstance(targets, str) else list(targets),
-                        target_parameters=list(parameters), rslora=bool(data.get("use_rslora", False)))  # fmt: skip
-    apply_lora(model, config)
-    # PEFT names the weights <module>.lora_A.weight (older files: .lora_A.default.weight)
-    state = {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): t for name, t in tensors.items()}
-    expected = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise OrionError(f"{directory}: adapter weights do not fit the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")  # fmt: skip
-    with torch.no_grad():
-        for name, p in expected.items():
-            if state[name].shape != p.shape:
-                raise OrionError(f"{directory}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
-            p.copy_(state[name])
-    return config

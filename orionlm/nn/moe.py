@@ -11,11 +11,13 @@ from ..config import ModelConfig
 from .linear import SMALL_BATCH, Linear, linear
 from .mlp import MLP
 
+STACKS = ("gate_up_proj", "down_proj")  # an MoE layer's expert stacks, in parameter order
+
 
 class Experts(nn.Module):
     """All experts' weights stacked: gate_up_proj (E, 2I, C) holds [gate; up], down_proj (E, C, I)."""
 
-    stacked = True  # weights(experts) is a view (quant.pack.QuantExperts: a dequantized copy)
+    stacked = True  # weights(experts) is a view (quant.linear.QuantExperts: a dequantized copy)
 
     def __init__(
         self, num_experts: int, hidden: int, intermediate: int, device: torch.device | str | None = None

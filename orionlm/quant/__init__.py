@@ -1,15 +1,21 @@
-"""Weight quantization: GPTQ and round-to-nearest, the GPTQ checkpoint format, and whole-model quantization."""
+"""Weight quantization: GPTQ and round-to-nearest, the GPTQ checkpoint format, its layers, and whole-model
+quantization. Importing the package registers the GPTQ layers' LoRA wrappers (quant.lora) with nn.lora."""
 
 from .gptq import BITS, Hessian, QuantConfig, QuantError, QuantResult, find_params, gptq, quantize, rtn
+from .linear import QuantExperts, QuantLinear
+from .lora import LoRAQuantExperts, LoRAQuantLinear
 from .model import LayerReport, calibration_samples, quantize_model, save_quantized
-from .pack import QuantLinear, dequantize, pack_gptq, unpack_gptq
+from .pack import dequantize, pack_gptq, unpack_gptq
 
 __all__ = [
     "BITS",
     "Hessian",
     "LayerReport",
+    "LoRAQuantExperts",
+    "LoRAQuantLinear",
     "QuantConfig",
     "QuantError",
+    "QuantExperts",
     "QuantLinear",
     "QuantResult",
     "calibration_samples",

@@ -34,10 +34,11 @@ from ..checkpoint import save_checkpoint
 from ..chimera import ChimeraDecoder
 from ..data.sources import SourceConfig, iter_documents
 from ..model import OrionLM
-from ..nn.moe import Experts
+from ..nn.moe import STACKS, Experts
 from ..tokenizer import Tokenizer
 from .gptq import Hessian, QuantConfig, QuantError, QuantResult, gptq, rtn
-from .pack import STACKS, QuantExperts, QuantLinear, gptq_config
+from .linear import QuantExperts, QuantLinear
+from .pack import gptq_config
 
 METHODS = ("gptq", "rtn")
 KEPT = ("gate", "shared_expert_gate")  # MoE routers: a few numbers per token decide everything after them
@@ -69,11 +70,6 @@ class LayerReport:
     name: str
     method: str
     error: float | None  # mean over calibration tokens of ||(W - Q) x||^2 (GPTQ); None for RTN
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _block_step(block: nn.Module, states: list[torch.Tensor], contexts: list[tuple]) -> list[torch.Tensor]:
@@ -148,7 +144,7 @@ def quantize_model(
         for name, linear in list(model.model.named_modules()):
             if _candidate(name, linear) and _fits(linear.in_features, linear.out_features, config.bits):
                 quantized = _quantized(linear, rtn(linear.weight, config), config, checkpoint_format)
-                _replace(model.model, name, quantized)
+                model.model.set_submodule(name, quantized)
                 reports.append(LayerReport(f"model.{name}", "rtn", None))
                 log(reports[-1])
         for name, experts in _fitting_experts(model.model, config.bits):
@@ -207,7 +203,7 @@ def quantize_model(
                     result, used = rtn(linear.weight, config), "rtn (no calibration input)"
                 else:
                     result, used = gptq(linear.weight, hessians[name].matrix, config), "gptq"
-                _replace(block, name, _quantized(linear, result, config, checkpoint_format))
+                block.set_submodule(name, _quantized(linear, result, config, checkpoint_format))
                 report = LayerReport(full, used, result.loss)
                 reports.append(report)
                 log(report)
@@ -255,11 +251,11 @@ def _quantize_experts(
         stacked = getattr(experts, stack)
         hessians = [Hessian(stacked.shape[2], device=stacked.device) for _ in range(stacked.shape[0])]
         if run is not None:
-            _replace(block, name, _Recorder(experts, stack, hessians))
+            block.set_submodule(name, _Recorder(experts, stack, hessians))
             try:
                 run()
             finally:
-                _replace(block, name, experts)
+                block.set_submodule(name, experts)
         layers = []
         for e, hessian in enumerate(hessians):
             if run is None:
@@ -274,7 +270,7 @@ def _quantize_experts(
             reports.append(LayerReport(f"{name}.{stack}.{e}", used, result.loss))
         stacked.copy_(torch.stack([layer.dequantize(stacked.dtype) for layer in layers]))  # what the next stack sees
         quantized[stack] = layers
-    _replace(block, name, QuantExperts(quantized["gate_up_proj"], quantized["down_proj"]))
+    block.set_submodule(name, QuantExperts(quantized["gate_up_proj"], quantized["down_proj"]))
     return reports
 
 

@@ -1,5 +1,5 @@
-"""The GPTQ checkpoint format of AutoGPTQ / GPTQModel (what transformers, vLLM and the GPTQ kernels load), and
-QuantLinear, the layer that holds it.
+"""The GPTQ checkpoint format of AutoGPTQ / GPTQModel (what transformers, vLLM and the GPTQ kernels load): packing
+and unpacking its bits, dequantizing, and its quantize_config.json. The layers that hold it are in quant.linear.
 
 A quantized linear layer with K inputs, N outputs, b bits and G groups is stored as
 
@@ -23,35 +23,28 @@ refuses it rather than write a corrupt file.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import OrionError
 from .gptq import BITS
 
 FORMATS = ("gptq", "gptq_v2")
 WORD = 32
-# On CPU, QuantLinear dequantizes a weight larger than this many elements one block of input rows at a time:
-# a block stays in cache and in memory the allocator reuses, where a whole fresh float weight costs page faults.
-DEQUANT_BLOCK = 2**20
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
     if bits not in BITS:
         raise OrionError(f"GPTQ bits must be one of {BITS}; got {bits!r}")
 
 
-def _check_format(checkpoint_format: str) -> None:
+def check_format(checkpoint_format: str) -> None:
     if checkpoint_format not in FORMATS:
         raise OrionError(f"GPTQ checkpoint_format must be one of {FORMATS}; got {checkpoint_format!r}")
 
 
-def _run(bits: int) -> tuple[int, list[tuple[int, int]]]:
+def bit_run(bits: int) -> tuple[int, list[tuple[int, int]]]:
     """The shortest run of values that fills whole words (32/b values, or 32 for b = 3), and each value's
     (word in the run, bit shift in that word)."""
     length = WORD // math.gcd(bits, WORD)
@@ -77,13 +70,13 @@ def default_g_idx(in_features: int, group_size: int, device: torch.device | str 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """(L, M) integers in [0, 2**bits) -> (L*bits/32, M) int32, packing each column (module docstring)."""
-    _check_bits(bits)
+    check_bits(bits)
     L, M = values.shape
     if L * bits % WORD:
         raise OrionError(
             f"cannot pack {L} values of {bits} bits into 32-bit words: {L} * {bits} is not a multiple of 32"
         )
-    length, slots = _run(bits)
+    length, slots = bit_run(bits)
     values = values.to(torch.int64).reshape(L // length, length, M)
     words = torch.zeros(L // length, length * bits // WORD, M, dtype=torch.int64, device=values.device)
     for i, (word, shift) in enumerate(slots):
@@ -96,9 +89,9 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """The inverse of pack_rows: (R, M) int32 -> (R*32/bits, M) values in [0, 2**bits), as `dtype`."""
-    _check_bits(bits)
+    check_bits(bits)
     R, M = packed.shape
-    length, slots = _run(bits)
+    length, slots = bit_run(bits)
     words_per_run = length * bits // WORD
     if R % words_per_run:
         raise OrionError(f"{bits}-bit values are packed in runs of {words_per_run} words; got {R} rows")
@@ -126,8 +119,8 @@ def pack_gptq(
 
     q (N, K) integers in [0, 2**bits) in the layer's own column order; scale (N, G) float, stored as float16;
     zero (N, G) integers in [0, 2**bits), >= 1 for checkpoint_format "gptq"; g_idx (K,) the group of each column."""
-    _check_bits(bits)
-    _check_format(checkpoint_format)
+    check_bits(bits)
+    check_format(checkpoint_format)
     maxq = 2**bits - 1
     if q.dim() != 2:
         raise OrionError(f"q must be (out_features, in_features); got shape {tuple(q.shape)}")
@@ -163,7 +156,7 @@ def pack_gptq(
 def unpack_zeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """qzeros (G, N*b/32) -> the zero points (G, N) int32. v1 adds the 1 back without wrapping, as every reader
     does."""
-    _check_format(checkpoint_format)
+    check_format(checkpoint_format)
     return unpack_rows(qzeros.t(), bits).t() + (1 if checkpoint_format == "gptq" else 0)
 
 
@@ -176,7 +169,7 @@ def unpack_gptq(
     return q, tensors["scales"].t(), zero, tensors["g_idx"].to(torch.int32)
 
 
-def _dequantize_rows(
+def dequantize_rows(
     qweight: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor, bits: int
 ) -> torch.Tensor:
     """Weight rows (k, N) in float32 from the packed rows holding k inputs, zero and scale (G, N) in float32 and
@@ -191,7 +184,7 @@ def dequantize(
     """The weight (N, K) the GPTQ tensors stand for, scale[g_idx] * (q - zero[g_idx]), computed in float32 and
     returned as `dtype`."""
     zero = unpack_zeros(tensors["qzeros"], bits, checkpoint_format).float()
-    weight = _dequantize_rows(tensors["qweight"], zero, tensors["scales"].float(), tensors["g_idx"], bits)
+    weight = dequantize_rows(tensors["qweight"], zero, tensors["scales"].float(), tensors["g_idx"], bits)
     return weight.t().to(dtype)
 
 
@@ -209,8 +202,8 @@ def gptq_config(
 ) -> dict[str, Any]:
     """The quantize_config.json of a GPTQ checkpoint, which config.json also carries as "quantization_config"
     (where transformers reads it). transformers 5 names the format "format"; both keys are written."""
-    _check_bits(bits)
-    _check_format(checkpoint_format)
+    check_bits(bits)
+    check_format(checkpoint_format)
     _check_group_size(group_size)
     config = {
         "bits": bits,
@@ -237,233 +230,5 @@ def checkpoint_format_of(config: dict[str, Any]) -> str:
     if config.get("quant_method", "gptq") != "gptq":
         raise OrionError(f"not a GPTQ quantization config: quant_method is {config['quant_method']!r}")
     checkpoint_format = config.get("checkpoint_format", config.get("format", "gptq"))
-    _check_format(checkpoint_format)
+    check_format(checkpoint_format)
     return checkpoint_format
-
-
-class QuantLinear(nn.Module):
-    """A linear layer stored in the GPTQ format: its state dict is the checkpoint's tensors (qweight, qzeros,
-    scales, g_idx and bias, shapes and dtypes as in the module docstring).
-
-    forward(x) returns F.linear(x, W, bias) in x's dtype, W the dequantized weight, through the first of:
-    - keep_dequantized=True: W is built once per dtype and device and kept (the speed and the memory of an
-      unquantized layer);
-    - on CPU, a bfloat16 x that needs no gradient and 2, 3 or 4 bits (group size 32-256, out_features a
-      multiple of 16; act-order works by permuting x): torch's int4 matrix kernel on the codes repacked as 4-bit
-      values (a 2- or 3-bit code is a 4-bit one that leaves the top values unused), with scales and zeros
-      rounded to bfloat16;
-    - otherwise W is rebuilt on every call; on CPU a large W is built and multiplied a block of input rows at a
-      time, in float32.
-    The int4 layout and the kept W are derived caches, not state: they are rebuilt when the buffers are replaced
-    (load_state_dict, .to()).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int = 128,
-        bias: bool = False,
-        checkpoint_format: str = "gptq",
-        keep_dequantized: bool = False,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        _check_bits(bits)
-        _check_format(checkpoint_format)
-        groups = n_groups(in_features, group_size)
-        for name, features in (("in_features", in_features), ("out_features", out_features)):
-            if features * bits % WORD:
-                raise OrionError(
-                    f"a {bits}-bit GPTQ layer needs {name} * {bits} to be a multiple of 32; got {features}"
-                )
-        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.checkpoint_format, self.keep_dequantized = checkpoint_format, keep_dequantized
-        self.register_buffer(
-            "qweight", torch.zeros(in_features * bits // WORD, out_features, dtype=torch.int32, device=device)
-        )
-        self.register_buffer(
-            "qzeros", torch.zeros(groups, out_features * bits // WORD, dtype=torch.int32, device=device)
-        )
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
-        self.register_buffer("g_idx", default_g_idx(in_features, group_size, device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
-        self._cache: tuple[tuple, Any] | None = None
-
-    @classmethod
-    def from_codes(
-        cls,
-        q: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
-        g_idx: torch.Tensor,
-        bits: int,
-        group_size: int,
-        bias: torch.Tensor | None = None,
-        checkpoint_format: str = "gptq",
-    ) -> QuantLinear:
-        """The quantized layer of GPTQ's integers q (out, in) and their group parameters, on q's device."""
-        out_features, in_features = q.shape
-        layer = cls(in_features, out_features, bits, group_size, bias is not None, checkpoint_format, device=q.device)
-        if scale.shape[1] != layer.scales.shape[0]:
-            raise OrionError(
-                f"group_size {group_size} gives {layer.scales.shape[0]} groups for {in_features} inputs; "
-                f"scale has {scale.shape[1]}"
-            )
-        tensors = pack_gptq(q, scale, zero, g_idx, bits, checkpoint_format)
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                getattr(layer, name).copy_(tensor)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}, checkpoint_format={self.checkpoint_format}"
-        )
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight (out_features, in_features) as `dtype` (computed in float32)."""
-        return self._weight_rows(0, self.in_features, *self._group_params()).t().to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.keep_dequantized:
-            return F.linear(x, self._cached("dense", x.dtype, lambda: self.dequantize(x.dtype)), bias)
-        # the int4 kernel has no backward: a bf16 input that needs a gradient (adapter training) takes the
-        # dequantizing path
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (x.requires_grad and torch.is_grad_enabled()):
-            int4 = self._cached("int4", x.dtype, lambda: self._int4_layout(x.dtype))
-            if int4 is not None:
-                perm, group_size, weight, scales_and_zeros = int4
-                rows = x.reshape(-1, self.in_features)
-                rows = rows[:, perm] if perm is not None else rows.contiguous()
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
-                y = y.reshape(*x.shape[:-1], self.out_features)
-                return y if bias is None else y + bias
-        if x.device.type != "cpu" or self.in_features * self.out_features <= DEQUANT_BLOCK:
-            return F.linear(x, self.dequantize(x.dtype), bias)
-        return self._blockwise(x, bias)
-
-    def _in_order(self) -> bool:
-        """Whether the groups are runs of group_size consecutive inputs that tile in_features exactly, so a
-        block's scales and zeros broadcast over its rows instead of being gathered row by row."""
-        K, group_size = self.in_features, self.group_size
-        return (group_size == -1 or K % group_size == 0) and torch.equal(
-            self.g_idx, default_g_idx(K, group_size, self.g_idx.device)
-        )
-
-    def _group_params(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """zero and scale (G, N) in float32, and _in_order()."""
-        zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format).float()
-        return zero, self.scales.float(), self._in_order()
-
-    def _weight_rows(
-        self, start: int, stop: int, zero: torch.Tensor, scale: torch.Tensor, in_order: bool
-    ) -> torch.Tensor:
-        """Rows start:stop of the weight's transpose, (stop - start, N) in float32; with in_order the rows must
-        cover whole groups."""
-        qweight = self.qweight[start * self.bits // WORD : stop * self.bits // WORD]
-        if not in_order:
-            return _dequantize_rows(qweight, zero, scale, self.g_idx[start:stop], self.bits)
-        weight = unpack_rows(qweight, self.bits, torch.float32)
-        first = 0 if self.group_size == -1 else start // self.group_size
-        groups = weight.view(-1, stop - start if self.group_size == -1 else self.group_size, self.out_features)
-        groups.sub_(zero[first : first + len(groups), None]).mul_(scale[first : first + len(groups), None])
-        return weight
-
-    def _blockwise(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """F.linear with W built and multiplied a block of input rows at a time, in float32."""
-        zero, scale, in_order = self._group_params()
-        unit, _ = _run(self.bits)  # blocks start on a word and, with in_order, on a group
-        if in_order and self.group_size != -1:
-            unit = math.lcm(unit, self.group_size)
-        block = max(unit, DEQUANT_BLOCK // self.out_features // unit * unit)
-        rows = x.reshape(-1, self.in_features).float()
-        y = rows.new_zeros(rows.shape[0], self.out_features)
-        for start in range(0, self.in_features, block):
-            stop = min(start + block, self.in_features)
-            y.addmm_(rows[:, start:stop], self._weight_rows(start, stop, zero, scale, in_order))
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if bias is None else y + bias
-
-    def _int4_layout(self, dtype: torch.dtype) -> tuple | None:
-        """What torch's CPU int4 kernel needs, or None where it cannot run this layer: (the permutation of the
-        inputs that makes the groups contiguous, or None, the group size, the weight in the kernel's layout, the
-        scales and zeros (G, N, 2) as `dtype`). The kernel computes (q - 8) * scale + offset, so the offset of
-        scale * (q - zero) is scale * (8 - zero)."""
-        K, N = self.in_features, self.out_features
-        group_size = K if self.group_size == -1 else self.group_size
-        if (
-            self.bits > 4
-            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-            or group_size not in INT4_GROUP_SIZES
-            or K % group_size
-            or N % 16
-        ):
-            return None
-        perm = torch.argsort(self.g_idx, stable=True)
-        if not torch.equal(self.g_idx[perm], default_g_idx(K, group_size)):
-            return None
-        if torch.equal(perm, torch.arange(K)):
-            perm = None
-        q = unpack_rows(self.qweight, self.bits)  # (K, N)
-        q = (q if perm is None else q[perm]).t().contiguous()
-        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        scale = self.scales.float()
-        zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
-        scales_and_zeros = torch.stack([scale, scale * (8 - zero)], dim=-1).to(dtype).contiguous()
-        return perm, group_size, weight, scales_and_zeros
-
-    def _cached(self, kind: str, dtype: torch.dtype, build: Callable[[], Any]) -> Any:
-        tensors = (self.qweight, self.qzeros, self.scales, self.g_idx)
-        key = (kind, dtype, self.qweight.device, *(t.data_ptr() for t in tensors))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, build())
-        return self._cache[1]
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache = None  # loading copies into the same storage, which the cache key would not notice
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
-        # The format stores float16 scales and bias: a model-wide .to(dtype) may move them but must not round them
-        # (float16 -> bfloat16 drops 3 bits of every scale).
-        kept = {name: getattr(self, name) for name in ("scales", "bias") if getattr(self, name) is not None}
-        super()._apply(fn, recurse)
-        for name, tensor in kept.items():
-            moved = getattr(self, name)
-            if moved.dtype != tensor.dtype:
-                setattr(self, name, tensor.to(moved.device))
-        return self
-
-
-class QuantExperts(nn.Module):
-    """An MoE layer's expert stacks in GPTQ form: gate_up_proj and down_proj are lists of QuantLinear, one per
-    expert (state dict names experts.gate_up_proj.{e}.qweight, ...). It answers the MoE paths as
-    nn.moe.Experts does: grouped() runs each expert's rows through its own layer; weights() and expert()
-    dequantize the experts they are asked for."""
-
-    stacked = False  # single-token decoding runs expert() per chosen expert, not weights() (see nn.moe.MoE)
-
-    def __init__(self, gate_up_proj: list[QuantLinear], down_proj: list[QuantLinear]) -> None:
-        super().__init__()
-        self.gate_up_proj, self.down_proj = nn.ModuleList(gate_up_proj), nn.ModuleList(down_proj)
-
-    def grouped(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        parts = zip(getattr(self, name), x.split(counts.tolist()), strict=True)
-        return torch.cat([layer(part) if len(part) else part.new_zeros(0, layer.out_features) for layer, part in parts])
-
-    def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen = range(len(self.down_proj))[experts or slice(None)]
-        return tuple(torch.stack([getattr(self, name)[e].dequantize() for e in chosen]) for name in STACKS)
-
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)
-        return self.down_proj[e](F.silu(gate) * up)
-
-
-STACKS = ("gate_up_proj", "down_proj")

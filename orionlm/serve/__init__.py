@@ -57,7 +57,7 @@ def serve(
         raise OrionError(
             f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'orionlm[serve]'"
         ) from None
-    from ..generation.batching import Engine
+    from ..generation.engine import Engine
     from ..loading import load_model
 
     lm, tokenizer, _ = load_model(model, device=device)

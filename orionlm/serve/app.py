@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import OrionError
-from ..generation.batching import Engine, Event, TokenLogprob
-from ..generation.batching import Request as EngineRequest
-from ..generation.engine import TextStream
+from ..generation.engine import Engine, Event, TokenLogprob
+from ..generation.engine import Request as EngineRequest
 from ..generation.sampling import GenerationConfig
+from ..generation.text import TextStream
 from ..tokenizer import Tokenizer
 from .protocol import (
     ChatCompletionRequest,

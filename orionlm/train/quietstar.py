@@ -31,7 +31,7 @@ from torch import nn
 from ..data.chat import IGNORE
 from ..errors import OrionError
 from ..model import ModelOutput, OrionLM
-from ..nn.gdn import PositionStreams
+from ..nn.cache import PositionStreams
 from ..tokenizer import Tokenizer
 
 START_THOUGHT, END_THOUGHT = "<|startthought|>", "<|endthought|>"

@@ -27,16 +27,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import atomic_directory, read_safetensors, save_checkpoint
 from ..config import ModelConfig
+from ..convert.peft import load_adapter, write_adapter
 from ..data import build_dataset, iter_documents
 from ..data.chat import IGNORE
 from ..data.sft import build_chat_dataset
 from ..errors import OrionError
 from ..loading import STATE_JSON, find_checkpoints, load_model, resolve_model_path
 from ..model import OrionLM, count_parameters, virtual_parameters
-from ..nn.lora import apply_lora, load_adapter, write_adapter
+from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
 from .optim import build_optimizer
 from .quietstar import QuietStar, add_thought_tokens

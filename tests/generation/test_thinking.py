@@ -4,9 +4,9 @@ thought from scratch, the zero mixing head against the base model, and think=Fal
 import pytest
 import torch
 
-from orionlm.generation.batching import Engine, Request
-from orionlm.generation.engine import generate_ids
+from orionlm.generation.engine import Engine, Request
 from orionlm.generation.sampling import GenerationConfig, GenerationError
+from orionlm.generation.text import generate_ids
 from orionlm.model import OrionLM
 
 START, END = 60, 61  # conftest's thinking_model

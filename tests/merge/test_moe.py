@@ -255,7 +255,8 @@ def test_matches_mergekit_moe(sources, tmp_path):
 
 def test_a_lora_adapter_source_is_folded_in(sources, tmp_path):
     """An expert given as a LoRA adapter directory (on the base) lends its merged MLPs, not the base's."""
-    from orionlm.nn.lora import LoRAConfig, apply_lora, merge_lora, write_adapter
+    from orionlm.convert.peft import write_adapter
+    from orionlm.nn.lora import LoRAConfig, apply_lora, merge_lora
 
     model, _, _ = load_model(sources["base"], device="cpu")
     apply_lora(model, LoRAConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))

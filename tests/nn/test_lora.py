@@ -9,19 +9,12 @@ from transformers import AutoModelForCausalLM
 
 from orionlm.config import preset
 from orionlm.convert.hf import save_hf
+from orionlm.convert.peft import load_adapter, save_adapter
 from orionlm.errors import OrionError
 from orionlm.generation import generate_ids
 from orionlm.model import OrionLM
 from orionlm.nn.linear import use_decode_layout
-from orionlm.nn.lora import (
-    LoRAConfig,
-    LoRAExperts,
-    LoRALinear,
-    apply_lora,
-    load_adapter,
-    merge_lora,
-    save_adapter,
-)
+from orionlm.nn.lora import LoRAConfig, LoRAExperts, LoRALinear, apply_lora, merge_lora
 from orionlm.nn.moe import MoE
 from orionlm.tokenizer import Tokenizer
 

@@ -14,8 +14,8 @@ from orionlm.generation import generate_ids
 from orionlm.loading import load_model
 from orionlm.model import OrionLM
 from orionlm.quant.gptq import QuantConfig, QuantError
+from orionlm.quant.linear import QuantExperts, QuantLinear
 from orionlm.quant.model import MIN_EXPERT_TOKENS, calibration_samples, quantize_model, save_quantized
-from orionlm.quant.pack import QuantExperts, QuantLinear
 from orionlm.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()

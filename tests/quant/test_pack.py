@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from orionlm.errors import OrionError
-from orionlm.quant import pack
+from orionlm.quant.linear import QuantLinear
 from orionlm.quant.pack import (
-    QuantLinear,
     checkpoint_format_of,
     default_g_idx,
     dequantize,
@@ -208,7 +207,7 @@ def test_forward_equals_f_linear_on_the_dequantized_weight(bits, group_size, act
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (64, True), (48, False)])
 def test_blockwise_cpu_path_equals_f_linear(monkeypatch, bits, group_size, act_order):
-    monkeypatch.setattr(pack, "DEQUANT_BLOCK", 64 * 64)  # blocks of 64 inputs, several per layer
+    monkeypatch.setattr("orionlm.quant.linear.DEQUANT_BLOCK", 64 * 64)  # blocks of 64 inputs, several per layer
     module, weight, bias = layer(N=64, K=192, bits=bits, group_size=group_size, act_order=act_order)
     x = torch.randn(3, 192)
     torch.testing.assert_close(module(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)

@@ -8,23 +8,17 @@ import torch
 from torch import nn
 
 from orionlm.config import preset
+from orionlm.convert.peft import load_adapter, save_adapter
 from orionlm.errors import OrionError
 from orionlm.loading import load_model
 from orionlm.model import OrionLM
 from orionlm.nn.linear import Linear
-from orionlm.nn.lora import (
-    LoRAConfig,
-    LoRAQuantExperts,
-    LoRAQuantLinear,
-    apply_lora,
-    load_adapter,
-    merge_lora,
-    save_adapter,
-)
-from orionlm.nn.moe import Experts
+from orionlm.nn.lora import LoRAConfig, apply_lora, merge_lora
+from orionlm.nn.moe import STACKS, Experts
 from orionlm.quant.gptq import QuantConfig
+from orionlm.quant.linear import QuantExperts, QuantLinear
+from orionlm.quant.lora import LoRAQuantExperts, LoRAQuantLinear
 from orionlm.quant.model import quantize_model, save_quantized
-from orionlm.quant.pack import STACKS, QuantExperts, QuantLinear
 from orionlm.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()

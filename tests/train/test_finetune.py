@@ -12,9 +12,9 @@ import yaml
 from orionlm.__main__ import main
 from orionlm.checkpoint import save_checkpoint
 from orionlm.config import preset
+from orionlm.convert.peft import load_adapter
 from orionlm.loading import load_model
 from orionlm.model import OrionLM
-from orionlm.nn.lora import load_adapter
 from orionlm.tokenizer import Tokenizer
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import find_checkpoints, train

@@ -1,0 +1,111 @@
+"""PEFT's LoRA adapter files, read and written: adapter_config.json (peft_type "LORA", r, lora_alpha, the
+targets, ...) and adapter_model.safetensors, whose factors are named `base_model.model.<module>.lora_A.weight`
+(older files: `.lora_A.default.weight`). The adapted layers and their names are nn.lora's; this module maps
+them to the files and back.
+
+PEFT matches targets as name suffixes, so they are written as the layer's last name where every layer of that
+name is adapted, else as the adapted layers' full names. Hugging Face's MoE routers are not nn.Linear, so the
+file names an adapted router as the parameter "mlp.gate.weight" (target_parameters), as it names the expert
+stacks ("mlp.experts.gate_up_proj").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import atomic_directory
+from ..errors import OrionError
+from ..nn.lora import ADAPTED, LoRAConfig, apply_lora, is_experts, is_linear, layers, routers
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _peft_suffix(name: str) -> str:
+    """The name after its layer index ("model.layers.3.mlp.experts" -> "mlp.experts"): a target that PEFT
+    matches in every layer and nowhere else."""
+    return re.split(r"\.\d+\.", name)[-1]
+
+
+def _peft_targets(entries: list[tuple[str, str, bool]]) -> list[str]:
+    """The short name where every entry with that short name is adapted, else the adapted ones' full names
+    (a regex picked some layers): PEFT matches either as a suffix, and so does LoRAConfig."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for short, full, adapted in entries:
+        groups.setdefault(short, ([], []))[not adapted].append(full)
+    return [t for short, (adapted, other) in groups.items() for t in ([short] if adapted and not other else adapted)]
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") -> Path:
+    """A new directory holding the adapter as PEFT writes it (see write_adapter), written atomically."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        write_adapter(model, tmp, base_model)
+    return directory
+
+
+def write_adapter(model: nn.Module, directory: Path, base_model: str = "") -> None:
+    """adapter_config.json and adapter_model.safetensors, as PEFT writes them, into an existing directory."""
+    config: LoRAConfig = model.lora_config
+    tensors = {f"{PEFT_PREFIX}{name}": p.detach().to("cpu").contiguous()
+               for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}  # fmt: skip
+    gates = routers(model)
+    linears, stacks = [], []  # (PEFT's short target, full name, adapted) in model order
+    for name, module, params in layers(model):
+        adapted = isinstance(module, ADAPTED)
+        if name in gates:  # PEFT adapts the Hugging Face router's weight as a parameter
+            stacks.append((f"{_peft_suffix(name)}.weight", f"{name}.weight", adapted))
+        elif is_linear(module):
+            linears.append((name.rsplit(".", 1)[-1], name, adapted))
+        elif is_experts(module):
+            for param in params:  # in the order PEFT nests them
+                stacks.append((f"{_peft_suffix(name)}.{param}", f"{name}.{param}", adapted and param in module.factors))
+    modules, parameters = _peft_targets(linears), _peft_targets(stacks)
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model), "r": config.r,
+        "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora, "bias": "none",
+        "target_modules": modules or None, "target_parameters": parameters or None, "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+    }  # fmt: skip
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
+    """Wrap the model's layers as the adapter says and load its weights (written here or by PEFT)."""
+    directory = Path(directory)
+    try:
+        data = json.loads((directory / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    except (OSError, json.JSONDecodeError) as e:
+        raise OrionError(f"{directory} is not a LoRA adapter directory: {e}") from None
+    if data.get("peft_type") != "LORA":
+        raise OrionError(f"{directory}: peft_type {data.get('peft_type')!r}; only LORA adapters load")
+    if data.get("bias", "none") != "none" or data.get("modules_to_save"):
+        raise OrionError(f"{directory}: adapters with trained biases or modules_to_save are not supported")
+    if data.get("rank_pattern") or data.get("alpha_pattern") or data.get("use_dora"):
+        raise OrionError(f"{directory}: adapters with per-layer ranks or alphas, or DoRA, are not supported")
+    targets, parameters = data.get("target_modules") or [], data.get("target_parameters") or []
+    config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)),
+                        target_modules=[targets] if isinstance(targets, str) else list(targets),
+                        target_parameters=list(parameters), rslora=bool(data.get("use_rslora", False)))  # fmt: skip
+    apply_lora(model, config)
+    # PEFT names the weights <module>.lora_A.weight (older files: .lora_A.default.weight)
+    state = {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): t for name, t in tensors.items()}
+    expected = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise OrionError(f"{directory}: adapter weights do not fit the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")  # fmt: skip
+    with torch.no_grad():
+        for name, p in expected.items():
+            if state[name].shape != p.shape:
+                raise OrionError(f"{directory}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
+            p.copy_(state[name])
+    return config
