@@ -161,7 +161,7 @@ class Trainer:
         self.setup()
 
     def setup(self) -> None:
-        """Everything before the first step. Errors in the recipe surface before any data is tokenized."""
+        """Everything before the first step; the run's settings are checked before any data is tokenized."""
         recipe, run, d = self.recipe, self.run, self.d
         self.resume_dir = resolve_resume(recipe, self.out_dir)
         self._plan_steps()
@@ -197,9 +197,8 @@ class Trainer:
 
         self.peak_flops = run.peak_flops or measure_peak_flops(d.device) * d.world_size
         self.step_flops = flops_per_token(self.config, recipe.data.seq_len) * self.tokens_per_step
-        if (
-            self.thinking is not None
-        ):  # every thought pass runs the model on the whole batch again (attention grows, uncounted)
+        if self.thinking is not None:
+            # every thought pass runs the model on the whole batch again (attention grows, uncounted)
             self.step_flops *= self.thinking.n_passes * (self.thinking.n_ahead + self.thinking.n_ahead_talk - 1)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
@@ -321,8 +320,8 @@ class Trainer:
         """Each micro-batch's weight: its targets over the mean count per micro-batch of all processes (all 1.0
         when every micro-batch has as many). Weighting each micro-batch's mean loss so makes the step's gradient
         that of the mean over all its targets, however they are spread (chat rows differ in targets)."""
-        n_targets = [float((b["targets"] != IGNORE).sum()) for b in micro_batches]
-        n_targets = torch.tensor(n_targets, device=self.d.device)
+        counts = [float((b["targets"] != IGNORE).sum()) for b in micro_batches]
+        n_targets = torch.tensor(counts, device=self.d.device)
         return n_targets / self.d.mean(n_targets.mean())
 
     def forward_backward(self, batch: dict[str, torch.Tensor], weight: torch.Tensor, sync: bool = True) -> Any:
