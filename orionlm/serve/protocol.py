@@ -3,9 +3,9 @@ server sends them.
 
 Fields follow OpenAI's API reference; unknown request fields are ignored as OpenAI does. Request values are
 range-checked here where OpenAI documents a range; the rest (temperature, top_p, penalties, ...) by
-GenerationConfig, whose message then becomes the 400 error. Response fields keep OpenAI's order and send null
-where OpenAI does; the few that OpenAI leaves out instead (a stream delta's role and content, the usage of
-every stream chunk but the last) are left out when None (`Omitting`).
+GenerationConfig, whose message then becomes the 400 error. Responses send null where OpenAI does; the few
+fields that OpenAI leaves out instead (a stream delta's role and content, the usage of every stream chunk but
+the last) are left out when None (`Omitting`).
 """
 
 from __future__ import annotations
