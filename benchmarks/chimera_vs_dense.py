@@ -48,9 +48,9 @@ from common import (
 from orionlm.config import ModelConfig
 from orionlm.errors import OrionError
 from orionlm.model import count_parameters, virtual_parameters
+from orionlm.train.metrics import flops_per_token
 from orionlm.train.plot import plot_comparison, read_metrics
 from orionlm.train.recipe import load_recipe
-from orionlm.train.trainer import flops_per_token
 
 VOCAB = 2048
 SHARED = dict(vocab_size=VOCAB, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32, max_seq_len=SEQ_LEN)

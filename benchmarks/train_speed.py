@@ -15,8 +15,8 @@ attention (sdpa); its per-expert "eager" loop is measured too, for reference.
 
 Steps of the engines alternate, so load from other processes slows them alike; tokens/s is the
 batch's tokens over the median step time after warm-up. MFU is the training FLOP/s (6 x active
-non-embedding parameters + attention, orionlm.train.trainer.flops_per_token) over the float32 peak of
-one large matmul (orionlm.train.trainer.measure_peak_flops, the best of 10 before and 10 after). The
+non-embedding parameters + attention, orionlm.train.metrics.flops_per_token) over the float32 peak of
+one large matmul (orionlm.train.metrics.measure_peak_flops, the best of 10 before and 10 after). The
 first step's losses of the engines must agree (same weights, same batch): the script says whether they
 do. Prints the setup and a markdown table.
 
@@ -41,7 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 import orionlm
 from orionlm import OrionLM
 from orionlm.convert.hf import load_hf
-from orionlm.train.trainer import flops_per_token, measure_peak_flops
+from orionlm.train.metrics import flops_per_token, measure_peak_flops
 
 SHAPE = dict(
     vocab_size=8192, hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,

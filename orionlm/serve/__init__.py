@@ -52,7 +52,8 @@ def serve(
     try:
         import uvicorn
 
-        from .app import AsyncEngine, Server, create_app
+        from .api import create_app
+        from .serving import AsyncEngine, Server
     except ImportError as e:
         raise OrionError(
             f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'orionlm[serve]'"

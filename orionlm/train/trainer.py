@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,56 +32,21 @@ from ..config import ModelConfig
 from ..convert.peft import load_adapter, write_adapter
 from ..data import build_dataset, iter_documents
 from ..data.chat import IGNORE
-from ..data.sft import build_chat_dataset
+from ..data.loader import MixtureDataset
+from ..data.sft import ChatDataset, build_chat_dataset
 from ..errors import OrionError
 from ..loading import STATE_JSON, find_checkpoints, load_model, resolve_model_path
-from ..model import OrionLM, count_parameters, virtual_parameters
+from ..model import OrionLM, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
+from .distributed import Dist, full_state, load_full_state, setup_distributed, wrap_model
+from .metrics import Interval, MetricsLog, flops_per_token, measure_peak_flops, throughput
 from .optim import build_optimizer
 from .quietstar import QuietStar, add_thought_tokens
 from .recipe import Recipe, RecipeError
 from .schedule import lr_factor
 
 STATE_FILE = "trainer_state.pt"
-
-
-@dataclass
-class Dist:
-    """Where this process stands: its rank among world_size processes and its device."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.world_size
-        return value
-
-
-def setup_distributed(device: str) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if world_size == 1:
-        return Dist(0, 1, torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
 def human_tokens(n: int) -> str:
@@ -92,38 +56,6 @@ def human_tokens(n: int) -> str:
             digits = len(str(scale)) - 1
             return f"{n / scale:.{digits}f}".rstrip("0").rstrip(".") + unit
     return str(n)
-
-
-def measure_peak_flops(device: torch.device) -> float:
-    """FLOP/s of a large matmul in the training dtype: the denominator of the MFU estimate."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    repeats = 20 if device.type == "cuda" else 5
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x active non-embedding parameters plus the
-    attention scores (PaLM's estimate, appendix B). A Chimera's looped blocks count once per loop; its GDN
-    layers' state updates (a few percent of their projections at these sizes) are left out."""
-    total, active = count_parameters(config)
-    active += virtual_parameters(config) - total
-    active -= config.vocab_size * config.hidden_size  # the embedding lookup is not a matmul
-    bottom = config.num_layers - config.shared_layers
-    attention_layers = sum(config.is_attention_layer(i) for i in range(bottom))
-    attention_layers += config.loops * sum(config.is_attention_layer(i) for i in range(bottom, config.num_layers))
-    attention = 12 * attention_layers * config.num_heads * config.head_dim * seq_len
-    return 6 * active + attention
 
 
 def prepare_tokenizer(
@@ -189,73 +121,15 @@ def resolve_resume(recipe: Recipe, out_dir: Path) -> Path | None:
     return path
 
 
-def wrap_model(model: OrionLM, recipe: Recipe, d: Dist) -> torch.nn.Module:
-    """Shard (FSDP2) or replicate (DDP) across processes; compile when asked."""
-    if d.world_size > 1 and recipe.run.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        wrapped: torch.nn.Module = model
-    elif d.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    else:
-        wrapped = model
-    if recipe.run.compile:
-        wrapped = torch.compile(wrapped)
-    return wrapped
-
-
-def full_state(model: OrionLM, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """Model and optimizer state dicts with full (unsharded) tensors on CPU."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state(
-    model: OrionLM, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict, fsdp: bool
-) -> None:
-    if not fsdp:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    options = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
-
-
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed), written by rank 0 only."""
-
-    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
-        self.path = out_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
-            # Records written after the checkpoint we resume from are replaced by the resumed run's.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            self.path.write_text("")
-        self.writer = None
-        if tensorboard:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
+def chat_packing(recipe: Recipe, config: ModelConfig) -> bool | None:
+    """Whether chat rows are packed several to a row (None: the data is text windows)."""
+    if recipe.data_format != "chat":
+        return None
+    if recipe.data.packing is None:
+        return config.architecture != "chimera"
+    if recipe.data.packing and config.architecture == "chimera":
+        raise RecipeError("data.packing: GDN layers carry state across packed conversations; set it to false")
+    return recipe.data.packing
 
 
 def as_inputs(batch: Any) -> dict[str, torch.Tensor]:
@@ -270,106 +144,157 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train(recipe: Recipe) -> Path:
-    """Run a recipe; returns the run directory."""
-    d = setup_distributed(recipe.run.device)
-    run = recipe.run
-    out_dir = Path(run.out_dir)
-    resume_dir = resolve_resume(recipe, out_dir)
-    if sum(x is not None for x in (run.max_steps, run.max_tokens, run.max_epochs)) != 1:
-        raise RecipeError("run: give exactly one of max_steps, max_tokens or max_epochs")
-    if run.fsdp and recipe.optim.name == "muon":
-        # Newton-Schulz orthogonalises whole matrices; FSDP2 holds each process's shard only.
-        raise RecipeError("optim.name=muon needs whole matrices: train it with DDP (run.fsdp=false) or use adamw")
-    seq_len = recipe.data.seq_len
-    rows_per_step = run.batch_size * run.grad_accum * d.world_size
-    tokens_per_step = rows_per_step * seq_len  # row slots: chat rows may end in padding
-    if run.max_epochs is None:
-        total_steps = run.max_steps or math.ceil(run.max_tokens / tokens_per_step)
-        recipe.schedule.phases(total_steps)  # a schedule that cannot fit fails now, not after tokenizing
-    if recipe.model.path is not None and Path(recipe.model.path).is_dir():
-        # A run directory means its newest checkpoint now: the saved recipe names that one, for merge-lora.
-        recipe.model.path = str(resolve_model_path(recipe.model.path))
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (out_dir / "checkpoints").glob(".*.tmp-*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        recipe.save(out_dir / "recipe.yaml")
-    d.barrier()
+class Trainer:
+    """One run of a recipe, in torchtitan's shape: `setup` builds everything (run directory, tokenizer, data,
+    model, optimizer, and the saved state when resuming); `train` loops over `train_step` (the step's
+    micro-batches through `forward_backward`, then the optimizer), calling `log`, `evaluate` and `save` at
+    their intervals."""
 
-    lora = recipe.mode == "lora"
-    base, base_tokenizer = None, None
-    if recipe.model.path is not None and (resume_dir is None or lora):  # a full checkpoint holds the model itself
-        base, base_tokenizer, _ = load_model(recipe.model.path, device="cpu", dtype=torch.float32)
-        if base.config.quantization_config and not lora:
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe, self.run = recipe, recipe.run
+        self.d = setup_distributed(recipe.run.device)
+        self.out_dir = Path(recipe.run.out_dir)
+        self.lora = recipe.mode == "lora"
+        self.thinking = recipe.quietstar if recipe.mode == "quietstar" else None
+        self.sharded = recipe.run.fsdp and self.d.world_size > 1
+        self.step = self.tokens = 0
+        self.last_record: dict[str, Any] = {}  # the newest metrics record, summarized in each checkpoint
+        self.setup()
+
+    def setup(self) -> None:
+        """Everything before the first step; the run's settings are checked before any data is tokenized."""
+        recipe, run, d = self.recipe, self.run, self.d
+        self.resume_dir = resolve_resume(recipe, self.out_dir)
+        self._plan_steps()
+        self._prepare_run_dir()
+        base, base_tokenizer = self._load_base()
+        self.tokenizer = prepare_tokenizer(recipe, self.out_dir, d, self.resume_dir, base_tokenizer)
+        config = base.config if base is not None else model_config(recipe, self.tokenizer, self.resume_dir)
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise RecipeError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+        packed = chat_packing(recipe, config)
+        if d.main:
+            self.dataset = self._build_dataset(packed, run.progress)
+        d.barrier()
+        if not d.main:  # text: the cache rank 0 wrote
+            self.dataset = self._build_dataset(packed, False)
+        if run.max_epochs is not None:
+            self.total_steps = max(1, math.ceil(run.max_epochs * sum(self.dataset.train_windows) / self.rows_per_step))
+            recipe.schedule.phases(self.total_steps)
+
+        self.model, self.config = self._build_model(base, config)
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.wrapped = wrap_model(
+            self.model if self.thinking is None else QuietStar(self.model, self.thinking), recipe, d
+        )
+        self.optimizer = build_optimizer(self.model, recipe.optim)
+        self.loader = self.dataset.train_loader(run.batch_size, rank=d.rank, world_size=d.world_size)
+        if self.resume_dir is not None:
+            self._load_state()
+        if d.main:
+            self._write_run_info()
+        resume_step = self.step if self.resume_dir is not None else None
+        self.metrics_log = MetricsLog(self.out_dir, resume_step, run.tensorboard) if d.main else None
+
+        self.peak_flops = run.peak_flops or measure_peak_flops(d.device) * d.world_size
+        self.step_flops = flops_per_token(self.config, recipe.data.seq_len) * self.tokens_per_step
+        if self.thinking is not None:
+            # every thought pass runs the model on the whole batch again (attention grows, uncounted)
+            self.step_flops *= self.thinking.n_passes * (self.thinking.n_ahead + self.thinking.n_ahead_talk - 1)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
+        )
+        self.val_batches = [
+            as_inputs(b) for b in self.dataset.val_batches(run.batch_size, max_batches=run.eval_batches)
+        ]
+        self.interval = Interval(d.device, run.grad_accum)
+
+    def _plan_steps(self) -> None:
+        """Check the run's length and sharding settings and size a step; count the steps when that needs no data."""
+        run = self.run
+        if sum(x is not None for x in (run.max_steps, run.max_tokens, run.max_epochs)) != 1:
+            raise RecipeError("run: give exactly one of max_steps, max_tokens or max_epochs")
+        if run.fsdp and self.recipe.optim.name == "muon":
+            # Newton-Schulz orthogonalises whole matrices; FSDP2 holds each process's shard only.
+            raise RecipeError("optim.name=muon needs whole matrices: train it with DDP (run.fsdp=false) or use adamw")
+        self.rows_per_step = run.batch_size * run.grad_accum * self.d.world_size
+        self.tokens_per_step = self.rows_per_step * self.recipe.data.seq_len  # row slots: chat rows may end in padding
+        if run.max_epochs is None:
+            self.total_steps = run.max_steps or math.ceil(run.max_tokens / self.tokens_per_step)
+            self.recipe.schedule.phases(self.total_steps)  # a schedule that cannot fit fails now, not after tokenizing
+
+    def _prepare_run_dir(self) -> None:
+        recipe = self.recipe
+        if recipe.model.path is not None and Path(recipe.model.path).is_dir():
+            # A run directory means its newest checkpoint now: the saved recipe names that one, for merge-lora.
+            recipe.model.path = str(resolve_model_path(recipe.model.path))
+        if self.d.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in (self.out_dir / "checkpoints").glob(".*.tmp-*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            recipe.save(self.out_dir / "recipe.yaml")
+        self.d.barrier()
+
+    def _load_base(self) -> tuple[OrionLM | None, Tokenizer | None]:
+        """The model to fine-tune and its tokenizer; none when pretraining or resuming a full checkpoint (which
+        holds the model itself). A LoRA run always starts from its base."""
+        path = self.recipe.model.path
+        if path is None or (self.resume_dir is not None and not self.lora):
+            return None, None
+        base, tokenizer, _ = load_model(path, device="cpu", dtype=torch.float32)
+        if base.config.quantization_config and not self.lora:
             raise RecipeError(
-                f"{recipe.model.path} is quantized: its weights are integer codes that cannot be trained; train a "
+                f"{path} is quantized: its weights are integer codes that cannot be trained; train a "
                 "LoRA adapter on it (mode: lora) or fine-tune the full-precision model"
             )
-    tokenizer = prepare_tokenizer(recipe, out_dir, d, resume_dir, base_tokenizer)
-    config = base.config if base is not None else model_config(recipe, tokenizer, resume_dir)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise RecipeError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
-    packed = None
-    if recipe.data_format == "chat":
-        packed = recipe.data.packing
-        if packed is None:
-            packed = config.architecture != "chimera"
-        elif packed and config.architecture == "chimera":
-            raise RecipeError("data.packing: GDN layers carry state across packed conversations; set it to false")
+        return base, tokenizer
 
-    def build(progress: bool) -> Any:
+    def _build_dataset(self, packed: bool | None, progress: bool) -> MixtureDataset | ChatDataset:
         if packed is not None:
-            return build_chat_dataset(recipe.data, tokenizer, packed, progress=progress)
-        return build_dataset(recipe.data, tokenizer, progress=progress)
+            return build_chat_dataset(self.recipe.data, self.tokenizer, packed, progress=progress)
+        return build_dataset(self.recipe.data, self.tokenizer, progress=progress)
 
-    if d.main:
-        dataset = build(run.progress)
-    d.barrier()
-    if not d.main:  # text: the cache rank 0 wrote
-        dataset = build(False)
-    if run.max_epochs is not None:
-        total_steps = max(1, math.ceil(run.max_epochs * sum(dataset.train_windows) / rows_per_step))
-        recipe.schedule.phases(total_steps)
-
-    torch.manual_seed(run.seed)
-    if base is not None:
-        model = base
-    else:
-        model = OrionLM(config)
-        model.reset_parameters(seed=run.seed)
-    if lora:
-        if resume_dir is not None:
-            load_adapter(model, resume_dir)
+    def _build_model(self, base: OrionLM | None, config: ModelConfig) -> tuple[OrionLM, ModelConfig]:
+        """The model on its device: the base or fresh weights, then the LoRA adapters or the thought tokens."""
+        run = self.run
+        torch.manual_seed(run.seed)
+        if base is not None:
+            model = base
         else:
-            apply_lora(model, recipe.lora)
-    thinking = recipe.quietstar if recipe.mode == "quietstar" else None
-    if thinking is not None:
-        model = add_thought_tokens(model, tokenizer, thinking.n_ahead, thinking.meta_init)
-        config = model.config
-    model.activation_checkpointing = run.activation_checkpointing
-    model.to(d.device)
-    total_params, active_params = count_parameters(config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            model = OrionLM(config)
+            model.reset_parameters(seed=run.seed)
+        if self.lora:
+            if self.resume_dir is not None:
+                load_adapter(model, self.resume_dir)
+            else:
+                apply_lora(model, self.recipe.lora)
+        if self.thinking is not None:
+            model = add_thought_tokens(model, self.tokenizer, self.thinking.n_ahead, self.thinking.meta_init)
+            config = model.config
+        model.activation_checkpointing = run.activation_checkpointing
+        model.to(self.d.device)
+        return model, config
 
-    wrapped = wrap_model(model if thinking is None else QuietStar(model, thinking), recipe, d)
-    optimizer = build_optimizer(model, recipe.optim)
-    loader = dataset.train_loader(run.batch_size, rank=d.rank, world_size=d.world_size)
-    step = tokens = 0
-    if resume_dir is not None:
-        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
-        if lora:  # the adapter weights are loaded already
-            optimizer.load_state_dict(state["optimizer"])
+    def _load_state(self) -> None:
+        """The resumed checkpoint's weights (a LoRA adapter's are loaded already), optimizer, data position,
+        RNG and counters."""
+        state = torch.load(self.resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        if self.lora:
+            self.optimizer.load_state_dict(state["optimizer"])
         else:
-            model_state = read_safetensors(resume_dir)
-            if config.tie_embeddings:
+            model_state = read_safetensors(self.resume_dir)
+            if self.config.tie_embeddings:
                 model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
-            load_full_state(model, optimizer, model_state, state["optimizer"], run.fsdp and d.world_size > 1)
-        loader.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"][d.rank] if len(state["rng"]) > d.rank else state["rng"][0])
-        step, tokens = state["step"], state["tokens"]
+            load_full_state(self.model, self.optimizer, model_state, state["optimizer"], self.sharded)
+        self.loader.load_state_dict(state["data"])
+        rank = self.d.rank if len(state["rng"]) > self.d.rank else 0
+        torch.set_rng_state(state["rng"][rank])
+        self.step, self.tokens = state["step"], state["tokens"]
 
-    if d.main:
+    def _write_run_info(self) -> None:
+        """run.json (versions, machine, sizes, data) and the run's one-line summary."""
+        config, d = self.config, self.d
+        total_params, active_params = count_parameters(config)
         info = {
             "orionlm": __version__,
             "torch": torch.__version__,
@@ -377,178 +302,185 @@ def train(recipe: Recipe) -> Path:
             "machine": platform.processor() or platform.machine(),
             "device": str(d.device),
             "world_size": d.world_size,
-            "mode": recipe.mode,
+            "mode": self.recipe.mode,
             "total_params": total_params,
             "active_params": active_params,
-            "trainable_params": trainable,
-            "tokens_per_step": tokens_per_step,
-            "total_steps": total_steps,
-            "data": dataset.stats(),
+            "trainable_params": self.trainable_params,
+            "tokens_per_step": self.tokens_per_step,
+            "total_steps": self.total_steps,
+            "data": self.dataset.stats(),
         }
-        (out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-        adapted = f", {trainable:,} trained (LoRA)" if lora else ""
+        (self.out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        adapted = f", {self.trainable_params:,} trained (LoRA)" if self.lora else ""
         print(
             f"{config.name or config.family}: {total_params:,} parameters ({active_params:,} active{adapted}), "
-            f"{total_steps} steps x {tokens_per_step:,} tokens, {d.world_size} process(es) on {d.device}"
+            f"{self.total_steps} steps x {self.tokens_per_step:,} tokens, {d.world_size} process(es) on {d.device}"
         )
-    log = MetricsLog(out_dir, step if resume_dir is not None else None, run.tensorboard) if d.main else None
-    peak = run.peak_flops or measure_peak_flops(d.device) * d.world_size
-    step_flops = flops_per_token(config, seq_len) * tokens_per_step
-    if thinking is not None:  # every thought pass runs the model on the whole batch again (attention grows, uncounted)
-        step_flops *= thinking.n_passes * (thinking.n_ahead + thinking.n_ahead_talk - 1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
-    val_batches = [as_inputs(b) for b in dataset.val_batches(run.batch_size, max_batches=run.eval_batches)]
 
-    def evaluate() -> dict[str, float]:
+    def target_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Each micro-batch's weight: its targets over the mean count per micro-batch of all processes (all 1.0
+        when every micro-batch has as many). Weighting each micro-batch's mean loss so makes the step's gradient
+        that of the mean over all its targets, however they are spread (chat rows differ in targets)."""
+        counts = [float((b["targets"] != IGNORE).sum()) for b in micro_batches]
+        n_targets = torch.tensor(counts, device=self.d.device)
+        return n_targets / self.d.mean(n_targets.mean())
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], weight: torch.Tensor, sync: bool = True) -> Any:
+        """One micro-batch: forward, its weighted loss plus the router losses, backward (divided by grad_accum,
+        so that a step's micro-batches add up to their mean). Under DDP gradients are averaged across processes
+        only when `sync` (once, at a step's last micro-batch). Returns the model's output."""
+        no_sync = self.d.world_size > 1 and not self.run.fsdp and not sync
+        with self.wrapped.no_sync() if no_sync else contextlib.nullcontext(), self.autocast:
+            out = self.wrapped(**to_device(batch, self.d.device))
+            total = out.loss * weight
+            if out.aux_loss is not None:
+                total = total + self.config.router_aux_loss_coef * out.aux_loss
+                total = total + self.config.router_z_loss_coef * out.z_loss
+            (total / self.run.grad_accum).backward()
+        return out
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """One optimizer step on grad_accum micro-batches; returns the gradient norm when clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(self.step, self.total_steps, self.recipe.schedule)
+        weights = self.target_weights(micro_batches)
+        for micro, batch in enumerate(micro_batches):
+            out = self.forward_backward(batch, weights[micro], sync=micro == len(micro_batches) - 1)
+            self.interval.add(out, weights[micro], parts=self.thinking is not None)
+        grad_norm = None
+        if self.recipe.optim.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.interval.steps += 1
+        return grad_norm
+
+    def evaluate(self) -> dict[str, float]:
         """The mean loss over the validation targets (chat: every assistant token weighs the same), and
         Quiet-STaR's metrics, as val_* entries."""
-        wrapped.eval()
+        self.wrapped.eval()
         sums: dict[str, float] = {}
         count = 0.0
-        with torch.no_grad(), autocast:
-            for batch in val_batches:
+        with torch.no_grad(), self.autocast:
+            for batch in self.val_batches:
                 n = (batch["targets"] != IGNORE).sum().item()
-                out = wrapped(**to_device(batch, d.device))
-                values = {"loss": out.loss} | (out.metrics if thinking is not None else {})
+                out = self.wrapped(**to_device(batch, self.d.device))
+                values = {"loss": out.loss} | (out.metrics if self.thinking is not None else {})
                 for key, value in values.items():
                     sums[f"val_{key}"] = sums.get(f"val_{key}", 0.0) + value.item() * n
                 count += n
-        wrapped.train()
+        self.wrapped.train()
         return {key: total / count for key, total in sums.items()} if count else {"val_loss": float("nan")}
 
-    def save() -> None:
-        model_state, optim_state = full_state(model, optimizer, run.fsdp and d.world_size > 1)
+    def log(self, grad_norm: torch.Tensor | None, evaluating: bool) -> None:
+        """A metrics record of the steps since the last (metrics.py lists its keys), written and shown on the
+        progress bar; with `evaluating`, the validation metrics too."""
+        elapsed = time.perf_counter() - self.interval.start
+        loss, parts = self.interval.losses(self.d)
+        lr = self.optimizer.param_groups[0]["lr"]
+        record: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr} | parts
+        if grad_norm is not None:
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            record["grad_norm"] = norm.item()
+        steps = self.interval.steps
+        record |= throughput(self.tokens_per_step * steps, self.step_flops * steps, elapsed, self.peak_flops)
+        record |= self.interval.router_stats(self.d)
+        if evaluating:
+            record |= self.evaluate()
+        self.last_record = record
+        if self.metrics_log is not None:
+            self.metrics_log.write(record)
+        shown = {k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in record}
+        self.bar.set_postfix(shown, refresh=False)
+        self.interval.reset()
+
+    def save(self) -> None:
+        """A checkpoint of the current step (its model directory or adapter plus the training state), written by
+        rank 0, which then drops all but the newest run.keep_last."""
+        model_state, optim_state = full_state(self.model, self.optimizer, self.sharded)
         rng = [torch.get_rng_state()]
-        if d.world_size > 1:
-            gathered: list[Any] = [None] * d.world_size
+        if self.d.world_size > 1:
+            gathered: list[Any] = [None] * self.d.world_size
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
-        if not d.main:
+        if not self.d.main:
             return
-        state = {"optimizer": optim_state, "data": loader.state_dict(), "rng": rng, "step": step, "tokens": tokens}
-        summary = {"step": step, "tokens": tokens, "total_steps": total_steps, "metrics": last_record}
-
-        def write_state(directory: Path) -> None:
-            torch.save(state, directory / STATE_FILE)
-            (directory / STATE_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-            recipe.save(directory / "recipe.yaml")
-
-        name = human_tokens(tokens) if recipe.mode == "pretrain" else f"checkpoint-{step}"
-        target = out_dir / "checkpoints" / name
-        if lora:
+        state = {"optimizer": optim_state, "data": self.loader.state_dict(), "rng": rng, "step": self.step,
+                 "tokens": self.tokens}  # fmt: skip
+        summary = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "total_steps": self.total_steps,
+            "metrics": self.last_record,
+        }
+        write_state = partial(self._write_state, state, summary)
+        name = human_tokens(self.tokens) if self.recipe.mode == "pretrain" else f"checkpoint-{self.step}"
+        target = self.out_dir / "checkpoints" / name
+        if self.lora:
             with atomic_directory(target) as tmp:
-                write_adapter(model, tmp, base_model=recipe.model.path)
-                tokenizer.save(tmp)
+                write_adapter(self.model, tmp, base_model=self.recipe.model.path)
+                self.tokenizer.save(tmp)
                 write_state(tmp)
         else:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-            if config.tie_embeddings:
+            if self.config.tie_embeddings:
                 tensors.pop("lm_head.weight", None)
-            save_checkpoint(model, target, tokenizer, tensors=tensors, write_extra=write_state)
-        found = find_checkpoints(out_dir)
-        if run.keep_last:
-            for _, old in found[: -run.keep_last]:
+            save_checkpoint(self.model, target, self.tokenizer, tensors=tensors, write_extra=write_state)
+        if self.run.keep_last:
+            for _, old in find_checkpoints(self.out_dir)[: -self.run.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    wrapped.train()
-    if recipe.mode != "pretrain" and resume_dir is None:
-        # Where fine-tuning starts from: the base model's held-out loss, logged as step 0.
-        start = {"step": 0, "tokens": 0} | evaluate()
-        if log is not None:
-            log.write(start)
-            print(f"validation loss before fine-tuning: {start['val_loss']:.4f}")
-    bar = tqdm(total=total_steps, initial=step, disable=not (d.main and run.progress), unit="step", dynamic_ncols=True)
-    last_record: dict[str, Any] = {}
-    interval_loss = torch.zeros((), device=d.device)
-    interval_metrics: dict[str, torch.Tensor] = {}  # Quiet-STaR's loss parts, summed over the interval
-    interval_steps = 0
-    interval_start = time.perf_counter()
-    expert_counts = None
-    router_sums = torch.zeros(2, device=d.device)  # aux loss, z-loss
-    while step < total_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step, total_steps, recipe.schedule)
-        micro_batches = [as_inputs(next(loader)) for _ in range(run.grad_accum)]
-        # Each micro-batch's mean loss weighs by its share of the step's targets, so that the step's gradient
-        # is that of the mean over all its targets, however they are spread (chat rows differ in targets).
-        n_targets = torch.tensor([float((b["targets"] != IGNORE).sum()) for b in micro_batches], device=d.device)
-        shares = n_targets / d.mean(n_targets.mean())  # all 1.0 when every micro-batch has as many targets
-        for micro, batch in enumerate(micro_batches):
-            sync = contextlib.nullcontext()
-            if d.world_size > 1 and not run.fsdp and micro < run.grad_accum - 1:
-                sync = wrapped.no_sync()  # gradients are averaged across processes once, at the last micro-step
-            with sync, autocast:
-                out = wrapped(**to_device(batch, d.device))
-                loss = total = out.loss * shares[micro]
-                if out.aux_loss is not None:
-                    total = total + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
-                    router_sums += torch.stack([out.aux_loss.detach(), out.z_loss.detach()]) / run.grad_accum
-                    counts = out.expert_counts.detach().float()
-                    expert_counts = counts if expert_counts is None else expert_counts + counts
-                (total / run.grad_accum).backward()
-            interval_loss += loss.detach() / run.grad_accum
-            if thinking is not None:
-                for key, value in out.metrics.items():
-                    interval_metrics[key] = interval_metrics.get(key, 0.0) + value / run.grad_accum
-        grad_norm = None
-        if recipe.optim.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        interval_steps += 1
-        bar.update(1)
+    def _write_state(self, state: dict[str, Any], summary: dict[str, Any], directory: Path) -> None:
+        torch.save(state, directory / STATE_FILE)
+        (directory / STATE_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+        self.recipe.save(directory / "recipe.yaml")
 
-        evaluating = (run.eval_every and step % run.eval_every == 0) or step == total_steps
-        if step % run.log_every == 0 or evaluating or step == total_steps:
-            elapsed = time.perf_counter() - interval_start
-            record: dict[str, Any] = {
-                "step": step,
-                "tokens": tokens,
-                "loss": d.mean(interval_loss).item() / interval_steps,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            for key, value in interval_metrics.items():
-                record[key] = d.mean(value).item() / interval_steps
-            if grad_norm is not None:
-                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                record["grad_norm"] = norm.item()
-            record["tokens_per_s"] = tokens_per_step * interval_steps / elapsed
-            record["mfu"] = step_flops * interval_steps / elapsed / peak
-            if expert_counts is not None:
-                sums = d.mean(router_sums) / interval_steps
-                record["aux_loss"], record["z_loss"] = sums[0].item(), sums[1].item()
-                fractions = expert_counts / expert_counts.sum(dim=-1, keepdim=True)
-                record["expert_fractions"] = [[round(f, 5) for f in row] for row in fractions.tolist()]
-            if evaluating:
-                record |= evaluate()
-            last_record = record
-            if log is not None:
-                log.write(record)
-            bar.set_postfix(
-                {k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in record}, refresh=False
-            )
-            interval_loss.zero_()
-            interval_metrics.clear()
-            router_sums.zero_()
-            interval_steps, expert_counts = 0, None
-            interval_start = time.perf_counter()
+    def _save_due(self) -> bool:
+        """At every save_every_steps steps, on crossing a multiple of save_every_tokens, and at the end."""
+        run, tokens = self.run, self.tokens
+        every = run.save_every_tokens
+        crossed_tokens = every and tokens // every > (tokens - self.tokens_per_step) // every
+        by_steps = run.save_every_steps and self.step % run.save_every_steps == 0
+        return bool(by_steps or crossed_tokens or self.step == self.total_steps)
 
-        crossed_tokens = (
-            run.save_every_tokens
-            and tokens // run.save_every_tokens > (tokens - tokens_per_step) // run.save_every_tokens
+    def train(self) -> Path:
+        """Run the steps left (all of them, or those after the resumed checkpoint); returns the run directory."""
+        run, d = self.run, self.d
+        self.wrapped.train()
+        if self.recipe.mode != "pretrain" and self.resume_dir is None:
+            # Where fine-tuning starts from: the base model's held-out loss, logged as step 0.
+            start = {"step": 0, "tokens": 0} | self.evaluate()
+            if self.metrics_log is not None:
+                self.metrics_log.write(start)
+                print(f"validation loss before fine-tuning: {start['val_loss']:.4f}")
+        progress = d.main and run.progress
+        self.bar = tqdm(
+            total=self.total_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True
         )
-        if (run.save_every_steps and step % run.save_every_steps == 0) or crossed_tokens or step == total_steps:
-            save()
-    bar.close()
-    d.barrier()
-    if d.main and run.plot:
-        from .plot import plot_run
+        self.interval.reset()
+        while self.step < self.total_steps:
+            grad_norm = self.train_step([as_inputs(next(self.loader)) for _ in range(run.grad_accum)])
+            self.bar.update(1)
+            evaluating = bool(run.eval_every and self.step % run.eval_every == 0) or self.step == self.total_steps
+            if self.step % run.log_every == 0 or evaluating:
+                self.log(grad_norm, evaluating)
+            if self._save_due():
+                self.save()
+        self.bar.close()
+        d.barrier()
+        if d.main and run.plot:
+            from .plot import plot_run
 
-        try:
-            for path in plot_run(out_dir):
-                print(f"wrote {path}")
-        except OrionError as e:
-            print(f"no charts: {e}", file=sys.stderr)
-    return out_dir
+            try:
+                for path in plot_run(self.out_dir):
+                    print(f"wrote {path}")
+            except OrionError as e:
+                print(f"no charts: {e}", file=sys.stderr)
+        return self.out_dir
+
+
+def train(recipe: Recipe) -> Path:
+    """Run a recipe; returns the run directory."""
+    return Trainer(recipe).train()

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from orionlm import OrionLM, load_model
+from orionlm.config import preset
+from orionlm.data.chat import IGNORE
+from orionlm.train.metrics import flops_per_token, throughput
 from orionlm.train.recipe import RecipeError, load_recipe
-from orionlm.train.trainer import STATE_JSON, find_checkpoints, human_tokens, train
+from orionlm.train.trainer import STATE_JSON, Trainer, find_checkpoints, human_tokens, train
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small real text files on every machine
 
@@ -149,6 +152,41 @@ def test_grad_accumulation_and_activation_checkpointing_change_nothing(tmp_path)
         load_recipe(other, ["--run.batch_size=2", "--run.grad_accum=2", "--run.activation_checkpointing=true"])
     )
     assert [r["loss"] for r in metrics(accumulated)] == pytest.approx([r["loss"] for r in metrics(reference)], abs=1e-5)
+
+
+def test_micro_batches_weigh_by_their_share_of_the_targets(tmp_path):
+    """Micro-batches of 3 and 9 targets weigh 0.5 and 1.5: their accumulated gradient is that of one batch's
+    mean over all 12 targets, not the mean of the two means."""
+    trainer = Trainer(load_recipe(write_recipe(tmp_path, run={"batch_size": 1, "grad_accum": 2})))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    targets = torch.roll(ids, -1, dims=1)
+    targets[0, 3:] = IGNORE
+    targets[1, 9:] = IGNORE
+    micro_batches = [{"input_ids": ids[i : i + 1], "targets": targets[i : i + 1]} for i in range(2)]
+    weights = trainer.target_weights(micro_batches)
+    assert weights.tolist() == [0.5, 1.5]
+
+    def gradients(weights) -> list[torch.Tensor]:
+        trainer.model.zero_grad()
+        for i, batch in enumerate(micro_batches):
+            trainer.forward_backward(batch, weights[i], sync=i == 1)
+        return [p.grad.clone() for p in trainer.model.parameters()]
+
+    accumulated, mean_of_means = gradients(weights), gradients(torch.ones(2))
+    trainer.model.zero_grad()
+    trainer.model(ids, targets=targets).loss.backward()
+    whole = [p.grad for p in trainer.model.parameters()]
+    for a, b in zip(accumulated, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(mean_of_means, whole, strict=True)) > 1e-3
+
+
+def test_mfu_counts_six_flops_per_matmul_parameter_plus_attention():
+    config = preset("tiny-dense")
+    matmul_parameters = sum(p.numel() for p in OrionLM(config).parameters()) - config.vocab_size * config.hidden_size
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * 64  # QK^T and AV, forward + backward
+    assert flops_per_token(config, seq_len=64) == 6 * matmul_parameters + attention
+    assert throughput(1000, flops=6e9, seconds=2.0, peak_flops=1e10) == {"tokens_per_s": 500.0, "mfu": 0.3}
 
 
 def test_token_named_checkpoints_and_keep_last(tmp_path):

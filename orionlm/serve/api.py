@@ -1,0 +1,136 @@
+"""The HTTP routes: thin handlers that hand each request to the Server (serving.py) the app holds, and turn
+its mistakes into OpenAI's error body."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorInfo,
+    ErrorResponse,
+    Health,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
+from .serving import APIError, Server, create_chat_completion, create_completion
+
+
+def get_server(request: Request) -> Server:
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(get_server)]
+router = APIRouter()
+
+
+def respond(result: BaseModel | AsyncIterator[str]) -> BaseModel | StreamingResponse:
+    """A whole response as JSON, a stream as Server-Sent Events."""
+    if isinstance(result, BaseModel):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+@router.get("/health")
+async def health(server: ServerDep) -> Health:
+    return server.health()
+
+
+@router.get("/v1/models")
+async def models(server: ServerDep) -> ModelList:
+    return server.models()
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, raw: Request, server: ServerDep) -> BaseModel | StreamingResponse:
+    return respond(await create_completion(server, body, raw))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, raw: Request, server: ServerDep
+) -> BaseModel | StreamingResponse:
+    return respond(await create_chat_completion(server, body, raw))
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, server: ServerDep) -> TokenizeResponse:
+    return server.tokenize(body)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, server: ServerDep) -> DetokenizeResponse:
+    return server.detokenize(body)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(server: ServerDep) -> TokenizerInfo:
+    return server.tokenizer_info()
+
+
+async def authenticate(request: Request) -> None:
+    # a dependency rather than an HTTP middleware: Starlette's middleware wrapper hides disconnects
+    api_key = request.app.state.api_key
+    if api_key and request.url.path != "/health":
+        if request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+async def api_error(_: Request, e: APIError) -> JSONResponse:
+    return error_response(e.status, e.message, e.param, e.code)
+
+
+async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {}
+    if first.get("type") == "json_invalid":
+        return error_response(400, "the request body is not valid JSON")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = first.get("msg", "invalid request")
+    return error_response(400, f"{where}: {message}" if where else message, where or None)
+
+
+async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    return error_response(e.status_code, str(e.detail))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Starts and stops the engine thread; prints the ready message once serving."""
+    app.state.server.engine.start()
+    if app.state.ready_message:
+        print(app.state.ready_message, flush=True)
+    yield
+    app.state.server.engine.stop()
+
+
+def create_app(server: Server, api_key: str | None = None, ready_message: str | None = None) -> FastAPI:
+    """The FastAPI app over `server`; with `api_key`, every route but /health needs 'Authorization: Bearer KEY'."""
+    app = FastAPI(title="orionlm", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  dependencies=[Depends(authenticate)])  # fmt: skip
+    app.state.server, app.state.api_key, app.state.ready_message = server, api_key, ready_message
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.include_router(router)
+    return app
