@@ -118,14 +118,14 @@ class Models:
         self.hf.generation_config.pad_token_id = 0
         with tempfile.TemporaryDirectory() as tmp:
             self.hf.save_pretrained(tmp)
-            self.moe, _ = load_hf(tmp, device="cpu", dtype=torch.float32)
-        self.moe.to(device)
+            self.moe, _ = load_hf(tmp, device=device, dtype=torch.float32)
 
 
 def train_step(model: torch.nn.Module, hf: bool, device: torch.device) -> Callable[[torch.Tensor], float]:
     """One step of fused AdamW (bf16 autocast on CUDA) on a (B, T + 1) token batch: the trainer's loss
     (orionlm: LM + router losses; transformers: labels + output_router_logits, its own)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    # lr 0: all of AdamW's work, and the weights stay those both engines started from, for the decode rows
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda")
     config = model.config
 
     def step(tokens: torch.Tensor) -> float:

@@ -72,12 +72,20 @@ for name in ("triton", "fla", "fastapi", "uvicorn", "openai", "transformers"):
     print(name, "importable" if importlib.util.find_spec(name) else "MISSING")
 '
 
+# Quick and broad first, torch.compile-heavy last: a time limit then cuts the fewest checks.
+test_files=()
+for name in families kernels serve generation training; do
+    [ -f "tests/cuda/test_cuda_$name.py" ] && test_files+=("tests/cuda/test_cuda_$name.py")
+done
+for file in tests/cuda/test_*.py; do
+    [[ " ${test_files[*]} " == *" $file "* ]] || test_files+=("$file")
+done
 per_test=()
 if "$python" -c 'import pytest_timeout' 2>/dev/null; then
-    per_test=(--timeout 100)  # one hung kernel must not take the whole step's time
+    per_test=(--timeout 90)  # one hung kernel must not take the whole step's time
 fi
-run tests "$tests_limit" "$python" -m pytest -m cuda tests/cuda -p no:cacheprovider -q -rfEs --durations 10 \
-    --junitxml "$out/cuda_tests.xml" "${per_test[@]}"
+run tests "$tests_limit" "$python" -m pytest -m cuda "${test_files[@]}" -p no:cacheprovider -q -rfEs \
+    --durations 10 --junitxml "$out/cuda_tests.xml" "${per_test[@]}"
 
 bench=()
 if [ "$mode" = cpu-dry-run ]; then
