@@ -10,19 +10,19 @@
 # 5 minutes. --cpu-dry-run hides any GPU, so the CUDA tests are skipped (and counted) and the benchmark runs its
 # tiny shapes on the CPU: the same code paths in seconds, which CI runs (tests/test_gpu_check.py).
 #
-# Writes DIR (default gpu-report/): gpu_check.log, cuda_tests.xml, gpu_benchmark.json, gpu_report.json,
+# Writes DIR (default runs/gpu-check/): gpu_check.log, cuda_tests.xml, gpu_benchmark.json, gpu_report.json,
 # gpu_report.md. Exits 0 when no test failed and no step broke.
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS_S (170), GPU_CHECK_BENCH_S (105), GPU_CHECK_SITE.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
-out=gpu-report
+out=runs/gpu-check
 mode=gpu
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --cpu-dry-run) mode=cpu-dry-run; shift ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (use --out DIR, --cpu-dry-run)" >&2; exit 2 ;;
     esac
 done
