@@ -12,7 +12,7 @@
 #
 # Writes DIR (default runs/gpu-check/): gpu_check.log, cuda_tests.xml, gpu_benchmark.json, gpu_report.json,
 # gpu_report.md. Exits 0 when no test failed and no step broke.
-# Environment: PYTHON (default python3), GPU_CHECK_TESTS_S (170), GPU_CHECK_BENCH_S (105), GPU_CHECK_SITE.
+# Environment: PYTHON (default python3), GPU_CHECK_TESTS_S (150), GPU_CHECK_BENCH_S (100), GPU_CHECK_SITE.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +31,8 @@ rm -f "$out"/cuda_tests.xml "$out"/gpu_benchmark.json "$out"/gpu_report.json "$o
 exec > >(tee "$out/gpu_check.log") 2>&1
 
 python=${PYTHON:-python3}
-tests_limit=${GPU_CHECK_TESTS_S:-170}
-bench_limit=${GPU_CHECK_BENCH_S:-105}
+tests_limit=${GPU_CHECK_TESTS_S:-150}
+bench_limit=${GPU_CHECK_BENCH_S:-100}
 steps=()
 started=$SECONDS
 
@@ -51,7 +51,7 @@ run() {
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$mode" = gpu ] && compgen -G ".whl/*.whl" >/dev/null; then
     site=${GPU_CHECK_SITE:-/tmp/orionlm-gpu-site}
-    run install 120 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    run install 60 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" .whl/*.whl
     export PYTHONPATH="$site:$PYTHONPATH"
 else
@@ -62,7 +62,7 @@ if [ "$mode" = cpu-dry-run ]; then
     unset ORIONLM_TEST_DEVICE
 fi
 
-run versions 60 "$python" -c '
+run versions 30 "$python" -c '
 import importlib.util, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 if torch.cuda.is_available():
