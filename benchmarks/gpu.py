@@ -45,7 +45,7 @@ from orionlm import OrionLM, preset
 from orionlm.convert.hf import load_hf
 from orionlm.generation import Engine, GenerationConfig, Request
 from orionlm.nn.gdn import GatedDeltaNet
-from orionlm.train.trainer import flops_per_token, measure_peak_flops
+from orionlm.train.metrics import flops_per_token, measure_peak_flops
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), matched in order against
 # torch.cuda.get_device_name().
