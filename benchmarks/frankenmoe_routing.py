@@ -37,7 +37,7 @@ import yaml
 from common import ROOT, cpu_name, train_runs
 
 import orionlm
-from orionlm.__main__ import main as orionlm_main
+from orionlm.cli import main as orionlm_main
 from orionlm.data.sources import SourceConfig, iter_documents
 from orionlm.loading import load_model
 from orionlm.model import OrionLM

@@ -4,6 +4,7 @@ chat template and generation defaults. Writes are atomic; reads never unpickle."
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -67,6 +68,13 @@ def stored_dtype(directory: str | Path) -> torch.dtype:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
     return torch.float32
+
+
+def dtype_from_name(name: str, source: Path) -> torch.dtype:
+    """The dtype a user names (a key of DTYPES, or "auto": a directory's stored dtype, float32 for a file)."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.float32 if source.is_file() else stored_dtype(source)
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +141,24 @@ def model_from_tensors(
 
 
 QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tensors keep their stored dtypes
+
+
+def weight_bytes(directory: Path) -> dict[str, int]:
+    """Bytes of a model directory's safetensors files on disk, and of its tensors once loaded for CPU (float
+    tensors as float32, quantized ones as stored); read from the file headers, not the weights. Empty for a
+    file or a directory without safetensors."""
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return {}
+    memory = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                numel = math.prod(tensor.get_shape())
+                stored = {"F16": 2, "BF16": 2, "I64": 8, "U8": 1, "I8": 1}.get(tensor.get_dtype(), 4)
+                memory += numel * (stored if key.rsplit(".", 1)[-1] in QUANT_BUFFERS else 4)
+    return {"disk_bytes": sum(f.stat().st_size for f in files), "memory_bytes": memory}
 
 
 def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -218,6 +244,12 @@ def write_safetensors(
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    """Outputs are replaced only when asked (--force)."""
+    if path.exists() and not force:
+        raise OrionError(f"{path} exists; pass --force to replace it")
 
 
 class atomic_directory:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, read_config_json, read_generation_config, resolve_device
-from .config import is_auron_config
+from .config import ModelConfig, from_auron_config, is_auron_config
 from .convert.peft import ADAPTER_CONFIG, load_adapter
 from .errors import OrionError
 from .model import OrionLM
@@ -104,3 +104,22 @@ def _load_adapted(
     if (adapter / "tokenizer.json").is_file():  # the fine-tuning run's own, saved beside the adapter
         tokenizer = Tokenizer.load(adapter)
     return model, tokenizer, device
+
+
+def read_model_config(name_or_path: str | Path) -> ModelConfig:
+    """The ModelConfig of a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id,
+    without reading the weights where possible."""
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        return load_model(path, device="cpu")[0].config
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise OrionError(f"{config_path} is missing; is {path} a model directory?")
+    data = json.loads(config_path.read_text())
+    if is_auron_config(data):
+        return ModelConfig.from_dict(from_auron_config(data))
+    if data.get("model_type", "orionlm") == "orionlm":
+        return ModelConfig.from_dict(data)
+    from .convert.hf import config_from_hf
+
+    return config_from_hf(data)

@@ -17,7 +17,7 @@ def test_bench_counts_every_token_and_formats_a_table():
 
 
 def test_bench_command_refuses_what_does_not_fit(tmp_path):
-    from orionlm.__main__ import main
+    from orionlm.cli import main
 
     main(["init", str(tmp_path / "m"), "--preset", "tiny-dense"])
     with pytest.raises(SystemExit) as info:

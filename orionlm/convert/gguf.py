@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..checkpoint import CheckpointError, model_from_tensors, resolve_device
 from ..config import BLOOM_LAYOUT, ConfigError, ModelConfig
+from ..errors import OrionError
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
 
@@ -72,7 +73,7 @@ NO_TOKEN = 0xFFFFFFFF  # llama.cpp writes -1 as uint32 for "no such special toke
 SPIECE_SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
 
-class GGUFError(ValueError):
+class GGUFError(OrionError):
     """A GGUF file orionlm cannot import; the message says why and what to use instead."""
 
 

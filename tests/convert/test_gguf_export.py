@@ -11,8 +11,8 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the `gguf` package (pip install 'orionlm[gguf]')")
 
-from orionlm.__main__ import main  # noqa: E402
 from orionlm.checkpoint import save_checkpoint  # noqa: E402
+from orionlm.cli import main  # noqa: E402
 from orionlm.config import preset  # noqa: E402
 from orionlm.convert.gguf import GGUFError, _permute, _unpermute, load_gguf, save_gguf  # noqa: E402
 from orionlm.generation import GenerationConfig, generate_ids  # noqa: E402

@@ -14,8 +14,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from orionlm.__main__ import main
 from orionlm.checkpoint import save_checkpoint
+from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.convert.hf import load_hf, save_hf
 from orionlm.errors import OrionError

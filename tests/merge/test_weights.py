@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from orionlm.__main__ import main
 from orionlm.checkpoint import save_checkpoint, stored_dtype
+from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.convert.hf import load_hf
 from orionlm.errors import OrionError

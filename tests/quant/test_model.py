@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from orionlm.__main__ import main
 from orionlm.checkpoint import save_checkpoint
+from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.generation import generate_ids
 from orionlm.loading import load_model

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from orionlm.__main__ import main
 from orionlm.checkpoint import save_checkpoint
+from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.convert.peft import load_adapter
 from orionlm.loading import load_model

@@ -1,0 +1,168 @@
+"""`orionlm eval`, `orionlm leakage` and `orionlm lm-eval`: benchmark scores and leakage checks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import OrionError
+
+
+def eval_model(
+    target: list[str],
+    /,
+    *,
+    tasks: str = "hellaswag,arc_easy,arc_challenge,piqa,mmlu,lambada,wikitext",
+    data_dir: Path | None = None,
+    task_file: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    batch_size: int = 16,
+    context: int | None = None,
+    stride: int | None = None,
+    max_new_tokens: int = 256,
+    no_think: bool = False,
+    out: Path | None = None,
+    chart: Path | None = None,
+    device: str | None = None,
+) -> None:
+    """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA,
+    WikiText perplexity and GSM8K exact match (gsm8k: generation, not in the default list), scored as
+    lm-evaluation-harness does. Prints a table; --out writes JSON. `orionlm eval compare A.json B.json`
+    prints saved results side by side (--chart: and as grouped bars).
+
+    Example:
+      orionlm eval runs/m --tasks hellaswag,arc_easy,wikitext --data-dir ../shared/data/eval --limit 200
+      orionlm eval compare runs/a.json runs/b.json --chart runs/compare.png
+
+    Args:
+        target: a model directory, a .gguf file or a Hub id; or `compare` and --out JSON files
+        tasks: comma-separated task names
+        data_dir: a folder with the task files named as in ../shared/data/eval (hellaswag_val.jsonl, ...)
+        task_file: TASK=PATH for a task's own file (repeatable; mmlu_dev=PATH for MMLU's shots)
+        limit: evaluate only the first N items (documents for wikitext) of each task
+        num_fewshot: examples before each question, drawn with --seed (MMLU: from mmlu_dev.jsonl)
+        seed: the seed of the few-shot draws
+        batch_size: sequences per forward pass
+        context: wikitext: the sliding window in tokens (default: the model's context)
+        stride: wikitext: how far the window moves (default: the whole window)
+        max_new_tokens: gsm8k: the longest worked answer generated
+        no_think: gsm8k: a thinking (Quiet-STaR) model answers without thoughts
+        out: write the full results (config, versions, metrics, timing) to this JSON file
+        chart: compare: also draw the accuracies as grouped bars in this PNG
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from ..eval import compare_chart, compare_table, evaluate, format_table, read_report
+    from ..loading import load_model
+
+    if target[0] == "compare":
+        if len(target) < 2:
+            raise OrionError("compare needs at least one results file: orionlm eval compare A.json B.json")
+        reports = {Path(p).stem: read_report(Path(p)) for p in target[1:]}
+        print(compare_table(reports))
+        if chart is not None:
+            compare_chart(reports, chart)
+            print(f"wrote {chart}")
+        return
+    if len(target) != 1:
+        raise OrionError(f"give one model to evaluate (or `compare` and result files), got {' '.join(target)}")
+    model = target[0]
+
+    files = {}
+    for item in task_file or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise OrionError(f"--task-file takes TASK=PATH, got {item!r}")
+        files[name] = Path(path)
+    lm, tokenizer, _ = load_model(model, device=device)
+    if tokenizer is None:
+        raise OrionError(f"{model} has no tokenizer.json; evaluation needs one")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    progress = sys.stderr.isatty()  # progress bars on a terminal; in a log they are noise
+    report = evaluate(
+        lm,
+        tokenizer,
+        names,
+        data_dir=data_dir,
+        task_files=files,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        seed=seed,
+        batch_size=batch_size,
+        context=context,
+        stride=stride,
+        progress=progress,
+        max_new_tokens=max_new_tokens,
+        think=not no_think,
+    )
+    report["config"]["model_path"] = str(model)
+    print(format_table(report))
+    if out is not None:
+        _write_json(out, report)
+
+
+def leakage(
+    model: str,
+    items: Path,
+    /,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    out: Path | None = None,
+    device: str | None = None,
+) -> None:
+    """Detect benchmark leakage by shuffling options (arXiv 2409.01790): for each 4-option item, score all
+    24 orderings of its options; flag the items whose published ordering scores highest (max_original,
+    chance 1/24) and, among those, the ones whose score is an isolation-forest outlier (iforest@T).
+
+    Example:
+      orionlm leakage runs/m ../shared/data/eval/mmlu_test_subset.jsonl --limit 200 --out leak.json
+
+    Args:
+        model: a model directory, a .gguf file or a Hub id
+        items: a multiple-choice JSONL file ({"id", "question" or "context", "choices", "answer"} per line)
+        limit: test only the first N 4-option items
+        batch_size: sequences per forward pass
+        out: write the report (rates and the flagged item ids) to this JSON file
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    from ..eval.leakage import detect, format_report
+    from ..loading import load_model
+
+    lm, tokenizer, _ = load_model(model, device=device)
+    if tokenizer is None:
+        raise OrionError(f"{model} has no tokenizer.json; scoring needs one")
+    report = detect(lm, tokenizer, items, limit=limit, batch_size=batch_size, progress=sys.stderr.isatty())
+    print(format_report(report))
+    if out is not None:
+        _write_json(out, report)
+
+
+def lm_eval(*args: str) -> None:
+    """Run lm-evaluation-harness's command line with orionlm registered as a model, e.g.
+      orionlm lm-eval --model orionlm --model_args pretrained=runs/m --tasks hellaswag --limit 100
+    Needs `pip install 'orionlm[harness]'`; its own options: `orionlm lm-eval -- --help`.
+
+    Args:
+        args: lm_eval's arguments, passed on unchanged
+    """
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from ..eval import harness  # noqa: F401  registers "orionlm"
+    except ImportError as e:
+        raise OrionError(f"lm-eval is not installed ({e.name} is missing): pip install 'orionlm[harness]'") from None
+    sys.argv = ["lm_eval", *[a for a in args if a != "--"]]
+    cli_evaluate()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write a results file atomically (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")

@@ -1,0 +1,74 @@
+"""`orionlm serve`: the verb that loads a model and runs the HTTP server of orionlm.serve on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import OrionError
+
+API_KEY_ENV = "ORIONLM_API_KEY"
+
+
+def serve_model(
+    model: str,
+    /,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_cached_tokens: int | None = None,
+    prefill_chunk: int = 512,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    no_think: bool = False,
+    device: str | None = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with SSE), /health, /tokenize,
+    /detokenize, /tokenizer_info. Needs `pip install 'orionlm[serve]'`.
+
+    Example:
+      orionlm serve runs/quickstart/model --port 8000
+      curl localhost:8000/v1/completions -H 'content-type: application/json' -d '{"model": "model", "prompt": "def"}'
+
+    Args:
+        model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
+        host: the address to listen on (127.0.0.1: this machine only)
+        port: the TCP port
+        max_batch: how many requests decode together; more wait in a queue
+        max_cached_tokens: the cached-token budget (prompt + max_tokens of the running requests); default
+            max_batch x the model's context
+        prefill_chunk: prompt tokens prefilled per engine step, so long prompts do not stall running requests
+        api_key: require 'Authorization: Bearer KEY' (default: the ORIONLM_API_KEY environment variable)
+        served_model_name: the model id clients send (default: the directory's name)
+        no_think: a thinking (Quiet-STaR) model answers without thoughts unless a request sends "think": true
+        device: cpu, cuda or cuda:N (default: cuda when available)
+    """
+    try:
+        import uvicorn
+
+        from ..serve.api import create_app
+        from ..serve.serving import AsyncEngine, Server
+    except ImportError as e:
+        raise OrionError(
+            f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'orionlm[serve]'"
+        ) from None
+    from ..generation.engine import Engine
+    from ..loading import load_model
+
+    lm, tokenizer, _ = load_model(model, device=device)
+    if tokenizer is None:
+        raise OrionError(f"{model} has no tokenizer.json; the server needs one")
+    name = served_model_name or Path(str(model)).name
+    engine = AsyncEngine(
+        Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
+    )
+    defaults = dict(getattr(lm, "generation_defaults", None) or {})
+    if no_think:
+        defaults["think"] = False
+    server = Server(engine, tokenizer, name, defaults)
+    ready = f"orionlm serve: ready on http://{host}:{port}/v1 (model {name!r}, max batch {max_batch})"
+    app = create_app(server, api_key or os.environ.get(API_KEY_ENV), ready)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

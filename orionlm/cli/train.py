@@ -1,0 +1,92 @@
+"""`orionlm train`, `orionlm plot`, `orionlm quickstart` and `orionlm tokenizer train`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def train_model(recipe: Path, /, *overrides: str) -> None:
+    """Train a model from a recipe: data mixture, tokenizer, model, optimizer, schedule, run options.
+
+    `mode: pretrain` (the default) trains from scratch on text; `mode: sft` fine-tunes all of a trained
+    model (model.path) and `mode: lora` trains adapters on it, on chat data (see configs/sft-lora.yaml);
+    `mode: quietstar` teaches a trained model to think before every token, on text (configs/quietstar.yaml).
+    Every recipe key can be overridden after the recipe path, e.g.
+      orionlm train configs/tinyshakespeare-moe.yaml --run.max_steps=200 --optim.lr=1e-3
+      orionlm train configs/sft-lora.yaml --model.path=runs/my-model --lora.r=32
+    `--resume` continues the run in run.out_dir from its latest checkpoint; `--resume DIR` from DIR.
+    Under torchrun the same command trains with DDP (or FSDP2 with --run.fsdp=true):
+      torchrun --nproc-per-node 2 -m orionlm train RECIPE.yaml
+
+    Args:
+        recipe: the recipe YAML file (see configs/)
+        overrides: --section.key=value changes to the recipe, and --resume [DIR]
+    """
+    from ..train.recipe import load_recipe
+    from ..train.trainer import train
+
+    train(load_recipe(recipe, overrides))
+
+
+def plot(run_dir: Path, /, *, compare: list[Path] | None = None, out: Path | None = None) -> None:
+    """Write charts of a training run: loss.png, lr.png, expert_load.png (MoE runs).
+
+    With --compare, one loss chart over several runs (e.g. MoE against dense) goes to --out.
+
+    Args:
+        run_dir: a run directory (it holds metrics.jsonl)
+        compare: other run directories to draw beside it
+        out: the comparison chart's path (default: RUN_DIR/compare.png)
+    """
+    from ..train.plot import plot_comparison, plot_run
+
+    if compare:
+        runs = {p.name: p for p in [run_dir, *compare]}
+        print(f"wrote {plot_comparison(runs, out or run_dir / 'compare.png')}")
+        return
+    for path in plot_run(run_dir):
+        print(f"wrote {path}")
+
+
+def quickstart(
+    *overrides: str, out: Path = Path("runs/quickstart"), steps: int = 400, print_recipe: bool = False
+) -> None:
+    """Train a tiny MoE on the Python standard library's sources in a few CPU minutes, then show it works.
+
+    Trains a BPE tokenizer and a ~3M-parameter MoE (8 experts, top-2) on the top-level modules of the
+    standard library, then prints the parameter counts, the loss table against the unigram entropy of
+    the data, and a continuation of "def fibonacci(n):"; writes loss.png and expert_load.png.
+
+    Args:
+        out: the run directory (replaced if it exists)
+        steps: optimizer steps (16 sequences of 256 tokens each)
+        print_recipe: print the recipe as YAML (to copy into a file for `orionlm train`) and stop
+        overrides: --section.key=value changes to the recipe
+    """
+    import yaml
+
+    from ..quickstart import quickstart_recipe, run_quickstart
+
+    if print_recipe:
+        print(yaml.safe_dump(quickstart_recipe(out, steps), sort_keys=False), end="")
+        return
+    if out.exists():
+        shutil.rmtree(out)
+    run_quickstart(out, steps, list(overrides))
+
+
+def tokenizer_train(files: list[Path], /, *, vocab_size: int, out: Path) -> None:
+    """Train a byte-level BPE tokenizer on text files (.gz files are read too).
+
+    Args:
+        files: the training text files
+        vocab_size: the vocabulary size, special tokens included
+        out: the directory to write tokenizer.json, tokenizer_config.json and chat_template.jinja to
+    """
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(files, vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    print(f"wrote {out} ({tok.vocab_size} tokens)")
