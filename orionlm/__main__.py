@@ -144,7 +144,8 @@ def _weight_bytes(path: Path) -> dict[str, int]:
 
 def _read_config(path: Path):
     """The ModelConfig of a model directory or GGUF file, without reading the weights where possible."""
-    from .config import ModelConfig, from_auron_config, is_auron_config
+    from .config import ModelConfig
+    from .convert.auron import from_auron_config, is_auron_config
     from .loading import resolve_model_path
 
     path = resolve_model_path(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, read_config_json, read_generation_config, resolve_device
-from .config import is_auron_config
+from .convert.auron import is_auron_config, load_auron
 from .errors import OrionError
 from .model import OrionLM
 from .nn.lora import ADAPTER_CONFIG, load_adapter
@@ -78,8 +78,6 @@ def load_model(
         return model, tokenizer, device
     data = read_config_json(path)
     if is_auron_config(data):
-        from .convert.auron import load_auron
-
         model, tokenizer = load_auron(path, device=device, dtype=dtype)
     elif data.get("model_type", "orionlm") == "orionlm":
         model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orionlm.config import ConfigError, ModelConfig, from_auron_config, preset, to_auron_config
+from orionlm.config import ConfigError, ModelConfig, preset
+from orionlm.convert.auron import from_auron_config, to_auron_config
 from orionlm.generation import generate_ids
 from orionlm.model import OrionLM, count_parameters, virtual_parameters
 from orionlm.nn.rope import RotaryEmbedding, apply_rotary
