@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OrionError, unknown_names
+from .errors import OrionError, checker, unknown_names
 
 NORMS = ("rmsnorm", "layernorm", "rmsnorm_noweight")
 ARCHITECTURES = ("decoder", "chimera")
@@ -116,9 +116,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
+        need = checker(ConfigError)
 
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
             need(getattr(self, key) > 0, f"{key} must be positive, got {getattr(self, key)}")
