@@ -47,6 +47,13 @@ class ChimeraBlock(nn.Module):
             self.attn_lambda = nn.Parameter(torch.tensor(RESID_LAMBDA_INIT))
             self.mlp_lambda = nn.Parameter(torch.tensor(RESID_LAMBDA_INIT))
 
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """The residual lambdas start at sqrt(1.1), as Auron's do."""
+        if hasattr(self, "attn_lambda"):
+            self.attn_lambda.fill_(RESID_LAMBDA_INIT)
+            self.mlp_lambda.fill_(RESID_LAMBDA_INIT)
+
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
@@ -102,6 +109,13 @@ class ChimeraDecoder(nn.Module):
             self.schedule.append((block, loop, counters[kind]))
             counters[kind] += 1
         self.attention_slots, self.gdn_slots = counters[True], counters[False]
+
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """As Auron starts them: x0 injection and layer ids off (0), U-Net skips on (1)."""
+        for name, value in (("x0_lambdas", 0.0), ("skip_weights", 1.0), ("layer_ids", 0.0)):
+            if hasattr(self, name):
+                getattr(self, name).fill_(value)
 
     def new_cache(self, batch_size: int, capacity: int, device, dtype) -> HybridCache:
         gdn = next((b.linear_attn for b in self.layers if not b.is_attention), None)

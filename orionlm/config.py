@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OrionError, unknown_names
+from .errors import OrionError, checker, unknown_names
 
 NORMS = ("rmsnorm", "layernorm", "rmsnorm_noweight")
 ARCHITECTURES = ("decoder", "chimera")
@@ -116,9 +116,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
+        need = checker(ConfigError)
 
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
             need(getattr(self, key) > 0, f"{key} must be positive, got {getattr(self, key)}")
@@ -294,85 +292,20 @@ BLOOM_LAYOUT = dict(
     hf_model_type="bloom",
 )
 
-# Auron's config.json keys and their ModelConfig fields (booleans and sizes that map one to one).
-_AURON_KEYS = {
-    "dim": "hidden_size",
-    "n_heads": "num_heads",
-    "n_kv_heads": "num_kv_heads",
-    "head_dim": "head_dim",
-    "gdn_n_heads": "gdn_num_heads",
-    "gdn_head_dim": "gdn_head_dim",
-    "gdn_expand_v": "gdn_expand_v",
-    "conv_kernel": "gdn_conv_kernel",
-    "gdn_use_gate": "gdn_use_gate",
-    "gdn_use_short_conv": "gdn_use_short_conv",
-    "attn_interval": "attn_interval",
-    "use_x0_inject": "x0_inject",
-    "use_resid_lambdas": "resid_lambdas",
-    "use_skip_connections": "unet_skips",
-    "rope_base": "rope_theta",
-    "n_physical_top": "shared_layers",
-    "n_top_loops": "loops",
-    "max_seq_len": "max_seq_len",
-    "vocab_size": "vocab_size",
-}
-# What Auron's code fixes rather than configures: weightless RMSNorm (eps 1e-6) on the embeddings, in
-# every block and before the tied head; no biases; no qk-norm.
-_AURON_FIXED = dict(
-    architecture="chimera", norm="rmsnorm_noweight", norm_eps=1e-6, embedding_norm=True, tie_embeddings=True
-)
 
-
-def is_auron_config(data: dict[str, Any]) -> bool:
-    return "n_bottom" in data and "dim" in data
-
-
-def from_auron_config(data: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields from an Auron config.json. Its FFN width is int(dim x ffn_mult), unrounded, and
-    its partial RoPE rotates 2 x int(head_dim x partial_rotary_factor) dims (a factor of 0.25 rotates half
-    of each head), which is partial_rotary_factor = that / head_dim here."""
-    unknown = [
-        k for k in data if k not in (*_AURON_KEYS, "n_bottom", "ffn_mult", "partial_rotary_factor", "use_diff_attn")
-    ]
-    if unknown:
-        raise ConfigError(f"unknown Auron config keys: {unknown_names(unknown, set(_AURON_KEYS))}")
-    if data.get("use_diff_attn"):
-        raise ConfigError("Auron's differential attention (use_diff_attn: true) is not supported; only false loads")
-    fields = {ours: data[theirs] for theirs, ours in _AURON_KEYS.items() if theirs in data}
-    dim, head_dim = data["dim"], data.get("head_dim") or data["dim"] // data["n_heads"]
-    fields["num_layers"] = data["n_bottom"] + data.get("n_physical_top", 0)
-    fields["intermediate_size"] = int(dim * data.get("ffn_mult", 2.67))
-    fields["partial_rotary_factor"] = 2 * int(head_dim * data.get("partial_rotary_factor", 0.25)) / head_dim
-    return _AURON_FIXED | fields
-
-
-def to_auron_config(config: ModelConfig) -> dict[str, Any]:
-    """The Auron config.json of a chimera config (the inverse of from_auron_config). ffn_mult is the
-    shortest decimal that gives the same width (2.67 for 4101 at dim 1536, not 2.669921875)."""
-    fixed = {k: getattr(config, k) for k in _AURON_FIXED}
-    if fixed != _AURON_FIXED or config.qkv_bias or config.qk_norm or config.o_bias:
-        raise ConfigError(f"only Auron-layout chimera models export to Auron's format ({_AURON_FIXED}, no biases)")
-    if config.thinks:
-        raise ConfigError("a Quiet-STaR model's meta embeddings and mixing head have no place in Auron's format")
-    data = {theirs: getattr(config, ours) for theirs, ours in _AURON_KEYS.items()}
-    data["n_bottom"] = config.num_layers - config.shared_layers
-    exact = config.intermediate_size / config.hidden_size
-    shortest = (round(exact, digits) for digits in range(1, 16))
-    data["ffn_mult"] = next((m for m in shortest if int(config.hidden_size * m) == config.intermediate_size), exact)
-    data["partial_rotary_factor"] = config.rotary_dim / 2 / config.head_dim
-    data["use_diff_attn"] = False
-    return data
-
-
-def _auron(**keys: Any) -> dict[str, Any]:
-    """A preset from Auron config.json keys; the published files all have these values in common."""
-    common = dict(
-        head_dim=64, gdn_head_dim=64, gdn_expand_v=2, conv_kernel=4, gdn_use_gate=True, gdn_use_short_conv=True,
-        ffn_mult=2.67, attn_interval=4, use_x0_inject=True, use_resid_lambdas=True, use_skip_connections=True,
-        use_diff_attn=False, rope_base=10000.0, partial_rotary_factor=0.25, n_top_loops=3, max_seq_len=2048,
-        vocab_size=151936,
-    )  # fmt: skip
-    return from_auron_config(common | keys)
+def _auron(dim: int, heads: int, kv_heads: int, bottom: int, top: int, **changes: Any) -> dict[str, Any]:
+    """An Auron preset (orionlm.convert.auron reads and writes its config.json). What Auron's code fixes:
+    weightless RMSNorm (eps 1e-6) on the embeddings, in every block and before the tied head, no biases.
+    What the published config.json files share: 64-dim heads, ffn_mult 2.67 (an unrounded FFN width of
+    int(dim x 2.67)), one attention block in 4, x0 injection, residual lambdas, U-Net skips, RoPE on half of
+    each head (Auron's partial_rotary_factor 0.25 counts pairs) and the top zone looped 3 times."""
+    return dict(
+        architecture="chimera", norm="rmsnorm_noweight", norm_eps=1e-6, embedding_norm=True, tie_embeddings=True,
+        hidden_size=dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=64, gdn_num_heads=heads, gdn_head_dim=64,
+        gdn_expand_v=2, gdn_conv_kernel=4, intermediate_size=int(dim * 2.67), attn_interval=4, x0_inject=True,
+        resid_lambdas=True, unet_skips=True, rope_theta=10000.0, partial_rotary_factor=0.5,
+        num_layers=bottom + top, shared_layers=top, loops=3, max_seq_len=2048, vocab_size=151936,
+    ) | changes  # fmt: skip
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -392,20 +325,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "tiny-alibi": _TINY | BLOOM_LAYOUT | dict(num_kv_heads=4, intermediate_size=256),
     # 2 bottom + 2 shared blocks looped twice (6 virtual layers), GDN then attention in each zone
-    "tiny-chimera": _auron(
-        dim=64,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        gdn_n_heads=4,
-        gdn_head_dim=16,
-        attn_interval=2,
-        n_bottom=2,
-        n_physical_top=2,
-        n_top_loops=2,
-        vocab_size=512,
-        max_seq_len=256,
-    ),  # fmt: skip
+    "tiny-chimera": _auron(64, 4, 2, bottom=2, top=2, head_dim=16, gdn_head_dim=16, attn_interval=2, loops=2)
+    | dict(vocab_size=512, max_seq_len=256),
     # mistralai/Mistral-7B-v0.1 config.json
     "mistral-7b": _mistral_7b(),
     # mistralai/Mixtral-8x7B-v0.1 config.json: 46.7B total, 12.9B active
@@ -454,9 +375,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Auron (Depth-Efficient Language Models via Hybrid Recurrent-Attention Weight Sharing). 510M: its
     # config.json (509.9M unique, 786.9M virtual parameters). 279M and 1.1B: the published depth and width
     # (4 + 4x3 at dim 1024, 6 + 6x3 at dim 2048) with the 510M file's 64-dim heads and 4:1 GQA.
-    "auron-279m": _auron(dim=1024, n_heads=16, n_kv_heads=4, gdn_n_heads=16, n_bottom=4, n_physical_top=4),
-    "auron-510m": _auron(dim=1536, n_heads=24, n_kv_heads=6, gdn_n_heads=24, n_bottom=4, n_physical_top=4),
-    "auron-1.1b": _auron(dim=2048, n_heads=32, n_kv_heads=8, gdn_n_heads=32, n_bottom=6, n_physical_top=6),
+    "auron-279m": _auron(1024, 16, 4, bottom=4, top=4),
+    "auron-510m": _auron(1536, 24, 6, bottom=4, top=4),
+    "auron-1.1b": _auron(2048, 32, 8, bottom=6, top=6),
 }
 
 # generation_config.json defaults that come with a preset (save_checkpoint writes them)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, read_config_json, read_generation_config, resolve_device
-from .config import ModelConfig, from_auron_config, is_auron_config
+from .config import ModelConfig
+from .convert.auron import from_auron_config, is_auron_config, load_auron
 from .convert.peft import ADAPTER_CONFIG, load_adapter
 from .errors import OrionError
 from .model import OrionLM
@@ -78,8 +79,6 @@ def load_model(
         return model, tokenizer, device
     data = read_config_json(path)
     if is_auron_config(data):
-        from .convert.auron import load_auron
-
         model, tokenizer = load_auron(path, device=device, dtype=dtype)
     elif data.get("model_type", "orionlm") == "orionlm":
         model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .chimera import RESID_LAMBDA_INIT, ChimeraDecoder
+from .chimera import ChimeraDecoder
 from .config import ModelConfig
 from .errors import OrionError
 from .nn.alibi import alibi_bias, alibi_slopes
@@ -96,33 +96,25 @@ class OrionLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms; Chimera's extras as Auron starts
-        them (x0 and layer ids off, skips and residual lambdas on) and GDN's gates and convolutions as fla
-        does."""
+        """Each module sets its own parameters (init_weights; torch's own layers in _init_torch_layer):
+        Normal(0, initializer_range) weights, zero biases, unit norms; Chimera's extras as Auron starts them
+        and GDN's gates and convolutions as fla does. The draws go in named_parameters order, then GDN's
+        gates, then the thinking head: the order that fixes which weights a seed gives."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if name.startswith("thinking."):
-                continue  # below, with its module
-            if leaf in ("x0_lambdas", "layer_ids") or name.endswith("bias") and leaf != "dt_bias":
-                p.zero_()
-            elif leaf in ("attn_lambda", "mlp_lambda"):
-                p.fill_(RESID_LAMBDA_INIT)
-            elif leaf in ("A_log", "dt_bias"):
-                continue  # below, with their module
-            elif "conv1d" in name:  # nn.Conv1d's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-                bound = 1 / math.sqrt(p[0].numel())
-                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
-            elif p.dim() == 1 or leaf == "skip_weights":
-                p.fill_(1.0)
+        modules = list(self.model.modules())
+        if not self.config.tie_embeddings:  # a tied head is the embedding, set once
+            modules.append(self.lm_head)
+        for module in modules:
+            if hasattr(module, "init_weights"):
+                module.init_weights(std, generator)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-        for module in self.modules():
+                _init_torch_layer(module, std, generator)
+        for module in modules:  # the decay gates are drawn after every weight, as they always were
             if isinstance(module, GatedDeltaNet):
                 module.reset_gates(generator)
         if self.thinking is not None:
-            self.thinking.reset_parameters(std, generator)
+            self.thinking.init_weights(std, generator)
 
     @property
     def device(self) -> torch.device:
@@ -256,6 +248,19 @@ class OrionLM(nn.Module):
             key_pos = torch.arange(L, device=device).expand(B, L)
         bias = alibi_bias(self.alibi_slopes.float(), key_pos)  # (B, H, 1, L)
         return bias.masked_fill(~allowed, float("-inf")).to(dtype), False
+
+
+def _init_torch_layer(module: nn.Module, std: float, generator: torch.Generator | None) -> None:
+    """torch's layers that orionlm uses as they are: Normal(0, std) embeddings, unit LayerNorms with zero
+    biases, and nn.Conv1d's own default, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    if isinstance(module, nn.Embedding):
+        module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+    elif isinstance(module, nn.Conv1d):  # GDN's short convolutions, which have no bias
+        bound = 1 / math.sqrt(module.weight[0].numel())
+        module.weight.copy_((torch.rand(module.weight.shape, generator=generator) * 2 - 1) * bound)
 
 
 def count_parameters(config: ModelConfig) -> tuple[int, int]:

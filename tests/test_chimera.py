@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from numerics import assert_within_float32_noise, float64_twin
 
-from orionlm.config import ConfigError, ModelConfig, from_auron_config, preset, to_auron_config
+from orionlm.config import ConfigError, ModelConfig, preset
+from orionlm.convert.auron import from_auron_config, to_auron_config
 from orionlm.generation import generate_ids
 from orionlm.model import OrionLM, count_parameters, virtual_parameters
 from orionlm.nn.rope import RotaryEmbedding, apply_rotary

@@ -55,7 +55,8 @@ def eval_model(
         chart: compare: also draw the accuracies as grouped bars in this PNG
         device: cpu, cuda or cuda:N (default: cuda when available)
     """
-    from ..eval import compare_chart, compare_table, evaluate, format_table, read_report
+    from ..eval.report import compare_chart, compare_table, format_table, read_report
+    from ..eval.run import evaluate
     from ..loading import load_model
 
     if target[0] == "compare":

@@ -1,4 +1,4 @@
-"""Auron checkpoint directories: their config.json keys (orionlm.config.from_auron_config) and tensor names.
+"""Auron checkpoint directories: their config.json keys (from_auron_config, to_auron_config) and tensor names.
 
 Auron's code names the zones' blocks `bottom_blocks.{i}` and `top_blocks.{j}`; a block holds `attn`
 (q/k/v/o_proj) or `gdn` (flash-linear-attention's GatedDeltaNet: q/k/v/a/b/g/o_proj, q/k/v_conv1d,
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,10 +25,80 @@ from ..checkpoint import (
     state_dict_for_saving,
     write_safetensors,
 )
-from ..config import ConfigError, ModelConfig, from_auron_config, to_auron_config
-from ..errors import OrionError
+from ..config import ConfigError, ModelConfig
+from ..errors import OrionError, unknown_names
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
+
+# Auron's config.json keys and their ModelConfig fields (booleans and sizes that map one to one).
+_AURON_KEYS = {
+    "dim": "hidden_size",
+    "n_heads": "num_heads",
+    "n_kv_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "gdn_n_heads": "gdn_num_heads",
+    "gdn_head_dim": "gdn_head_dim",
+    "gdn_expand_v": "gdn_expand_v",
+    "conv_kernel": "gdn_conv_kernel",
+    "gdn_use_gate": "gdn_use_gate",
+    "gdn_use_short_conv": "gdn_use_short_conv",
+    "attn_interval": "attn_interval",
+    "use_x0_inject": "x0_inject",
+    "use_resid_lambdas": "resid_lambdas",
+    "use_skip_connections": "unet_skips",
+    "rope_base": "rope_theta",
+    "n_physical_top": "shared_layers",
+    "n_top_loops": "loops",
+    "max_seq_len": "max_seq_len",
+    "vocab_size": "vocab_size",
+}
+# What Auron's code fixes rather than configures: weightless RMSNorm (eps 1e-6) on the embeddings, in
+# every block and before the tied head; no biases; no qk-norm.
+_AURON_FIXED = dict(
+    architecture="chimera", norm="rmsnorm_noweight", norm_eps=1e-6, embedding_norm=True, tie_embeddings=True
+)
+
+
+def is_auron_config(data: dict[str, Any]) -> bool:
+    return "n_bottom" in data and "dim" in data
+
+
+def from_auron_config(data: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields from an Auron config.json. Its FFN width is int(dim x ffn_mult), unrounded, and
+    its partial RoPE rotates 2 x int(head_dim x partial_rotary_factor) dims (a factor of 0.25 rotates half
+    of each head), which is partial_rotary_factor = that / head_dim here."""
+    unknown = [
+        k for k in data if k not in (*_AURON_KEYS, "n_bottom", "ffn_mult", "partial_rotary_factor", "use_diff_attn")
+    ]
+    if unknown:
+        raise ConfigError(f"unknown Auron config keys: {unknown_names(unknown, set(_AURON_KEYS))}")
+    if data.get("use_diff_attn"):
+        raise ConfigError("Auron's differential attention (use_diff_attn: true) is not supported; only false loads")
+    fields = {ours: data[theirs] for theirs, ours in _AURON_KEYS.items() if theirs in data}
+    dim, head_dim = data["dim"], data.get("head_dim") or data["dim"] // data["n_heads"]
+    fields["num_layers"] = data["n_bottom"] + data.get("n_physical_top", 0)
+    fields["intermediate_size"] = int(dim * data.get("ffn_mult", 2.67))
+    fields["partial_rotary_factor"] = 2 * int(head_dim * data.get("partial_rotary_factor", 0.25)) / head_dim
+    return _AURON_FIXED | fields
+
+
+def to_auron_config(config: ModelConfig) -> dict[str, Any]:
+    """The Auron config.json of a chimera config (the inverse of from_auron_config). ffn_mult is the
+    shortest decimal that gives the same width (2.67 for 4101 at dim 1536, not 2.669921875)."""
+    fixed = {k: getattr(config, k) for k in _AURON_FIXED}
+    if fixed != _AURON_FIXED or config.qkv_bias or config.qk_norm or config.o_bias:
+        raise ConfigError(f"only Auron-layout chimera models export to Auron's format ({_AURON_FIXED}, no biases)")
+    if config.thinks:
+        raise ConfigError("a Quiet-STaR model's meta embeddings and mixing head have no place in Auron's format")
+    data = {theirs: getattr(config, ours) for theirs, ours in _AURON_KEYS.items()}
+    data["n_bottom"] = config.num_layers - config.shared_layers
+    exact = config.intermediate_size / config.hidden_size
+    shortest = (round(exact, digits) for digits in range(1, 16))
+    data["ffn_mult"] = next((m for m in shortest if int(config.hidden_size * m) == config.intermediate_size), exact)
+    data["partial_rotary_factor"] = config.rotary_dim / 2 / config.head_dim
+    data["use_diff_attn"] = False
+    return data
+
 
 # (Auron's name, ours) for the parts of a block, by prefix
 _BLOCK_PARTS = [

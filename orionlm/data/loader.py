@@ -130,10 +130,6 @@ class MixtureDataset:
         """Target tokens in one pass over every source's training windows."""
         return sum(layout.train_windows for layout in self.layouts) * self.seq_len
 
-    @property
-    def num_val_tokens(self) -> int:
-        return sum(layout.val_windows for layout in self.layouts) * self.seq_len
-
     def stats(self) -> list[dict[str, Any]]:
         """Per source, for logging: weight, tokens and documents on disk, training and validation windows."""
         return [

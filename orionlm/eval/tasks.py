@@ -56,7 +56,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 @dataclass
-class Choice:
+class MultipleChoiceItem:
     """A multiple-choice item as prompts: the text before the choices, and the choices, each scored as
     " " + choice after it (lm-evaluation-harness's target delimiter)."""
 
@@ -65,7 +65,7 @@ class Choice:
     choices: list[str]
     answer: int
     subject: str | None = None
-    shots: list[Choice] = field(default_factory=list)  # filled by the runner for k-shot
+    shots: list[MultipleChoiceItem] = field(default_factory=list)  # filled by the runner for k-shot
 
     @property
     def continuations(self) -> list[str]:
@@ -161,14 +161,14 @@ def read_records(task: str, path: Path, split: str = "test") -> list[dict[str, A
     return records
 
 
-def load_choices(task: str, path: Path, split: str = "test") -> list[Choice]:
+def load_choices(task: str, path: Path, split: str = "test") -> list[MultipleChoiceItem]:
     keys, render = FORMATS[task]
     items = []
     for record in read_records(task, path, split):
         _require(record, path, keys)
         prompt, choices = render(record)
         item_id = str(record.get("id", f"{task}-{record['_line']}"))
-        items.append(Choice(item_id, prompt, choices, record["answer"], record.get("subject")))
+        items.append(MultipleChoiceItem(item_id, prompt, choices, record["answer"], record.get("subject")))
     if not items:
         raise EvalError(f"{path} holds no items")
     return items
@@ -178,10 +178,10 @@ def mmlu_description(subject: str | None) -> str:
     return f"The following are multiple choice questions (with answers) about {(subject or '').replace('_', ' ')}.\n\n"
 
 
-def add_shots(items: list[Choice], pool: list[Choice], k: int, seed: int) -> None:
+def add_shots(items: list[MultipleChoiceItem], pool: list[MultipleChoiceItem], k: int, seed: int) -> None:
     """k examples per item from `pool` (never the item itself; MMLU: the same subject), drawn with a
     generator seeded per item, so an item's shots do not depend on --limit or on the other items."""
-    by_subject: dict[str | None, list[Choice]] = {}
+    by_subject: dict[str | None, list[MultipleChoiceItem]] = {}
     for shot in pool:
         by_subject.setdefault(shot.subject, []).append(shot)
     for item in items:
@@ -191,7 +191,7 @@ def add_shots(items: list[Choice], pool: list[Choice], k: int, seed: int) -> Non
         item.shots = random.Random(f"{seed}:{item.id}").sample(candidates, k)
 
 
-def prompt_with_shots(task: str, item: Choice) -> str:
+def prompt_with_shots(task: str, item: MultipleChoiceItem) -> str:
     text = "".join(shot.gold() + "\n\n" for shot in item.shots) + item.prompt
     return mmlu_description(item.subject) + text if task == "mmlu" else text
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import OrionError, unknown_names
+from ..errors import OrionError, checker, unknown_names
 
 
 class GenerationError(OrionError):
@@ -65,9 +65,7 @@ class GenerationConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise GenerationError(message)
+        need = checker(GenerationError)
 
         def is_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)

@@ -164,6 +164,10 @@ class GatedRMSNorm(nn.Module):
         y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return y if gate is None else y * F.silu(gate.float())
 
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        self.weight.fill_(1.0)
+
 
 class GatedDeltaNet(nn.Module):
     """The GDN mixer: (B, T, hidden) -> (B, T, hidden), num_heads heads with keys of head_dim and values of

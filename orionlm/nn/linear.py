@@ -40,6 +40,13 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) weight, zero bias."""
+        self.weight.copy_(torch.randn(self.weight.shape, generator=generator) * std)
+        if self.bias is not None:
+            self.bias.zero_()
+
 
 def to_column_major(weight: torch.Tensor) -> torch.Tensor:
     """The same values and shape, stored as the transpose of a contiguous (..., in, out) tensor."""

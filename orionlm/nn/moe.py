@@ -26,6 +26,12 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, device=device))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate, device=device))
 
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std), every expert drawn as one stack."""
+        for stack in (self.gate_up_proj, self.down_proj):
+            stack.copy_(torch.randn(stack.shape, generator=generator) * std)
+
     def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The (gate_up_proj, down_proj) stacks the single-token and reference paths multiply by, for the given
         experts (default all). Here the parameters themselves, or views of them; nn.lora.LoRAExperts adds its

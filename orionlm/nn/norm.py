@@ -16,6 +16,11 @@ class RMSNorm(nn.Module):
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return y if self.weight is None else self.weight * y
 
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        if self.weight is not None:
+            self.weight.fill_(1.0)
+
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":

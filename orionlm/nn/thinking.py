@@ -31,7 +31,7 @@ class ThinkingHead(nn.Module):
         )
 
     @torch.no_grad()
-    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) hidden layers with zero biases, and a zero last layer (w = 0). The meta embeddings
         are set from the vocabulary when the tokens are added (add_thought_tokens)."""
         for module in self.mixing_head:

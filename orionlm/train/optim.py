@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..chimera import ChimeraDecoder
-from ..errors import OrionError, unknown_names
+from ..errors import OrionError, checker, unknown_names
 from ..nn.moe import Experts, MoE
 
 OPTIMIZERS = ("adamw", "muon")
@@ -86,9 +86,7 @@ class OptimConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise OptimError(message)
+        need = checker(OptimError)
 
         need(
             self.name in OPTIMIZERS,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import OrionError, unknown_names
+from ..errors import OrionError, checker, unknown_names
 
 KINDS = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("cosine", "linear", "sqrt")
@@ -44,9 +44,7 @@ class ScheduleConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ScheduleError(message)
+        need = checker(ScheduleError)
 
         need(self.kind in KINDS, f"unknown schedule kind {unknown_names([self.kind], KINDS)}; use one of {KINDS}")
         need(

@@ -14,7 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from orionlm.checkpoint import CheckpointError
 from orionlm.config import preset
-from orionlm.convert.hf import ConvertError, config_from_hf, hf_architecture, load_hf, save_hf
+from orionlm.convert.hf import config_from_hf, load_hf, save_hf
+from orionlm.convert.hf_architectures import hf_architecture
+from orionlm.convert.hf_config import ConvertError
 from orionlm.model import OrionLM
 from orionlm.tokenizer import Tokenizer
 

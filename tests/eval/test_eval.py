@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from orionlm.config import preset
 from orionlm.convert.hf import save_hf
-from orionlm.eval import evaluate, format_table
+from orionlm.eval.report import format_table
+from orionlm.eval.run import evaluate
 from orionlm.eval.scoring import encode_pair, loglikelihood, perplexity
 from orionlm.eval.tasks import EvalError, add_shots, load_choices, load_documents
 from orionlm.model import OrionLM

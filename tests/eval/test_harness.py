@@ -13,7 +13,7 @@ import orionlm.eval.harness  # noqa: E402, F401  (registers "orionlm")
 from orionlm.checkpoint import save_checkpoint  # noqa: E402
 from orionlm.config import preset  # noqa: E402
 from orionlm.convert.hf import save_hf  # noqa: E402
-from orionlm.eval import evaluate  # noqa: E402
+from orionlm.eval.run import evaluate  # noqa: E402
 from orionlm.model import OrionLM  # noqa: E402
 from orionlm.tokenizer import Tokenizer  # noqa: E402
 
