@@ -19,7 +19,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 gguf = pytest.importorskip("gguf", reason="GGUF import needs the `gguf` package (pip install 'orionlm[gguf]')")
 
 from orionlm.convert import gguf as orion_gguf  # noqa: E402
-from orionlm.convert.gguf import SPIECE_SPACE, GGUFError, load_gguf, save_gguf  # noqa: E402
+from orionlm.convert.gguf import GGUFError, load_gguf, save_gguf  # noqa: E402
+from orionlm.convert.gguf_vocab import SPIECE_SPACE  # noqa: E402
 from orionlm.generation import generate_ids  # noqa: E402
 from orionlm.tokenizer import Tokenizer  # noqa: E402
 
