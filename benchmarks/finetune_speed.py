@@ -70,6 +70,7 @@ from orionlm.data.chat import IGNORE, read_conversations
 from orionlm.data.loader import DataConfig
 from orionlm.data.sft import build_chat_dataset
 from orionlm.data.sources import SourceConfig
+from orionlm.model import add_router_losses
 from orionlm.nn.lora import LoRAConfig, apply_lora
 from orionlm.tokenizer import Tokenizer
 from orionlm.train.optim import OptimConfig, build_optimizer
@@ -119,10 +120,7 @@ def orionlm_trainee(name: str, model: OrionLM) -> Trainee:
 
     def loss(batch: Batch) -> torch.Tensor:
         out = model(**batch)
-        total = out.loss
-        if out.aux_loss is not None:  # the trainer's router losses
-            total = total + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
-        return total
+        return add_router_losses(out.loss, out, config)  # the trainer's loss
 
     return Trainee(name, model.train(), build_optimizer(model, OPTIM), loss)
 

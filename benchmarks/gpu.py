@@ -44,6 +44,7 @@ import orionlm
 from orionlm import OrionLM, preset
 from orionlm.convert.hf import load_hf
 from orionlm.generation import Engine, GenerationConfig, Request
+from orionlm.model import add_router_losses
 from orionlm.nn.gdn import GatedDeltaNet
 from orionlm.train.metrics import flops_per_token, measure_peak_flops
 
@@ -135,9 +136,7 @@ def train_step(model: torch.nn.Module, hf: bool, device: torch.device) -> Callab
                 loss = model(input_ids=inputs, labels=targets, shift_labels=targets, output_router_logits=True).loss
             else:
                 out = model(inputs, targets=targets)
-                loss = out.loss
-                if out.aux_loss is not None:
-                    loss = loss + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
+                loss = add_router_losses(out.loss, out, config)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

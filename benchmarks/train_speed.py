@@ -41,6 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 import orionlm
 from orionlm import OrionLM
 from orionlm.convert.hf import load_hf
+from orionlm.model import add_router_losses
 from orionlm.train.metrics import flops_per_token, measure_peak_flops
 
 SHAPE = dict(
@@ -96,10 +97,8 @@ def orionlm_step(model: OrionLM) -> Step:
 
     def step(batch: Batch) -> float:
         inputs, targets = batch
-        out = model(inputs, targets=targets)  # the trainer's loss (orionlm.train.trainer.train)
-        loss = out.loss
-        if out.aux_loss is not None:
-            loss = loss + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
+        out = model(inputs, targets=targets)
+        loss = add_router_losses(out.loss, out, config)  # the trainer's loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

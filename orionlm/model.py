@@ -37,6 +37,14 @@ class ModelOutput:
     hidden: torch.Tensor | None = None  # (B, T, C) after the final norm, when asked for (output_hidden)
 
 
+def add_router_losses(loss: torch.Tensor, out: ModelOutput, config: ModelConfig) -> torch.Tensor:
+    """loss plus the MoE router losses at the config's weights: what training minimises (loss alone for models
+    without experts)."""
+    if out.aux_loss is None:
+        return loss
+    return loss + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()

@@ -1,12 +1,15 @@
 import dataclasses
 import os
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from orionlm.checkpoint import save_checkpoint
 from orionlm.config import preset
 from orionlm.model import OrionLM
+from orionlm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -37,3 +40,16 @@ def thinking_model():
         return model
 
     return build
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory) -> Path:
+    """A tiny dense model with a BPE tokenizer trained on the standard library's json package, for servers."""
+    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))]
+    tokenizer = Tokenizer.train_bpe_from_texts(texts, vocab_size=400)
+    config = preset("tiny-dense", vocab_size=tokenizer.vocab_size, max_seq_len=2048, initializer_range=0.1)
+    model = OrionLM(config)
+    model.reset_parameters(seed=0)
+    path = tmp_path_factory.mktemp("serve") / "model"
+    save_checkpoint(model, path, tokenizer, generation_config={})  # no defaults: OpenAI's apply
+    return path

@@ -36,7 +36,7 @@ from ..data.loader import MixtureDataset
 from ..data.sft import ChatDataset, build_chat_dataset
 from ..errors import OrionError
 from ..loading import STATE_JSON, find_checkpoints, load_model, resolve_model_path
-from ..model import OrionLM, count_parameters
+from ..model import OrionLM, add_router_losses, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
 from .distributed import Dist, full_state, load_full_state, setup_distributed, wrap_model
@@ -332,10 +332,7 @@ class Trainer:
         no_sync = self.d.world_size > 1 and not self.run.fsdp and not sync
         with self.wrapped.no_sync() if no_sync else contextlib.nullcontext(), self.autocast:
             out = self.wrapped(**to_device(batch, self.d.device))
-            total = out.loss * weight
-            if out.aux_loss is not None:
-                total = total + self.config.router_aux_loss_coef * out.aux_loss
-                total = total + self.config.router_z_loss_coef * out.z_loss
+            total = add_router_losses(out.loss * weight, out, self.config)
             (total / self.run.grad_accum).backward()
         return out
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from orionlm.config import preset
-from orionlm.model import OrionLM
+from orionlm.model import OrionLM, add_router_losses
 from orionlm.train.optim import OptimConfig, build_optimizer
 from orionlm.train.quietstar import QuietStar, QuietStarConfig
 
@@ -48,11 +48,7 @@ def batch(model: OrionLM) -> tuple[torch.Tensor, torch.Tensor]:
 def loss_of(model: OrionLM, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """What the trainer minimises: the LM loss (Quiet-STaR's for a thinking model) plus the router losses."""
     out = QuietStar(model, QUIETSTAR)(inputs, targets) if model.config.thinks else model(inputs, targets=targets)
-    loss = out.loss
-    if out.aux_loss is not None:
-        config = model.config
-        loss = loss + config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
-    return loss
+    return add_router_losses(out.loss, out, model.config)
 
 
 def train_step(model: OrionLM, inputs, targets, device: torch.device, bf16: bool) -> tuple[float, dict, OrionLM]:

@@ -6,7 +6,6 @@ import contextlib
 import socket
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,27 +13,11 @@ import pytest
 import torch
 
 from orionlm import load_model
-from orionlm.checkpoint import save_checkpoint
-from orionlm.config import preset
 from orionlm.generation import Engine, GenerationConfig, Request
-from orionlm.model import OrionLM
-from orionlm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.cuda
 
 KEY, NAME, MAX_BATCH, PREFILL_CHUNK = "test-key", "tiny", 4, 16
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))]
-    tokenizer = Tokenizer.train_bpe_from_texts(texts, vocab_size=400)
-    config = preset("tiny-dense", vocab_size=tokenizer.vocab_size, max_seq_len=2048, initializer_range=0.1)
-    model = OrionLM(config)
-    model.reset_parameters(seed=0)
-    path = tmp_path_factory.mktemp("serve") / "model"
-    save_checkpoint(model, path, tokenizer, generation_config={})
-    return path
 
 
 @contextlib.contextmanager
@@ -67,17 +50,17 @@ def local_greedy(model_dir: Path, device: torch.device, prompt_ids: list[int], m
     return tokenizer.decode([t for t in request.output if t != tokenizer.eos_id])
 
 
-def test_server_on_gpu_answers_the_openai_client(model_dir, device):
+def test_server_on_gpu_answers_the_openai_client(served_model_dir, device):
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    _, tokenizer, _ = load_model(model_dir, device="cpu")
+    _, tokenizer, _ = load_model(served_model_dir, device="cpu")
     prompt = "def dumps(obj"
     messages = [{"role": "user", "content": "import json"}]
     chat_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
                                 add_special_tokens=False)  # fmt: skip
-    expected = local_greedy(model_dir, device, tokenizer.encode(prompt), 20)
-    expected_chat = local_greedy(model_dir, device, chat_ids, 15)
-    with serving(model_dir, device) as address:
+    expected = local_greedy(served_model_dir, device, tokenizer.encode(prompt), 20)
+    expected_chat = local_greedy(served_model_dir, device, chat_ids, 15)
+    with serving(served_model_dir, device) as address:
         client = openai.OpenAI(base_url=address, api_key=KEY, max_retries=0)
         assert [m.id for m in client.models.list().data] == [NAME]
         out = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0)

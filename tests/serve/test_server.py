@@ -5,7 +5,6 @@ import contextlib
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +14,8 @@ import pytest
 import torch
 
 from orionlm.checkpoint import save_checkpoint
-from orionlm.config import preset
 from orionlm.generation import generate_ids
 from orionlm.loading import load_model
-from orionlm.model import OrionLM
-from orionlm.tokenizer import Tokenizer
 from orionlm.train.quietstar import add_thought_tokens
 
 openai = pytest.importorskip("openai")
@@ -33,18 +29,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))]
-    tokenizer = Tokenizer.train_bpe_from_texts(texts, vocab_size=400)
-    config = preset("tiny-dense", vocab_size=tokenizer.vocab_size, max_seq_len=2048, initializer_range=0.1)
-    model = OrionLM(config)
-    model.reset_parameters(seed=0)
-    path = tmp_path_factory.mktemp("serve") / "model"
-    save_checkpoint(model, path, tokenizer, generation_config={})  # no defaults: OpenAI's apply
-    return path
 
 
 @contextlib.contextmanager
@@ -64,8 +48,8 @@ def _serve(model_dir: Path, *options: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    with _serve(model_dir) as address:
+def server(served_model_dir):
+    with _serve(served_model_dir) as address:
         yield address
 
 
@@ -75,8 +59,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def local(model_dir):
-    model, tokenizer, _ = load_model(model_dir)
+def local(served_model_dir):
+    model, tokenizer, _ = load_model(served_model_dir)
     return model, tokenizer
 
 
@@ -216,10 +200,10 @@ def test_tokenize_detokenize(server, local):
     assert info["vocab_size"] == tokenizer.vocab_size and info["eos_token"] == tokenizer.eos_token
 
 
-def test_a_thinking_model_thinks_unless_told_not_to(model_dir, tmp_path):
+def test_a_thinking_model_thinks_unless_told_not_to(served_model_dir, tmp_path):
     """A Quiet-STaR model served with --no-think: a request's "think": true gives the tokens of generation with
     thoughts, the default those of its base predictions; the meta tokens never reach the text."""
-    model, tokenizer, _ = load_model(model_dir)
+    model, tokenizer, _ = load_model(served_model_dir)
     model = add_thought_tokens(model, tokenizer, n_ahead=5)
     torch.nn.init.normal_(model.thinking.mixing_head[-1].weight, std=1.0)
     save_checkpoint(model, tmp_path / "thinking", tokenizer, generation_config={})
