@@ -97,6 +97,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, never read by the model
 
     def __post_init__(self) -> None:
+        self.check_sizes()  # before the derived sizes below divide by them
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
@@ -115,11 +116,18 @@ class ModelConfig:
             self.gdn_head_dim = self.gdn_head_dim or self.head_dim
         self.validate()
 
+    def check_sizes(self) -> None:
+        need = checker(ConfigError)
+        sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len")
+        optional = ("num_kv_heads", "head_dim")
+        for key in sizes + tuple(k for k in optional if getattr(self, k) is not None):
+            value = getattr(self, key)
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            need(whole and value > 0, f"{key} must be a positive integer, got {value!r}")
+
     def validate(self) -> None:
         need = checker(ConfigError)
-
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
-            need(getattr(self, key) > 0, f"{key} must be positive, got {getattr(self, key)}")
+        self.check_sizes()
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")

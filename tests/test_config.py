@@ -54,6 +54,10 @@ def test_every_preset_round_trips(tmp_path):
         (dict(num_experts=4, moe_layers=[0, 9]), "moe_layers [9] are outside"),
         (dict(partial_rotary_factor=0.1), "rotary dims"),
         (dict(fused_qkv=True), "fused_qkv"),
+        (dict(num_heads=0), "num_heads must be a positive integer, got 0"),  # before hidden_size % num_heads
+        (dict(num_kv_heads=0), "num_kv_heads must be a positive integer, got 0"),
+        (dict(hidden_size=64.5), "hidden_size must be a positive integer, got 64.5"),
+        (dict(head_dim=True), "head_dim must be a positive integer, got True"),
     ],
 )
 def test_validation_messages(changes, message):

@@ -225,6 +225,8 @@ def merge_models(config: MergeConfig, seed: int = 0, progress: bool = True) -> t
             scopes.insert(0, (f"{model.model}'s parameters.{key}", model.parameters))
         for where, parameters in scopes:
             value = setting(parameters[key], tensor, t, where) if key in parameters else None
+            if key == "density" and value is not None and not 0 < value <= 1:
+                raise MergeError(f"{where} is {value}: a density is the fraction of each task vector kept, in (0, 1]")
             if value is not None:
                 return value
         if defaults[key] is None:

@@ -16,6 +16,7 @@ quietstar: QuietStarConfig (thought length, talk-ahead tokens, thoughts per posi
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,6 +137,20 @@ class Recipe:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-3 as the number a user means: YAML 1.1 wants a dot in a float (1.0e-3)
+    and would read it as a string; YAML 1.2 and every other tool read a float."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YAMLLoader)
+
+
 def build_dataclass(cls: Any, value: Any, where: str) -> Any:
     """value (parsed YAML) as an instance of the annotated type cls, checking keys and types."""
     origin = typing.get_origin(cls)
@@ -189,14 +204,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     dotted, raw = text.split("=", 1)
     keys = dotted.split(".")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = read_yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; on the command line it is a number
-            value = float(value)
-        except ValueError:
-            pass
     node: Any = data
     for key in keys[:-1]:
         if isinstance(node, list):
@@ -245,7 +255,7 @@ def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]
     if not path.is_file():
         raise RecipeError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

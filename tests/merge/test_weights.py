@@ -161,6 +161,10 @@ def test_errors(sources, tmp_path):
         MergeConfig("linear", [MergeInput(code, {"density": 0.5}), MergeInput(numbers)])
     with pytest.raises(MergeError, match=f"ties needs parameter 'weight' for {code}"):
         merge_models(MergeConfig("ties", [MergeInput(code)], base_model=base), progress=False)
+    for density in (5, 0, -0.5):  # a fraction: 5 must not pass as "keep everything"
+        config = MergeConfig("ties", [MergeInput(code, {"weight": 1.0, "density": density})], base_model=base)
+        with pytest.raises(MergeError, match=rf"parameters.density is {density}: a density is the fraction"):
+            merge_models(config, progress=False)
     wide = save_checkpoint(dense(5, intermediate_size=256), tmp_path / "wide", tokenizer())
     with pytest.raises(MergeError, match="does not have .* architecture: intermediate_size 256"):
         merge_models(MergeConfig("linear", [MergeInput(code), MergeInput(str(wide))]), progress=False)

@@ -61,6 +61,16 @@ def test_unknown_keys_and_overrides(tmp_path):
     assert recipe.optim.lr == 1e-3
 
 
+def test_yaml_reads_exponents_without_a_dot_as_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads `lr: 1e-3` as the string '1e-3'; recipes read it as the number a user means
+    path = write_recipe(tmp_path)
+    path.write_text(path.read_text().replace("lr: 0.003", "lr: 1e-3").replace("max_steps: 6", "max_steps: 6e0"))
+    with pytest.raises(RecipeError, match="recipe.run.max_steps must be int, got 6.0"):
+        load_recipe(path)
+    recipe = load_recipe(path, ["run.max_steps=6", "optim.weight_decay=2E-1", "data.sources.0.glob=1e"])
+    assert (recipe.optim.lr, recipe.optim.weight_decay, recipe.data.sources[0].glob) == (1e-3, 0.2, "1e")
+
+
 def test_training_learns_checkpoints_and_logs(tmp_path):
     run_dir = train(load_recipe(write_recipe(tmp_path)))
     records = metrics(run_dir)
