@@ -145,7 +145,8 @@ def leakage(
 def lm_eval(*args: str) -> None:
     """Run lm-evaluation-harness's command line with orionlm registered as a model, e.g.
       orionlm lm-eval --model orionlm --model_args pretrained=runs/m --tasks hellaswag --limit 100
-    Needs `pip install 'orionlm[harness]'`; its own options: `orionlm lm-eval -- --help`.
+    Needs `pip install 'orionlm[harness]'`; its own options: `orionlm lm-eval -- --help`. Without --device the
+    model runs where orionlm would put it (CUDA when available, else the CPU).
 
     Args:
         args: lm_eval's arguments, passed on unchanged
@@ -156,7 +157,13 @@ def lm_eval(*args: str) -> None:
         from ..eval import harness  # noqa: F401  registers "orionlm"
     except ImportError as e:
         raise OrionError(f"lm-eval is not installed ({e.name} is missing): pip install 'orionlm[harness]'") from None
-    sys.argv = ["lm_eval", *[a for a in args if a != "--"]]
+    from ..checkpoint import resolve_device
+
+    args = [a for a in args if a != "--"]
+    if not any(a == "--device" or a.startswith("--device=") for a in args):
+        # lm_eval asks for CUDA when no device is named, which fails on a CPU-only machine
+        args += ["--device", str(resolve_device()[0])]
+    sys.argv = ["lm_eval", *args]
     cli_evaluate()
 
 

@@ -2,6 +2,9 @@
 orionlm's model class, and `orionlm eval` give the same accuracies on the same items."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -66,3 +69,14 @@ def test_lm_eval_agrees(tmp_path):
     assert through_us == theirs
     assert (ours["acc"], ours["acc_norm"]) == pytest.approx(theirs)
     assert 0 < theirs[0] < 1 or 0 < theirs[1] < 1  # the items do not all go one way
+
+    # the README's command line, without --device: on a machine without CUDA it must run on the CPU
+    command = [sys.executable, "-m", "orionlm", "lm-eval", "--model", "orionlm", "--model_args",
+               f"pretrained={tmp_path / 'ours'}", "--tasks", "arc_local", "--include_path", str(tmp_path / "tasks"),
+               "--output_path", str(tmp_path / "results")]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run_cli = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run_cli.returncode == 0, run_cli.stderr[-2000:]
+    (results,) = (tmp_path / "results").rglob("results_*.json")
+    metrics = json.loads(results.read_text())["results"]["arc_local"]
+    assert (metrics["acc,none"], metrics["acc_norm,none"]) == through_us
