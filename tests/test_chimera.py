@@ -128,6 +128,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_auron_directory_loads_and_saves_back(tmp_path):
     from orionlm.checkpoint import read_safetensors, save_checkpoint
+    from orionlm.cli import main
     from orionlm.convert.auron import load_auron, save_auron
     from orionlm.loading import load_model
 
@@ -148,6 +149,13 @@ def test_auron_directory_loads_and_saves_back(tmp_path):
     save_checkpoint(model, tmp_path / "ours")  # our format carries the preset's sampling defaults
     generation = json.loads((tmp_path / "ours" / "generation_config.json").read_text())
     assert generation["top_k"] == 20 and generation["presence_penalty"] == 1.5 and generation["temperature"] == 0.7
+    # the Auron form carries them too: without its presence penalty the model loops ("time time time")
+    defaults = load_model(tmp_path / "auron")[0].generation_defaults
+    assert defaults["presence_penalty"] == 1.5 and defaults["top_k"] == 20
+    main(["convert", "to-auron", str(tmp_path / "ours"), str(tmp_path / "exported")])
+    assert json.loads((tmp_path / "exported" / "generation_config.json").read_text()) == json.loads(
+        (tmp_path / "ours" / "generation_config.json").read_text()
+    )
 
 
 def test_auron_tensor_errors_are_clear(tmp_path):

@@ -106,9 +106,10 @@ def convert_to_auron(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", forc
         dtype: the weights' dtype; auto keeps the source's
         force: replace dst if it exists
     """
+    from ..checkpoint import read_generation_config
     from ..convert.auron import save_auron
 
-    save = lambda model, tokenizer, out: save_auron(model, out, tokenizer)
+    save = lambda model, tokenizer, out: save_auron(model, out, tokenizer, read_generation_config(src))
     _export_model(src, dst, save, dtype=dtype, force=force)
 
 

@@ -25,7 +25,7 @@ from ..checkpoint import (
     state_dict_for_saving,
     write_safetensors,
 )
-from ..config import ConfigError, ModelConfig
+from ..config import AURON_GENERATION, ConfigError, ModelConfig
 from ..errors import OrionError, unknown_names
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
@@ -172,8 +172,14 @@ def load_auron(
     return model, tokenizer
 
 
-def save_auron(model: OrionLM, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write a chimera model as an Auron checkpoint directory, atomically."""
+def save_auron(
+    model: OrionLM,
+    directory: str | Path,
+    tokenizer: Tokenizer | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a chimera model as an Auron checkpoint directory, atomically, with generation_config.json: the
+    given sampling defaults, else Auron's (its presence penalty keeps the model from looping)."""
     config = model.config
     if config.architecture != "chimera":
         raise OrionError(f"only chimera models have an Auron form; this one is {config.family}")
@@ -182,6 +188,8 @@ def save_auron(model: OrionLM, directory: str | Path, tokenizer: Tokenizer | Non
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(auron, indent=2) + "\n")
+        generation = json.dumps(generation_config or AURON_GENERATION, indent=2)
+        (tmp / "generation_config.json").write_text(generation + "\n")
         write_safetensors(tensors, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
