@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
+from ..errors import OrionError
 from ..model import count_parameters, virtual_parameters
 from .distributed import Dist
 
@@ -116,7 +117,7 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
             # Records written after the checkpoint we resume from are replaced by the resumed run's.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line, record in self.records() if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")
@@ -126,6 +127,19 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def records(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each line of metrics.jsonl and its record. A last line that is not JSON is a write that a killed run
+        cut short and is left out; anywhere else it is an error."""
+        lines = self.path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise OrionError(f"{self.path} line {number} is not JSON; mend or delete that line") from None
+        return records
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

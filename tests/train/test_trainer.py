@@ -8,7 +8,8 @@ import torch
 from orionlm import OrionLM, load_model
 from orionlm.config import preset
 from orionlm.data.chat import IGNORE
-from orionlm.train.metrics import flops_per_token, throughput
+from orionlm.errors import OrionError
+from orionlm.train.metrics import MetricsLog, flops_per_token, throughput
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import STATE_JSON, Trainer, find_checkpoints, human_tokens, train
 
@@ -110,10 +111,20 @@ def test_resume_is_bit_identical(tmp_path, preset, optim):
 
             shutil.rmtree(path)
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
-    (interrupted / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # step 4 was logged, not saved
+    # step 4 was logged, not saved, and the process died while writing step 5's record
+    (interrupted / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
     train(load_recipe(write_recipe(tmp_path / "b", **sections), ["--resume"]))
     expected = [(r["step"], r["loss"], r.get("val_loss")) for r in metrics(full)]
     assert [(r["step"], r["loss"], r.get("val_loss")) for r in metrics(interrupted)] == expected
+
+
+def test_a_corrupt_metrics_line_before_the_last_is_an_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n{"step": 4, "l')
+    with pytest.raises(OrionError, match="metrics.jsonl line 2 is not JSON; mend or delete that line"):
+        MetricsLog(tmp_path, resume_step=3, tensorboard=False)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "l')
+    MetricsLog(tmp_path, resume_step=2, tensorboard=False)  # the cut-short last line is a killed write
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_moe_logs_router_stats_and_plots(tmp_path):
