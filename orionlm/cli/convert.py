@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..checkpoint import dtype_from_name, refuse_existing
+from ..errors import OrionError
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -58,6 +59,8 @@ def convert_to_gguf(
     """
     from ..convert.gguf import save_gguf
 
+    if dst.is_dir():  # --force replaces a file, never a directory and what is in it
+        raise OrionError(f"{dst} is a directory; give the path of the .gguf file to write")
     save = lambda model, tokenizer, out: save_gguf(model, tokenizer, out, dtype)
     _export_model(src, dst, save, dtype="float32", force=force)
 
