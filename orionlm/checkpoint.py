@@ -7,14 +7,16 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import PRESET_GENERATION, ConfigError, ModelConfig
 from .errors import OrionError
@@ -77,31 +79,103 @@ def dtype_from_name(name: str, source: Path) -> torch.dtype:
     return torch.float32 if source.is_file() else stored_dtype(source)
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's shape and dtype, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Tensors by name, read one at a time on demand: `specs` gives every name's shape and dtype without
+    reading data, `lazy[name]` reads that one tensor in its stored dtype. Nothing stays open between reads,
+    so a tensor's pages of a memory-mapped file leave memory once the caller drops the tensor."""
+
+    def __init__(self, specs: dict[str, TensorSpec], read: Callable[[str], torch.Tensor]) -> None:
+        self.specs = specs
+        self._read = read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def cast(self, dtype: torch.dtype) -> LazyTensors:
+        """The same tensors converted to `dtype` as each is read."""
+        specs = {name: TensorSpec(spec.shape, dtype) for name, spec in self.specs.items()}
+        return LazyTensors(specs, lambda name: self._read(name).to(dtype))
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> LazyTensors:
+        """The tensors of model.safetensors or of the shards listed in model.safetensors.index.json (orionlm or
+        Hugging Face layout), memory-mapped."""
+        index = directory / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is corrupt ({e}); it must hold a 'weight_map'") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory} has no model.safetensors (nor {SAFETENSORS_INDEX})")
+        specs: dict[str, TensorSpec] = {}
+        location: dict[str, Path] = {}
+        for name in files:
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing (listed in {SAFETENSORS_INDEX})")
+            with _open_safetensors(path) as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    specs[key] = TensorSpec(tuple(tensor.get_shape()), _safetensors_dtype(tensor.get_dtype(), path))
+                    location[key] = path
+
+        def read(key: str) -> torch.Tensor:
+            with _open_safetensors(location[key]) as f:
+                return f.get_tensor(key)
+
+        return cls(specs, read)
+
+
+SAFETENSORS_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def _safetensors_dtype(name: str, path: Path) -> torch.dtype:
+    for dtype, stored in SAFETENSORS_NAMES.items():
+        if stored == name:
+            return dtype
+    raise CheckpointError(f"{path}: safetensors dtype {name} is not supported")
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
+
+
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors or of the shards listed in model.safetensors.index.json."""
-    index = directory / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is corrupt ({e}); it must hold a 'weight_map'") from None
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{directory} has no model.safetensors (nor {SAFETENSORS_INDEX})")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing (listed in {SAFETENSORS_INDEX})")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
-    return tensors
+    return dict(LazyTensors.from_directory(directory))
 
 
 def model_from_tensors(
@@ -220,30 +294,55 @@ def state_dict_for_saving(model: OrionLM) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(
-    tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> None:
-    """model.safetensors, or numbered shards plus an index when the total passes max_shard_bytes."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    """model.safetensors, or numbered shards plus an index when the total passes max_shard_bytes. Tensors are
+    read from `tensors` one at a time as they are written, so a LazyTensors source streams: memory holds one
+    tensor, not the model."""
+    specs = tensors.specs if isinstance(tensors, LazyTensors) else {
+        name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}  # fmt: skip
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for name, spec in specs.items():
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    metadata = {"format": "pt"}
+        shards[-1].append(name)
+        size += spec.nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+        _write_safetensors_file(directory / "model.safetensors", shards[0], specs, tensors)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file), metadata=metadata)
+        _write_safetensors_file(directory / file, shard, specs, tensors)
         weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(spec.nbytes for spec in specs.values())}, "weight_map": weight_map}
     (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_safetensors_file(
+    path: Path, names: list[str], specs: dict[str, TensorSpec], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """One safetensors file (metadata {"format": "pt"}), its header from the specs, then each tensor's bytes as
+    it is read. Larger elements first, as safetensors orders them, so every tensor is aligned to its dtype."""
+    names = sorted(names, key=lambda name: (-specs[name].dtype.itemsize, name))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        spec = specs[name]
+        header[name] = {"dtype": SAFETENSORS_NAMES[spec.dtype], "shape": list(spec.shape),
+                        "data_offsets": [offset, offset + spec.nbytes]}  # fmt: skip
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in names:
+            tensor = tensors[name].detach().to("cpu").contiguous()
+            if (tuple(tensor.shape), tensor.dtype) != (specs[name].shape, specs[name].dtype):
+                raise CheckpointError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, not as announced")
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def refuse_existing(path: Path, force: bool) -> None:
@@ -289,12 +388,28 @@ def save_checkpoint(
 
     `tensors` replaces the model's own state dict (e.g. one gathered from FSDP shards); `write_extra`
     adds files (e.g. the training state) to the directory before it is renamed into place."""
+    state = tensors if tensors is not None else state_dict_for_saving(model)
+    return write_model_directory(
+        model.config, state, directory, tokenizer, generation_config, max_shard_bytes, write_extra
+    )
+
+
+def write_model_directory(
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    directory: str | Path,
+    tokenizer: Tokenizer | None = None,
+    generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """save_checkpoint without a model: the config and tensors (a LazyTensors streams them to the shards)."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        model.config.save(tmp / "config.json")
-        write_safetensors(tensors if tensors is not None else state_dict_for_saving(model), tmp, max_shard_bytes)
+        config.save(tmp / "config.json")
+        write_safetensors(tensors, tmp, max_shard_bytes)
         if generation_config is None:  # ours, and the sampling defaults the preset was published with
-            generation_config = DEFAULT_GENERATION | PRESET_GENERATION.get(model.config.name, {})
+            generation_config = DEFAULT_GENERATION | PRESET_GENERATION.get(config.name, {})
         generation = dict(generation_config)
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -5,7 +5,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from orionlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from orionlm.checkpoint import (
+    CheckpointError,
+    LazyTensors,
+    TensorSpec,
+    load_checkpoint,
+    save_checkpoint,
+    state_dict_for_saving,
+    write_safetensors,
+)
 from orionlm.config import preset
 from orionlm.model import OrionLM
 from orionlm.tokenizer import Tokenizer
@@ -107,3 +115,36 @@ def test_unknown_config_key(saved):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="did you mean 'num_experts'"):
         load_checkpoint(path)
+
+
+def test_lazy_tensors_give_specs_and_read_one_tensor(tmp_path):
+    model = OrionLM(preset("tiny-alibi")).eval()
+    path = save_checkpoint(model, tmp_path / "m", max_shard_bytes=50_000)
+    lazy = LazyTensors.from_directory(path)
+    state = state_dict_for_saving(model)
+    assert sorted(lazy) == sorted(state) and len(lazy) == len(state)
+    for name, tensor in state.items():
+        assert lazy.specs[name] == TensorSpec(tuple(tensor.shape), torch.float32)
+        assert torch.equal(lazy[name], tensor), name
+    with pytest.raises(KeyError):
+        lazy["model.missing.weight"]
+    half = lazy.cast(torch.bfloat16)
+    name = next(iter(state))
+    assert half.specs[name].dtype == half[name].dtype == torch.bfloat16
+    assert half.specs[name].nbytes == state[name].numel() * 2
+
+
+def test_lazy_tensors_stream_into_shards(tmp_path):
+    model = OrionLM(preset("tiny-alibi")).eval()
+    source = save_checkpoint(model, tmp_path / "m")
+    lazy = LazyTensors.from_directory(source).cast(torch.bfloat16)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_safetensors(lazy, out, max_shard_bytes=25_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(spec.nbytes for spec in lazy.specs.values())
+    assert len(set(index["weight_map"].values())) == len(list(out.glob("*.safetensors"))) > 2
+    written = LazyTensors.from_directory(out)
+    assert written.specs == lazy.specs
+    for name in lazy:
+        assert torch.equal(written[name], lazy[name]), name

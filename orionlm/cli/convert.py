@@ -22,9 +22,14 @@ def convert_from_hf(src: str, dst: Path, /, *, dtype: DtypeName = "auto", force:
         dtype: the weights' dtype; auto keeps the source's
         force: replace dst if it exists
     """
-    from ..convert.hf import load_hf
+    from ..checkpoint import read_generation_config
+    from ..convert.hf import convert_hf
+    from ..loading import resolve_model_path
 
-    _import_model(src, dst, load_hf, dtype=dtype, force=force)
+    refuse_existing(dst, force)
+    path = resolve_model_path(src)
+    convert_hf(path, dst, dtype_from_name(dtype, path), read_generation_config(path) or None)
+    print(f"wrote {dst}")
 
 
 def convert_to_hf(src: Path, dst: Path, /, *, dtype: DtypeName = "auto", force: bool = False) -> None:

@@ -12,6 +12,7 @@ written per expert, the layout every version of transformers reads.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,15 @@ import torch
 from ..checkpoint import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
+    LazyTensors,
+    TensorSpec,
     atomic_directory,
     model_from_tensors,
     read_config_json,
     read_generation_config,
-    read_safetensors,
     resolve_device,
     state_dict_for_saving,
+    write_model_directory,
     write_safetensors,
 )
 from ..config import ConfigError, ModelConfig
@@ -127,76 +130,103 @@ def tensors_to_hf(
     return out
 
 
-def _tensors_from_hf(
-    config: ModelConfig, arch: HFArchitecture, names: list[str], hf: dict[str, torch.Tensor], stacked: bool
-) -> dict[str, torch.Tensor]:
-    """The inverse of tensors_to_hf for the orionlm tensor `names`, whose sources are known to exist."""
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        expert = None if stacked else _stacked_expert(name)
-        if expert is None:
-            out[name] = hf.pop(_hf_name(arch, name, stacked))
-            continue
-        layer, kind = expert
-        gate_name, up_name, down_name = arch.expert_names
-        experts = range(config.num_experts)
-        if kind == "gate_up_proj":
-            gate = torch.stack([hf.pop(gate_name.format(i=layer, j=j)) for j in experts])  # (E, I, C)
-            up = torch.stack([hf.pop(up_name.format(i=layer, j=j)) for j in experts])
-            out[name] = torch.cat([gate, up], dim=1)
-        else:
-            out[name] = torch.stack([hf.pop(down_name.format(i=layer, j=j)) for j in experts])
-    return out
+def _tensor_from_hf(
+    config: ModelConfig, arch: HFArchitecture, name: str, read: Callable[[str], torch.Tensor], stacked: bool
+) -> torch.Tensor:
+    """The inverse of tensors_to_hf for one orionlm tensor, reading its Hugging Face tensors with `read`."""
+    expert = None if stacked else _stacked_expert(name)
+    if expert is None:
+        return read(_hf_name(arch, name, stacked))
+    layer, kind = expert
+    gate_name, up_name, down_name = arch.expert_names
+    experts = range(config.num_experts)
+    if kind == "gate_up_proj":
+        gate = torch.stack([read(gate_name.format(i=layer, j=j)) for j in experts])  # (E, I, C)
+        up = torch.stack([read(up_name.format(i=layer, j=j)) for j in experts])
+        return torch.cat([gate, up], dim=1)
+    return torch.stack([read(down_name.format(i=layer, j=j)) for j in experts])
 
 
-def _normalize_hf_names(
-    config: ModelConfig, arch: HFArchitecture, tensors: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def _first_hf_name(arch: HFArchitecture, name: str, stacked: bool) -> str:
+    """The Hugging Face name of an orionlm tensor, or of its first expert's first part; its dtype is the result's."""
+    expert = None if stacked else _stacked_expert(name)
+    if expert is None:
+        return _hf_name(arch, name, stacked)
+    layer, kind = expert
+    gate_name, _, down_name = arch.expert_names
+    return (gate_name if kind == "gate_up_proj" else down_name).format(i=layer, j=0)
+
+
+def _normalize_hf_names(config: ModelConfig, arch: HFArchitecture, names: list[str]) -> dict[str, str]:
+    """The names tensors_to_hf gives, each mapped to its name in the files."""
     out = {}
-    for name, tensor in tensors.items():
+    for stored in names:
+        name = stored
         if name.endswith("rotary_emb.inv_freq"):  # a buffer older Llama checkpoints saved
             continue
         if config.tie_embeddings and name == "lm_head.weight":  # some tied checkpoints store the head too
             continue
         if arch.prefix and name != "lm_head.weight" and not name.startswith(arch.prefix):
             name = arch.prefix + name  # BloomModel saved on its own has no prefix
-        out[name] = tensor
+        out[name] = stored
     return out
 
 
-def _convert_tensors(
-    config: ModelConfig, arch: HFArchitecture, tensors: dict[str, torch.Tensor], source: str
-) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors -> orionlm tensors, checking names and shapes against the config first
-    so that errors name the tensors as they are in the files."""
-    tensors = _normalize_hf_names(config, arch, tensors)
-    stacked = arch.expert_names is not None and any(name.endswith(_STACKED_SUFFIXES) for name in tensors)
+def hf_tensors(config: ModelConfig, hf: LazyTensors, source: str) -> LazyTensors:
+    """Hugging Face tensors -> orionlm tensors, read per tensor as the result is read, in the stored dtype.
+    Names and shapes are checked against the config first, so that errors name the tensors as they are in
+    the files."""
+    arch = ARCHITECTURES[config.hf_model_type]
+    stored = _normalize_hf_names(config, arch, list(hf))
+    stacked = arch.expert_names is not None and any(name.endswith(_STACKED_SUFFIXES) for name in stored)
     with torch.device("meta"):
         state = OrionLM(config).state_dict()
     if config.tie_embeddings:
         state.pop("lm_head.weight")
     expected = tensors_to_hf(config, arch, state, stacked)
-    missing = [name for name in expected if name not in tensors]
+    missing = [name for name in expected if name not in stored]
     if missing:
         raise CheckpointError(
             f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); config.json implies it"
         )
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(stored) - set(expected))
     if unexpected:
         raise CheckpointError(
             f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all); config.json has no place for it"
         )
     for name, want in expected.items():
-        if tuple(tensors[name].shape) != tuple(want.shape):
+        shape = hf.specs[stored[name]].shape
+        if shape != tuple(want.shape):
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json implies "
-                f"{tuple(want.shape)}"
+                f"{source}: tensor {name!r} has shape {shape}, config.json implies {tuple(want.shape)}"
             )
-    return _tensors_from_hf(config, arch, list(state), dict(tensors), stacked)
+
+    def read(name: str) -> torch.Tensor:
+        return _tensor_from_hf(config, arch, name, lambda hf_name: hf[stored[hf_name]], stacked)
+
+    specs = {
+        name: TensorSpec(tuple(t.shape), hf.specs[stored[_first_hf_name(arch, name, stacked)]].dtype)
+        for name, t in state.items()
+    }
+    return LazyTensors(specs, read)
 
 
 # ---------------------------------------------------------------------------------------------
 # Directories
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face model directory, with the token ids of its generation_config.json."""
+    data = read_config_json(directory)
+    config = config_from_hf(data, str(directory / "config.json"))
+    config.name = directory.name
+    generation = read_generation_config(directory)
+    token_ids = config.extra.get("hf_token_ids", {}) | {
+        key: generation[key] for key in TOKEN_ID_KEYS if generation.get(key) is not None
+    }
+    if token_ids:
+        config.extra["hf_token_ids"] = token_ids
+    return config
 
 
 def load_hf(
@@ -206,21 +236,27 @@ def load_hf(
     when the directory has no tokenizer.json."""
     directory = Path(directory)
     device, dtype = resolve_device(device, dtype)
-    config_path = directory / "config.json"
-    data = read_config_json(directory)
-    config = config_from_hf(data, str(config_path))
-    config.name = directory.name
-    generation = read_generation_config(directory)
-    token_ids = config.extra.get("hf_token_ids", {}) | {
-        key: generation[key] for key in TOKEN_ID_KEYS if generation.get(key) is not None
-    }
-    if token_ids:
-        config.extra["hf_token_ids"] = token_ids
-    arch = ARCHITECTURES[config.hf_model_type]
-    tensors = _convert_tensors(config, arch, read_safetensors(directory), str(directory))
-    model = model_from_tensors(config, tensors, device, dtype, str(directory))
+    config = read_hf_config(directory)
+    tensors = hf_tensors(config, LazyTensors.from_directory(directory), str(directory))
+    model = model_from_tensors(config, dict(tensors), device, dtype, str(directory))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer
+
+
+def convert_hf(
+    directory: str | Path,
+    destination: str | Path,
+    dtype: torch.dtype,
+    generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """A Hugging Face model directory written as an orionlm model directory, tensor by tensor (memory holds
+    about one tensor, never the model), atomically; the result is what load_hf + save_checkpoint write."""
+    directory = Path(directory)
+    config = read_hf_config(directory)
+    tensors = hf_tensors(config, LazyTensors.from_directory(directory), str(directory)).cast(dtype)
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
+    return write_model_directory(config, tensors, destination, tokenizer, generation_config, max_shard_bytes)
 
 
 def _token_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:

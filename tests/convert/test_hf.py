@@ -12,9 +12,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from orionlm.checkpoint import CheckpointError
+from orionlm import checkpoint
+from orionlm.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_generation_config,
+    read_safetensors,
+    save_checkpoint,
+)
 from orionlm.config import preset
-from orionlm.convert.hf import config_from_hf, load_hf, save_hf
+from orionlm.convert.hf import config_from_hf, convert_hf, load_hf, save_hf
 from orionlm.convert.hf_architectures import hf_architecture
 from orionlm.convert.hf_config import ConvertError
 from orionlm.model import OrionLM
@@ -320,3 +327,83 @@ def test_greedy_generation_matches_transformers(arch, reference):
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10)
         assert got == out[0, len(prompt) :].tolist()
         assert len(got) == 10
+
+
+def _tensors_and_config(path):
+    return read_safetensors(path), json.loads((path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streaming_conversion_equals_loading_and_saving(arch, reference, tmp_path):
+    _, path = reference(arch)
+    dtype = torch.bfloat16 if arch == "mistral" else torch.float32  # one cast on the way
+    model, tokenizer = load_hf(path, device="cpu", dtype=dtype)
+    save_checkpoint(model, tmp_path / "loaded", tokenizer, read_generation_config(path) or None)
+    convert_hf(path, tmp_path / "streamed", dtype, read_generation_config(path) or None)
+    loaded, loaded_config = _tensors_and_config(tmp_path / "loaded")
+    streamed, streamed_config = _tensors_and_config(tmp_path / "streamed")
+    assert streamed_config == loaded_config
+    assert list(streamed) == list(loaded)
+    for name, tensor in loaded.items():
+        assert tensor.dtype == streamed[name].dtype == dtype and torch.equal(tensor, streamed[name]), name
+    for file in ("generation_config.json", "tokenizer.json"):
+        assert (tmp_path / "streamed" / file).read_text() == (tmp_path / "loaded" / file).read_text()
+
+
+def test_streaming_conversion_of_stacked_experts(reference, tmp_path):
+    hf, _ = reference("mixtral")
+    shutil.copy(reference("mixtral")[1] / "config.json", tmp_path / "config.json")
+    save_file({n: t.contiguous() for n, t in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    convert_hf(tmp_path, tmp_path / "out", torch.float32)
+    model, _ = load_checkpoint(tmp_path / "out", device="cpu")
+    _same_logits(model, hf)
+
+
+def test_streaming_conversion_writes_shards_with_an_index(reference, tmp_path):
+    hf, path = reference("qwen2_moe")
+    out = convert_hf(path, tmp_path / "out", torch.float32, max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = read_safetensors(out)
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    assert index["metadata"]["total_size"] == sum(sizes.values())
+    assert set(index["weight_map"]) == set(sizes)
+    shards = sorted(set(index["weight_map"].values()))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert len(shards) == sum(1 for _ in _greedy_shards(list(sizes.values()), 40_000)) > 2
+    for shard in shards:
+        with safe_open(str(out / shard), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert sum(sizes[n] for n in f.keys()) <= 40_000 or len(list(f.keys())) == 1
+    model, _ = load_checkpoint(out, device="cpu")
+    _same_logits(model, hf)
+
+
+def _greedy_shards(sizes: list[int], limit: int):
+    """The shards write_safetensors cuts: a new one when the next tensor would pass the limit."""
+    total = None
+    for size in sizes:
+        if total is not None and total + size <= limit:
+            total += size
+            continue
+        if total is not None:
+            yield total
+        total = size
+    yield total
+
+
+def test_failed_streaming_conversion_leaves_nothing(reference, tmp_path, monkeypatch):
+    _, path = reference("qwen2_moe")
+    opened = []
+    real = checkpoint.safe_open
+
+    def failing(*args, **kwargs):
+        opened.append(args)
+        if len(opened) == 6:  # after the header and a few tensors
+            raise OSError("read error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", failing)
+    with pytest.raises(CheckpointError, match="read error"):
+        convert_hf(path, tmp_path / "out", torch.float32, max_shard_bytes=40_000)
+    assert len(opened) == 6
+    assert list(tmp_path.iterdir()) == []
