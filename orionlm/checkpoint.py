@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import PRESET_GENERATION, ConfigError, ModelConfig
-from .errors import OrionError
+from .errors import OrionError, read_json_object
 from .model import OrionLM
 from .tokenizer import Tokenizer
 
@@ -48,10 +48,7 @@ def read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; is {directory} a model directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return read_json_object(path, CheckpointError)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names users give
@@ -279,10 +276,7 @@ def read_generation_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return read_json_object(path, CheckpointError)
 
 
 def state_dict_for_saving(model: OrionLM) -> dict[str, torch.Tensor]:

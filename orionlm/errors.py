@@ -1,7 +1,10 @@
 """The base of every error caused by user input: the CLI prints its message on one line and exits 2."""
 
 import difflib
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 
 class OrionError(ValueError):
@@ -26,3 +29,14 @@ def checker(error: type[OrionError]) -> Callable[[bool, str], None]:
             raise error(message)
 
     return need
+
+
+def read_json_object(path: Path, error: type[OrionError] = OrionError) -> dict[str, Any]:
+    """A JSON file that must hold an object ({...}); invalid JSON or any other value is `error` naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object ({{...}}), not a {type(data).__name__}")
+    return data

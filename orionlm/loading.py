@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint, read_config_json, read_generation_confi
 from .config import ModelConfig
 from .convert.auron import from_auron_config, is_auron_config, load_auron
 from .convert.peft import ADAPTER_CONFIG, load_adapter
-from .errors import OrionError
+from .errors import OrionError, read_json_object
 from .model import OrionLM
 from .tokenizer import Tokenizer
 
@@ -94,10 +94,13 @@ def _load_adapted(
     adapter: Path, device: torch.device, dtype: torch.dtype
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
     """The base model named in a LoRA adapter's config, with the adapter on it (unmerged)."""
-    base = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base = read_json_object(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise OrionError(f"{adapter} is a LoRA adapter that does not name its base model; "
                          f"run orionlm merge-lora --base MODEL --adapter {adapter} --out DIR")  # fmt: skip
+    if (resolve_model_path(base) / ADAPTER_CONFIG).is_file():  # also what keeps an adapter from naming itself
+        raise OrionError(f"the base model of adapter {adapter} is another adapter ({base}); "
+                         "merge that one into its base first (orionlm merge-lora)")  # fmt: skip
     model, tokenizer, device = load_model(base, device, dtype)
     load_adapter(model, adapter)
     if (adapter / "tokenizer.json").is_file():  # the fine-tuning run's own, saved beside the adapter
@@ -114,7 +117,7 @@ def read_model_config(name_or_path: str | Path) -> ModelConfig:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise OrionError(f"{config_path} is missing; is {path} a model directory?")
-    data = json.loads(config_path.read_text())
+    data = read_json_object(config_path)
     if is_auron_config(data):
         return ModelConfig.from_dict(from_auron_config(data))
     if data.get("model_type", "orionlm") == "orionlm":

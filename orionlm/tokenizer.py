@@ -15,7 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import OrionError
+from .errors import OrionError, read_json_object
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -168,10 +168,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         config_path = directory / "tokenizer_config.json"
         if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{config_path} is not valid JSON: {e}") from None
+            config = read_json_object(config_path, TokenizerError)
         template_path = directory / "chat_template.jinja"
         template = template_path.read_text() if template_path.is_file() else config.get("chat_template")
         if isinstance(template, list):  # several named templates: use the default one

@@ -16,11 +16,12 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import atomic_directory
-from ..errors import OrionError
+from ..errors import OrionError, read_json_object
 from ..nn.lora import ADAPTED, LoRAConfig, apply_lora, is_experts, is_linear, layers, routers
 
 PEFT_PREFIX = "base_model.model."
@@ -80,11 +81,19 @@ def write_adapter(model: nn.Module, directory: Path, base_model: str = "") -> No
 def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
     """Wrap the model's layers as the adapter says and load its weights (written here or by PEFT)."""
     directory = Path(directory)
+    config_path, weights = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights.is_file():
+        raise OrionError(
+            f"{directory} is not a LoRA adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+        )
+    data = read_json_object(config_path)
+    lacking = [key for key in ("r", "lora_alpha") if key not in data]
+    if lacking:
+        raise OrionError(f"{config_path} lacks {' and '.join(lacking)}; it is not a complete LoRA adapter config")
     try:
-        data = json.loads((directory / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(directory / ADAPTER_WEIGHTS))
-    except (OSError, json.JSONDecodeError) as e:
-        raise OrionError(f"{directory} is not a LoRA adapter directory: {e}") from None
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise OrionError(f"{weights} is corrupt or truncated: {e}") from None
     if data.get("peft_type") != "LORA":
         raise OrionError(f"{directory}: peft_type {data.get('peft_type')!r}; only LORA adapters load")
     if data.get("bias", "none") != "none" or data.get("modules_to_save"):
