@@ -3,6 +3,7 @@ chat template and generation defaults. Writes are atomic; reads never unpickle."
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -345,6 +346,14 @@ def refuse_existing(path: Path, force: bool) -> None:
         raise OrionError(f"{path} exists; pass --force to replace it")
 
 
+def _out_of_space(error: BaseException, directory: Path) -> bool:
+    """Whether a write failed for want of disk space: ENOSPC itself, or the RuntimeError that torch.save's
+    writer turns it into (then the disk is seen to be full)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, RuntimeError) and "write" in str(error) and shutil.disk_usage(directory).free < 2**20
+
+
 class atomic_directory:
     """A context manager yielding a temporary sibling of `target`; on success it replaces target."""
 
@@ -358,7 +367,11 @@ class atomic_directory:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            full = _out_of_space(exc, self.tmp)
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if full:
+                raise CheckpointError(f"the disk is full: {self.target} was not written (nothing of it is left "
+                                      "behind); free some space and run again") from None  # fmt: skip
             return
         old = None
         if self.target.exists():

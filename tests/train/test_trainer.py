@@ -1,4 +1,6 @@
+import errno
 import json
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -107,8 +109,6 @@ def test_resume_is_bit_identical(tmp_path, preset, optim):
     # Forget everything after step 3, as if the process had been killed just after that checkpoint.
     for step, path in find_checkpoints(interrupted):
         if step > 3:
-            import shutil
-
             shutil.rmtree(path)
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
     # step 4 was logged, not saved, and the process died while writing step 5's record
@@ -161,6 +161,20 @@ def test_killed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in checkpoints.iterdir()] == sorted(["384", "768"]) or sorted(
         p.name for p in checkpoints.iterdir()
     ) == ["384", "768"]
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "torch's RuntimeError on a full disk"])
+def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, failure):
+    def no_space(*args, **kwargs):
+        if failure == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(OrionError, match=r"the disk is full: .*checkpoints.384 was not written"):
+        train(load_recipe(write_recipe(tmp_path, run={"max_steps": 3, "save_every_steps": 3})))
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 def test_grad_accumulation_and_activation_checkpointing_change_nothing(tmp_path):
