@@ -341,9 +341,26 @@ def _write_safetensors_file(
 
 
 def refuse_existing(path: Path, force: bool) -> None:
-    """Outputs are replaced only when asked (--force)."""
-    if path.exists() and not force:
+    """Outputs are replaced only when asked (--force), and then only what orionlm writes: a file, an empty
+    directory or a model directory. Any other directory (a folder of runs, data) is never deleted."""
+    if not path.exists():
+        return
+    if not force:
         raise OrionError(f"{path} exists; pass --force to replace it")
+    if path.is_dir() and any(path.iterdir()) and not is_model_directory(path):
+        raise OrionError(f"{path} is not a model directory, so --force will not replace it (that would delete "
+                         "everything in it); choose another output path")  # fmt: skip
+
+
+def is_model_directory(path: Path) -> bool:
+    """config.json beside safetensors weights (a model, an Auron checkpoint) or a LoRA adapter."""
+    weights = ("model.safetensors", SAFETENSORS_INDEX)
+    adapter = ("adapter_config.json", "adapter_model.safetensors")
+    return (
+        (path / "config.json").is_file()
+        and any((path / w).is_file() for w in weights)
+        or all((path / f).is_file() for f in adapter)
+    )
 
 
 def _out_of_space(error: BaseException, directory: Path) -> bool:

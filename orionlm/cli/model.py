@@ -129,7 +129,7 @@ def init(
         force: replace out_dir if it exists
         overrides: --field=value changes to the preset's config
     """
-    from ..checkpoint import save_checkpoint
+    from ..checkpoint import refuse_existing, save_checkpoint
     from ..config import preset as get_preset
     from ..model import OrionLM
     from ..tokenizer import Tokenizer
@@ -139,8 +139,8 @@ def init(
     for override in expand_overrides(overrides):
         apply_override(changes, override)
 
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise OrionError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        refuse_existing(out_dir, force)
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else Tokenizer.byte_level()
     config = get_preset(preset, **changes)
     if tok.vocab_size > config.vocab_size:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..errors import OrionError
+
 
 def train_model(recipe: Path, /, *overrides: str) -> None:
     """Train a model from a recipe: data mixture, tokenizer, model, optimizer, schedule, run options.
@@ -59,7 +61,7 @@ def quickstart(
     the data, and a continuation of "def fibonacci(n):"; writes loss.png and expert_load.png.
 
     Args:
-        out: the run directory (replaced if it exists)
+        out: the run directory (a run directory there is replaced; anything else is refused)
         steps: optimizer steps (16 sequences of 256 tokens each)
         print_recipe: print the recipe as YAML (to copy into a file for `orionlm train`) and stop
         overrides: --section.key=value changes to the recipe
@@ -72,20 +74,26 @@ def quickstart(
         print(yaml.safe_dump(quickstart_recipe(out, steps), sort_keys=False), end="")
         return
     if out.exists():
+        if any(out.iterdir()) and not (out / "metrics.jsonl").is_file():
+            raise OrionError(f"{out} is not a training run directory (no metrics.jsonl); quickstart replaces only "
+                             "its own runs: give another --out")  # fmt: skip
         shutil.rmtree(out)
     run_quickstart(out, steps, list(overrides))
 
 
-def tokenizer_train(files: list[Path], /, *, vocab_size: int, out: Path) -> None:
+def tokenizer_train(files: list[Path], /, *, vocab_size: int, out: Path, force: bool = False) -> None:
     """Train a byte-level BPE tokenizer on text files (.gz files are read too).
 
     Args:
         files: the training text files
         vocab_size: the vocabulary size, special tokens included
         out: the directory to write tokenizer.json, tokenizer_config.json and chat_template.jinja to
+        force: replace a tokenizer already in out (a model directory's model only works with its own)
     """
     from ..tokenizer import Tokenizer
 
+    if (out / "tokenizer.json").exists() and not force:
+        raise OrionError(f"{out} already holds a tokenizer.json; pass --force to replace it")
     tok = Tokenizer.train_bpe(files, vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out)
