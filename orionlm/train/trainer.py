@@ -109,6 +109,8 @@ def resolve_resume(recipe: Recipe, out_dir: Path) -> Path | None:
             raise RecipeError(
                 f"{out_dir} already has checkpoints; pass --resume to continue that run or choose another --run.out_dir"
             )
+        if (out_dir / "metrics.jsonl").is_file():  # a run that saved nothing: its records are still not ours
+            raise RecipeError(f"{out_dir} already holds a run (metrics.jsonl); choose another --run.out_dir")
         return None
     if resume == "latest":
         found = find_checkpoints(out_dir)

@@ -98,6 +98,11 @@ def test_training_learns_checkpoints_and_logs(tmp_path):
     assert loss(model) < loss(initial) - 0.3
     with pytest.raises(RecipeError, match="already has checkpoints; pass --resume"):
         train(load_recipe(write_recipe(tmp_path)))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text('{"step": 1}\n')  # a run that saved no checkpoint
+    with pytest.raises(RecipeError, match="other already holds a run \\(metrics.jsonl\\); choose another"):
+        train(load_recipe(write_recipe(tmp_path), [f"--run.out_dir={tmp_path / 'other'}"]))
+    assert (tmp_path / "other" / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
 @pytest.mark.parametrize("preset, optim", [("tiny-dense", "adamw"), ("tiny-moe", "muon"), ("tiny-chimera", "muon")])
