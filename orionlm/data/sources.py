@@ -151,17 +151,25 @@ def documents(source: SourceConfig, on_progress: Callable[[int], None] | None = 
 
 def _file_documents(source: SourceConfig, on_bytes: Callable[[int], None]) -> Iterator[str]:
     for path in source_files(source):
-        kind = file_kind(source, path)
-        if kind == "text":
-            yield from _text_documents(path, source.doc_separator, on_bytes)
-        elif kind == "jsonl":
-            if source.doc_separator is not None:
-                raise DataError(f"{path}: doc_separator applies to plain text only; a JSONL line is one document")
-            yield from _jsonl_documents(path, source.field, source.template, on_bytes)
-        elif kind == "parquet":
-            yield from _parquet_documents(path, source.field, on_bytes)
-        else:
-            raise DataError(f"{path}: kind {kind!r} needs a dataset name such as 'hf:NAME', not a file")
+        try:
+            yield from _path_documents(source, path, on_bytes)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} is invalid there); re-encode "
+                            "it, e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
+
+
+def _path_documents(source: SourceConfig, path: Path, on_bytes: Callable[[int], None]) -> Iterator[str]:
+    kind = file_kind(source, path)
+    if kind == "text":
+        yield from _text_documents(path, source.doc_separator, on_bytes)
+    elif kind == "jsonl":
+        if source.doc_separator is not None:
+            raise DataError(f"{path}: doc_separator applies to plain text only; a JSONL line is one document")
+        yield from _jsonl_documents(path, source.field, source.template, on_bytes)
+    elif kind == "parquet":
+        yield from _parquet_documents(path, source.field, on_bytes)
+    else:
+        raise DataError(f"{path}: kind {kind!r} needs a dataset name such as 'hf:NAME', not a file")
 
 
 def progress_total(source: SourceConfig) -> tuple[int, str]:
@@ -196,8 +204,9 @@ def _open_text(path: Path, on_bytes: Callable[[int], None]) -> io.TextIOWrapper:
     binary: Any = io.BufferedReader(_CountingReader(path, on_bytes), buffer_size=1 << 20)
     if path.name.lower().endswith(".gz"):
         binary = gzip.GzipFile(fileobj=binary)
-    # newline="": documents keep their line endings exactly; invalid UTF-8 is replaced, as in tokenizer training.
-    return io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="")
+    # newline="": documents keep their line endings exactly. Invalid UTF-8 is an error (training on U+FFFD in
+    # place of another encoding's letters would go unnoticed).
+    return io.TextIOWrapper(binary, encoding="utf-8", newline="")
 
 
 def _text_documents(path: Path, separator: str | None, on_bytes: Callable[[int], None]) -> Iterator[str]:

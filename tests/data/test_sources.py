@@ -79,6 +79,15 @@ def test_jsonl_template_joins_fields(tmp_path: Path) -> None:
         SourceConfig(path=str(path), kind="text", template=template)
 
 
+def test_text_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "latin1.txt").write_bytes("Hyvää päivää\n".encode("latin-1"))  # Finnish in Latin-1
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "olá"}\n'.encode("latin-1"))
+    message = r"is not UTF-8 text \(byte 0x(e4|e1) is invalid there\); re-encode it, e.g. iconv"
+    for name in ("latin1.txt", "latin1.jsonl"):
+        with pytest.raises(DataError, match=rf"{name} {message}"):
+            list(iter_documents(SourceConfig(path=str(tmp_path / name))))
+
+
 def test_jsonl_errors_name_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
