@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import platform
 import shutil
 import sys
@@ -280,7 +281,16 @@ class Trainer:
     def _load_state(self) -> None:
         """The resumed checkpoint's weights (a LoRA adapter's are loaded already), optimizer, data position,
         RNG and counters."""
-        state = torch.load(self.resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        path = self.resume_dir / STATE_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            # weights_only refuses anything but tensors and plain containers: a file written elsewhere, or a
+            # truncated one, is never unpickled as code
+            reason = str(e).strip().splitlines()[0]
+            raise RecipeError(
+                f"{path} cannot be resumed from (corrupt, truncated or not orionlm's): {reason}"
+            ) from None
         if self.lora:
             self.optimizer.load_state_dict(state["optimizer"])
         else:

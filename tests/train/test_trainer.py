@@ -168,6 +168,23 @@ def test_killed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     ) == ["384", "768"]
 
 
+def test_a_trainer_state_that_is_not_ours_is_refused_not_unpickled(tmp_path):
+    import argparse
+
+    recipe = write_recipe(tmp_path, run={"max_steps": 3, "save_every_steps": 3})
+    train(load_recipe(recipe))
+    ((_, checkpoint),) = find_checkpoints(tmp_path / "run")
+    state_file = checkpoint / "trainer_state.pt"
+    good = state_file.read_bytes()
+    for bad in (good[: len(good) // 2], None):
+        if bad is None:  # a pickle of an arbitrary object: weights_only loading refuses to build it
+            torch.save({"step": argparse.Namespace(step=3)}, state_file)
+        else:
+            state_file.write_bytes(bad)
+        with pytest.raises(RecipeError, match="trainer_state.pt cannot be resumed from .corrupt, truncated or not"):
+            train(load_recipe(recipe, ["--resume"]))
+
+
 @pytest.mark.parametrize("failure", ["ENOSPC", "torch's RuntimeError on a full disk"])
 def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, failure):
     def no_space(*args, **kwargs):
