@@ -41,7 +41,8 @@ def serve_model(
         max_cached_tokens: the cached-token budget (prompt + max_tokens of the running requests); default
             max_batch x the model's context
         prefill_chunk: prompt tokens prefilled per engine step, so long prompts do not stall running requests
-        api_key: require 'Authorization: Bearer KEY' (default: the ORIONLM_API_KEY environment variable)
+        api_key: require 'Authorization: Bearer KEY' on every route but /health, which load balancers probe
+            without a key (as vLLM's); /openapi.json included (default: the ORIONLM_API_KEY environment variable)
         served_model_name: the model id clients send (default: the directory's name)
         no_think: a thinking (Quiet-STaR) model answers without thoughts unless a request sends "think": true
         device: cpu, cuda or cuda:N (default: cuda when available)

@@ -136,6 +136,15 @@ def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob
     return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
+class RequestFailed(GenerationError):
+    """An error in one request's own work (its prefill, its sampler, its first token), raised from Engine.step
+    after the request was dropped; the error is its __cause__."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__(f"request {request.id} failed")
+        self.request = request
+
+
 @dataclass
 class _Prefill:
     request: Request
@@ -249,9 +258,19 @@ class Engine:
                 request.prompt_logprob_values = [None]
 
     def _prefill_chunk(self) -> list[Event]:
+        """A chunk of the oldest prefill: one request's own work, so an error in it drops that request alone
+        and raises RequestFailed (the running requests lose nothing: they decode at the next step)."""
         if not self.prefilling:
             return []
         job = self.prefilling[0]
+        try:
+            return self._prefill(job)
+        except Exception as e:
+            if self.prefilling and self.prefilling[0] is job:
+                self.prefilling.popleft()
+            raise RequestFailed(job.request) from e
+
+    def _prefill(self, job: _Prefill) -> list[Event]:
         request = job.request
         chunk = request.prompt[job.done : job.done + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.model.device)

@@ -101,7 +101,10 @@ class GenerationConfig:
             all(is_int(i) and i >= 0 for i in self.stop_token_ids),
             f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}",
         )
-        need(self.seed is None or is_int(self.seed), f"seed must be an integer or null, got {self.seed!r}")
+        need(
+            self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+            f"seed must be an integer in [-2**63, 2**64 - 1] (what torch's generators take) or null, got {self.seed!r}",
+        )
         need(
             isinstance(self.logit_bias, dict)
             and all(is_number(v) and -100 <= v <= 100 for v in self.logit_bias.values()),

@@ -1,9 +1,15 @@
 """The HTTP routes: thin handlers that hand each request to the Server (serving.py) the app holds, and turn
-its mistakes into OpenAI's error body."""
+its mistakes into OpenAI's error body.
+
+With an API key, every route needs it but /health (as vLLM: probes of load balancers and orchestrators carry
+no key, and it tells only liveness and load); /openapi.json needs it like the API it describes.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
+import traceback
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -26,7 +32,7 @@ from .protocol import (
     TokenizeResponse,
     TokenizerInfo,
 )
-from .serving import APIError, Server, create_chat_completion, create_completion
+from .serving import APIError, Server, create_chat_completion, create_completion, sse
 
 
 def get_server(request: Request) -> Server:
@@ -41,7 +47,20 @@ def respond(result: BaseModel | AsyncIterator[str]) -> BaseModel | StreamingResp
     """A whole response as JSON, a stream as Server-Sent Events."""
     if isinstance(result, BaseModel):
         return result
-    return StreamingResponse(result, media_type="text/event-stream")
+    return StreamingResponse(ending_with_error(result), media_type="text/event-stream")
+
+
+async def ending_with_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's events; a failure after the response started (its status is sent) ends it with an error
+    event in OpenAI's body, which clients raise as an API error rather than a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        traceback.print_exc()
+        info = ErrorInfo(message=f"the server failed: {type(e).__name__}: {e}", type="server_error")
+        yield sse(ErrorResponse(error=info))
+        yield sse("[DONE]")
 
 
 @router.get("/health")
@@ -81,11 +100,19 @@ async def tokenizer_info(server: ServerDep) -> TokenizerInfo:
     return server.tokenizer_info()
 
 
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> dict:
+    # a route of the router rather than FastAPI's own, so that it needs the key
+    return request.app.openapi()
+
+
 async def authenticate(request: Request) -> None:
     # a dependency rather than an HTTP middleware: Starlette's middleware wrapper hides disconnects
     api_key = request.app.state.api_key
     if api_key and request.url.path != "/health":
-        if request.headers.get("authorization") != f"Bearer {api_key}":
+        # constant time (no timing leak of the key); headers arrive as latin-1, the key as given
+        sent = request.headers.get("authorization", "").encode("latin-1")
+        if not hmac.compare_digest(sent, f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
@@ -114,6 +141,11 @@ async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     return error_response(e.status_code, str(e.detail))
 
 
+async def server_error(_: Request, e: Exception) -> JSONResponse:
+    # a bug, not a client mistake: still OpenAI's body (Starlette prints the traceback after this answer)
+    return error_response(500, f"the server failed: {type(e).__name__}: {e}")
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Starts and stops the engine thread; prints the ready message once serving."""
@@ -125,12 +157,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(server: Server, api_key: str | None = None, ready_message: str | None = None) -> FastAPI:
-    """The FastAPI app over `server`; with `api_key`, every route but /health needs 'Authorization: Bearer KEY'."""
-    app = FastAPI(title="orionlm", docs_url=None, redoc_url=None, lifespan=lifespan,
+    """The FastAPI app over `server`; with `api_key`, every route but /health needs 'Authorization: Bearer KEY'
+    (/openapi.json included)."""
+    app = FastAPI(title="orionlm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
                   dependencies=[Depends(authenticate)])  # fmt: skip
     app.state.server, app.state.api_key, app.state.ready_message = server, api_key, ready_message
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
     app.include_router(router)
     return app

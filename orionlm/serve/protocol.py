@@ -6,20 +6,54 @@ range-checked here where OpenAI documents a range; the rest (temperature, top_p,
 GenerationConfig, whose message then becomes the 400 error. Responses send null where OpenAI does; the few
 fields that OpenAI leaves out instead (a stream delta's role and content, the usage of every stream chunk but
 the last) are left out when None (`Omitting`).
+
+Every request is refused (400) before it reaches the engine when anything in it could fail there: a seed out
+of a 64-bit generator's range, text with a lone surrogate (JSON's "\\ud800", which no tokenizer or UTF-8
+response can carry), a message part that is not an object with a string `type`.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+
+# vLLM's seed range (torch's int64); the n choices of a request sample with seed + i, which torch's generators
+# still take (they accept up to 2**64 - 1)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string that is not valid Unicode (a lone surrogate), anywhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_lone_surrogate, value))
+    return False
+
+
+class RequestBody(BaseModel):
+    """A request's JSON body: refused whole when any of its strings (known field or not) is not valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if _lone_surrogate(data):
+            raise ValueError("the request holds a lone surrogate (e.g. \\ud800): text must be valid Unicode")
+        return data
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestBody):
     """What completions and chat completions share. None means: the server's default (the model's
     generation_config.json), then OpenAI's."""
 
@@ -29,7 +63,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = None
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -52,18 +86,25 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class ContentPart(BaseModel, extra="allow"):
+    """A part of a message's content: text, or another kind (image_url, input_audio, ...) that is refused."""
+
+    type: str
+    text: str = ""
+
+
 class ChatMessage(BaseModel):
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The content as text; a list of parts keeps its text parts (images and audio are refused)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        kinds = {part.get("type") for part in self.content}
-        if kinds - {"text"}:
-            raise ValueError(f"only text message parts are supported, got {sorted(map(str, kinds - {'text'}))}")
-        return "".join(str(part.get("text", "")) for part in self.content)
+        kinds = {part.type for part in self.content} - {"text"}
+        if kinds:
+            raise ValueError(f"only text message parts are supported, got {sorted(kinds)}")
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -73,14 +114,14 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

@@ -25,7 +25,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from ..errors import OrionError
-from ..generation.engine import Engine, Event, TokenLogprob
+from ..generation.engine import Engine, Event, RequestFailed, TokenLogprob
 from ..generation.engine import Request as EngineRequest
 from ..generation.sampling import GenerationConfig
 from ..generation.text import TextStream
@@ -126,7 +126,11 @@ class AsyncEngine:
                 return
             try:
                 events = self.engine.step()
-            except Exception as e:  # a bug, not a client mistake: fail the running requests, keep serving
+            except RequestFailed as e:  # a bug in one request's own work: fail it alone
+                traceback.print_exc()
+                self._fail(e.request, e.__cause__ or e)
+                continue
+            except Exception as e:  # a bug in the batch's work: fail the running requests, keep serving
                 traceback.print_exc()
                 self._fail_all(e)
                 continue
@@ -138,6 +142,13 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(events_queue.put_nowait, event)
                 if event.finish_reason is not None:
                     del self.sinks[event.request.id]
+
+    def _fail(self, request: EngineRequest, error: Exception) -> None:
+        """Fail one request (the engine has dropped it); its handler cancels the other choices of its group."""
+        sink = self.sinks.pop(request.id, None)
+        if sink is not None:
+            loop, events_queue = sink
+            loop.call_soon_threadsafe(events_queue.put_nowait, error)
 
     def _fail_all(self, error: Exception) -> None:
         for request in [*self.engine.waiting, *(p.request for p in self.engine.prefilling)]:
@@ -247,7 +258,10 @@ class Server:
         for prompt in prompts:
             config = self.generation_config(body, max_tokens, len(prompt), chat)
             for j in range(body.n):
-                seeded = config if config.seed is None else config.replace(seed=config.seed + j)
+                try:
+                    seeded = config if config.seed is None else config.replace(seed=config.seed + j)
+                except OrionError as e:
+                    raise APIError(400, str(e), "seed") from None
                 requests.append(EngineRequest(prompt, seeded, stop_ids, **extra))
         try:
             self.engine.check(requests)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from orionlm.config import preset
-from orionlm.generation.engine import Engine, Request
+from orionlm.generation.engine import Engine, Request, RequestFailed
 from orionlm.generation.sampling import GenerationConfig, GenerationError
 from orionlm.generation.text import generate_ids
 from orionlm.model import OrionLM
@@ -116,3 +116,28 @@ def test_requests_that_cannot_run_are_refused():
         engine.submit(Request([1, 9999]))
     with pytest.raises(GenerationError, match="empty"):
         engine.submit(Request([]))
+
+
+def test_an_error_in_one_request_fails_it_alone():
+    """A request whose own work fails (here its sampler: a seed torch refuses, set past validation) is dropped
+    with RequestFailed naming it; the requests running beside it, and those after it, get their tokens as alone."""
+    model = _model("tiny-dense")
+    config = GenerationConfig(max_new_tokens=12, temperature=0.9, seed=5)
+    prompts = _prompts()[:3]
+    alone = [generate_ids(model, [p], config=config)[0] for p in prompts]
+    engine = Engine(model, max_batch=4, prefill_chunk=7)
+    good = [Request(p, config) for p in prompts]
+    bad = Request(prompts[0], config.replace(seed=1))
+    bad.config.seed = 2**64  # what GenerationConfig refuses: torch's generators overflow
+    for request in (good[0], bad, good[1]):
+        engine.submit(request)
+    failed = []
+    while engine.has_work:
+        try:
+            engine.step()
+        except RequestFailed as e:
+            failed.append(e)
+            engine.submit(good[2])
+    assert [e.request for e in failed] == [bad] and isinstance(failed[0].__cause__, ValueError)
+    assert [r.output for r in good] == alone and bad.output == []
+    assert engine.cache.rows == 0

@@ -213,3 +213,14 @@ def test_config_validation_messages(changes, message):
 def test_unknown_setting_suggests_the_right_name():
     with pytest.raises(GenerationError, match="'temprature' \\(did you mean 'temperature'\\?\\)"):
         GenerationConfig().replace(temprature=0.5)
+
+
+def test_seed_must_fit_a_generator():
+    """torch's generators take seeds in [-2**63, 2**64 - 1]; anything else is refused before a sampler is made."""
+    for seed in (-(2**63), 2**64 - 1):
+        Sampler(GenerationConfig(seed=seed), 1, torch.device("cpu"))
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(GenerationError, match="seed"):
+            GenerationConfig(seed=seed)
+    with pytest.raises(GenerationError, match="seed"):
+        GenerationConfig(seed=2**64 - 1).replace(seed=2**64)

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -220,3 +221,86 @@ def test_a_thinking_model_thinks_unless_told_not_to(served_model_dir, tmp_path):
             out = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0, extra_body=body)
             assert out.choices[0].text == expected[think]
             assert "thought|>" not in out.choices[0].text
+
+
+HEADERS = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+
+
+def _raw_post(server: str, path: str, body: dict) -> httpx.Response:
+    """A POST of the body as ASCII JSON: a lone surrogate travels as the escape "\\ud800", as a client sends it."""
+    return httpx.post(server + path, content=json.dumps(body).encode(), headers=HEADERS)
+
+
+def _is_openai_400(response: httpx.Response) -> bool:
+    error = response.json()["error"]
+    return response.status_code == 400 and error["type"] == "invalid_request_error" and bool(error["message"])
+
+
+def test_bad_seeds_are_400s_and_hurt_no_one(client):
+    """Seeds a generator cannot take are refused before the engine, while other requests (streaming and not)
+    are in flight; each of those gets the text it gets alone."""
+    common = dict(model=NAME, max_tokens=40, temperature=0.8, extra_body={"ignore_eos": True})
+    others = [dict(prompt=f"value {i} = ", seed=i, stream=i % 2 == 1) for i in range(6)]
+
+    def run(other):
+        out = client.completions.create(**common, **other)
+        return "".join(c.choices[0].text for c in out) if other["stream"] else out.choices[0].text
+
+    alone = [run(o) for o in others]
+    bad = [dict(seed=2**64), dict(seed=2**64 - 1, n=2), dict(seed=2**63), dict(seed=-(2**63) - 1)]
+    with concurrent.futures.ThreadPoolExecutor(len(others)) as pool:
+        busy = [pool.submit(run, o) for o in others]
+        for seed in bad:
+            for stream in (False, True):
+                with pytest.raises(openai.BadRequestError) as info:
+                    client.completions.create(**common, prompt="x", stream=stream, **seed)
+                assert "seed" in info.value.body["message"]
+        assert [f.result() for f in busy] == alone
+
+
+def test_streams_refuse_bad_input_before_they_start(client):
+    """Whatever a request gets refused for, streaming or not, it is the same 400 with OpenAI's body."""
+    cases = [dict(prompt=[1, 99999]), dict(prompt="x", max_tokens=5000), dict(prompt="x", logit_bias={"99999": 1}),
+             dict(prompt="x", logit_bias={"one": 1}), dict(prompt="x", stop=[""]), dict(prompt=[[]])]  # fmt: skip
+    for case in cases:
+        messages = []
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.completions.create(model=NAME, stream=stream, **{"max_tokens": 2, **case})
+            messages.append(info.value.body["message"])
+        assert messages[0] == messages[1]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x " * 3000}], stream=True)
+
+
+def test_lone_surrogates_and_odd_content_parts_are_400s(server, client):
+    surrogate = "a\ud800b"
+    assert _is_openai_400(_raw_post(server, "/v1/completions", {"model": NAME, "prompt": surrogate}))
+    assert _is_openai_400(_raw_post(server, "/v1/completions", {"model": NAME, "prompt": "x", "stop": [surrogate]}))
+    assert _is_openai_400(_raw_post(server, "/v1/completions", {"model": surrogate, "prompt": "x"}))
+    chat = {"model": NAME, "messages": [{"role": "user", "content": surrogate}]}
+    assert _is_openai_400(_raw_post(server, "/v1/chat/completions", chat))
+    assert _is_openai_400(_raw_post(server, "/v1/chat/completions", chat | {"stream": True}))
+    assert _is_openai_400(_raw_post(server, "/tokenize", {"prompt": surrogate}))
+    assert _is_openai_400(_raw_post(server, "/tokenize", {"messages": chat["messages"]}))
+    for kind in (["text"], {"a": 1}, None, 3):
+        parts = [{"type": kind, "text": "x"}]
+        body = {"model": NAME, "messages": [{"role": "user", "content": parts}]}
+        assert _is_openai_400(_raw_post(server, "/v1/chat/completions", body))
+    image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
+    response = _raw_post(
+        server, "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": image}]}
+    )
+    assert _is_openai_400(response) and "image_url" in response.json()["error"]["message"]
+    text = [{"type": "text", "text": "import json"}]
+    assert client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": text}], max_tokens=2)
+
+
+def test_the_key_guards_everything_but_health(server):
+    for path in ("/v1/models", "/openapi.json", "/tokenizer_info"):
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Bearer t\xe9st".encode("latin-1")}):
+            response = httpx.get(server + path, headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server + path, headers=HEADERS).status_code == 200
+    assert "/v1/completions" in httpx.get(server + "/openapi.json", headers=HEADERS).json()["paths"]
+    assert httpx.get(server + "/health").status_code == 200
