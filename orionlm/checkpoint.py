@@ -44,6 +44,16 @@ def resolve_device(
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads for this process (None: torch's default, one per core). On a machine whose cores are
+    busy with other work, fewer threads than cores can be many times faster."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise OrionError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def read_config_json(directory: Path) -> dict[str, Any]:
     """The parsed config.json of a model directory."""
     path = directory / "config.json"

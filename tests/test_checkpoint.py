@@ -148,3 +148,16 @@ def test_lazy_tensors_stream_into_shards(tmp_path):
     assert written.specs == lazy.specs
     for name in lazy:
         assert torch.equal(written[name], lazy[name]), name
+
+
+def test_set_threads():
+    from orionlm.checkpoint import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # torch's default stays
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

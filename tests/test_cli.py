@@ -108,6 +108,11 @@ def test_generate_streams_and_is_reproducible(tiny_model):
     other = orionlm("generate", "A cat", "--model", tiny_model, "--max-tokens", "12", "--temp", "0")
     # several prompts run as one batch, each printed under its header, each as it comes alone
     assert both.stdout == f"--- 0\n{greedy.stdout}--- 1\n{other.stdout}"
+    one_thread = orionlm("generate", "Once upon", "--model", tiny_model, "--max-tokens", "12", "--temp", "0",
+                         "--threads", "1")  # fmt: skip
+    assert one_thread.stdout == greedy.stdout
+    zero = orionlm("generate", "Once upon", "--model", tiny_model, "--threads", "0")
+    assert zero.returncode == 2 and zero.stderr == "orionlm: error: --threads must be at least 1, got 0\n"
 
 
 def test_chat_reads_turns_from_stdin(tiny_model):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import set_threads
 from ..errors import OrionError
 
 
@@ -28,6 +29,7 @@ def eval_model(
     out: Path | None = None,
     chart: Path | None = None,
     device: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA,
     WikiText perplexity and GSM8K exact match (gsm8k: generation, not in the default list), scored as
@@ -54,7 +56,9 @@ def eval_model(
         out: write the full results (config, versions, metrics, timing) to this JSON file
         chart: compare: also draw the accuracies as grouped bars in this PNG
         device: cpu, cuda or cuda:N (default: cuda when available)
+        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
+    set_threads(threads)
     from ..eval.report import compare_chart, compare_table, format_table, read_report
     from ..eval.run import evaluate
     from ..loading import load_model
@@ -114,6 +118,7 @@ def leakage(
     batch_size: int = 16,
     out: Path | None = None,
     device: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Detect benchmark leakage by shuffling options (arXiv 2409.01790): for each 4-option item, score all
     24 orderings of its options; flag the items whose published ordering scores highest (max_original,
@@ -129,7 +134,9 @@ def leakage(
         batch_size: sequences per forward pass
         out: write the report (rates and the flagged item ids) to this JSON file
         device: cpu, cuda or cuda:N (default: cuda when available)
+        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
+    set_threads(threads)
     from ..eval.leakage import detect, format_report
     from ..loading import load_model
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..checkpoint import set_threads
 from ..errors import OrionError
 
 
@@ -29,6 +30,7 @@ def generate_text(
     show_thoughts: bool = False,
     no_think: bool = False,
     device: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Generate a continuation of PROMPT and stream it to stdout; several prompts run as one continuous
     batch and print when all are done, each under a "--- i" line.
@@ -58,7 +60,9 @@ def generate_text(
         show_thoughts: print a thinking model's thoughts too
         no_think: a thinking model generates without thoughts (its base model's predictions)
         device: cpu, cuda or cuda:N (default: cuda when available)
+        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
+    set_threads(threads)
     from ..generation import stream_thoughts
     from ..loading import load_model
 
@@ -138,6 +142,7 @@ def chat(
     seed: int | None = None,
     no_think: bool = False,
     device: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Chat with a model in the terminal, using its chat template.
 
@@ -152,7 +157,9 @@ def chat(
         seed: random seed, for reproducible sampling
         no_think: a thinking (Quiet-STaR) model replies without thoughts
         device: cpu, cuda or cuda:N (default: cuda when available)
+        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
+    set_threads(threads)
     from ..generation import stream
     from ..loading import load_model
 
@@ -196,6 +203,7 @@ def bench_serving(
     output_tokens: int = 128,
     requests_per_client: int = 2,
     device: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Measure serving speed: aggregate and per-client tokens/s, time to first token and inter-token
     latency, by concurrency and input length, on the continuous-batching engine the server runs.
@@ -210,7 +218,9 @@ def bench_serving(
         output_tokens: tokens generated per request (stop tokens ignored)
         requests_per_client: requests each client sends, one after another
         device: cpu, cuda or cuda:N (default: cuda when available)
+        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
+    set_threads(threads)
     from ..bench import bench, format_table
     from ..loading import load_model
 

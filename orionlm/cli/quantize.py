@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import refuse_existing
+from ..checkpoint import refuse_existing, set_threads
 from ..errors import OrionError
 
 
@@ -28,6 +28,7 @@ def quantize_checkpoint(
     method: Literal["gptq", "rtn"] = "gptq",
     seed: int = 0,
     device: str | None = None,
+    threads: int | None = None,
     force: bool = False,
 ) -> None:
     """Quantize a model's linear layers to GPTQ checkpoints (AutoGPTQ's format): block by block with
@@ -57,8 +58,10 @@ def quantize_checkpoint(
         method: gptq (with calibration) or rtn (round to nearest)
         seed: where the calibration samples are taken
         device: cpu, cuda or cuda:N (default: cuda when available)
+        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
         force: replace out if it exists
     """
+    set_threads(threads)
     from tqdm import tqdm
 
     from ..loading import load_model

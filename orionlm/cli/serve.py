@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checkpoint import set_threads
 from ..errors import OrionError
 
 API_KEY_ENV = "ORIONLM_API_KEY"
@@ -23,6 +24,7 @@ def serve_model(
     served_model_name: str | None = None,
     no_think: bool = False,
     device: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -46,7 +48,9 @@ def serve_model(
         served_model_name: the model id clients send (default: the directory's name)
         no_think: a thinking (Quiet-STaR) model answers without thoughts unless a request sends "think": true
         device: cpu, cuda or cuda:N (default: cuda when available)
+        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
+    set_threads(threads)
     try:
         import uvicorn
 
