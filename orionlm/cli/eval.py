@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import set_threads
 from ..errors import OrionError
+from .common import load_with_tokenizer
 
 
 def eval_model(
@@ -58,10 +58,8 @@ def eval_model(
         device: cpu, cuda or cuda:N (default: cuda when available)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
-    set_threads(threads)
     from ..eval.report import compare_chart, compare_table, format_table, read_report
     from ..eval.run import evaluate
-    from ..loading import load_model
 
     if target[0] == "compare":
         if len(target) < 2:
@@ -82,9 +80,7 @@ def eval_model(
         if not sep or not name or not path:
             raise OrionError(f"--task-file takes TASK=PATH, got {item!r}")
         files[name] = Path(path)
-    lm, tokenizer, _ = load_model(model, device=device)
-    if tokenizer is None:
-        raise OrionError(f"{model} has no tokenizer.json; evaluation needs one")
+    lm, tokenizer = load_with_tokenizer(model, "evaluation", device, threads)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     progress = sys.stderr.isatty()  # progress bars on a terminal; in a log they are noise
     report = evaluate(
@@ -136,13 +132,9 @@ def leakage(
         device: cpu, cuda or cuda:N (default: cuda when available)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
-    set_threads(threads)
     from ..eval.leakage import detect, format_report
-    from ..loading import load_model
 
-    lm, tokenizer, _ = load_model(model, device=device)
-    if tokenizer is None:
-        raise OrionError(f"{model} has no tokenizer.json; scoring needs one")
+    lm, tokenizer = load_with_tokenizer(model, "scoring", device, threads)
     report = detect(lm, tokenizer, items, limit=limit, batch_size=batch_size, progress=sys.stderr.isatty())
     print(format_report(report))
     if out is not None:

@@ -9,6 +9,7 @@ import torch
 
 from ..checkpoint import set_threads
 from ..errors import OrionError
+from .common import load_with_tokenizer
 
 
 def generate_text(
@@ -62,13 +63,9 @@ def generate_text(
         device: cpu, cuda or cuda:N (default: cuda when available)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
-    set_threads(threads)
     from ..generation import stream_thoughts
-    from ..loading import load_model
 
-    lm, tokenizer, _ = load_model(model, device=device)
-    if tokenizer is None:
-        raise OrionError(f"{model} has no tokenizer.json; generation needs one")
+    lm, tokenizer = load_with_tokenizer(model, "generation", device, threads)
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     sampling = _sampling(
@@ -159,13 +156,9 @@ def chat(
         device: cpu, cuda or cuda:N (default: cuda when available)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
-    set_threads(threads)
     from ..generation import stream
-    from ..loading import load_model
 
-    lm, tokenizer, _ = load_model(model, device=device)
-    if tokenizer is None:
-        raise OrionError(f"{model} has no tokenizer.json; chat needs one")
+    lm, tokenizer = load_with_tokenizer(model, "chat", device, threads)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     sampling = _sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed, no_think=no_think)

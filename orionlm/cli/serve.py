@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoint import set_threads
 from ..errors import OrionError
+from .common import load_with_tokenizer
 
 API_KEY_ENV = "ORIONLM_API_KEY"
 
@@ -50,7 +50,6 @@ def serve_model(
         device: cpu, cuda or cuda:N (default: cuda when available)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
-    set_threads(threads)
     try:
         import uvicorn
 
@@ -61,11 +60,8 @@ def serve_model(
             f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'orionlm[serve]'"
         ) from None
     from ..generation.engine import Engine
-    from ..loading import load_model
 
-    lm, tokenizer, _ = load_model(model, device=device)
-    if tokenizer is None:
-        raise OrionError(f"{model} has no tokenizer.json; the server needs one")
+    lm, tokenizer = load_with_tokenizer(model, "the server", device, threads)
     name = served_model_name or Path(str(model)).name
     engine = AsyncEngine(
         Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
