@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -106,27 +107,20 @@ def _print_generation(pieces: Iterator[tuple[int, str, str]], count: int, show_t
         print(f"--- {i}\n{text}")
 
 
-def _sampling(
-    *,
-    temp: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    rep_pen: float | None = None,
-    presence_pen: float | None = None,
-    frequency_pen: float | None = None,
-    max_tokens: int | None = None,
-    stop: list[str] | None = None,
-    seed: int | None = None,
-    no_think: bool = False,
-) -> dict:
-    """CLI option names -> generation keyword arguments, leaving out what was not given."""
-    values = dict(
-        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep_pen,
-        presence_penalty=presence_pen, frequency_penalty=frequency_pen, max_new_tokens=max_tokens,
-        stop=stop, seed=seed, think=False if no_think else None,
-    )  # fmt: skip
-    return {k: v for k, v in values.items() if v is not None}
+# the sampling options' names on the command line -> GenerationConfig's fields
+SAMPLING_OPTIONS = {
+    "temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "rep_pen": "repetition_penalty",
+    "presence_pen": "presence_penalty", "frequency_pen": "frequency_penalty", "max_tokens": "max_new_tokens",
+    "stop": "stop", "seed": "seed",
+}  # fmt: skip
+
+
+def _sampling(no_think: bool = False, **options: Any) -> dict:
+    """Sampling options given on the command line (by option name) -> generation keyword arguments."""
+    values = {SAMPLING_OPTIONS[name]: value for name, value in options.items() if value is not None}
+    if no_think:
+        values["think"] = False
+    return values
 
 
 def chat(
