@@ -1,5 +1,6 @@
-"""Random request bodies against the app in this process: a client's mistake is a 4xx with OpenAI's error
-body, never a 5xx, and whatever a body holds, valid requests beside it keep working."""
+"""Random request bodies against the app in this process: whatever a body holds, the answer is a success or
+a 4xx with OpenAI's error body, never a 5xx. (That a bad request leaves the requests beside it untouched is
+tests/serve/test_server.py's bad-seed test.)"""
 
 import json
 
