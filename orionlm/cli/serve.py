@@ -20,6 +20,8 @@ def serve_model(
     max_batch: int = 16,
     max_cached_tokens: int | None = None,
     prefill_chunk: int = 512,
+    max_request_bytes: int = 2**23,
+    max_choices: int = 64,
     api_key: str | None = None,
     served_model_name: str | None = None,
     no_think: bool = False,
@@ -43,6 +45,8 @@ def serve_model(
         max_cached_tokens: the cached-token budget (prompt + max_tokens of the running requests); default
             max_batch x the model's context
         prefill_chunk: prompt tokens prefilled per engine step, so long prompts do not stall running requests
+        max_request_bytes: larger request bodies get a 413 before they are read whole
+        max_choices: the most completions (prompts x n) one request may ask for; more is a 400
         api_key: require 'Authorization: Bearer KEY' on every route but /health, which load balancers probe
             without a key (as vLLM's); /openapi.json included (default: the ORIONLM_API_KEY environment variable)
         served_model_name: the model id clients send (default: the directory's name)
@@ -69,7 +73,7 @@ def serve_model(
     defaults = dict(getattr(lm, "generation_defaults", None) or {})
     if no_think:
         defaults["think"] = False
-    server = Server(engine, tokenizer, name, defaults)
+    server = Server(engine, tokenizer, name, defaults, max_choices=max_choices)
     ready = f"orionlm serve: ready on http://{host}:{port}/v1 (model {name!r}, max batch {max_batch})"
-    app = create_app(server, api_key or os.environ.get(API_KEY_ENV), ready)
+    app = create_app(server, api_key or os.environ.get(API_KEY_ENV), ready, max_request_bytes=max_request_bytes)
     uvicorn.run(app, host=host, port=port, log_level="warning")

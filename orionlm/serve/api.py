@@ -11,12 +11,13 @@ import contextlib
 import hmac
 import traceback
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import (
@@ -87,7 +88,7 @@ async def chat_completions(
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, server: ServerDep) -> TokenizeResponse:
-    return server.tokenize(body)
+    return await run_in_threadpool(server.tokenize, body)
 
 
 @router.post("/detokenize")
@@ -146,6 +147,33 @@ async def server_error(_: Request, e: Exception) -> JSONResponse:
     return error_response(500, f"the server failed: {type(e).__name__}: {e}")
 
 
+class BodyLimit:
+    """ASGI middleware that refuses a request body over `limit` bytes with a 413 before it is read whole: at once
+    by its Content-Length, or, sent in chunks without one, as soon as the bytes received pass the limit."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"the request body is over this server's limit of {self.limit:,} bytes (--max-request-bytes)"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await error_response(413, too_large)(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise StarletteHTTPException(413, too_large)  # answered by http_error, before any response starts
+            return message
+
+        await self.app(scope, counted, send)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Starts and stops the engine thread; prints the ready message once serving."""
@@ -156,9 +184,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.server.engine.stop()
 
 
-def create_app(server: Server, api_key: str | None = None, ready_message: str | None = None) -> FastAPI:
+def create_app(
+    server: Server, api_key: str | None = None, ready_message: str | None = None, max_request_bytes: int = 2**23
+) -> FastAPI:
     """The FastAPI app over `server`; with `api_key`, every route but /health needs 'Authorization: Bearer KEY'
-    (/openapi.json included)."""
+    (/openapi.json included); request bodies over max_request_bytes (default 8 MiB) are refused."""
     app = FastAPI(title="orionlm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
                   dependencies=[Depends(authenticate)])  # fmt: skip
     app.state.server, app.state.api_key, app.state.ready_message = server, api_key, ready_message
@@ -167,4 +197,5 @@ def create_app(server: Server, api_key: str | None = None, ready_message: str | 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.include_router(router)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
     return app

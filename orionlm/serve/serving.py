@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import OrionError
 from ..generation.engine import Engine, Event, RequestFailed, TokenLogprob
@@ -192,9 +193,15 @@ class Server:
     """What the routes need: the model's name, tokenizer, engine and generation defaults."""
 
     def __init__(
-        self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, defaults: dict[str, Any] | None = None
+        self,
+        engine: AsyncEngine,
+        tokenizer: Tokenizer,
+        model_name: str,
+        defaults: dict[str, Any] | None = None,
+        max_choices: int = 64,
     ) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.max_choices = max_choices  # prompts x n of one request: one request cannot fill the engine for long
         self.config = engine.engine.model.config
         self.defaults = dict(defaults or {})
         self.eos_ids = set(GenerationConfig.from_dict(self.defaults).stop_token_ids)
@@ -253,6 +260,9 @@ class Server:
     ) -> list[EngineRequest]:
         """n requests per prompt, validated (a 400 before any stream starts); with a seed, choice j of a prompt
         samples with seed + j."""
+        if len(prompts) * body.n > self.max_choices:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} completions; "
+                                f"this server takes at most {self.max_choices} per request: split it")  # fmt: skip
         stop_ids = frozenset() if body.ignore_eos else frozenset(self.eos_ids)
         requests = []
         for prompt in prompts:
@@ -436,7 +446,7 @@ async def create_completion(
     """/v1/completions: validated first (a mistake is a 400, never a broken stream), then the stream's events
     or the whole response."""
     server.check_model(body.model)
-    prompts = completion_prompts(server, body.prompt)
+    prompts = await run_in_threadpool(completion_prompts, server, body.prompt)  # off the event loop: may be long
     echo_logprobs = body.echo and body.logprobs is not None
     requests = server.engine_requests(
         body, prompts, body.max_tokens, chat=False, logprobs=body.logprobs,
@@ -479,7 +489,7 @@ async def create_chat_completion(
 ) -> ChatCompletionResponse | AsyncIterator[str]:
     """/v1/chat/completions: validated first, then the stream's events or the whole response."""
     server.check_model(body.model)
-    prompts = [server.chat_prompt(body.messages)]
+    prompts = [await run_in_threadpool(server.chat_prompt, body.messages)]
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = body.top_logprobs or 0
     requests = server.engine_requests(body, prompts, max_tokens, chat=True, logprobs=top if body.logprobs else None)

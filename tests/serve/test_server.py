@@ -304,3 +304,25 @@ def test_the_key_guards_everything_but_health(server):
         assert httpx.get(server + path, headers=HEADERS).status_code == 200
     assert "/v1/completions" in httpx.get(server + "/openapi.json", headers=HEADERS).json()["paths"]
     assert httpx.get(server + "/health").status_code == 200
+
+
+def test_request_limits(served_model_dir):
+    with _serve(served_model_dir, "--max-request-bytes", "100000", "--max-choices", "8") as address:
+        url = address + "/v1/completions"
+        big = json.dumps({"model": NAME, "prompt": "word " * 30_000, "max_tokens": 1}).encode()
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts the bytes as they come
+            yield from (big[i : i + 8192] for i in range(0, len(big), 8192))
+
+        for content in (big, chunks()):
+            started = time.perf_counter()
+            response = httpx.post(url, content=content, headers=HEADERS)
+            assert response.status_code == 413 and time.perf_counter() - started < 5
+            assert "over this server's limit of 100,000 bytes" in response.json()["error"]["message"]
+        many = httpx.post(
+            url, headers=HEADERS, json={"model": NAME, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1}
+        )
+        assert many.status_code == 400
+        assert "3 prompts x n=3 asks for 9 completions; this server takes at most 8" in many.json()["error"]["message"]
+        fits = httpx.post(url, headers=HEADERS, json={"model": NAME, "prompt": ["a", "b"], "n": 4, "max_tokens": 1})
+        assert fits.status_code == 200 and len(fits.json()["choices"]) == 8
