@@ -25,6 +25,7 @@ from .model import OrionLM
 from .tokenizer import Tokenizer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a LoRA adapter (PEFT's names)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 256}
 
@@ -365,11 +366,10 @@ def refuse_existing(path: Path, force: bool) -> None:
 def is_model_directory(path: Path) -> bool:
     """config.json beside safetensors weights (a model, an Auron checkpoint) or a LoRA adapter."""
     weights = ("model.safetensors", SAFETENSORS_INDEX)
-    adapter = ("adapter_config.json", "adapter_model.safetensors")
     return (
         (path / "config.json").is_file()
         and any((path / w).is_file() for w in weights)
-        or all((path / f).is_file() for f in adapter)
+        or all((path / f).is_file() for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     )
 
 

@@ -20,12 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import atomic_directory
+from ..checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory
 from ..errors import OrionError, read_json_object
 from ..nn.lora import ADAPTED, LoRAConfig, apply_lora, is_experts, is_linear, layers, routers
 
 PEFT_PREFIX = "base_model.model."
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def _peft_suffix(name: str) -> str:

@@ -1,14 +1,9 @@
 """The server, live: a real `orionlm serve` process on a loopback port, driven by the official openai client."""
 
 import concurrent.futures
-import contextlib
 import json
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,35 +17,12 @@ from orionlm.train.quietstar import add_thought_tokens
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-KEY = "test-key"
-NAME = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(model_dir: Path, *options: str) -> Iterator[str]:
-    """A live `orionlm serve` process on the model; yields its address."""
-    port = _free_port()
-    command = [sys.executable, "-m", "orionlm", "serve", str(model_dir), "--port", str(port), "--api-key", KEY,
-               "--served-model-name", NAME, "--max-batch", "4", "--prefill-chunk", "16", *options]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = process.stdout.readline()
-    assert "ready" in line, line + process.stdout.read()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+from live_server import KEY, NAME, serve_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(served_model_dir):
-    with _serve(served_model_dir) as address:
+    with serve_process(served_model_dir) as address:
         yield address
 
 
@@ -214,7 +186,7 @@ def test_a_thinking_model_thinks_unless_told_not_to(served_model_dir, tmp_path):
         for think in (True, False)
     }
     assert expected[True] != expected[False]
-    with _serve(tmp_path / "thinking", "--no-think") as address:
+    with serve_process(tmp_path / "thinking", "--no-think") as address:
         client = openai.OpenAI(base_url=address + "/v1", api_key=KEY, max_retries=0)
         for think in (True, False):
             body = {"think": True} if think else {}
@@ -307,7 +279,7 @@ def test_the_key_guards_everything_but_health(server):
 
 
 def test_request_limits(served_model_dir):
-    with _serve(served_model_dir, "--max-request-bytes", "100000", "--max-choices", "8") as address:
+    with serve_process(served_model_dir, "--max-request-bytes", "100000", "--max-choices", "8") as address:
         url = address + "/v1/completions"
         big = json.dumps({"model": NAME, "prompt": "word " * 30_000, "max_tokens": 1}).encode()
 
