@@ -114,11 +114,18 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         return self._read(name)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor
+        return name in self.specs
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.specs)
 
     def __len__(self) -> int:
         return len(self.specs)
+
+    def renamed(self, names: dict[str, str]) -> LazyTensors:
+        """The tensors under new names: `names` maps each new name to its name here."""
+        return LazyTensors({new: self.specs[old] for new, old in names.items()}, lambda new: self._read(names[new]))
 
     def cast(self, dtype: torch.dtype) -> LazyTensors:
         """The same tensors converted to `dtype` as each is read."""
@@ -188,21 +195,24 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def model_from_tensors(
-    config: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: str
+    config: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: str
 ) -> OrionLM:
-    """Build the model on the meta device and adopt the given tensors, checking every name and shape."""
+    """Build the model on the meta device and adopt the given tensors, checking every name and shape. Each tensor
+    is read once and converted to `dtype` (quantized ones keep theirs), so a LazyTensors source in the dtype
+    asked for is never copied: memory holds the model once."""
     with torch.device("meta"):
         model = OrionLM(config)
         if config.quantization_config is not None:
             _quantized_layers(model, config.quantization_config, tensors)
     expected = {name: p for name, p in model.state_dict().items()}
+    names = set(tensors)
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
-        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(tensors))
+        names.discard("lm_head.weight")
+    missing = sorted(set(expected) - names)
     if missing:
         raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(names - set(expected))
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
     state = {}
@@ -244,7 +254,7 @@ def weight_bytes(directory: Path) -> dict[str, int]:
     return {"disk_bytes": sum(f.stat().st_size for f in files), "memory_bytes": memory}
 
 
-def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Make every linear layer (and MoE expert stack) the checkpoint stores in GPTQ form (a `.qweight`) a
     QuantLinear (a QuantExperts), on meta."""
     from .nn.moe import Experts
@@ -269,17 +279,22 @@ def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: dic
         model.set_submodule(name, layer)
 
 
+def read_orionlm_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of an orionlm model directory."""
+    try:
+        return ModelConfig.from_dict(read_config_json(directory))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+
+
 def load_checkpoint(
     directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[OrionLM, Tokenizer | None]:
     """Load an orionlm model directory; the tokenizer is None when the directory has none."""
     directory = Path(directory)
     device, dtype = resolve_device(device, dtype)
-    try:
-        config = ModelConfig.from_dict(read_config_json(directory))
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
-    model = model_from_tensors(config, read_safetensors(directory), device, dtype, str(directory))
+    config = read_orionlm_config(directory)
+    model = model_from_tensors(config, LazyTensors.from_directory(directory), device, dtype, str(directory))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer
 

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, read_config_json, read_generation_config, resolve_device
+from .checkpoint import (
+    LazyTensors,
+    model_from_tensors,
+    read_config_json,
+    read_generation_config,
+    read_orionlm_config,
+    resolve_device,
+)
 from .config import ModelConfig
-from .convert.auron import from_auron_config, is_auron_config, load_auron
+from .convert.auron import is_auron_config, read_auron
 from .convert.peft import ADAPTER_CONFIG, load_adapter
 from .errors import OrionError, read_json_object
 from .model import OrionLM
@@ -58,6 +68,50 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         ) from None
 
 
+@dataclass
+class ModelSource:
+    """A model on disk, opened without reading its weights: its config, its tensors under orionlm's names in
+    their stored dtypes (read one at a time, on demand), its tokenizer and its sampling defaults."""
+
+    path: Path
+    config: ModelConfig
+    tensors: Mapping[str, torch.Tensor]
+    tokenizer: Tokenizer | None
+    generation: dict[str, Any]
+
+    def load(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OrionLM:
+        """The model, each tensor read once and converted to `dtype` (fp32 on CPU, bf16 on CUDA by default)."""
+        device, dtype = resolve_device(device, dtype)
+        model = model_from_tensors(self.config, self.tensors, device, dtype, str(self.path))
+        model.generation_defaults = self.generation
+        return model
+
+
+def open_model(name_or_path: str | Path) -> ModelSource:
+    """An orionlm, Hugging Face or Auron directory, a .gguf file, a training run (its newest checkpoint) or a
+    Hub id, opened as a ModelSource."""
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise OrionError(f"{path} is a file but not a .gguf file; pass a model directory or a GGUF file")
+        from .convert.gguf import read_gguf_model
+
+        config, tensors, tokenizer = read_gguf_model(path)
+        return ModelSource(path, config, tensors, tokenizer, {})
+    data = read_config_json(path)
+    if is_auron_config(data):
+        config, tensors = read_auron(path)
+    elif data.get("model_type", "orionlm") == "orionlm":
+        config, tensors = read_orionlm_config(path), LazyTensors.from_directory(path)
+    else:
+        from .convert.hf import hf_tensors, read_hf_config
+
+        config = read_hf_config(path)
+        tensors = hf_tensors(config, LazyTensors.from_directory(path), str(path))
+    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+    return ModelSource(path, config, tensors, tokenizer, read_generation_config(path))
+
+
 def load_model(
     name_or_path: str | Path,
     device: torch.device | str | None = None,
@@ -65,29 +119,13 @@ def load_model(
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
     """Load a model and its tokenizer from an orionlm, Hugging Face or Auron directory, a .gguf file,
     a LoRA adapter directory (on the base model it names), or a Hub id; returns (model, tokenizer, device).
-    fp32 on CPU, bf16 on CUDA unless dtype is given."""
+    fp32 on CPU, bf16 on CUDA unless dtype is given; weights already in that dtype are not copied."""
     device, dtype = resolve_device(device, dtype)
     path = resolve_model_path(name_or_path)
     if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
         return _load_adapted(path, device, dtype)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise OrionError(f"{path} is a file but not a .gguf file; pass a model directory or a GGUF file")
-        from .convert.gguf import load_gguf
-
-        model, tokenizer = load_gguf(path, device=device, dtype=dtype)
-        return model, tokenizer, device
-    data = read_config_json(path)
-    if is_auron_config(data):
-        model, tokenizer = load_auron(path, device=device, dtype=dtype)
-    elif data.get("model_type", "orionlm") == "orionlm":
-        model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
-    else:
-        from .convert.hf import load_hf
-
-        model, tokenizer = load_hf(path, device=device, dtype=dtype)
-    model.generation_defaults = read_generation_config(path)
-    return model, tokenizer, device
+    source = open_model(path)
+    return source.load(device, dtype), source.tokenizer, device
 
 
 def _load_adapted(
@@ -110,18 +148,5 @@ def _load_adapted(
 
 def read_model_config(name_or_path: str | Path) -> ModelConfig:
     """The ModelConfig of a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id,
-    without reading the weights where possible."""
-    path = resolve_model_path(name_or_path)
-    if path.is_file():
-        return load_model(path, device="cpu")[0].config
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise OrionError(f"{config_path} is missing; is {path} a model directory?")
-    data = read_json_object(config_path)
-    if is_auron_config(data):
-        return ModelConfig.from_dict(from_auron_config(data))
-    if data.get("model_type", "orionlm") == "orionlm":
-        return ModelConfig.from_dict(data)
-    from .convert.hf import config_from_hf
-
-    return config_from_hf(data)
+    without reading the weights."""
+    return open_model(name_or_path).config

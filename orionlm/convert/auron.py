@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ..checkpoint import (
+    LazyTensors,
     atomic_directory,
     model_from_tensors,
     read_config_json,
-    read_safetensors,
     resolve_device,
     state_dict_for_saving,
     write_safetensors,
@@ -151,22 +151,29 @@ def name_to_auron(name: str, config: ModelConfig) -> str:
     return f"{zone}.{part}"
 
 
+def read_auron(directory: Path) -> tuple[ModelConfig, LazyTensors]:
+    """An Auron checkpoint's config, and its tensors under orionlm's names (read on demand)."""
+    try:
+        config = ModelConfig.from_dict(from_auron_config(read_config_json(directory)) | {"name": directory.name})
+    except (ConfigError, TypeError) as e:
+        raise OrionError(f"{directory / 'config.json'}: {e}") from None
+    stored = LazyTensors.from_directory(directory)
+    names = {}
+    for name in stored:
+        ours = name_to_orionlm(name, config)
+        if ours is None:
+            raise OrionError(f"{directory}: tensor {name!r} is not part of Auron's layout (see orionlm.convert.auron)")
+        names[ours] = name
+    return config, stored.renamed(names)
+
+
 def load_auron(
     directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[OrionLM, Tokenizer | None]:
     """Load an Auron checkpoint directory (config.json with Auron's keys, safetensors with its names)."""
     directory = Path(directory)
     device, dtype = resolve_device(device, dtype)
-    try:
-        config = ModelConfig.from_dict(from_auron_config(read_config_json(directory)) | {"name": directory.name})
-    except (ConfigError, TypeError) as e:
-        raise OrionError(f"{directory / 'config.json'}: {e}") from None
-    tensors = {}
-    for name, tensor in read_safetensors(directory).items():
-        ours = name_to_orionlm(name, config)
-        if ours is None:
-            raise OrionError(f"{directory}: tensor {name!r} is not part of Auron's layout (see orionlm.convert.auron)")
-        tensors[ours] = tensor
+    config, tensors = read_auron(directory)
     model = model_from_tensors(config, tensors, device, dtype, str(directory))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer

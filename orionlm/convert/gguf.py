@@ -67,6 +67,17 @@ def load_gguf(
     """Load an F32/F16/BF16/Q8_0 llama- or bloom-architecture GGUF file as an OrionLM model (Q8_0 dequantized)
     and its tokenizer."""
     path = Path(path)
+    config, tensors, tokenizer = read_gguf_model(path)
+    device, dtype = resolve_device(device, dtype)
+    try:
+        model = model_from_tensors(config, tensors, device, dtype, str(path))
+    except CheckpointError as e:
+        raise GGUFError(str(e)) from None
+    return model, tokenizer
+
+
+def read_gguf_model(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """A GGUF file's config, tensors under orionlm's names (Q8_0 dequantized) and tokenizer."""
     metadata, reader = read_gguf(path)
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -85,12 +96,7 @@ def load_gguf(
     gguf_tensors = {t.name: _to_torch(t) for t in reader.tensors}
     config = config_from_metadata(metadata, gguf_tensors, str(path))
     tensors = (bloom_hf_tensors if arch == "bloom" else llama_hf_tensors)(gguf_tensors, config, str(path))
-    device, dtype = resolve_device(device, dtype)
-    try:
-        model = model_from_tensors(config, tensors, device, dtype, str(path))
-    except CheckpointError as e:
-        raise GGUFError(str(e)) from None
-    return model, tokenizer_from_metadata(metadata, str(path))
+    return config, tensors, tokenizer_from_metadata(metadata, str(path))
 
 
 def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:

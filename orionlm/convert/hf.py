@@ -238,7 +238,7 @@ def load_hf(
     device, dtype = resolve_device(device, dtype)
     config = read_hf_config(directory)
     tensors = hf_tensors(config, LazyTensors.from_directory(directory), str(directory))
-    model = model_from_tensors(config, dict(tensors), device, dtype, str(directory))
+    model = model_from_tensors(config, tensors, device, dtype, str(directory))
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer
 
