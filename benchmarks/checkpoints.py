@@ -39,7 +39,7 @@ def mistral_config(shape: str) -> dict:
 
 def mistral_specs(config: dict, dtype: torch.dtype) -> dict[str, TensorSpec]:
     """Every tensor's name, shape and dtype, in Hugging Face Mistral's names."""
-    C, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    C, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]  # noqa: E741
     kv = config["num_key_value_heads"] * config["head_dim"]
     specs = {"model.embed_tokens.weight": (V, C)}
     for i in range(config["num_hidden_layers"]):
