@@ -25,6 +25,28 @@ from .nn.mlp import MLP
 from .nn.norm import make_norm
 
 RESID_LAMBDA_INIT = math.sqrt(1.1)
+RESID_LAMBDAS = ("attn_lambda", "mlp_lambda")
+
+
+def _lambdas_as_scalars(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A block's state dict holds its residual lambdas 0-dim, as Auron's files and ours always have."""
+    for name in RESID_LAMBDAS:
+        t = state_dict[prefix + name]
+        placements = getattr(t, "placements", None)
+        if placements is not None:
+            # A DTensor (FSDP2 shards the lambdas on their one dimension): a view cannot drop a sharded
+            # dimension, so the lambda is replicated first (a single element).
+            from torch.distributed.tensor import Replicate
+
+            t = t.redistribute(placements=[Replicate()] * len(placements))
+        state_dict[prefix + name] = t.reshape(())
+
+
+def _lambdas_from_scalars(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Loading takes the lambdas 0-dim (files, state dicts) or shaped (1,) as the parameters are."""
+    for name in RESID_LAMBDAS:
+        if prefix + name in state_dict and state_dict[prefix + name].dim() == 0:
+            state_dict[prefix + name] = state_dict[prefix + name].reshape(1)
 
 
 class ChimeraBlock(nn.Module):
@@ -44,8 +66,12 @@ class ChimeraBlock(nn.Module):
         self.post_attention_layernorm = make_norm(config.norm, config.hidden_size, config.norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, "swiglu")
         if config.resid_lambdas:
-            self.attn_lambda = nn.Parameter(torch.tensor(RESID_LAMBDA_INIT))
-            self.mlp_lambda = nn.Parameter(torch.tensor(RESID_LAMBDA_INIT))
+            # Shape (1,), not 0-dim: FSDP2's fully_shard refuses scalar parameters. The hooks keep state dicts,
+            # and so every file written or read, in Auron's 0-dim layout.
+            self.attn_lambda = nn.Parameter(torch.full((1,), RESID_LAMBDA_INIT))
+            self.mlp_lambda = nn.Parameter(torch.full((1,), RESID_LAMBDA_INIT))
+            self.register_state_dict_post_hook(_lambdas_as_scalars)
+            self.register_load_state_dict_pre_hook(_lambdas_from_scalars)
 
     @torch.no_grad()
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:

@@ -86,8 +86,23 @@ def load_full_state(
     if not fsdp:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
+        _shape_moments_as_params(optimizer)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    # Each full tensor is sharded as its parameter is, which needs the parameter's shape: the files hold Chimera's
+    # residual lambdas 0-dim, the parameters (1,) (see chimera.py).
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    model_state = {name: t.reshape(shapes[name]) if name in shapes else t for name, t in model_state.items()}
     options = StateDictOptions(full_state_dict=True)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+
+
+def _shape_moments_as_params(optimizer: torch.optim.Optimizer) -> None:
+    """Runs saved while Chimera's residual lambdas were 0-dim parameters hold their optimizer moments 0-dim; shape
+    them as the (1,) parameters, which an update needs. `step` is every parameter's scalar count, left as it is."""
+    for inner in getattr(optimizer, "optimizers", [optimizer]):  # a CombinedOptimizer's, or the optimizer
+        for p, state in inner.state.items():
+            for key, value in state.items():
+                if key != "step" and torch.is_tensor(value) and value.dim() == 0 and p.shape == (1,):
+                    state[key] = value.reshape(1)
