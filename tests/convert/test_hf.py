@@ -22,7 +22,7 @@ from orionlm.checkpoint import (
 )
 from orionlm.cli.convert import convert_from_hf
 from orionlm.config import preset
-from orionlm.convert.hf import config_from_hf, load_hf, save_hf
+from orionlm.convert.hf import config_from_hf, load_hf, save_hf, write_hf
 from orionlm.convert.hf_architectures import hf_architecture
 from orionlm.convert.hf_config import ConvertError
 from orionlm.model import OrionLM
@@ -409,3 +409,19 @@ def test_failed_streaming_conversion_leaves_nothing(reference, tmp_path, monkeyp
         convert_from_hf(str(path), tmp_path / "out", dtype="float32", shard_gb=40_000 / 1024**3)
     assert len(opened) == 6
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shard_bytes", [40_000, 10**7], ids=["shards", "one-file"])
+def test_export_reads_each_expert_stack_once(shard_bytes, tmp_path):
+    """Per-expert tensors are slices of their stack: writing them reads each stack once, in shards of about one
+    expert each and in one file, where the names sorted interleave a layer's two stacks."""
+    model = OrionLM(preset("tiny-moe")).eval()
+    _randomize(model)
+    state = checkpoint.state_dict_for_saving(model)
+    reads = []
+    counted = checkpoint.LazyTensors.of(state)
+    counted = checkpoint.LazyTensors(counted.specs, lambda name: reads.append(name) or state[name])
+    write_hf(model.config, counted, None, tmp_path / "hf", max_shard_bytes=shard_bytes)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == (shard_bytes == 40_000)
+    assert sorted(reads) == sorted(state)
+    _same_logits(model, AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval())
