@@ -337,33 +337,34 @@ def llama_gguf_tensors(config: ModelConfig, tensors: LazyTensors) -> LazyTensors
     stacks split (each stack read once for both halves)."""
     inverse = {v: k for k, v in _BLOCK_NAMES.items()}
     top = {f"{v}.weight": f"{k}.weight" for k, v in _TOP_NAMES.items()}
-    stacked = lru_cache(maxsize=1)(tensors.__getitem__)  # gate, then up, of one stack
+    permuted = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
+    stacks = lru_cache(maxsize=1)(tensors.__getitem__)  # the gate half, then the up half, of one stack
     specs, reads = {}, {}
     for name, spec in tensors.specs.items():
         if name in top:
-            specs[top[name]], reads[top[name]] = spec.shape, partial(tensors.__getitem__, name)
+            specs[top[name]], reads[top[name]] = spec.shape, partial(_read_permuted, tensors, name, None)
             continue
         _, _, index, rest = name.split(".", 3)  # model.layers.N.rest
         module, _, suffix = rest.rpartition(".")
         if rest == "mlp.experts.gate_up_proj":  # (E, 2I, C) -> (E, I, C) twice
             experts, rows, columns = spec.shape
             for half, kind in enumerate(("ffn_gate_exps", "ffn_up_exps")):
-                gguf_name = f"blk.{index}.{kind}.weight"
-                specs[gguf_name] = (experts, rows // 2, columns)
-                reads[gguf_name] = partial(lambda name, half: stacked(name).chunk(2, dim=1)[half], name, half)
-        elif rest == "mlp.experts.down_proj":
-            specs[f"blk.{index}.ffn_down_exps.weight"] = spec.shape
-            reads[f"blk.{index}.ffn_down_exps.weight"] = partial(tensors.__getitem__, name)
+                specs[f"blk.{index}.{kind}.weight"] = (experts, rows // 2, columns)
+                reads[f"blk.{index}.{kind}.weight"] = partial(_read_half, stacks, name, half)
         else:
-            heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}.get(module)
-            gguf_name = f"blk.{index}.{inverse[module]}.{suffix}"
+            gguf_name = f"blk.{index}.ffn_down_exps.weight" if rest == "mlp.experts.down_proj" else (
+                f"blk.{index}.{inverse[module]}.{suffix}")  # fmt: skip
             specs[gguf_name] = spec.shape
-            reads[gguf_name] = partial(_read_permuted, tensors, name, heads)
+            reads[gguf_name] = partial(_read_permuted, tensors, name, permuted.get(module))
     return _float32(specs, reads)
 
 
 def _read_permuted(tensors: LazyTensors, name: str, heads: int | None) -> torch.Tensor:
     return tensors[name] if heads is None else _permute(tensors[name], heads)
+
+
+def _read_half(stacks: Callable[[str], torch.Tensor], name: str, half: int) -> torch.Tensor:
+    return stacks(name).chunk(2, dim=1)[half]
 
 
 def bloom_gguf_tensors(config: ModelConfig, tensors: LazyTensors) -> LazyTensors:
