@@ -127,6 +127,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         """The tensors under new names: `names` maps each new name to its name here."""
         return LazyTensors({new: self.specs[old] for new, old in names.items()}, lambda new: self._read(names[new]))
 
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> LazyTensors:
+        """Any Mapping of tensors as a LazyTensors (itself when it is one), its specs read off the tensors."""
+        if isinstance(tensors, LazyTensors):
+            return tensors
+        return cls({name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}, tensors.__getitem__)
+
     def cast(self, dtype: torch.dtype) -> LazyTensors:
         """The same tensors converted to `dtype` as each is read."""
         specs = {name: TensorSpec(spec.shape, dtype) for name, spec in self.specs.items()}
@@ -200,28 +207,11 @@ def model_from_tensors(
     """Build the model on the meta device and adopt the given tensors, checking every name and shape. Each tensor
     is read once and converted to `dtype` (quantized ones keep theirs), so a LazyTensors source in the dtype
     asked for is never copied: memory holds the model once."""
-    with torch.device("meta"):
-        model = OrionLM(config)
-        if config.quantization_config is not None:
-            _quantized_layers(model, config.quantization_config, tensors)
-    expected = {name: p for name, p in model.state_dict().items()}
-    names = set(tensors)
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-        names.discard("lm_head.weight")
-    missing = sorted(set(expected) - names)
-    if missing:
-        raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    unexpected = sorted(names - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    model = _meta_model(config, tensors)
+    expected = model.state_dict()
     state = {}
-    for name, want in expected.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}"
-            )
+    for name, tensor in model_tensors(config, tensors, source, model).items():
+        want = expected[name]
         if tensor.dtype != want.dtype and not (tensor.is_floating_point() and want.is_floating_point()):
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected {want.dtype}")
         quantized = name.rsplit(".", 1)[-1] in QUANT_BUFFERS and config.quantization_config is not None
@@ -231,6 +221,40 @@ def model_from_tensors(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers(device)
     return model.eval()
+
+
+def model_tensors(
+    config: ModelConfig, tensors: Mapping[str, torch.Tensor], source: str, model: OrionLM | None = None
+) -> LazyTensors:
+    """The tensors a model of `config` holds, checked by name and shape against it before any is read, in its
+    state dict's order and without a tied head: what save_checkpoint writes, whatever the source's layout, so
+    every exporter writes the same file from any source of one model."""
+    lazy = LazyTensors.of(tensors)
+    expected = (model or _meta_model(config, lazy)).state_dict()
+    names = set(lazy)
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        names.discard("lm_head.weight")
+    missing = sorted(set(expected) - names)
+    if missing:
+        raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(names - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    for name, want in expected.items():
+        if lazy.specs[name].shape != tuple(want.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {lazy.specs[name].shape}, config.json "
+                                  f"implies {tuple(want.shape)}")  # fmt: skip
+    return LazyTensors({name: lazy.specs[name] for name in expected}, lazy.__getitem__)
+
+
+def _meta_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> OrionLM:
+    """The model on the meta device, its GPTQ layers where the tensors hold codes."""
+    with torch.device("meta"):
+        model = OrionLM(config)
+        if config.quantization_config is not None:
+            _quantized_layers(model, config.quantization_config, tensors)
+    return model
 
 
 QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tensors keep their stored dtypes
@@ -320,8 +344,7 @@ def write_safetensors(
     """model.safetensors, or numbered shards plus an index when the total passes max_shard_bytes. Tensors are
     read from `tensors` one at a time as they are written, so a LazyTensors source streams: memory holds one
     tensor, not the model."""
-    specs = tensors.specs if isinstance(tensors, LazyTensors) else {
-        name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}  # fmt: skip
+    specs = LazyTensors.of(tensors).specs
     shards: list[list[str]] = [[]]
     size = 0
     for name, spec in specs.items():
@@ -396,6 +419,29 @@ def _out_of_space(error: BaseException, directory: Path) -> bool:
     return isinstance(error, RuntimeError) and "write" in str(error) and shutil.disk_usage(directory).free < 2**20
 
 
+def _disk_full(target: Path) -> CheckpointError:
+    return CheckpointError(f"the disk is full: {target} was not written (nothing of it is left behind); free some "
+                           "space and run again")  # fmt: skip
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """A temporary sibling path to write a single-file output to; on success it replaces `target`, on failure it
+    is deleted, a full disk reported as atomic_directory reports it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+    except BaseException as e:
+        full = _out_of_space(e, target.parent)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise _disk_full(target) from None
+        raise
+    os.replace(tmp, target)
+
+
 class atomic_directory:
     """A context manager yielding a temporary sibling of `target`; on success it replaces target."""
 
@@ -412,8 +458,7 @@ class atomic_directory:
             full = _out_of_space(exc, self.tmp)
             shutil.rmtree(self.tmp, ignore_errors=True)
             if full:
-                raise CheckpointError(f"the disk is full: {self.target} was not written (nothing of it is left "
-                                      "behind); free some space and run again") from None  # fmt: skip
+                raise _disk_full(self.target) from None
             return
         old = None
         if self.target.exists():

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checkpoint import (
+    DEFAULT_SHARD_BYTES,
     LazyTensors,
     atomic_directory,
     model_from_tensors,
@@ -185,19 +187,32 @@ def save_auron(
     tokenizer: Tokenizer | None = None,
     generation_config: dict[str, Any] | None = None,
 ) -> Path:
+    """write_auron of a model in memory."""
+    return write_auron(model.config, state_dict_for_saving(model), directory, tokenizer, generation_config)
+
+
+def write_auron(
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    directory: str | Path,
+    tokenizer: Tokenizer | None = None,
+    generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Write a chimera model as an Auron checkpoint directory, atomically, with generation_config.json: the
-    given sampling defaults, else Auron's (its presence penalty keeps the model from looping)."""
-    config = model.config
+    given sampling defaults, else Auron's (its presence penalty keeps the model from looping). `tensors` are the
+    model's (as checkpoint.model_tensors gives them), read, renamed and written one at a time."""
     if config.architecture != "chimera":
         raise OrionError(f"only chimera models have an Auron form; this one is {config.family}")
     auron = to_auron_config(config)
-    tensors = {name_to_auron(name, config): t for name, t in state_dict_for_saving(model).items()}
+    tensors = LazyTensors.of(tensors)
+    renamed = tensors.renamed({name_to_auron(name, config): name for name in tensors})
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(auron, indent=2) + "\n")
         generation = json.dumps(generation_config or AURON_GENERATION, indent=2)
         (tmp / "generation_config.json").write_text(generation + "\n")
-        write_safetensors(tensors, tmp)
+        write_safetensors(renamed, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return directory

@@ -12,22 +12,36 @@ The embedded tokenizer is read and written by gguf_vocab.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, model_from_tensors, resolve_device
+from ..checkpoint import (
+    CheckpointError,
+    LazyTensors,
+    TensorSpec,
+    atomic_file,
+    model_from_tensors,
+    resolve_device,
+    state_dict_for_saving,
+)
 from ..config import BLOOM_LAYOUT, ConfigError, ModelConfig
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
 from .gguf_vocab import GGUFError, tokenizer_from_metadata, tokenizer_metadata
 
 try:
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
-    from gguf.quants import dequantize
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+    from gguf.quants import dequantize, quantize
+
+    # the dtype each supported GGUF type is read as
+    READ_AS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+               GGMLQuantizationType.BF16: torch.bfloat16, GGMLQuantizationType.Q8_0: torch.float32}  # fmt: skip
 except ImportError:  # optional dependency: only needed to read GGUF files
     GGUFReader = None
 
@@ -76,8 +90,9 @@ def load_gguf(
     return model, tokenizer
 
 
-def read_gguf_model(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """A GGUF file's config, tensors under orionlm's names (Q8_0 dequantized) and tokenizer."""
+def read_gguf_model(path: Path) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
+    """A GGUF file's config (from its metadata and tensor shapes), its tensors under orionlm's names, each read
+    from the file on demand (Q8_0 dequantized to float32, the others in their stored dtypes), and its tokenizer."""
     metadata, reader = read_gguf(path)
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -85,17 +100,10 @@ def read_gguf_model(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
             f"{path}: GGUF architecture {arch!r} is not supported; only {' and '.join(map(repr, ARCHITECTURES))} "
             "can be imported"
         )
-    supported = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-                 GGMLQuantizationType.Q8_0)  # fmt: skip
-    for t in reader.tensors:
-        if t.tensor_type not in supported:
-            raise GGUFError(
-                f"{path}: GGUF tensors of type {t.tensor_type.name} are not supported; use an F32, F16, BF16 or Q8_0 "
-                f"file (tensor {t.name!r} is {t.tensor_type.name})"
-            )
-    gguf_tensors = {t.name: _to_torch(t) for t in reader.tensors}
-    config = config_from_metadata(metadata, gguf_tensors, str(path))
-    tensors = (bloom_hf_tensors if arch == "bloom" else llama_hf_tensors)(gguf_tensors, config, str(path))
+    stored = _gguf_tensors(reader, path)
+    del reader  # its memory map: pages read through it would stay resident while it is open
+    config = config_from_metadata(metadata, stored, str(path))
+    tensors = (bloom_hf_tensors if arch == "bloom" else llama_hf_tensors)(stored, config, str(path))
     return config, tensors, tokenizer_from_metadata(metadata, str(path))
 
 
@@ -136,20 +144,36 @@ def _field_value(field: Any) -> Any:
     return scalar(field.parts[field.data[0]], types[0])
 
 
-def _to_torch(t: Any) -> torch.Tensor:
-    """A tensor copied out of the memory map; GGUF lists dims fastest-first, numpy's shape is the reverse."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    if t.tensor_type == GGMLQuantizationType.Q8_0:  # dequantized: orionlm computes in float
-        return torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape))
-    if t.tensor_type == GGMLQuantizationType.BF16:
-        # The reader hands BF16 over as raw bytes; reinterpret them (numpy has no bfloat16).
-        raw = np.ascontiguousarray(t.data).view(np.int16).reshape(shape)
-        return torch.from_numpy(raw.copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.array(t.data).reshape(shape))
+def _gguf_tensors(reader: Any, path: Path) -> LazyTensors:
+    """The file's tensors under GGUF's names, each read from the file when asked for (not through the reader's
+    memory map, whose pages would stay in memory), in the dtype READ_AS gives its type."""
+    specs, located = {}, {}
+    for t in reader.tensors:
+        if t.tensor_type not in READ_AS:
+            raise GGUFError(
+                f"{path}: GGUF tensors of type {t.tensor_type.name} are not supported; use an F32, F16, BF16 or Q8_0 "
+                f"file (tensor {t.name!r} is {t.tensor_type.name})"
+            )
+        # GGUF lists dims fastest-first; torch's shape is the reverse
+        specs[t.name] = TensorSpec(tuple(int(d) for d in reversed(t.shape.tolist())), READ_AS[t.tensor_type])
+        located[t.name] = (t.data_offset, t.n_bytes, t.tensor_type)
+    return LazyTensors(specs, lambda name: _read_tensor(path, name, specs[name].shape, *located[name]))
 
 
-def config_from_metadata(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> ModelConfig:
-    """ModelConfig from the `llama.*` or `bloom.*` keys; vocab size and untied head come from the tensors."""
+def _read_tensor(path: Path, name: str, shape: tuple[int, ...], offset: int, n_bytes: int, kind: Any) -> torch.Tensor:
+    raw = torch.empty(n_bytes, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(raw.numpy()) != n_bytes:
+            raise GGUFError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
+    if kind == GGMLQuantizationType.Q8_0:  # dequantized: orionlm computes in float
+        return torch.from_numpy(dequantize(raw.numpy(), kind).reshape(shape))
+    return raw.view(READ_AS[kind]).reshape(shape)  # BF16 too: numpy has no bfloat16, torch reads its bytes
+
+
+def config_from_metadata(metadata: dict[str, Any], tensors: LazyTensors, source: str) -> ModelConfig:
+    """ModelConfig from the `llama.*` or `bloom.*` keys; vocab size and untied head come from the tensors' specs
+    (a bloom file's head is read and compared with the embedding: llama.cpp writes a tied one as a copy)."""
     arch = metadata["general.architecture"]
 
     def key(name: str, default: Any = None) -> Any:
@@ -162,16 +186,18 @@ def config_from_metadata(metadata: dict[str, Any], tensors: dict[str, torch.Tens
 
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{source}: tensor 'token_embd.weight' is missing")
-    embedding, head = tensors["token_embd.weight"], tensors.get("output.weight")
+    untied = "output.weight" in tensors and not (
+        arch == "bloom" and torch.equal(tensors["output.weight"], tensors["token_embd.weight"])
+    )
     common = dict(
         name=str(metadata.get("general.name") or ""),
-        vocab_size=embedding.shape[0],
+        vocab_size=tensors.specs["token_embd.weight"].shape[0],
         hidden_size=key("embedding_length"),
         num_layers=key("block_count"),
         num_heads=key("attention.head_count"),
         max_seq_len=key("context_length"),
         # llama.cpp's llama files leave out a tied head; its bloom converter writes a copy of the embedding.
-        tie_embeddings=head is None or (arch == "bloom" and torch.equal(head, embedding)),
+        tie_embeddings=not untied,
         extra={"source": "gguf", "gguf_architecture": arch},
     )
     try:
@@ -185,7 +211,7 @@ def config_from_metadata(metadata: dict[str, Any], tensors: dict[str, torch.Tens
         raise GGUFError(f"{source}: {e}") from None
 
 
-def _llama_fields(key: Callable[..., Any], tensors: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+def _llama_fields(key: Callable[..., Any], tensors: LazyTensors, source: str) -> dict[str, Any]:
     hidden, heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", hidden // heads)
     if key("attention.value_length", head_dim) != head_dim:
@@ -226,57 +252,67 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def llama_hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """GGUF tensors renamed to orionlm's names, Q/K un-permuted and MoE gate/up stacked as [gate; up]."""
-    out: dict[str, torch.Tensor] = {}
-    gate_exps: dict[str, torch.Tensor] = {}
-    up_exps: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
+def llama_hf_tensors(stored: LazyTensors, config: ModelConfig, source: str) -> LazyTensors:
+    """GGUF tensors under orionlm's names, read on demand: Q/K rows un-permuted, MoE gate/up stacked as [gate; up]."""
+    names: dict[str, str] = {}  # orionlm name -> GGUF name
+    experts: dict[str, dict[str, str]] = {}  # layer prefix -> {"ffn_gate_exps" / "ffn_up_exps": GGUF name}
+    for name in stored:
         parts = name.split(".")
         if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit():
             prefix = f"model.layers.{parts[1]}."
             kind, suffix = parts[2], parts[3]
-            if kind == "ffn_gate_exps":
-                gate_exps[prefix] = tensor
-                continue
-            if kind == "ffn_up_exps":
-                up_exps[prefix] = tensor
-                continue
-            if kind not in _BLOCK_NAMES:
+            if kind in ("ffn_gate_exps", "ffn_up_exps"):
+                experts.setdefault(prefix, {})[kind] = name
+            elif kind not in _BLOCK_NAMES:
                 raise GGUFError(f"{source}: unexpected tensor {name!r} for a llama model")
-            if kind == "attn_q":
-                tensor = _unpermute(tensor, config.num_heads)
-            elif kind == "attn_k":
-                tensor = _unpermute(tensor, config.num_kv_heads)
-            if kind == "ffn_down_exps":
-                out[prefix + _BLOCK_NAMES[kind]] = tensor  # (E, C, I): already orionlm's layout
+            elif kind == "ffn_down_exps":
+                names[prefix + _BLOCK_NAMES[kind]] = name  # (E, C, I): already orionlm's layout
             else:
-                out[f"{prefix}{_BLOCK_NAMES[kind]}.{suffix}"] = tensor
+                names[f"{prefix}{_BLOCK_NAMES[kind]}.{suffix}"] = name
         elif len(parts) == 2 and parts[0] in _TOP_NAMES:
-            out[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = tensor
+            names[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = name
         else:
             raise GGUFError(f"{source}: unexpected tensor {name!r} for a llama model")
-    if set(gate_exps) != set(up_exps):
+    if any(len(pair) != 2 for pair in experts.values()):
         raise GGUFError(f"{source}: every ffn_gate_exps needs an ffn_up_exps in the same block")
-    for prefix, gate in gate_exps.items():
-        out[prefix + "mlp.experts.gate_up_proj"] = torch.cat([gate, up_exps[prefix]], dim=1)  # (E, 2I, C)
-    return out
+    permuted = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    specs = {ours: stored.specs[name] for ours, name in names.items()}
+    for prefix, pair in experts.items():
+        gate, up = stored.specs[pair["ffn_gate_exps"]], stored.specs[pair["ffn_up_exps"]]
+        specs[prefix + "mlp.experts.gate_up_proj"] = TensorSpec(
+            (gate.shape[0], gate.shape[1] + up.shape[1], gate.shape[2]), torch.promote_types(gate.dtype, up.dtype)
+        )
+
+    def read(ours: str) -> torch.Tensor:
+        if ours not in names:
+            pair = experts[ours.removesuffix("mlp.experts.gate_up_proj")]
+            return torch.cat([stored[pair["ffn_gate_exps"]], stored[pair["ffn_up_exps"]]], dim=1)  # (E, 2I, C)
+        name = names[ours]
+        heads = permuted.get(name.split(".")[2]) if name.startswith("blk.") else None
+        return stored[name] if heads is None else _unpermute(stored[name], heads)
+
+    return LazyTensors(specs, read)
 
 
-def bloom_hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """GGUF bloom tensors renamed to orionlm's names, the fused QKV rows regrouped per head."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
+def bloom_hf_tensors(stored: LazyTensors, config: ModelConfig, source: str) -> LazyTensors:
+    """GGUF bloom tensors under orionlm's names, read on demand, the fused QKV rows regrouped per head; a tied
+    head (llama.cpp writes it as a copy of the embedding) left out, as orionlm stores it."""
+    names: dict[str, str] = {}
+    for name in stored:
         parts = name.split(".")
         if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit() and parts[2] in _BLOOM_BLOCK_NAMES:
-            if parts[2] == "attn_qkv":
-                tensor = _swap_qkv_groups(tensor, 3, config.num_heads)
-            out[f"model.layers.{parts[1]}.{_BLOOM_BLOCK_NAMES[parts[2]]}.{parts[3]}"] = tensor
+            names[f"model.layers.{parts[1]}.{_BLOOM_BLOCK_NAMES[parts[2]]}.{parts[3]}"] = name
         elif len(parts) == 2 and parts[0] in _BLOOM_TOP_NAMES:
-            out[f"{_BLOOM_TOP_NAMES[parts[0]]}.{parts[1]}"] = tensor
+            if not (parts[0] == "output" and config.tie_embeddings):
+                names[f"{_BLOOM_TOP_NAMES[parts[0]]}.{parts[1]}"] = name
         else:
             raise GGUFError(f"{source}: unexpected tensor {name!r} for a bloom model")
-    return out
+
+    def read(ours: str) -> torch.Tensor:
+        tensor = stored[names[ours]]
+        return _swap_qkv_groups(tensor, 3, config.num_heads) if ".attn_qkv." in names[ours] else tensor
+
+    return LazyTensors({ours: stored.specs[name] for ours, name in names.items()}, read)
 
 
 def _swap_qkv_groups(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
@@ -296,52 +332,68 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def llama_gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
-    """The model's tensors under llama.cpp's llama names, Q/K rows permuted, MoE gate/up stacks split."""
-    config = model.config
+def llama_gguf_tensors(config: ModelConfig, tensors: LazyTensors) -> LazyTensors:
+    """A model's tensors under llama.cpp's llama names, read on demand as float32: Q/K rows permuted, MoE gate/up
+    stacks split (each stack read once for both halves)."""
     inverse = {v: k for k, v in _BLOCK_NAMES.items()}
     top = {f"{v}.weight": f"{k}.weight" for k, v in _TOP_NAMES.items()}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().float().cpu()
+    permuted = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
+    stacks = lru_cache(maxsize=1)(tensors.__getitem__)  # the gate half, then the up half, of one stack
+    specs, reads = {}, {}
+    for name, spec in tensors.specs.items():
         if name in top:
-            if not (name == "lm_head.weight" and config.tie_embeddings):
-                out[top[name]] = tensor
+            specs[top[name]], reads[top[name]] = spec.shape, partial(_read_permuted, tensors, name, None)
             continue
         _, _, index, rest = name.split(".", 3)  # model.layers.N.rest
         module, _, suffix = rest.rpartition(".")
-        if rest == "mlp.experts.gate_up_proj":
-            gate, up = tensor.chunk(2, dim=1)  # (E, 2I, C) -> (E, I, C) twice
-            out[f"blk.{index}.ffn_gate_exps.weight"], out[f"blk.{index}.ffn_up_exps.weight"] = gate, up
-            continue
-        if rest == "mlp.experts.down_proj":
-            out[f"blk.{index}.ffn_down_exps.weight"] = tensor
-            continue
-        if module == "self_attn.q_proj":
-            tensor = _permute(tensor, config.num_heads)
-        elif module == "self_attn.k_proj":
-            tensor = _permute(tensor, config.num_kv_heads)
-        out[f"blk.{index}.{inverse[module]}.{suffix}"] = tensor
-    return out
+        if rest == "mlp.experts.gate_up_proj":  # (E, 2I, C) -> (E, I, C) twice
+            experts, rows, columns = spec.shape
+            for half, kind in enumerate(("ffn_gate_exps", "ffn_up_exps")):
+                specs[f"blk.{index}.{kind}.weight"] = (experts, rows // 2, columns)
+                reads[f"blk.{index}.{kind}.weight"] = partial(_read_half, stacks, name, half)
+        else:
+            gguf_name = f"blk.{index}.ffn_down_exps.weight" if rest == "mlp.experts.down_proj" else (
+                f"blk.{index}.{inverse[module]}.{suffix}")  # fmt: skip
+            specs[gguf_name] = spec.shape
+            reads[gguf_name] = partial(_read_permuted, tensors, name, permuted.get(module))
+    return _float32(specs, reads)
 
 
-def bloom_gguf_tensors(model: OrionLM) -> dict[str, torch.Tensor]:
-    """An ALiBi (BLOOM) model's tensors under llama.cpp's bloom names, the fused QKV rows grouped by kind."""
-    config = model.config
+def _read_permuted(tensors: LazyTensors, name: str, heads: int | None) -> torch.Tensor:
+    return tensors[name] if heads is None else _permute(tensors[name], heads)
+
+
+def _read_half(stacks: Callable[[str], torch.Tensor], name: str, half: int) -> torch.Tensor:
+    return stacks(name).chunk(2, dim=1)[half]
+
+
+def bloom_gguf_tensors(config: ModelConfig, tensors: LazyTensors) -> LazyTensors:
+    """An ALiBi (BLOOM) model's tensors under llama.cpp's bloom names, read on demand as float32, the fused QKV
+    rows grouped by kind; the head written even when tied, as llama.cpp's converter does."""
     block = {v: k for k, v in _BLOOM_BLOCK_NAMES.items()}
     top = {v: k for k, v in _BLOOM_TOP_NAMES.items()}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().float().cpu()  # lm_head is written even when tied, as llama.cpp's converter does
+    names = list(tensors.specs) + (["lm_head.weight"] if config.tie_embeddings else [])
+    specs, reads = {}, {}
+    for name in names:
+        stored = "model.embed_tokens.weight" if name == "lm_head.weight" and config.tie_embeddings else name
         module, _, suffix = name.rpartition(".")
         if module in top:
-            out[f"{top[module]}.{suffix}"] = tensor
+            gguf_name, swap = f"{top[module]}.{suffix}", False
         else:
             _, _, index, rest = module.split(".", 3)  # model.layers.N.rest
-            if rest == "self_attn.qkv_proj":
-                tensor = _swap_qkv_groups(tensor, config.num_heads, 3)
-            out[f"blk.{index}.{block[rest]}.{suffix}"] = tensor
-    return out
+            gguf_name, swap = f"blk.{index}.{block[rest]}.{suffix}", rest == "self_attn.qkv_proj"
+        specs[gguf_name] = tensors.specs[stored].shape
+        reads[gguf_name] = partial(_read_swapped, tensors, stored, config.num_heads if swap else None)
+    return _float32(specs, reads)
+
+
+def _read_swapped(tensors: LazyTensors, name: str, heads: int | None) -> torch.Tensor:
+    return tensors[name] if heads is None else _swap_qkv_groups(tensors[name], heads, 3)
+
+
+def _float32(shapes: dict[str, tuple[int, ...]], reads: dict[str, Callable[[], torch.Tensor]]) -> LazyTensors:
+    specs = {name: TensorSpec(shape, torch.float32) for name, shape in shapes.items()}
+    return LazyTensors(specs, lambda name: reads[name]().float())
 
 
 def _check_exportable(config: ModelConfig) -> None:
@@ -373,24 +425,69 @@ def _check_exportable(config: ModelConfig) -> None:
 
 
 def save_gguf(model: OrionLM, tokenizer: Tokenizer | None, path: str | Path, dtype: str = "f16") -> Path:
-    """Write a GGUF file for llama.cpp with the tokenizer embedded, atomically: the llama architecture for dense
-    and Mixtral-style MoE models (stacked experts, the router as ffn_gate_inp), bloom for ALiBi (BLOOM) ones.
-    dtype f32, f16 or q8_0 applies to the matrices; norms and routers stay float32, as llama.cpp's converter
-    keeps them."""
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
-    from gguf.quants import quantize
+    """write_gguf of a model in memory."""
+    return write_gguf(model.config, state_dict_for_saving(model), tokenizer, path, dtype)
 
-    config = model.config
+
+def write_gguf(
+    config: ModelConfig, tensors: Mapping[str, torch.Tensor], tokenizer: Tokenizer | None, path: str | Path,
+    dtype: str = "f16",
+) -> Path:  # fmt: skip
+    """Write a GGUF file for llama.cpp with the tokenizer embedded: the llama architecture for dense and
+    Mixtral-style MoE models (stacked experts, the router as ffn_gate_inp), bloom for ALiBi (BLOOM) ones.
+    dtype f32, f16 or q8_0 applies to the matrices; norms and routers stay float32, as llama.cpp's converter
+    keeps them. `tensors` are the model's (as checkpoint.model_tensors gives them), read and written one at a
+    time; the file is written under a temporary name and renamed when complete."""
+    from gguf import GGUFWriter
+
     _check_exportable(config)
     if tokenizer is None:
         raise GGUFError("the model has no tokenizer; a GGUF file embeds one, so export a model directory that has it")
     if dtype not in GGUF_DTYPES:
         raise GGUFError(f"GGUF dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     bloom = config.family == "alibi"
-    writer = GGUFWriter(tmp, "bloom" if bloom else "llama")
+    tensors = (bloom_gguf_tensors if bloom else llama_gguf_tensors)(config, LazyTensors.of(tensors))
+    types = {name: _gguf_type(name, spec.shape, dtype) for name, spec in tensors.specs.items()}
+    with atomic_file(path) as tmp:
+        writer = GGUFWriter(tmp, "bloom" if bloom else "llama")
+        try:
+            _add_metadata(writer, config, tokenizer, dtype)
+            for name, spec in tensors.specs.items():
+                block, size = GGML_QUANT_SIZES[types[name]]
+                nbytes = math.prod(spec.shape) // block * size
+                writer.add_tensor_info(name, spec.shape, np.dtype(np.float32), nbytes, raw_dtype=types[name])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for name, kind in types.items():
+                writer.write_tensor_data(_encode(tensors[name].numpy(), kind))
+        finally:
+            writer.close()
+    return Path(path)
+
+
+def _gguf_type(name: str, shape: tuple[int, ...], dtype: str) -> Any:
+    """The GGML type a tensor is written as: vectors and routers F32, matrices as asked (F16 where a row is not
+    whole Q8_0 blocks of 32)."""
+    if len(shape) == 1 or "ffn_gate_inp" in name or dtype == "f32":
+        return GGMLQuantizationType.F32
+    if dtype == "f16" or shape[-1] % 32:
+        return GGMLQuantizationType.F16
+    return GGMLQuantizationType.Q8_0
+
+
+def _encode(data: np.ndarray, kind: Any) -> np.ndarray:
+    if kind == GGMLQuantizationType.F32:
+        return data
+    if kind == GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return quantize(data, kind)
+
+
+def _add_metadata(writer: Any, config: ModelConfig, tokenizer: Tokenizer, dtype: str) -> None:
+    """The hyperparameters llama.cpp reads, the file type and the tokenizer."""
+    from gguf import LlamaFileType
+
     writer.add_name(config.name or "orionlm")
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.hidden_size)
@@ -399,7 +496,7 @@ def save_gguf(model: OrionLM, tokenizer: Tokenizer | None, path: str | Path, dty
     writer.add_head_count(config.num_heads)
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_vocab_size(config.vocab_size)
-    if bloom:
+    if config.family == "alibi":
         writer.add_layer_norm_eps(config.norm_eps)
     else:
         writer.add_key_length(config.head_dim)
@@ -413,21 +510,3 @@ def save_gguf(model: OrionLM, tokenizer: Tokenizer | None, path: str | Path, dty
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
     writer.add_file_type(file_type[dtype])
     tokenizer_metadata(writer, tokenizer, config.vocab_size)
-    for name, tensor in (bloom_gguf_tensors(model) if bloom else llama_gguf_tensors(model)).items():
-        data = tensor.numpy()
-        keep_f32 = data.ndim == 1 or "ffn_gate_inp" in name or dtype == "f32"
-        if keep_f32:
-            writer.add_tensor(name, data)
-        elif dtype == "f16" or data.shape[-1] % 32:
-            writer.add_tensor(name, data.astype(np.float16))
-        else:
-            writer.add_tensor(name, quantize(data, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

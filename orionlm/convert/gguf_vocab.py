@@ -55,8 +55,9 @@ def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
         add_bos_default = True
     elif kind == "gpt2":
         merges = metadata.get("tokenizer.ggml.merges")
-        if merges is None:
+        if merges is None and any(len(t) > 1 for t, k in zip(tokens, types, strict=True) if k == NORMAL):
             raise GGUFError(f"{source}: a byte-level BPE ('gpt2') vocabulary needs tokenizer.ggml.merges")
+        merges = merges or []  # a vocabulary of single bytes has none, and GGUF writers leave out empty arrays
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if pre not in ("default", "gpt-2"):
             raise GGUFError(f"{source}: pre-tokenizer {pre!r} is not supported; only GPT-2's ('default') is")

@@ -12,7 +12,8 @@ written per expert, the layout every version of transformers reads.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from ..checkpoint import (
     read_generation_config,
     resolve_device,
     state_dict_for_saving,
-    write_model_directory,
     write_safetensors,
 )
 from ..config import ConfigError, ModelConfig
@@ -70,6 +70,8 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
         raise ConvertError(f"architecture {architecture!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     if config.thinks:
         raise ConvertError("a Quiet-STaR model's meta embeddings and mixing head have no Hugging Face layout")
+    if config.quantization_config is not None:
+        raise ConvertError("GPTQ codes have no Hugging Face export here; export the full-precision model")
     arch = ARCHITECTURES[architecture]
     return {"architectures": [arch.class_name], "model_type": architecture} | arch.write(config)
 
@@ -107,27 +109,39 @@ def _stacked_expert(name: str) -> tuple[str, str] | None:
 
 
 def tensors_to_hf(
-    config: ModelConfig, arch: HFArchitecture, state: dict[str, torch.Tensor], stacked: bool = False
-) -> dict[str, torch.Tensor]:
-    """orionlm tensors under their Hugging Face names; experts per expert unless `stacked`."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
+    config: ModelConfig, arch: HFArchitecture, tensors: Mapping[str, torch.Tensor], stacked: bool = False
+) -> LazyTensors:
+    """orionlm tensors under their Hugging Face names, read on demand; experts per expert unless `stacked`, each
+    a slice of its stack (the last stacks read are kept, so a stack is read once for all its experts)."""
+    tensors = LazyTensors.of(tensors)
+    read_stack = lru_cache(maxsize=2)(tensors.__getitem__)  # a layer's gate_up and down stacks
+    specs: dict[str, TensorSpec] = {}
+    parts: dict[str, tuple[str, int | None, int | None]] = {}  # HF name -> (orionlm name, expert, half of gate_up)
+    for name, spec in tensors.specs.items():
         expert = None if stacked else _stacked_expert(name)
         if expert is None:
-            out[_hf_name(arch, name, stacked)] = tensor
+            specs[_hf_name(arch, name, stacked)] = spec
+            parts[_hf_name(arch, name, stacked)] = (name, None, None)
             continue
         layer, kind = expert
         gate_name, up_name, down_name = arch.expert_names
-        if kind == "gate_up_proj":  # (E, 2I, C) = [gate; up] per expert
-            gate, up = tensor.chunk(2, dim=1)
-            for j in range(config.num_experts):
-                # clone: safetensors refuses tensors that share storage
-                out[gate_name.format(i=layer, j=j)] = gate[j].clone()
-                out[up_name.format(i=layer, j=j)] = up[j].clone()
-        else:  # (E, C, I)
-            for j in range(config.num_experts):
-                out[down_name.format(i=layer, j=j)] = tensor[j].clone()
-    return out
+        for j in range(config.num_experts):
+            if kind == "gate_up_proj":  # (E, 2I, C) = [gate; up] per expert
+                for half, hf_name in enumerate((gate_name, up_name)):
+                    specs[hf_name.format(i=layer, j=j)] = TensorSpec((spec.shape[1] // 2, spec.shape[2]), spec.dtype)
+                    parts[hf_name.format(i=layer, j=j)] = (name, j, half)
+            else:  # (E, C, I)
+                specs[down_name.format(i=layer, j=j)] = TensorSpec(spec.shape[1:], spec.dtype)
+                parts[down_name.format(i=layer, j=j)] = (name, j, None)
+
+    def read(hf_name: str) -> torch.Tensor:
+        name, expert, half = parts[hf_name]
+        if expert is None:
+            return tensors[name]
+        stack = read_stack(name)
+        return (stack if half is None else stack.chunk(2, dim=1)[half])[expert]
+
+    return LazyTensors(specs, read)
 
 
 def _tensor_from_hf(
@@ -183,7 +197,7 @@ def hf_tensors(config: ModelConfig, hf: LazyTensors, source: str) -> LazyTensors
         state = OrionLM(config).state_dict()
     if config.tie_embeddings:
         state.pop("lm_head.weight")
-    expected = tensors_to_hf(config, arch, state, stacked)
+    expected = tensors_to_hf(config, arch, state, stacked).specs
     missing = [name for name in expected if name not in stored]
     if missing:
         raise CheckpointError(
@@ -196,10 +210,8 @@ def hf_tensors(config: ModelConfig, hf: LazyTensors, source: str) -> LazyTensors
         )
     for name, want in expected.items():
         shape = hf.specs[stored[name]].shape
-        if shape != tuple(want.shape):
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {shape}, config.json implies {tuple(want.shape)}"
-            )
+        if shape != want.shape:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {shape}, config.json implies {want.shape}")
 
     def read(name: str) -> torch.Tensor:
         return _tensor_from_hf(config, arch, name, lambda hf_name: hf[stored[hf_name]], stacked)
@@ -243,22 +255,6 @@ def load_hf(
     return model, tokenizer
 
 
-def convert_hf(
-    directory: str | Path,
-    destination: str | Path,
-    dtype: torch.dtype,
-    generation_config: dict[str, Any] | None = None,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> Path:
-    """A Hugging Face model directory written as an orionlm model directory, tensor by tensor (memory holds
-    about one tensor, never the model), atomically; the result is what load_hf + save_checkpoint write."""
-    directory = Path(directory)
-    config = read_hf_config(directory)
-    tensors = hf_tensors(config, LazyTensors.from_directory(directory), str(directory)).cast(dtype)
-    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
-    return write_model_directory(config, tensors, destination, tokenizer, generation_config, max_shard_bytes)
-
-
 def _token_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
     """bos/eos/pad ids: those the model came with (config.extra), else the tokenizer's."""
     ids = dict(config.extra.get("hf_token_ids", {}))
@@ -276,22 +272,35 @@ def save_hf(
     architecture: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
+    """write_hf of a model in memory."""
+    return write_hf(model.config, state_dict_for_saving(model), tokenizer, directory, architecture, max_shard_bytes)
+
+
+def write_hf(
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    tokenizer: Tokenizer | None,
+    directory: str | Path,
+    architecture: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Write a Hugging Face model directory that transformers' AutoModelForCausalLM loads: config.json,
-    safetensors (experts per expert), tokenizer files and generation_config.json, atomically.
+    safetensors (experts per expert), tokenizer files and generation_config.json, atomically. `tensors` are the
+    model's (as checkpoint.model_tensors gives them), read, renamed and written one at a time.
 
     The architecture is `architecture`, else the config's hf_model_type, else inferred from the config;
     a config the architecture cannot express is refused before anything is written.
     """
-    config = model.config
     model_type = architecture or config.hf_model_type or hf_architecture(config)
     hf_config = config_to_hf(config, model_type)
     token_ids = _token_ids(config, tokenizer)
-    hf_config |= token_ids | {"torch_dtype": str(model.dtype).removeprefix("torch.")}
-    tensors = tensors_to_hf(config, ARCHITECTURES[model_type], state_dict_for_saving(model))
+    tensors = LazyTensors.of(tensors)
+    head = tensors.specs.get("lm_head.weight") or tensors.specs["model.embed_tokens.weight"]
+    hf_config |= token_ids | {"torch_dtype": str(head.dtype).removeprefix("torch.")}
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        write_safetensors(tensors, tmp, max_shard_bytes)
+        write_safetensors(tensors_to_hf(config, ARCHITECTURES[model_type], tensors), tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
         generation = {key: value for key, value in token_ids.items() if value is not None}

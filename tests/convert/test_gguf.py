@@ -18,10 +18,13 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 gguf = pytest.importorskip("gguf", reason="GGUF import needs the `gguf` package (pip install 'orionlm[gguf]')")
 
+from orionlm.checkpoint import LazyTensors, TensorSpec  # noqa: E402
+from orionlm.config import preset  # noqa: E402
 from orionlm.convert import gguf as orion_gguf  # noqa: E402
 from orionlm.convert.gguf import GGUFError, load_gguf, save_gguf  # noqa: E402
 from orionlm.convert.gguf_vocab import SPIECE_SPACE  # noqa: E402
 from orionlm.generation import generate_ids  # noqa: E402
+from orionlm.model import OrionLM  # noqa: E402
 from orionlm.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -498,6 +501,52 @@ def test_tiny_mixtral_matches_transformers(tmp_path: Path, transformers) -> None
     with torch.no_grad():
         diff = (model(ids).logits - hf(ids).logits).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_tensors_are_read_one_at_a_time_on_demand(tmp_path: Path, transformers, monkeypatch) -> None:
+    """The config comes from the metadata and the tensors' specs: opening the file reads no tensor, and reading
+    one orionlm tensor reads only the GGUF tensors it is made of, in the dtype its spec announces."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    write_llama_gguf(tmp_path / "moe.gguf", transformers.MixtralForCausalLM(config).eval(), "F16")
+    model, _ = load_gguf(tmp_path / "moe.gguf", device="cpu", dtype=torch.float16)
+    read, real = [], orion_gguf._read_tensor
+    monkeypatch.setattr(
+        orion_gguf, "_read_tensor", lambda path, name, *rest: read.append(name) or real(path, name, *rest)
+    )
+    config, tensors, _ = orion_gguf.read_gguf_model(tmp_path / "moe.gguf")
+    assert isinstance(tensors, LazyTensors) and read == []
+    assert (config.num_experts, config.vocab_size, config.tie_embeddings) == (4, 300, False)
+    specs = tensors.specs
+    assert specs["model.layers.1.mlp.experts.gate_up_proj"] == TensorSpec((4, 96, 64), torch.float16)
+    assert specs["model.layers.1.self_attn.q_proj.weight"] == TensorSpec((64, 64), torch.float16)
+    assert specs["model.layers.1.input_layernorm.weight"] == TensorSpec((64,), torch.float32)  # F32 in the file
+    expected = model.state_dict()
+    for name, parts in [
+        ("model.layers.1.self_attn.q_proj.weight", ["blk.1.attn_q.weight"]),
+        ("model.layers.1.mlp.experts.gate_up_proj", ["blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"]),
+        ("model.layers.0.input_layernorm.weight", ["blk.0.attn_norm.weight"]),
+    ]:
+        read.clear()
+        tensor = tensors[name]
+        assert read == parts
+        assert tensor.dtype == specs[name].dtype and tuple(tensor.shape) == specs[name].shape
+        assert torch.equal(tensor.to(torch.float16), expected[name]), name
+
+
+def test_q8_0_tensors_are_read_as_float32(tmp_path: Path) -> None:
+    model = OrionLM(preset("tiny-dense", vocab_size=320)).eval()
+    save_gguf(model, Tokenizer.byte_level(), tmp_path / "q.gguf", dtype="q8_0")
+    _, tensors, tokenizer = orion_gguf.read_gguf_model(tmp_path / "q.gguf")
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert tensors.specs["model.layers.0.self_attn.q_proj.weight"].dtype == q.dtype == torch.float32
+    want = model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert 0 < (q - want).abs().max() <= want.abs().max() / 127  # Q8_0: one scale per 32, 8-bit codes
+    # a byte-level vocabulary without merges (GGUF leaves out the empty list) comes back as it was
+    assert tokenizer.encode(STORY) == Tokenizer.byte_level().encode(STORY)
 
 
 def test_byte_level_vocabulary(tmp_path: Path) -> None:

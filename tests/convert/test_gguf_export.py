@@ -4,6 +4,10 @@ llama.cpp itself (llama-cpp-python, when installed) runs the file with orionlm's
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +15,11 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the `gguf` package (pip install 'orionlm[gguf]')")
 
-from orionlm.checkpoint import save_checkpoint  # noqa: E402
+from orionlm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from orionlm.cli import main  # noqa: E402
 from orionlm.config import preset  # noqa: E402
 from orionlm.convert.gguf import GGUFError, _permute, _unpermute, load_gguf, save_gguf  # noqa: E402
+from orionlm.convert.hf import load_hf, save_hf  # noqa: E402
 from orionlm.generation import GenerationConfig, generate_ids  # noqa: E402
 from orionlm.model import OrionLM  # noqa: E402
 from orionlm.tokenizer import CHATML_TEMPLATE, Tokenizer  # noqa: E402
@@ -144,3 +149,74 @@ def test_llama_cpp_runs_the_file_like_orionlm(name, tokenizer, tmp_path):
         if len(got) == len(expected):
             break
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: any source, shards, a full disk
+# ---------------------------------------------------------------------------------------------
+
+SMALL_SHARDS = str(40_000 / 1024**3)  # --shard-gb of about 40 KB: the tiny models take several shards
+
+
+@pytest.mark.parametrize("name", ["moe", "bloom"])
+def test_to_gguf_of_any_source_writes_the_same_file(name, tokenizer, tmp_path, capsys):
+    """A Hugging Face directory, the orionlm directory converted from it and a training run holding that as its
+    newest checkpoint export to the same bytes (experts read per expert and stacked, QKV fused, a tied head)."""
+    save_hf(((MODELS | BLOOM)[name])(), tokenizer, tmp_path / "hf")
+    main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "orion")])
+    step = tmp_path / "run" / "checkpoints" / "step-00000010"
+    shutil.copytree(tmp_path / "orion", step)
+    (step / "trainer_state.json").write_text(json.dumps({"step": 10}))
+    for source in ("hf", "orion", "run"):
+        main(["convert", "to-gguf", str(tmp_path / source), str(tmp_path / f"{source}.gguf"), "--dtype", "q8_0"])
+    orion = (tmp_path / "orion.gguf").read_bytes()
+    assert (tmp_path / "hf.gguf").read_bytes() == orion and (tmp_path / "run.gguf").read_bytes() == orion
+    back, _ = load_gguf(tmp_path / "orion.gguf", device="cpu", dtype=torch.float32)
+    assert back.config.num_experts == (4 if name == "moe" else 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.gguf", "orion", "orion.gguf", "run", "run.gguf"]
+
+
+def test_from_gguf_and_to_hf_write_shards_that_load_back(tokenizer, tmp_path):
+    model = MODELS["moe"]()
+    save_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    main(["convert", "from-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "orion"), "--shard-gb", SMALL_SHARDS])
+    main(["convert", "to-hf", str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--shard-gb", SMALL_SHARDS])
+    for directory, load in ((tmp_path / "orion", load_checkpoint), (tmp_path / "hf", load_hf)):
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 2
+        back = load(directory, device="cpu")[0].state_dict()
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(back[key], tensor), (directory.name, key)
+
+
+@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def test_a_failed_export_leaves_no_partial_file(failure, tokenizer, tmp_path, monkeypatch, capsys):
+    """A full disk is the one-line error atomic_directory gives; any failure leaves neither the file nor a
+    temporary one, and an existing file stays as it was."""
+    save_checkpoint(MODELS["dense"](), tmp_path / "m", tokenizer)
+    (tmp_path / "m.gguf").write_bytes(b"the old file")
+    written = []
+
+    def write_tensor_data(self, tensor):
+        written.append(tensor.nbytes)
+        if len(written) == 3:
+            raise OSError(failure, os.strerror(failure))
+        return real(self, tensor)
+
+    real = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_tensor_data)
+    args = ["convert", "to-gguf", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--force"]
+    if failure == errno.ENOSPC:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == (
+            f"orionlm: error: the disk is full: {tmp_path / 'm.gguf'} was not written (nothing of it is left behind); "
+            "free some space and run again\n"
+        )
+    else:
+        with pytest.raises(OSError, match="Input/output error"):
+            main(args)
+    assert len(written) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.gguf"]
+    assert (tmp_path / "m.gguf").read_bytes() == b"the old file"

@@ -20,8 +20,9 @@ from orionlm.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
+from orionlm.cli.convert import convert_from_hf
 from orionlm.config import preset
-from orionlm.convert.hf import config_from_hf, convert_hf, load_hf, save_hf
+from orionlm.convert.hf import config_from_hf, load_hf, save_hf, write_hf
 from orionlm.convert.hf_architectures import hf_architecture
 from orionlm.convert.hf_config import ConvertError
 from orionlm.model import OrionLM
@@ -339,7 +340,7 @@ def test_streaming_conversion_equals_loading_and_saving(arch, reference, tmp_pat
     dtype = torch.bfloat16 if arch == "mistral" else torch.float32  # one cast on the way
     model, tokenizer = load_hf(path, device="cpu", dtype=dtype)
     save_checkpoint(model, tmp_path / "loaded", tokenizer, read_generation_config(path) or None)
-    convert_hf(path, tmp_path / "streamed", dtype, read_generation_config(path) or None)
+    convert_from_hf(str(path), tmp_path / "streamed", dtype=str(dtype).removeprefix("torch."))
     loaded, loaded_config = _tensors_and_config(tmp_path / "loaded")
     streamed, streamed_config = _tensors_and_config(tmp_path / "streamed")
     assert streamed_config == loaded_config
@@ -354,14 +355,15 @@ def test_streaming_conversion_of_stacked_experts(reference, tmp_path):
     hf, _ = reference("mixtral")
     shutil.copy(reference("mixtral")[1] / "config.json", tmp_path / "config.json")
     save_file({n: t.contiguous() for n, t in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    convert_hf(tmp_path, tmp_path / "out", torch.float32)
+    convert_from_hf(str(tmp_path), tmp_path / "out", dtype="float32")
     model, _ = load_checkpoint(tmp_path / "out", device="cpu")
     _same_logits(model, hf)
 
 
 def test_streaming_conversion_writes_shards_with_an_index(reference, tmp_path):
     hf, path = reference("qwen2_moe")
-    out = convert_hf(path, tmp_path / "out", torch.float32, max_shard_bytes=40_000)
+    out = tmp_path / "out"
+    convert_from_hf(str(path), out, dtype="float32", shard_gb=40_000 / 1024**3)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = read_safetensors(out)
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
@@ -404,6 +406,22 @@ def test_failed_streaming_conversion_leaves_nothing(reference, tmp_path, monkeyp
 
     monkeypatch.setattr(checkpoint, "safe_open", failing)
     with pytest.raises(CheckpointError, match="read error"):
-        convert_hf(path, tmp_path / "out", torch.float32, max_shard_bytes=40_000)
+        convert_from_hf(str(path), tmp_path / "out", dtype="float32", shard_gb=40_000 / 1024**3)
     assert len(opened) == 6
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shard_bytes", [40_000, 10**7], ids=["shards", "one-file"])
+def test_export_reads_each_expert_stack_once(shard_bytes, tmp_path):
+    """Per-expert tensors are slices of their stack: writing them reads each stack once, in shards of about one
+    expert each and in one file, where the names sorted interleave a layer's two stacks."""
+    model = OrionLM(preset("tiny-moe")).eval()
+    _randomize(model)
+    state = checkpoint.state_dict_for_saving(model)
+    reads = []
+    counted = checkpoint.LazyTensors.of(state)
+    counted = checkpoint.LazyTensors(counted.specs, lambda name: reads.append(name) or state[name])
+    write_hf(model.config, counted, None, tmp_path / "hf", max_shard_bytes=shard_bytes)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == (shard_bytes == 40_000)
+    assert sorted(reads) == sorted(state)
+    _same_logits(model, AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval())
