@@ -33,7 +33,7 @@ def merge_checkpoints(config: Path, out: Path, /, *, seed: int = 0, force: bool 
     Args:
         config: the merge YAML file
         out: the merged model directory to write
-        seed: seeds DARE's random drops
+        seed: seeds DARE's random drops (each tensor's from the seed and the tensor's name)
         force: replace out if it exists
     """
     from ..merge.weights import load_merge_config, merge_models

@@ -9,6 +9,11 @@ source model. Router row e of layer i (gate_mode):
   negatives' likewise, subtracted, normalised again), the same for every layer;
 - random: standard normal rows (seeded).
 A shared expert's gate row (Qwen2-MoE's sigmoid gate) is computed the same way from its own prompts.
+
+The MoE streams: the sources are opened without reading their weights, the router rows are computed first
+(hidden runs the base one decoder layer at a time in float32, holding its embedding and one layer), and each
+output tensor is read or built (a layer's expert stack from that layer's MLP tensors of each source) as it is
+written, so memory holds a few tensors, never a model.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,10 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     a, b = v0.flatten().double(), v1.flatten().double()
     dot = float(torch.dot(F.normalize(a, dim=0), F.normalize(b, dim=0)).clamp(-1, 1))
     if abs(dot) > dot_threshold:
-        return ((1 - t) * v0.double() + t * v1.double()).to(v0.dtype)
+        return ((1 - t) * a + t * b).view_as(v0).to(v0.dtype)
     theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
     s0, s1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
-    return (s0 * v0.double() + s1 * v1.double()).to(v0.dtype)
+    return (s0 * a + s1 * b).view_as(v0).to(v0.dtype)
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -234,8 +235,8 @@ def merge_models(config: MergeConfig, seed: int = 0) -> MergedModel:
                   for tensor in specs}  # fmt: skip
 
     def read(tensor: str) -> torch.Tensor:
-        inputs = {name: source.tensors[tensor].float() for name, source in sources.items()}
-        merged = _merge_tensor(config, parameters[tensor], inputs, tensor_generator(seed, tensor))
+        merged = _merge_tensor(config, parameters[tensor], lambda model: sources[model].tensors[tensor].float(),
+                               tensor_generator(seed, tensor))  # fmt: skip
         return merged.to(specs[tensor].dtype)
 
     tokenizer_source = config.tokenizer_source or first
@@ -268,19 +269,20 @@ def _tensor_parameters(config: MergeConfig, tensor: str, t: float) -> dict[str, 
 
 
 def _merge_tensor(
-    config: MergeConfig, p: dict[str, Any], tensors: dict[str, torch.Tensor], generator: torch.Generator
+    config: MergeConfig, p: dict[str, Any], read: Callable[[str], torch.Tensor], generator: torch.Generator
 ) -> torch.Tensor:
-    """One tensor of the merge from the models' float32 tensors (by model name) and its parameters `p`."""
+    """One tensor of the merge from its parameters `p` and each model's tensor, float32, read by model name as it
+    is needed (a linear merge holds the running sum, one term and one model's tensor)."""
     method = config.merge_method
     if method == "linear":
         weights = [float(w) for w in p["weight"]]
         total = sum(weights) if p["normalize"] and abs(sum(weights)) > 1e-8 else 1.0
-        return sum(w * tensors[m.model] for w, m in zip(weights, config.models, strict=True)) / total
-    base, others = tensors[str(config.base_model)], config.others()
+        return sum(w * read(m.model) for w, m in zip(weights, config.models, strict=True)) / total
+    base, others = read(str(config.base_model)), config.others()
     if method == "slerp":
-        return slerp(float(p["t"]), base, tensors[others[0].model])
+        return slerp(float(p["t"]), base, read(others[0].model))
     return task_vector_merge(
-        base, [tensors[m.model] for m in others], [float(w) for w in p["weight"]],
+        base, [read(m.model) for m in others], [float(w) for w in p["weight"]],
         [float(d) for d in p.get("density", [1.0] * len(others))], method, bool(p["normalize"]),
         bool(p.get("rescale", False)), float(p["lambda"]), generator,
     )  # fmt: skip
