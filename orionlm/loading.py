@@ -122,16 +122,20 @@ def load_model(
     fp32 on CPU, bf16 on CUDA unless dtype is given; weights already in that dtype are not copied."""
     device, dtype = resolve_device(device, dtype)
     path = resolve_model_path(name_or_path)
-    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+    if is_adapter(path):
         return _load_adapted(path, device, dtype)
     source = open_model(path)
     return source.load(device, dtype), source.tokenizer, device
 
 
-def _load_adapted(
-    adapter: Path, device: torch.device, dtype: torch.dtype
-) -> tuple[OrionLM, Tokenizer | None, torch.device]:
-    """The base model named in a LoRA adapter's config, with the adapter on it (unmerged)."""
+def is_adapter(path: Path) -> bool:
+    """Whether a (resolved) path is a LoRA adapter directory rather than a model."""
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def open_adapter_base(adapter: Path) -> ModelSource:
+    """The base model named in a LoRA adapter's config, opened, with the tokenizer saved beside the adapter (the
+    fine-tuning run's own) when there is one."""
     base = read_json_object(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise OrionError(f"{adapter} is a LoRA adapter that does not name its base model; "
@@ -139,11 +143,20 @@ def _load_adapted(
     if (resolve_model_path(base) / ADAPTER_CONFIG).is_file():  # also what keeps an adapter from naming itself
         raise OrionError(f"the base model of adapter {adapter} is another adapter ({base}); "
                          "merge that one into its base first (orionlm merge-lora)")  # fmt: skip
-    model, tokenizer, device = load_model(base, device, dtype)
+    source = open_model(base)
+    if (adapter / "tokenizer.json").is_file():
+        source.tokenizer = Tokenizer.load(adapter)
+    return source
+
+
+def _load_adapted(
+    adapter: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[OrionLM, Tokenizer | None, torch.device]:
+    """The base model named in a LoRA adapter's config, with the adapter on it (unmerged)."""
+    source = open_adapter_base(adapter)
+    model = source.load(device, dtype)
     load_adapter(model, adapter)
-    if (adapter / "tokenizer.json").is_file():  # the fine-tuning run's own, saved beside the adapter
-        tokenizer = Tokenizer.load(adapter)
-    return model, tokenizer, device
+    return model, source.tokenizer, device
 
 
 def read_model_config(name_or_path: str | Path) -> ModelConfig:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -256,6 +257,61 @@ class OrionLM(nn.Module):
             key_pos = torch.arange(L, device=device).expand(B, L)
         bias = alibi_bias(self.alibi_slopes.float(), key_pos)  # (B, H, 1, L)
         return bias.masked_fill(~allowed, float("-inf")).to(dtype), False
+
+
+@torch.no_grad()
+def run_layers(
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    inputs: list[torch.Tensor],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[int, Block, list[torch.Tensor]]]:
+    """A model's decoder layers run one at a time from its tensors by name (e.g. a checkpoint.LazyTensors), so
+    memory holds the embedding and one layer in `dtype`, never the model. Yields (i, block, states): layer i
+    built from its tensors, and the hidden states (B, T, C) entering it for each input (B, T) of token ids.
+    When the caller asks for the next layer, every state goes through the block as the caller left it (e.g.
+    quantized) and the block is freed. Each input runs with positions 0..T-1 and the mask that forward gives
+    it, so the states equal forward's hidden states layer for layer."""
+    if config.architecture == "chimera":
+        raise OrionError("run_layers steps a plain stack of decoder layers; a Chimera's looped blocks are not one")
+    with torch.device("meta"):
+        shell = OrionLM(config)
+    shell.init_buffers(device)
+    embedding = [shell.model.embed_tokens] + [m for m in (getattr(shell.model, "embed_norm", None), shell.thinking)
+                                              if m is not None]  # fmt: skip
+    for module in embedding:
+        _materialize(shell, module, tensors, device, dtype)
+    states, contexts = [], []
+    for ids in inputs:
+        B, T = ids.shape
+        ids = ids.to(device)
+        x = shell.model.embed_tokens(ids)  # (B, T, C)
+        if shell.thinking is not None:
+            x = shell.thinking.embed(ids, x)
+        if config.embedding_norm:
+            x = shell.model.embed_norm(x)
+        position_ids = torch.arange(T, device=device).expand(B, T)
+        rope = shell.rotary(position_ids) if shell.rotary is not None else None
+        states.append(x)
+        contexts.append((rope, *shell._attention_mask(B, T, 0, None, position_ids, x.dtype)))
+    for module in embedding:
+        module.to("meta")
+    for i, block in enumerate(shell.model.layers):
+        _materialize(shell, block, tensors, device, dtype)
+        yield i, block, states
+        states = [block(x, *context, None)[0] for x, context in zip(states, contexts, strict=True)]
+        block.to("meta")
+
+
+def _materialize(
+    model: nn.Module, module: nn.Module, tensors: Mapping[str, torch.Tensor], device: torch.device | str,
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """Give a meta-built submodule of `model` its tensors, read by their names in the model, in `dtype`."""
+    prefix = next(name for name, m in model.named_modules() if m is module) + "."
+    state = {name: tensors[prefix + name].to(device, dtype) for name in module.state_dict()}
+    module.load_state_dict(state, assign=True)
 
 
 def _init_torch_layer(module: nn.Module, std: float, generator: torch.Generator | None) -> None:

@@ -33,16 +33,15 @@ def merge_checkpoints(config: Path, out: Path, /, *, seed: int = 0, force: bool 
     Args:
         config: the merge YAML file
         out: the merged model directory to write
-        seed: seeds DARE's random drops
+        seed: seeds DARE's random drops (each tensor's from the seed and the tensor's name)
         force: replace out if it exists
     """
-    from ..checkpoint import save_checkpoint
     from ..merge.weights import load_merge_config, merge_models
 
     merge_config = load_merge_config(config)
     refuse_existing(out, force)
-    model, tokenizer = merge_models(merge_config, seed=seed)
-    save_checkpoint(model, out, tokenizer, write_extra=lambda tmp: shutil.copyfile(config, tmp / "merge.yaml"))
+    merged = merge_models(merge_config, seed=seed)
+    merged.save(out, write_extra=lambda tmp: shutil.copyfile(config, tmp / "merge.yaml"))
     print(f"wrote {out}: {merge_config.merge_method} merge of {len(merge_config.sources())} models")
 
 
@@ -80,18 +79,18 @@ def assemble_moe(config: Path, out: Path, /, *, seed: int = 0, force: bool = Fal
         seed: seeds random gates and noise_scale
         force: replace out if it exists
     """
-    from ..checkpoint import save_checkpoint
     from ..merge.moe import load_moe_merge_config, moe_merge
+    from ..model import count_parameters
 
     merge_config = load_moe_merge_config(config)
     refuse_existing(out, force)
-    model, tokenizer = moe_merge(merge_config, seed=seed)
-    save_checkpoint(model, out, tokenizer, write_extra=lambda tmp: shutil.copyfile(config, tmp / "moe_merge.yaml"))
-    c = model.config
+    merged = moe_merge(merge_config, seed=seed)
+    merged.save(out, write_extra=lambda tmp: shutil.copyfile(config, tmp / "moe_merge.yaml"))
+    c = merged.config
     shared = " + 1 shared expert" if c.shared_expert_intermediate_size else ""
     print(
         f"wrote {out}: {c.num_experts} experts{shared}, top-{c.experts_per_token}, {merge_config.gate_mode} gates, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({c.hf_model_type} layout)"
+        f"{count_parameters(c)[0] / 1e6:.1f}M parameters ({c.hf_model_type} layout)"
     )
 
 

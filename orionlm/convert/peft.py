@@ -77,8 +77,9 @@ def write_adapter(model: nn.Module, directory: Path, base_model: str = "") -> No
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
-    """Wrap the model's layers as the adapter says and load its weights (written here or by PEFT)."""
+def read_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """An adapter's LoRAConfig and its factors under the names the adapted model gives them (written here or by
+    PEFT)."""
     directory = Path(directory)
     config_path, weights = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights.is_file():
@@ -103,9 +104,21 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
     config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)),
                         target_modules=[targets] if isinstance(targets, str) else list(targets),
                         target_parameters=list(parameters), rslora=bool(data.get("use_rslora", False)))  # fmt: skip
-    apply_lora(model, config)
     # PEFT names the weights <module>.lora_A.weight (older files: .lora_A.default.weight)
-    state = {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): t for name, t in tensors.items()}
+    return config, {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): t for name, t in tensors.items()}
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
+    """Wrap the model's layers as the adapter says and load its weights (written here or by PEFT)."""
+    config, state = read_adapter(directory)
+    attach_adapter(model, config, state, directory)
+    return config
+
+
+def attach_adapter(model: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """Wrap the model's layers as `config` says and load the factors `state` (read_adapter's), checking that they
+    fit. On a model built on the meta device this checks the adapter and wraps the layers, holding no weights."""
+    apply_lora(model, config)
     expected = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -116,4 +129,3 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
             if state[name].shape != p.shape:
                 raise OrionError(f"{directory}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(state[name])
-    return config

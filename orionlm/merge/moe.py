@@ -9,6 +9,11 @@ source model. Router row e of layer i (gate_mode):
   negatives' likewise, subtracted, normalised again), the same for every layer;
 - random: standard normal rows (seeded).
 A shared expert's gate row (Qwen2-MoE's sigmoid gate) is computed the same way from its own prompts.
+
+The MoE streams: the sources are opened without reading their weights, the router rows are computed first
+(hidden runs the base one decoder layer at a time in float32, holding its embedding and one layer), and each
+output tensor is read or built (a layer's expert stack from that layer's MLP tensors of each source) as it is
+written, so memory holds a few tensors, never a model.
 """
 
 from __future__ import annotations
@@ -16,17 +21,26 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import DTYPES, model_from_tensors
+from ..checkpoint import DTYPES, LazyTensors
 from ..config import ModelConfig
-from ..model import OrionLM
+from ..loading import ModelSource
+from ..model import run_layers
 from ..tokenizer import Tokenizer
-from .sources import MergeError, load_config, load_source, source_dtype
+from .sources import (
+    MergedModel,
+    MergeError,
+    check_tensors,
+    load_config,
+    model_specs,
+    open_source,
+    output_dtype,
+    tensor_generator,
+)
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe"}  # config name -> hf_model_type
@@ -133,74 +147,83 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return bos + tokenizer.encode(prompt, add_special_tokens=False)
 
 
-@torch.inference_mode()
-def layer_inputs(model: OrionLM, ids: list[int]) -> torch.Tensor:
-    """(num_layers, C): the hidden state entering each decoder layer at the last of `ids` (transformers'
-    hidden_states[:-1] at the last position)."""
-    states: list[torch.Tensor] = []
-    hooks = [
-        layer.register_forward_pre_hook(lambda _, args: states.append(args[0][0, -1].float()))
-        for layer in model.model.layers
-    ]
-    try:
-        model(torch.tensor([ids], device=model.device), logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(states)
-
-
-def _prompt_vector(model: OrionLM, tokenizer: Tokenizer, prompts: list[str], mode: str) -> torch.Tensor:
-    """(num_layers, C): what a set of prompts contributes to a router row, before the final normalisation."""
-    if mode == "hidden":
-        return torch.stack([layer_inputs(model, prompt_ids(tokenizer, p)) for p in prompts]).mean(dim=0)
-    ids = torch.tensor([i for p in prompts for i in prompt_ids(tokenizer, p)], device=model.device)
-    summed = model.model.embed_tokens.weight[ids].float().sum(dim=0)
-    return F.normalize(summed, dim=-1).expand(model.config.num_layers, -1)
+def _hidden_states(base: ModelSource, tokenizer: Tokenizer, prompts: list[str], progress: bool) -> torch.Tensor:
+    """(len(prompts), num_layers, C): the hidden state entering each decoder layer at the last token of each
+    prompt, run alone (transformers' hidden_states[:-1] at the last position). The base model runs one layer at
+    a time in float32 from its tensors on disk, so memory holds its embedding and one layer."""
+    L, C = base.config.num_layers, base.config.hidden_size
+    inputs = [torch.tensor([prompt_ids(tokenizer, p)]) for p in prompts]
+    states = torch.empty(len(prompts), L, C)
+    layers = run_layers(base.config, base.tensors, inputs)
+    for i, _, entering in tqdm(layers, total=L, desc="hidden gates", disable=not progress):
+        for j, x in enumerate(entering):
+            states[j, i] = x[0, -1].float()
+    return states
 
 
 def gate_vectors(
-    model: OrionLM, tokenizer: Tokenizer, experts: list[ExpertSource], mode: str, generator: torch.Generator
+    base: ModelSource, tokenizer: Tokenizer, experts: list[ExpertSource], mode: str, seed: int, progress: bool = False
 ) -> torch.Tensor:
-    """(num_layers, len(experts), C) router rows, float32, computed with the base `model` (module docstring)."""
-    L, C = model.config.num_layers, model.config.hidden_size
+    """(num_layers, len(experts), C) router rows, float32, computed with the base model (module docstring):
+    random rows read nothing, cheap_embed reads only the embedding, hidden runs the base layer by layer."""
+    L, C = base.config.num_layers, base.config.hidden_size
     if mode == "random":
-        return torch.randn(L, len(experts), C, generator=generator)
+        return torch.randn(L, len(experts), C, generator=torch.Generator().manual_seed(seed))
+    prompts = list(dict.fromkeys(p for e in experts for p in (e.positive_prompts or []) + (e.negative_prompts or [])))
+    if mode == "hidden":
+        states = dict(zip(prompts, _hidden_states(base, tokenizer, prompts, progress), strict=True))
+    else:
+        embed = base.tensors["model.embed_tokens.weight"]
+
+    def vector(prompts: list[str]) -> torch.Tensor:
+        """(L, C): what a set of prompts contributes to a router row, before the final normalisation."""
+        if mode == "hidden":
+            return torch.stack([states[p] for p in prompts]).mean(dim=0)
+        ids = torch.tensor([i for p in prompts for i in prompt_ids(tokenizer, p)])
+        return F.normalize(embed[ids].float().sum(dim=0), dim=-1).expand(L, -1)
+
     rows = []
     for expert in experts:
-        row = _prompt_vector(model, tokenizer, expert.positive_prompts or [], mode)
+        row = vector(expert.positive_prompts or [])
         if expert.negative_prompts:
-            row = row - _prompt_vector(model, tokenizer, expert.negative_prompts, mode)
+            row = row - vector(expert.negative_prompts)
         rows.append(F.normalize(row, dim=-1))
-    return torch.stack(rows, dim=1).cpu()
+    return torch.stack(rows, dim=1)
 
 
-def _mlp_weights(
-    model: OrionLM, layer: int, expert: ExpertSource, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gate_proj, up_proj, down_proj) weights of a dense model's layer, float32, with the expert's noise and
-    residual scale applied."""
-    mlp = model.model.layers[layer].mlp
-    weights = [mlp.gate_proj.weight.detach().float().cpu(), mlp.up_proj.weight.detach().float().cpu(),
-               mlp.down_proj.weight.detach().float().cpu()]  # fmt: skip
-    if expert.noise_scale:
-        weights = [w + torch.randn(w.shape, generator=generator) * expert.noise_scale for w in weights]
-    if expert.residual_scale is not None:
-        weights[2] = weights[2] * expert.residual_scale
-    return weights[0], weights[1], weights[2]
+def _projections(
+    source: ModelSource, layer: int, expert: ExpertSource, names: tuple[str, ...], generator: torch.Generator
+) -> list[torch.Tensor]:
+    """The named MLP projection weights (gate_proj, up_proj, down_proj) of a dense model's layer, float32, with
+    the expert's noise and residual scale applied."""
+    weights = []
+    for name in names:
+        weight = source.tensors[f"model.layers.{layer}.mlp.{name}.weight"].float()
+        if expert.noise_scale:
+            weight = weight + torch.randn(weight.shape, generator=generator) * expert.noise_scale
+        if name == "down_proj" and expert.residual_scale is not None:
+            weight = weight * expert.residual_scale
+        weights.append(weight)
+    return weights
 
 
-def moe_merge(config: MoEMergeConfig, seed: int = 0, progress: bool = True) -> tuple[OrionLM, Tokenizer]:
-    """The MoE the config describes, on CPU in the config's dtype (default: the base model's), and the base
-    model's tokenizer. `seed` drives random gates and noise."""
-    generator = torch.Generator().manual_seed(seed)
-    base, tokenizer = load_source(config.base_model)
-    if tokenizer is None:
+def moe_merge(config: MoEMergeConfig, seed: int = 0, progress: bool = True) -> MergedModel:
+    """The MoE the config describes, its tensors computed one at a time as they are read, in the config's dtype
+    (default: the base model's stored dtype), with the base model's tokenizer. Everything but the MLPs is read
+    from the base; each layer's expert stacks from the sources' MLP tensors of that layer. `seed` drives random
+    gates (drawn as one (layers, experts, C) tensor) and noise_scale (each output tensor's noise from a
+    generator seeded from (seed, its name), whatever order the tensors are written in)."""
+    base = open_source(config.base_model)
+    if base.tokenizer is None:
         raise MoEMergeError(f"base model {config.base_model} has no tokenizer; the merged model needs one")
     _check_dense(base.config, config.base_model)
+    sources = {config.base_model: base}
+    for where, expert in config.named_experts():
+        if expert.source_model not in sources:
+            sources[expert.source_model] = _open_expert(base, where, expert)
     shared = config.shared_experts or []
-    gates = gate_vectors(base, tokenizer, config.experts + shared, config.gate_mode, generator)
-    L, E, I = base.config.num_layers, len(config.experts), base.config.intermediate_size  # noqa: E741
+    gates = gate_vectors(base, base.tokenizer, config.experts + shared, config.gate_mode, seed, progress)
+    E, I = len(config.experts), base.config.intermediate_size  # noqa: E741
     moe_config = dataclasses.replace(
         base.config, name=f"{base.config.name or 'dense'}-moe{E}", num_experts=E,
         experts_per_token=config.experts_per_token, expert_intermediate_size=I, moe_layers=None,
@@ -208,33 +231,35 @@ def moe_merge(config: MoEMergeConfig, seed: int = 0, progress: bool = True) -> t
         hf_model_type=ARCHITECTURES[str(config.architecture)], quantization_config=None,
         extra={**base.config.extra, "moe_merge": dataclasses.asdict(config)},
     )  # fmt: skip
-    state: dict[str, Any] = {k: v.float() for k, v in base.state_dict().items() if ".mlp." not in k}
-    gate_up = torch.empty(L, E, 2 * I, base.config.hidden_size)
-    down = torch.empty(L, E, base.config.hidden_size, I)
-    for slot, (where, expert) in enumerate(tqdm(config.named_experts(), desc="experts", disable=not progress)):
-        source = base if expert.source_model == config.base_model else _load_expert(base.config, where, expert)
-        for i in range(L):
-            gate_proj, up_proj, down_proj = _mlp_weights(source, i, expert, generator)
-            prefix = f"model.layers.{i}.mlp."
-            if slot < E:
-                gate_up[i, slot] = torch.cat([gate_proj, up_proj])
-                down[i, slot] = down_proj
-            else:
-                state[prefix + "shared_expert.gate_proj.weight"] = gate_proj
-                state[prefix + "shared_expert.up_proj.weight"] = up_proj
-                state[prefix + "shared_expert.down_proj.weight"] = down_proj
-                state[prefix + "shared_expert_gate.weight"] = gates[i, slot:]
-    for i in range(L):
-        prefix = f"model.layers.{i}.mlp."
-        state[prefix + "gate.weight"] = gates[i, :E]
-        state[prefix + "experts.gate_up_proj"] = gate_up[i]
-        state[prefix + "experts.down_proj"] = down[i]
-    dtype = DTYPES[config.dtype] if config.dtype else source_dtype(config.base_model)
-    return model_from_tensors(moe_config, state, torch.device("cpu"), dtype, "moe-merge"), tokenizer
+    specs = model_specs(moe_config, output_dtype(config.dtype, base))
+    check_tensors(base, {name: spec.shape for name, spec in specs.items() if ".mlp." not in name}, config.base_model)
+
+    def mlp(name: str) -> torch.Tensor:
+        """One MLP tensor of the MoE, float32."""
+        prefix, part = name.split(".mlp.")
+        i = int(prefix.rsplit(".", 1)[1])
+        if part in ("gate.weight", "shared_expert_gate.weight"):
+            return gates[i, :E] if part == "gate.weight" else gates[i, E:]
+        generator = tensor_generator(seed, name)
+        if part.startswith("shared_expert."):
+            return _projections(sources[shared[0].source_model], i, shared[0], (part.split(".")[1],), generator)[0]
+        names = ("gate_proj", "up_proj") if part == "experts.gate_up_proj" else ("down_proj",)
+        return torch.stack([torch.cat(_projections(sources[e.source_model], i, e, names, generator))
+                            for e in config.experts])  # fmt: skip
+
+    def read(name: str) -> torch.Tensor:
+        tensor = mlp(name) if ".mlp." in name else base.tensors[name].float()
+        return tensor.to(specs[name].dtype)
+
+    return MergedModel(moe_config, LazyTensors(specs, read), base.tokenizer)
 
 
-def _load_expert(base: ModelConfig, where: str, expert: ExpertSource) -> OrionLM:
-    model, _ = load_source(expert.source_model)
-    _check_dense(model.config, expert.source_model)
-    _check_same_shapes(base, model.config, where, expert.source_model)
-    return model
+def _open_expert(base: ModelSource, where: str, expert: ExpertSource) -> ModelSource:
+    source = open_source(expert.source_model)
+    _check_dense(source.config, expert.source_model)
+    _check_same_shapes(base.config, source.config, where, expert.source_model)
+    C, I = base.config.hidden_size, base.config.intermediate_size  # noqa: E741
+    shapes = {"gate_proj": (I, C), "up_proj": (I, C), "down_proj": (C, I)}
+    check_tensors(source, {f"model.layers.{i}.mlp.{name}.weight": shape for i in range(base.config.num_layers)
+                           for name, shape in shapes.items()}, f"{where} ({expert.source_model})")  # fmt: skip
+    return source

@@ -17,25 +17,37 @@ default. Its value is a number; a list of numbers, a gradient over the layers (l
 i / (L - 1), interpolating linearly; tensors outside the layers read the first value); or a list of
 `{filter: TEXT, value: ...}` entries, the first whose text occurs in the tensor's name applying (an entry
 without a filter matches every tensor), e.g. a different SLERP `t` for self_attn and mlp tensors.
+
+A merge streams: each output tensor is computed in float32 from the same tensor of every model, read from disk
+as it is needed, and written before the next, so memory holds a few tensors at a time, never a model. DARE's
+random drops of a tensor come from a generator seeded from (seed, the tensor's name), the same whatever order
+the tensors are written in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..checkpoint import DTYPES, model_from_tensors
+from ..checkpoint import DTYPES, LazyTensors
 from ..config import ModelConfig
-from ..model import OrionLM
-from ..tokenizer import Tokenizer
-from .sources import MergeError, load_config, load_source, source_dtype
+from .sources import (
+    MergedModel,
+    MergeError,
+    check_tensors,
+    load_config,
+    model_specs,
+    open_source,
+    output_dtype,
+    tensor_generator,
+)
 
 # method -> its parameters and their defaults (None: required)
 METHODS: dict[str, dict[str, Any]] = {
@@ -137,10 +149,10 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     a, b = v0.flatten().double(), v1.flatten().double()
     dot = float(torch.dot(F.normalize(a, dim=0), F.normalize(b, dim=0)).clamp(-1, 1))
     if abs(dot) > dot_threshold:
-        return ((1 - t) * v0.double() + t * v1.double()).to(v0.dtype)
+        return ((1 - t) * a + t * b).view_as(v0).to(v0.dtype)
     theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
     s0, s1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
-    return (s0 * v0.double() + s1 * v1.double()).to(v0.dtype)
+    return (s0 * a + s1 * b).view_as(v0).to(v0.dtype)
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -204,24 +216,42 @@ def _check_same_architecture(configs: dict[str, ModelConfig]) -> None:
                              "merges need models of one architecture and shape")  # fmt: skip
 
 
-def merge_models(config: MergeConfig, seed: int = 0, progress: bool = True) -> tuple[OrionLM, Tokenizer | None]:
-    """The merged model, on CPU in the config's dtype (default: the first source's), and the tokenizer of
-    tokenizer_source. Every model is held in memory in float32 (LoRA adapters folded in); `seed` drives DARE's
-    drops."""
-    loaded = {name: load_source(name) for name in config.sources()}
-    _check_same_architecture({name: model.config for name, (model, _) in loaded.items()})
-    states = {name: model.state_dict() for name, (model, _) in loaded.items()}
+def merge_models(config: MergeConfig, seed: int = 0) -> MergedModel:
+    """The merged model, its tensors computed one at a time as they are read (in float32, returned in the
+    config's dtype, default the base's, else the first model's, stored dtype), and the tokenizer of
+    tokenizer_source. The models are opened without reading their weights, so memory holds a few tensors,
+    never a model; LoRA adapters are folded in tensor by tensor. DARE's drops for a tensor come from a generator
+    seeded from (seed, the tensor's name), so they do not depend on the order tensors are written in."""
+    sources = {name: open_source(name) for name in config.sources()}
+    _check_same_architecture({name: source.config for name, source in sources.items()})
     first = config.sources()[0]
-    reference = loaded[first][0].config
-    method, defaults = config.merge_method, METHODS[config.merge_method]
-    generator = torch.Generator().manual_seed(seed)
+    reference = sources[first].config
+    out_config = dataclasses.replace(reference, extra={**reference.extra, "merge": dataclasses.asdict(config)})
+    specs = model_specs(out_config, output_dtype(config.dtype, sources[first]))
+    for name, source in sources.items():
+        check_tensors(source, {tensor: spec.shape for tensor, spec in specs.items()}, name)
+    # every parameter resolved up front, so a missing or bad one fails before anything is computed or written
+    parameters = {tensor: _tensor_parameters(config, tensor, layer_position(tensor, reference.num_layers))
+                  for tensor in specs}  # fmt: skip
 
-    def read(key: str, tensor: str, t: float, model: MergeInput | None = None, absent: Any = None) -> Any:
-        """Parameter `key` for a tensor (and a model); `absent` when the method has no such parameter."""
-        if key not in defaults:
-            return absent
+    def read(tensor: str) -> torch.Tensor:
+        merged = _merge_tensor(config, parameters[tensor], lambda model: sources[model].tensors[tensor].float(),
+                               tensor_generator(seed, tensor))  # fmt: skip
+        return merged.to(specs[tensor].dtype)
+
+    tokenizer_source = config.tokenizer_source or first
+    tokenizer = (sources.get(tokenizer_source) or open_source(tokenizer_source)).tokenizer
+    return MergedModel(out_config, LazyTensors(specs, read), tokenizer)
+
+
+def _tensor_parameters(config: MergeConfig, tensor: str, t: float) -> dict[str, Any]:
+    """Every parameter the method reads for one tensor at layer position t: a per-model one as a list over the
+    models it merges (linear: all; the others: all but the base)."""
+    method, defaults = config.merge_method, METHODS[config.merge_method]
+
+    def read(key: str, model: MergeInput | None = None) -> Any:
         scopes = [(f"parameters.{key}", config.parameters)]
-        if model is not None and key in PER_MODEL:
+        if model is not None:
             scopes.insert(0, (f"{model.model}'s parameters.{key}", model.parameters))
         for where, parameters in scopes:
             value = setting(parameters[key], tensor, t, where) if key in parameters else None
@@ -234,29 +264,25 @@ def merge_models(config: MergeConfig, seed: int = 0, progress: bool = True) -> t
             raise MergeError(f"{method} needs parameter {key!r}{owner} (none given for tensor {tensor})")
         return defaults[key]
 
-    merged = {}
-    for name in tqdm(list(states[first]), desc="tensors", disable=not progress):
-        t = layer_position(name, reference.num_layers)
-        if method == "linear":
-            weights = [float(read("weight", name, t, m)) for m in config.models]
-            total = sum(weights) if read("normalize", name, t) and abs(sum(weights)) > 1e-8 else 1.0
-            tensors = [states[m.model][name].float() for m in config.models]
-            merged[name] = sum(w * x for w, x in zip(weights, tensors, strict=True)) / total
-            continue
-        base, others = states[config.base_model][name].float(), config.others()
-        if method == "slerp":
-            merged[name] = slerp(float(read("t", name, t)), base, states[others[0].model][name].float())
-            continue
-        merged[name] = task_vector_merge(
-            base, [states[m.model][name].float() for m in others], [float(read("weight", name, t, m)) for m in others],
-            [float(read("density", name, t, m, absent=1.0)) for m in others], method,
-            bool(read("normalize", name, t)), bool(read("rescale", name, t, absent=False)),
-            float(read("lambda", name, t)), generator,
-        )  # fmt: skip
-    dtype = DTYPES[config.dtype] if config.dtype else source_dtype(first)
-    out_config = dataclasses.replace(reference, extra={**reference.extra, "merge": dataclasses.asdict(config)})
-    model = model_from_tensors(out_config, merged, torch.device("cpu"), dtype, "merge")
-    tokenizer_source = config.tokenizer_source or first
-    if tokenizer_source not in loaded:
-        loaded[tokenizer_source] = load_source(tokenizer_source)
-    return model, loaded[tokenizer_source][1]
+    models = config.models if method == "linear" else config.others()
+    return {key: [read(key, m) for m in models] if key in PER_MODEL else read(key) for key in defaults}
+
+
+def _merge_tensor(
+    config: MergeConfig, p: dict[str, Any], read: Callable[[str], torch.Tensor], generator: torch.Generator
+) -> torch.Tensor:
+    """One tensor of the merge from its parameters `p` and each model's tensor, float32, read by model name as it
+    is needed (a linear merge holds the running sum, one term and one model's tensor)."""
+    method = config.merge_method
+    if method == "linear":
+        weights = [float(w) for w in p["weight"]]
+        total = sum(weights) if p["normalize"] and abs(sum(weights)) > 1e-8 else 1.0
+        return sum(w * read(m.model) for w, m in zip(weights, config.models, strict=True)) / total
+    base, others = read(str(config.base_model)), config.others()
+    if method == "slerp":
+        return slerp(float(p["t"]), base, read(others[0].model))
+    return task_vector_merge(
+        base, [read(m.model) for m in others], [float(w) for w in p["weight"]],
+        [float(d) for d in p.get("density", [1.0] * len(others))], method, bool(p["normalize"]),
+        bool(p.get("rescale", False)), float(p["lambda"]), generator,
+    )  # fmt: skip

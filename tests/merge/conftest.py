@@ -10,6 +10,7 @@ import torch
 from orionlm.checkpoint import save_checkpoint
 from orionlm.config import preset
 from orionlm.convert.hf import save_hf
+from orionlm.merge.sources import MergedModel
 from orionlm.model import OrionLM
 from orionlm.tokenizer import EOS, PAD, Tokenizer
 
@@ -41,6 +42,11 @@ def sources(tmp_path_factory):
         paths[name] = save_checkpoint(model, root / name, tokenizer())
         save_hf(model, tokenizer(), root / f"{name}-hf")
     return paths
+
+
+def built(merged: MergedModel) -> tuple[OrionLM, Tokenizer | None]:
+    """A merge's result as a model (every tensor computed) and its tokenizer."""
+    return merged.load(), merged.tokenizer
 
 
 def cli_error(*args: str) -> list[str]:

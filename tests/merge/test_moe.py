@@ -23,7 +23,7 @@ from orionlm.loading import load_model
 from orionlm.merge.moe import ExpertSource, MoEMergeConfig, MoEMergeError, load_moe_merge_config, moe_merge
 from orionlm.model import OrionLM
 
-from .conftest import cli_error, dense, tokenizer
+from .conftest import built, cli_error, dense, tokenizer
 
 PROMPTS = {
     "base": (["The cat sat on the mat", "Once upon a time"], ["def f(x):"]),
@@ -50,7 +50,7 @@ def _hf_hidden_rows(hf_model, prompts: list[str]) -> torch.Tensor:
 
 
 def test_hidden_gates_equal_transformers_hidden_states(sources):
-    model, _ = moe_merge(_config(sources), progress=False)
+    model, _ = built(moe_merge(_config(sources), progress=False))
     hf_base = AutoModelForCausalLM.from_pretrained(sources["base"].with_name("base-hf"), dtype=torch.float32)
     for e, (positive, negative) in enumerate(PROMPTS.values()):
         row = _hf_hidden_rows(hf_base, positive)
@@ -62,7 +62,7 @@ def test_hidden_gates_equal_transformers_hidden_states(sources):
 
 
 def test_cheap_embed_gates_equal_normalised_embedding_sums(sources):
-    model, _ = moe_merge(_config(sources, gate_mode="cheap_embed"), progress=False)
+    model, _ = built(moe_merge(_config(sources, gate_mode="cheap_embed"), progress=False))
     embed = load_file(sources["base"].with_name("base-hf") / "model.safetensors")["model.embed_tokens.weight"]
     tok = tokenizer()
 
@@ -77,7 +77,7 @@ def test_cheap_embed_gates_equal_normalised_embedding_sums(sources):
 
 
 def test_tensors_come_from_their_models_and_transformers_runs_the_mixtral(sources, tmp_path):
-    model, tokenizer = moe_merge(_config(sources), progress=False)
+    model, tokenizer = built(moe_merge(_config(sources), progress=False))
     save_hf(model, tokenizer, tmp_path / "hf")
     merged = load_file(tmp_path / "hf" / "model.safetensors")
     hf = {name: load_file(sources[name].with_name(f"{name}-hf") / "model.safetensors") for name in PROMPTS}
@@ -98,7 +98,7 @@ def test_tensors_come_from_their_models_and_transformers_runs_the_mixtral(source
 
 def test_qwen2_moe_with_a_gated_shared_expert(sources, tmp_path):
     shared = ExpertSource(str(sources["numbers"]), ["shared text", "more shared text"])
-    model, tokenizer = moe_merge(_config(sources, shared_experts=[shared]), progress=False)
+    model, tokenizer = built(moe_merge(_config(sources, shared_experts=[shared]), progress=False))
     assert model.config.hf_model_type == "qwen2_moe" and model.config.shared_expert_gate
     source, _, _ = load_model(sources["numbers"], device="cpu")
     hf_base = AutoModelForCausalLM.from_pretrained(sources["base"].with_name("base-hf"), dtype=torch.float32)
@@ -121,9 +121,9 @@ def test_random_gates_noise_and_residual_scale(sources):
     config = _config(sources, gate_mode="random")
     config.experts[1].residual_scale = 0.5
     config.experts[2].noise_scale = 0.01
-    a, _ = moe_merge(config, seed=1, progress=False)
-    b, _ = moe_merge(config, seed=1, progress=False)
-    c, _ = moe_merge(config, seed=2, progress=False)
+    a, _ = built(moe_merge(config, seed=1, progress=False))
+    b, _ = built(moe_merge(config, seed=1, progress=False))
+    c, _ = built(moe_merge(config, seed=2, progress=False))
     gate = a.model.layers[0].mlp.gate.weight.detach()
     assert torch.equal(gate, b.model.layers[0].mlp.gate.weight)
     assert not torch.equal(gate, c.model.layers[0].mlp.gate.weight)
@@ -139,7 +139,7 @@ def test_random_gates_noise_and_residual_scale(sources):
 
 def test_the_merged_model_runs_the_expert_of_a_routed_token(sources):
     """With one expert per token, a token routed to expert e gets exactly expert e's MLP output."""
-    model, _ = moe_merge(_config(sources, experts_per_token=1), progress=False)
+    model, _ = built(moe_merge(_config(sources, experts_per_token=1), progress=False))
     x = torch.randn(5, model.config.hidden_size)
     moe = model.model.layers[0].mlp
     _, _, ids = moe.route(x)
@@ -242,7 +242,7 @@ def test_matches_mergekit_moe(sources, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     theirs, _ = load_hf(tmp_path / "mk", device="cpu", dtype=torch.float32)
-    ours, _ = moe_merge(load_moe_merge_config(tmp_path / "moe.yaml"), progress=False)
+    ours, _ = built(moe_merge(load_moe_merge_config(tmp_path / "moe.yaml"), progress=False))
     their_state = theirs.state_dict()
     for key, tensor in ours.state_dict().items():
         if key.endswith("mlp.gate.weight"):
@@ -269,7 +269,7 @@ def test_a_lora_adapter_source_is_folded_in(sources, tmp_path):
     merge_lora(model)
     config = _config(sources)
     config.experts[1].source_model = str(tmp_path / "adapter")
-    merged, _ = moe_merge(config, progress=False)
+    merged, _ = built(moe_merge(config, progress=False))
     mlp = model.model.layers[1].mlp
     assert not torch.equal(
         mlp.gate_proj.weight, load_model(sources["base"], device="cpu")[0].model.layers[1].mlp.gate_proj.weight

@@ -29,7 +29,7 @@ from orionlm.merge.weights import (
 )
 from orionlm.model import OrionLM
 
-from .conftest import cli_error, dense, tokenizer
+from .conftest import built, cli_error, dense, tokenizer
 
 
 def test_slerp_small_cases():
@@ -95,14 +95,14 @@ def test_linear_and_slerp_models(sources):
     models = {n: load_model(sources[n], device="cpu")[0].state_dict() for n in ("base", "code", "numbers")}
     linear = MergeConfig("linear", [MergeInput(str(sources["code"]), {"weight": 3.0}),
                                     MergeInput(str(sources["numbers"]), {"weight": 1.0})])  # fmt: skip
-    merged, tok = merge_models(linear, progress=False)
+    merged, tok = built(merge_models(linear))
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, 0.75 * models["code"][name] + 0.25 * models["numbers"][name])
     assert tok is not None and tok.bos_id is not None  # the first model's tokenizer
     t = [{"filter": "self_attn", "value": 0.0}, {"filter": "mlp", "value": 1.0}, {"value": [0.0, 1.0]}]
     config = MergeConfig("slerp", [MergeInput(str(sources["base"])), MergeInput(str(sources["code"]))],
                          base_model=str(sources["base"]), parameters={"t": t})  # fmt: skip
-    merged, _ = merge_models(config, progress=False)
+    merged, _ = built(merge_models(config))
     state = merged.state_dict()
     for name, tensor in state.items():
         if "self_attn" in name:
@@ -143,7 +143,7 @@ def test_matches_mergekit(sources, tmp_path, method, parameters, model_parameter
                           str(tmp_path / "mk")], capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     theirs, _ = load_hf(tmp_path / "mk", device="cpu", dtype=torch.float32)
-    ours, _ = merge_models(load_merge_config(tmp_path / "merge.yaml"), progress=False)
+    ours, _ = built(merge_models(load_merge_config(tmp_path / "merge.yaml")))
     their_state = theirs.state_dict()
     for name, tensor in ours.state_dict().items():
         torch.testing.assert_close(tensor, their_state[name], atol=2e-6, rtol=1e-5, msg=name)
@@ -160,17 +160,17 @@ def test_errors(sources, tmp_path):
     with pytest.raises(MergeError, match=r"models.0.parameters: density not used by linear \(it reads weight"):
         MergeConfig("linear", [MergeInput(code, {"density": 0.5}), MergeInput(numbers)])
     with pytest.raises(MergeError, match=f"ties needs parameter 'weight' for {code}"):
-        merge_models(MergeConfig("ties", [MergeInput(code)], base_model=base), progress=False)
+        merge_models(MergeConfig("ties", [MergeInput(code)], base_model=base))
     for density in (5, 0, -0.5):  # a fraction: 5 must not pass as "keep everything"
         config = MergeConfig("ties", [MergeInput(code, {"weight": 1.0, "density": density})], base_model=base)
         with pytest.raises(MergeError, match=rf"parameters.density is {density}: a density is the fraction"):
-            merge_models(config, progress=False)
+            merge_models(config)
     wide = save_checkpoint(dense(5, intermediate_size=256), tmp_path / "wide", tokenizer())
     with pytest.raises(MergeError, match="does not have .* architecture: intermediate_size 256"):
-        merge_models(MergeConfig("linear", [MergeInput(code), MergeInput(str(wide))]), progress=False)
+        merge_models(MergeConfig("linear", [MergeInput(code), MergeInput(str(wide))]))
     moe = save_checkpoint(OrionLM(preset("tiny-moe")), tmp_path / "moe", tokenizer())
     with pytest.raises(MergeError, match="num_experts 4"):
-        merge_models(MergeConfig("linear", [MergeInput(code), MergeInput(str(moe))]), progress=False)
+        merge_models(MergeConfig("linear", [MergeInput(code), MergeInput(str(moe))]))
 
 
 def test_cli(sources, tmp_path, capsys):
