@@ -298,3 +298,17 @@ def test_request_limits(served_model_dir):
         assert "3 prompts x n=3 asks for 9 completions; this server takes at most 8" in many.json()["error"]["message"]
         fits = httpx.post(url, headers=HEADERS, json={"model": NAME, "prompt": ["a", "b"], "n": 4, "max_tokens": 1})
         assert fits.status_code == 200 and len(fits.json()["choices"]) == 8
+
+
+def test_a_big_request_does_not_starve_a_small_one(server, client):
+    """Rows are shared fairly between requests: a small request sent while 4 prompts x n=8 (32 rows of 30 tokens,
+    8 waves on this server's 4 rows) runs, starts at the next free row and returns first, though it asks for more
+    tokens (first come first served would start it after all 32 and finish it last)."""
+    common = dict(model=NAME, temperature=0.8, seed=1, extra_body={"ignore_eos": True})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        big = pool.submit(client.completions.create, prompt=["a", "b", "c", "d"], n=8, max_tokens=30, **common)
+        while not httpx.get(server + "/health").json()["running"]:
+            time.sleep(0.01)
+        small = client.completions.create(prompt="x = ", max_tokens=40, **common)
+        assert not big.done()
+        assert small.choices[0].finish_reason == "length" and len(big.result().choices) == 32
