@@ -79,9 +79,11 @@ class AsyncEngine:
         self.engine = engine
         self.inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.thread = threading.Thread(target=self._run, name="orionlm-engine", daemon=True)
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Step the engine on a thread of its own, until stop (a stopped engine starts again on a new thread)."""
+        self.thread = threading.Thread(target=self._run, name="orionlm-engine", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
