@@ -3,12 +3,19 @@
 The engine behind the server, `orionlm generate` and `orionlm bench`. Each `Engine.step()`:
 
 1. drops cancelled requests (a client that went away frees its row at once);
-2. admits waiting requests, first come first served, while the running batch has a free row and the
-   cached-token budget (prompt + max_new_tokens of every admitted request) has room;
+2. admits waiting requests while the running batch has a free row and the cached-token budget (prompt +
+   max_new_tokens of every admitted request) has room: fairly between groups (a group is the choices of one
+   HTTP request), each free row going to the waiting request whose group holds the fewest rows, the oldest
+   first among equals; so a request of 250 prompts x n=16 takes the rows nobody else asks for, and a small
+   request that arrives after it starts at the next free row instead of after all of it;
 3. prefills one chunk (at most `prefill_chunk` tokens) of the oldest admitted prompt, on a cache of its
    own, so a long prompt delays the running requests by one chunk per step rather than by all of it;
    a finished prefill picks its first token and joins the batch (`RaggedCache.add`);
 4. decodes one token for every running request in a single forward pass, each row at its own length.
+
+An error in one request's own work (its prefill, its sampler, its token pick, a thought's pick) drops that
+request alone: `step` raises RequestFailed naming it, and carrying the tokens the others got in that step.
+An error in the batched forward pass itself cannot be pinned on one request and propagates as it is.
 
 A thinking (Quiet-STaR) model writes a thought before each token of the requests that think (their
 `config.think`), all rows at once on the same cache, which then rewinds (orionlm.generation.thinking).
@@ -20,8 +27,10 @@ else runs beside it (greedy output equals `generate_ids` alone; tested).
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -56,11 +65,16 @@ class Request:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     id: int = field(default_factory=lambda: next(_ids))
+    group: int | None = None  # requests sharing rows fairly as one (one HTTP request's choices); None: its own id
     # Filled in by the engine
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens)
     prompt_logprob_values: list[TokenLogprob | None] | None = None
     cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group is None:
+            self.group = self.id
 
     @property
     def length(self) -> int:
@@ -130,6 +144,16 @@ class _Running:
         return self.sampler(process_logits(logits, self.request.config))
 
 
+def _guarded(errors: dict[int, Exception], row: int, pick: Callable[[torch.Tensor], Any], logits: torch.Tensor,
+             fallback: Any) -> Any:  # fmt: skip
+    """pick(logits), or `fallback` with the error kept in errors[row]: one row's failure stays its own."""
+    try:
+        return pick(logits)
+    except Exception as e:
+        errors[row] = e
+        return fallback
+
+
 def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     best = torch.topk(logprobs, top) if top else None
     alternatives = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
@@ -137,12 +161,13 @@ def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob
 
 
 class RequestFailed(GenerationError):
-    """An error in one request's own work (its prefill, its sampler, its first token), raised from Engine.step
-    after the request was dropped; the error is its __cause__."""
+    """Errors in some requests' own work (a prefill chunk, a sampler, a token pick), raised from Engine.step
+    after those requests were dropped. `failures` pairs each with its error (the first error is also the
+    __cause__); `events` are the tokens the other requests got in the same step, to deliver as step's result."""
 
-    def __init__(self, request: Request) -> None:
-        super().__init__(f"request {request.id} failed")
-        self.request = request
+    def __init__(self, failures: list[tuple[Request, Exception]], events: list[Event]) -> None:
+        super().__init__(f"requests {[request.id for request, _ in failures]} failed")
+        self.failures, self.events = failures, events
 
 
 @dataclass
@@ -226,12 +251,16 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One round of admission, a prefill chunk and a decode step; returns the tokens picked."""
+        """One round of admission, a prefill chunk and a decode step; returns the tokens picked, or raises
+        RequestFailed (holding them) if some requests' own work failed."""
         self._drop_cancelled()
         self._admit()
-        events = self._prefill_chunk()
+        failures: list[tuple[Request, Exception]] = []
+        events = self._prefill_chunk(failures)
         if self.running:
-            events += self._decode()
+            events += self._decode(failures)
+        if failures:
+            raise RequestFailed(failures, events) from failures[0][1]
         return events
 
     def _drop_cancelled(self) -> None:
@@ -244,22 +273,26 @@ class Engine:
         self.cancelled += before - len(self.waiting) - len(self.prefilling) - len(self.running)
 
     def _admit(self) -> None:
-        reserved = sum(self.reserved(r.request) for r in self.running)
-        reserved += sum(self.reserved(p.request) for p in self.prefilling)
+        admitted = [r.request for r in self.running] + [p.request for p in self.prefilling]
+        reserved = sum(self.reserved(r) for r in admitted)
+        rows = Counter(r.group for r in admitted)
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
-            request = self.waiting[0]
+            # the fewest rows first, then the oldest (min keeps the first of equals); a request that does not fit
+            # the cache budget waits for room rather than let later ones pass it for ever
+            request = min(self.waiting, key=lambda r: rows[r.group])
             if reserved + self.reserved(request) > self.max_cached_tokens:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
+            rows[request.group] += 1
             reserved += self.reserved(request)
             cache = self.model.new_cache(1, len(request.prompt) + thought_slots(self.model, request.config))
             self.prefilling.append(_Prefill(request, cache))
             if request.prompt_logprobs is not None:
                 request.prompt_logprob_values = [None]
 
-    def _prefill_chunk(self) -> list[Event]:
+    def _prefill_chunk(self, failures: list[tuple[Request, Exception]]) -> list[Event]:
         """A chunk of the oldest prefill: one request's own work, so an error in it drops that request alone
-        and raises RequestFailed (the running requests lose nothing: they decode at the next step)."""
+        (added to `failures`; the running requests lose nothing)."""
         if not self.prefilling:
             return []
         job = self.prefilling[0]
@@ -268,7 +301,8 @@ class Engine:
         except Exception as e:
             if self.prefilling and self.prefilling[0] is job:
                 self.prefilling.popleft()
-            raise RequestFailed(job.request) from e
+            failures.append((job.request, e))
+            return []
 
     def _prefill(self, job: _Prefill) -> list[Event]:
         request = job.request
@@ -300,20 +334,26 @@ class Engine:
             self.running.append(running)
         return [Event(request, token, logprob, finish, thought)]
 
-    def _decode(self) -> list[Event]:
+    def _decode(self, failures: list[tuple[Request, Exception]]) -> list[Event]:
+        """A token for every running request: one forward pass for all (an error there fails them all), then each
+        row's own pick (an error there drops that row alone, added to `failures`)."""
         tokens = torch.tensor([[r.request.output[-1]] for r in self.running], device=self.model.device)
         self.cache.reserve_step()
         thinking = [thought_slots(self.model, r.request.config) > 0 for r in self.running]
         out = self.model(tokens, cache=self.cache, output_hidden=any(thinking))
         logits = out.logits[:, -1].float()  # (rows, V)
+        errors: dict[int, Exception] = {}  # row -> the error of its own pick
         thoughts = None
         if any(thinking):
-            # Every row thinks (one batch on one cache); rows whose requests do not think keep their base
-            # logits, and think greedily so that their samplers' draws stay their own text's.
+            # Every row thinks (one batch on one cache); rows whose requests do not think (or whose pick failed)
+            # keep their base logits, and think greedily so that their samplers' draws stay their own text's.
             def pick(rows_logits: torch.Tensor) -> torch.Tensor:
                 picked = []
-                for running, row, thinks in zip(self.running, rows_logits.split(1), thinking, strict=True):
-                    picked.append(running.pick_thought(row) if thinks else row.argmax(-1))
+                for row, (running, row_logits) in enumerate(zip(self.running, rows_logits.split(1), strict=True)):
+                    token = row_logits.argmax(-1)
+                    if thinking[row] and row not in errors:
+                        token = _guarded(errors, row, running.pick_thought, row_logits, token)
+                    picked.append(token)
                 return torch.cat(picked)
 
             mixed, thoughts = think(self.model, self.cache, out.hidden[:, -1], pick)
@@ -321,7 +361,12 @@ class Engine:
             logits = torch.where(use, mixed, logits)
         events, finished = [], []
         for row, running in enumerate(self.running):
-            token, logprob, finish = running.pick(logits[row : row + 1])
+            picked = None if row in errors else _guarded(errors, row, running.pick, logits[row : row + 1], None)
+            if picked is None:
+                failures.append((running.request, errors[row]))
+                finished.append(row)
+                continue
+            token, logprob, finish = picked
             thought = thoughts[row].tolist() if thinking[row] else None
             events.append(Event(running.request, token, logprob, finish, thought))
             if finish is not None:

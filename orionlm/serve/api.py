@@ -22,7 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorInfo,
@@ -41,7 +43,22 @@ def get_server(request: Request) -> Server:
 
 
 ServerDep = Annotated[Server, Depends(get_server)]
-router = APIRouter()
+router = APIRouter(responses={401: {"model": ErrorResponse, "description": "missing or wrong API key"}})
+# what a request body can be refused with (the spec says so, for clients and schema-driven fuzzers)
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "an invalid request"},
+    413: {"model": ErrorResponse, "description": "a body over --max-request-bytes"},
+}
+GENERATION_REFUSALS = REFUSALS | {404: {"model": ErrorResponse, "description": "no model of that name"}}
+
+
+def generation_responses(response: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A generation route's answers: the response as JSON, or with stream: true its chunks as Server-Sent Events."""
+    data = {"type": "string", "description": "a chunk's JSON, an error's JSON, or the closing [DONE]"}
+    events = {
+        "text/event-stream": {"itemSchema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
+    }
+    return GENERATION_REFUSALS | {200: {"model": response, "content": events, "description": "JSON, or events"}}
 
 
 def respond(result: BaseModel | AsyncIterator[str]) -> BaseModel | StreamingResponse:
@@ -74,24 +91,24 @@ async def models(server: ServerDep) -> ModelList:
     return server.models()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=generation_responses(CompletionResponse))
 async def completions(body: CompletionRequest, raw: Request, server: ServerDep) -> BaseModel | StreamingResponse:
     return respond(await create_completion(server, body, raw))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=generation_responses(ChatCompletionResponse))
 async def chat_completions(
     body: ChatCompletionRequest, raw: Request, server: ServerDep
 ) -> BaseModel | StreamingResponse:
     return respond(await create_chat_completion(server, body, raw))
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=REFUSALS)
 async def tokenize(body: TokenizeRequest, server: ServerDep) -> TokenizeResponse:
     return await run_in_threadpool(server.tokenize, body)
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=REFUSALS)
 async def detokenize(body: DetokenizeRequest, server: ServerDep) -> DetokenizeResponse:
     return server.detokenize(body)
 
@@ -139,7 +156,9 @@ async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
 
 
 async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    return error_response(e.status_code, str(e.detail))
+    response = error_response(e.status_code, str(e.detail))
+    response.headers.update(e.headers or {})  # a 405's Allow
+    return response
 
 
 async def server_error(_: Request, e: Exception) -> JSONResponse:

@@ -1,11 +1,12 @@
 """The OpenAI request and response bodies (pydantic): requests with vLLM's sampling extras, responses as the
 server sends them.
 
-Fields follow OpenAI's API reference; unknown request fields are ignored as OpenAI does. Request values are
-range-checked here where OpenAI documents a range; the rest (temperature, top_p, penalties, ...) by
-GenerationConfig, whose message then becomes the 400 error. Responses send null where OpenAI does; the few
-fields that OpenAI leaves out instead (a stream delta's role and content, the usage of every stream chunk but
-the last) are left out when None (`Omitting`).
+Fields follow OpenAI's API reference; unknown request fields are ignored as OpenAI does. Request values must
+have their field's type (strictly: no "1" for 1, no false for 0, as OpenAI refuses them) and are range-checked
+here where OpenAI documents a range; the rest (temperature, top_p, penalties, ...) by GenerationConfig, whose
+message then becomes the 400 error. Responses send null where OpenAI does; the few fields that OpenAI leaves
+out instead (a stream delta's role and content, the usage of every stream chunk but the last) are left out when
+None (`Omitting`).
 
 Every request is refused (400) before it reaches the engine when anything in it could fail there: a seed out
 of a 64-bit generator's range, text with a lone surrogate (JSON's "\\ud800", which no tokenizer or UTF-8
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 # vLLM's seed range (torch's int64); the n choices of a request sample with seed + i, which torch's generators
 # still take (they accept up to 2**64 - 1)
@@ -38,7 +39,13 @@ def _lone_surrogate(value: Any) -> bool:
     return False
 
 
-class RequestBody(BaseModel):
+class Strict(BaseModel):
+    """A part of a request: each value of its field's JSON type (an integer may stand for a number)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class RequestBody(Strict):
     """A request's JSON body: refused whole when any of its strings (known field or not) is not valid Unicode."""
 
     @model_validator(mode="before")
@@ -49,7 +56,7 @@ class RequestBody(BaseModel):
         return data
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
@@ -86,14 +93,14 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class ContentPart(BaseModel, extra="allow"):
+class ContentPart(Strict, extra="allow"):
     """A part of a message's content: text, or another kind (image_url, input_audio, ...) that is refused."""
 
     type: str
     text: str = ""
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: str
     content: str | list[ContentPart] | None = None
 

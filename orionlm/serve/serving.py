@@ -79,9 +79,11 @@ class AsyncEngine:
         self.engine = engine
         self.inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.thread = threading.Thread(target=self._run, name="orionlm-engine", daemon=True)
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Step the engine on a thread of its own, until stop (a stopped engine starts again on a new thread)."""
+        self.thread = threading.Thread(target=self._run, name="orionlm-engine", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -127,22 +129,26 @@ class AsyncEngine:
                 return
             try:
                 events = self.engine.step()
-            except RequestFailed as e:  # a bug in one request's own work: fail it alone
-                traceback.print_exc()
-                self._fail(e.request, e.__cause__ or e)
-                continue
-            except Exception as e:  # a bug in the batch's work: fail the running requests, keep serving
+            except RequestFailed as e:  # a bug in some requests' own work: fail them alone, the rest go on
+                for request, error in e.failures:
+                    traceback.print_exception(error)
+                    self._fail(request, error)
+                events = e.events
+            except Exception as e:  # a bug in the batch's forward pass: fail every request, keep serving
                 traceback.print_exc()
                 self._fail_all(e)
                 continue
-            for event in events:
-                sink = self.sinks.get(event.request.id)
-                if sink is None:
-                    continue
-                loop, events_queue = sink
-                loop.call_soon_threadsafe(events_queue.put_nowait, event)
-                if event.finish_reason is not None:
-                    del self.sinks[event.request.id]
+            self._deliver(events)
+
+    def _deliver(self, events: list[Event]) -> None:
+        for event in events:
+            sink = self.sinks.get(event.request.id)
+            if sink is None:
+                continue
+            loop, events_queue = sink
+            loop.call_soon_threadsafe(events_queue.put_nowait, event)
+            if event.finish_reason is not None:
+                del self.sinks[event.request.id]
 
     def _fail(self, request: EngineRequest, error: Exception) -> None:
         """Fail one request (the engine has dropped it); its handler cancels the other choices of its group."""
@@ -258,13 +264,14 @@ class Server:
     def engine_requests(
         self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, chat: bool, **extra: Any
     ) -> list[EngineRequest]:
-        """n requests per prompt, validated (a 400 before any stream starts); with a seed, choice j of a prompt
-        samples with seed + j."""
+        """n requests per prompt, validated (a 400 before any stream starts), in one group (the engine shares
+        its rows fairly between groups); with a seed, choice j of a prompt samples with seed + j."""
         if len(prompts) * body.n > self.max_choices:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} completions; "
                                 f"this server takes at most {self.max_choices} per request: split it")  # fmt: skip
         stop_ids = frozenset() if body.ignore_eos else frozenset(self.eos_ids)
-        requests = []
+        requests: list[EngineRequest] = []
+        group = None  # the first request's id, once it exists
         for prompt in prompts:
             config = self.generation_config(body, max_tokens, len(prompt), chat)
             for j in range(body.n):
@@ -272,7 +279,8 @@ class Server:
                     seeded = config if config.seed is None else config.replace(seed=config.seed + j)
                 except OrionError as e:
                     raise APIError(400, str(e), "seed") from None
-                requests.append(EngineRequest(prompt, seeded, stop_ids, **extra))
+                requests.append(EngineRequest(prompt, seeded, stop_ids, group=group, **extra))
+                group = requests[0].group
         try:
             self.engine.check(requests)
         except OrionError as e:

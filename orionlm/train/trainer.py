@@ -35,7 +35,7 @@ from ..data import build_dataset, iter_documents
 from ..data.chat import IGNORE
 from ..data.loader import MixtureDataset
 from ..data.sft import ChatDataset, build_chat_dataset
-from ..errors import OrionError
+from ..errors import OrionError, read_json_object
 from ..loading import STATE_JSON, find_checkpoints, load_model, resolve_model_path
 from ..model import OrionLM, add_router_losses, count_parameters
 from ..nn.lora import apply_lora
@@ -76,7 +76,7 @@ def prepare_tokenizer(
     if section.train_vocab_size is None:
         return Tokenizer.byte_level()
     target = out_dir / "tokenizer"
-    if d.main and not (target / "tokenizer.json").is_file():
+    if d.main and not reusable_tokenizer(target, section.train_vocab_size):
         total = sum(s.weight for s in recipe.data.sources)
         texts = []
         for source in recipe.data.sources:
@@ -88,10 +88,31 @@ def prepare_tokenizer(
                     break
         print(f"training a {section.train_vocab_size}-token BPE tokenizer on {sum(map(len, texts)):,} characters")
         tokenizer = Tokenizer.train_bpe_from_texts(texts, section.train_vocab_size)
-        target.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(target)
+        with atomic_directory(target) as tmp:
+            tokenizer.save(tmp)
+            (tmp / TRAINED_FOR).write_text(json.dumps({"train_vocab_size": section.train_vocab_size}) + "\n")
     d.barrier()
     return Tokenizer.load(target)
+
+
+TRAINED_FOR = "trained_for.json"  # in a run's tokenizer/: the train_vocab_size it was trained for
+
+
+def reusable_tokenizer(target: Path, vocab_size: int) -> bool:
+    """Whether the run directory holds a tokenizer trained for `vocab_size` (a run that stopped before its first
+    record trained it; reused, not trained again). False when it holds none; RecipeError when it holds another:
+    one trained for another size (BPE on little text may stop short of it, so the size asked is what is kept), or
+    one that no run trained."""
+    if not (target / "tokenizer.json").is_file():
+        return False
+    marker = target / TRAINED_FOR
+    trained_for = read_json_object(marker, RecipeError).get("train_vocab_size") if marker.is_file() else None
+    if trained_for == vocab_size:
+        return True
+    has = f"a {Tokenizer.load(target).vocab_size}-token tokenizer"
+    has += f" trained for train_vocab_size {trained_for}" if trained_for is not None else " that no run trained"
+    raise RecipeError(f"{target} holds {has}, the recipe asks for tokenizer.train_vocab_size {vocab_size}: delete "
+                      f"{target} to train a new one, or choose another --run.out_dir")  # fmt: skip
 
 
 def model_config(recipe: Recipe, tokenizer: Tokenizer, resume_dir: Path | None) -> ModelConfig:
@@ -194,10 +215,13 @@ class Trainer:
         self.loader = self.dataset.train_loader(run.batch_size, rank=d.rank, world_size=d.world_size)
         if self.resume_dir is not None:
             self._load_state()
-        if d.main:
+        self.metrics_log = None
+        if d.main:  # the run's records, once nothing can refuse it: a refused run writes nothing
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            resume_step = self.step if self.resume_dir is not None else None
+            self.metrics_log = MetricsLog(self.out_dir, resume_step, run.tensorboard)  # refuses a corrupt record
+            recipe.save(self.out_dir / "recipe.yaml")
             self._write_run_info()
-        resume_step = self.step if self.resume_dir is not None else None
-        self.metrics_log = MetricsLog(self.out_dir, resume_step, run.tensorboard) if d.main else None
 
         self.peak_flops = run.peak_flops or measure_peak_flops(d.device) * d.world_size
         self.step_flops = flops_per_token(self.config, recipe.data.seq_len) * self.tokens_per_step
@@ -232,10 +256,8 @@ class Trainer:
             # A run directory means its newest checkpoint now: the saved recipe names that one, for merge-lora.
             recipe.model.path = str(resolve_model_path(recipe.model.path))
         if self.d.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             for stale in (self.out_dir / "checkpoints").glob(".*.tmp-*"):  # left by a save that was killed
                 shutil.rmtree(stale, ignore_errors=True)
-            recipe.save(self.out_dir / "recipe.yaml")
         self.d.barrier()
 
     def _load_base(self) -> tuple[OrionLM | None, Tokenizer | None]:

@@ -116,15 +116,6 @@ def test_cli(tokenizer, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     main(["convert", "from-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "back")])
     assert (tmp_path / "back" / "config.json").is_file()
-    (tmp_path / "runs" / "other_run").mkdir(parents=True)
-    with pytest.raises(SystemExit) as exit_:
-        main(["convert", "to-gguf", str(tmp_path / "m"), str(tmp_path / "runs"), "--force"])
-    assert exit_.value.code == 2
-    assert (
-        capsys.readouterr().err
-        == f"orionlm: error: {tmp_path / 'runs'} is a directory; give the path of the .gguf file to write\n"
-    )
-    assert (tmp_path / "runs" / "other_run").is_dir()
 
 
 @pytest.mark.parametrize("name", [*MODELS, *BLOOM])

@@ -136,8 +136,78 @@ def test_an_error_in_one_request_fails_it_alone():
         try:
             engine.step()
         except RequestFailed as e:
-            failed.append(e)
+            failed += e.failures
             engine.submit(good[2])
-    assert [e.request for e in failed] == [bad] and isinstance(failed[0].__cause__, ValueError)
+    assert [request for request, _ in failed] == [bad] and isinstance(failed[0][1], ValueError)
     assert [r.output for r in good] == alone and bad.output == []
     assert engine.cache.rows == 0
+
+
+@pytest.mark.parametrize("thinks", [False, True], ids=["token", "thought"])
+def test_an_error_in_one_token_pick_fails_that_request_alone(thinks, thinking_model):
+    """The decode pass is shared, each row's pick its own: a request whose sampling breaks after 3 tokens (top_k set
+    to -1 past validation: torch.topk refuses it, in its token's pick or, on a thinking model, its thought's) is
+    dropped with RequestFailed; the tokens the others got in that step come with it, and every other request gets
+    exactly what it gets alone."""
+    model = thinking_model("tiny-dense") if thinks else _model("tiny-dense")
+    config = GenerationConfig(max_new_tokens=10, temperature=0.9, seed=5)
+    prompts = [[t % 60 for t in p] for p in _prompts()[:3]]  # inside the thinking model's vocabulary of 64
+    alone = [generate_ids(model, [p], config=config)[0] for p in prompts]
+    engine = Engine(model, max_batch=4, prefill_chunk=7)
+    good = [Request(p, config) for p in prompts]
+    bad = Request(prompts[1], config.replace())
+    tokens = {r.id: [] for r in (*good, bad)}
+    for request in (good[0], bad, good[1], good[2]):
+        engine.submit(request)
+    failed = []
+    while engine.has_work:
+        try:
+            events = engine.step()
+        except RequestFailed as e:
+            failed += e.failures
+            events = e.events
+        for event in events:
+            tokens[event.request.id].append(event.token)
+        if len(bad.output) == 3:
+            bad.config.top_k = -1
+    assert [request for request, _ in failed] == [bad] and "out of range" in str(failed[0][1])
+    assert tokens[bad.id] == bad.output and len(bad.output) == 3
+    assert [tokens[r.id] for r in good] == [r.output for r in good] == alone
+    assert engine.cache.rows == 0
+
+
+def _starts(engine: Engine, late: Request | None = None) -> list[int]:
+    """Drain the engine, submitting `late` after the first step; the ids of the requests in the order they got
+    their first tokens."""
+    started: dict[int, None] = {}
+    while engine.has_work:
+        for event in engine.step():
+            started.setdefault(event.request.id)
+        if late is not None and late.id not in started:
+            engine.submit(late)
+            late = None
+    return list(started)
+
+
+def test_admission_is_fair_between_groups():
+    """Rows go to the group holding the fewest, the oldest first: two groups of 6 (two HTTP requests' choices)
+    alternate, and a lone request that arrives while a group of 12 fills every row starts at the first free row,
+    not after the whole group (first come first served would start it 13th)."""
+    model = _model("tiny-dense")
+    config = GenerationConfig(max_new_tokens=4, do_sample=False)
+
+    def group(size: int) -> list[Request]:
+        first = Request([1, 2, 3], config)
+        return [first] + [Request([1, 2, 3], config, group=first.group) for _ in range(size - 1)]
+
+    engine = Engine(model, max_batch=4)
+    a, b = group(6), group(6)
+    for request in a + b:
+        engine.submit(request)
+    assert _starts(engine) == [r.id for pair in zip(a, b, strict=True) for r in pair]
+    engine = Engine(model, max_batch=3)
+    big, small = group(12), Request([4, 5], config)
+    for request in big:
+        engine.submit(request)
+    assert _starts(engine, late=small) == [r.id for r in big[:3] + [small] + big[3:]]
+    assert small.output == generate_ids(model, [small.prompt], config=config)[0]

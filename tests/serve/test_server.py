@@ -112,10 +112,9 @@ def test_echo_logprobs_on_token_ids(client, local):
 def test_errors_are_openai_errors(server, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
-    for bad in (dict(temperature=-1), dict(max_tokens=5000), dict(top_p=0), dict(logit_bias={"99999": 1})):
-        with pytest.raises(openai.BadRequestError) as info:
-            client.completions.create(model=NAME, prompt="x", **{"max_tokens": 2, **bad})
-        assert info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:  # (every kind of bad value: BAD_COMPLETIONS below)
+        client.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=-1)
+    assert info.value.body["message"] == "temperature must be >= 0 (0 means greedy), got -1.0"
     headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
     response = httpx.post(server + "/v1/completions", content=b"{not json", headers=headers)
     assert response.status_code == 400 and response.json()["error"]["message"] == "the request body is not valid JSON"
@@ -230,19 +229,40 @@ def test_bad_seeds_are_400s_and_hurt_no_one(client):
         assert [f.result() for f in busy] == alone
 
 
-def test_streams_refuse_bad_input_before_they_start(client):
-    """Whatever a request gets refused for, streaming or not, it is the same 400 with OpenAI's body."""
-    cases = [dict(prompt=[1, 99999]), dict(prompt="x", max_tokens=5000), dict(prompt="x", logit_bias={"99999": 1}),
-             dict(prompt="x", logit_bias={"one": 1}), dict(prompt="x", stop=[""]), dict(prompt=[[]])]  # fmt: skip
-    for case in cases:
-        messages = []
-        for stream in (False, True):
-            with pytest.raises(openai.BadRequestError) as info:
-                client.completions.create(model=NAME, stream=stream, **{"max_tokens": 2, **case})
-            messages.append(info.value.body["message"])
-        assert messages[0] == messages[1]
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x " * 3000}], stream=True)
+HI = [{"role": "user", "content": "hi"}]
+BAD_COMPLETIONS = [
+    {"prompt": [1, 99999]}, {"prompt": [1, -3]}, {"prompt": "x", "max_tokens": 5000}, {"prompt": "x", "max_tokens": 0},
+    {"prompt": "x", "logit_bias": {"99999": 1}}, {"prompt": "x", "logit_bias": {"one": 1}},
+    {"prompt": "x", "logit_bias": {"5": 1000}}, {"prompt": "x", "stop": [""]}, {"prompt": [[]]}, {"prompt": []},
+    {"prompt": ""}, {"prompt": "x", "temperature": -1}, {"prompt": "x", "top_p": 0}, {"prompt": "x", "top_p": 2},
+    {"prompt": "x", "n": 0}, {"prompt": "x", "n": 100}, {"prompt": "x", "seed": 2**64},
+    {"prompt": "x", "seed": 2**64 - 1, "n": 2}, {"prompt": "x", "seed": -(2**63) - 1},
+    {"prompt": "x", "presence_penalty": 5}, {"prompt": "x", "top_k": -2}, {"prompt": "x", "min_p": 2},
+    {"prompt": "x", "repetition_penalty": 0}, {"prompt": "x", "stop_token_ids": [-1]}, {"prompt": "x", "logprobs": 50},
+    {"prompt": "a\ud800b"}, {"prompt": "x", "max_tokens": "3"}, {"prompt": "x", "n": True},
+    {"prompt": "x", "stream_options": {"include_usage": "yes"}}, {"prompt": ["a", "b", "c"] * 10, "n": 4},
+]  # fmt: skip
+BAD_CHATS = [
+    {"messages": []}, {"messages": [{"role": "user", "content": [{"type": ["text"], "text": "x"}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+    {"messages": [{"role": "user", "content": "x " * 3000}]}, {"messages": HI, "top_logprobs": 50},
+    {"messages": [{"role": "user", "content": "a\ud800"}]}, {"messages": HI, "max_completion_tokens": 0},
+    {"messages": HI, "temperature": "hot"}, {"messages": [{"role": "user", "content": 3}]},
+    {"messages": HI, "seed": 2**64},
+]  # fmt: skip
+
+
+def test_streams_refuse_bad_input_before_they_start(server):
+    """40 kinds of bad request (context too long, bad token ids and logit_bias, out-of-range or mistyped values,
+    seeds, lone surrogates, odd content parts, too many choices), each sent streaming and not: the same 400 with
+    OpenAI's error body, before any stream starts."""
+    cases = [("/v1/completions", {"max_tokens": 2} | case) for case in BAD_COMPLETIONS]
+    cases += [("/v1/chat/completions", case) for case in BAD_CHATS]
+    assert len(cases) == 40
+    for path, case in cases:
+        answers = [_raw_post(server, path, {"model": NAME, "stream": stream, **case}) for stream in (False, True)]
+        assert all(map(_is_openai_400, answers)), (case, [a.text for a in answers])
+        assert answers[0].json() == answers[1].json()
 
 
 def test_lone_surrogates_and_odd_content_parts_are_400s(server, client):
@@ -298,3 +318,17 @@ def test_request_limits(served_model_dir):
         assert "3 prompts x n=3 asks for 9 completions; this server takes at most 8" in many.json()["error"]["message"]
         fits = httpx.post(url, headers=HEADERS, json={"model": NAME, "prompt": ["a", "b"], "n": 4, "max_tokens": 1})
         assert fits.status_code == 200 and len(fits.json()["choices"]) == 8
+
+
+def test_a_big_request_does_not_starve_a_small_one(server, client):
+    """Rows are shared fairly between requests: a small request sent while 4 prompts x n=8 (32 rows of 30 tokens,
+    8 waves on this server's 4 rows) runs, starts at the next free row and returns first, though it asks for more
+    tokens (first come first served would start it after all 32 and finish it last)."""
+    common = dict(model=NAME, temperature=0.8, seed=1, extra_body={"ignore_eos": True})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        big = pool.submit(client.completions.create, prompt=["a", "b", "c", "d"], n=8, max_tokens=30, **common)
+        while not httpx.get(server + "/health").json()["running"]:
+            time.sleep(0.01)
+        small = client.completions.create(prompt="x = ", max_tokens=40, **common)
+        assert not big.done()
+        assert small.choices[0].finish_reason == "length" and len(big.result().choices) == 32

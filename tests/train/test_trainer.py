@@ -11,9 +11,19 @@ from orionlm import OrionLM, load_model
 from orionlm.config import preset
 from orionlm.data.chat import IGNORE
 from orionlm.errors import OrionError
+from orionlm.tokenizer import Tokenizer
+from orionlm.train.distributed import Dist
 from orionlm.train.metrics import MetricsLog, flops_per_token, throughput
 from orionlm.train.recipe import RecipeError, load_recipe
-from orionlm.train.trainer import STATE_JSON, Trainer, find_checkpoints, human_tokens, train
+from orionlm.train.trainer import (
+    STATE_JSON,
+    TRAINED_FOR,
+    Trainer,
+    find_checkpoints,
+    human_tokens,
+    prepare_tokenizer,
+    train,
+)
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small real text files on every machine
 
@@ -96,13 +106,6 @@ def test_training_learns_checkpoints_and_logs(tmp_path):
     initial = OrionLM(model.config)
     initial.reset_parameters(seed=0)
     assert loss(model) < loss(initial) - 0.3
-    with pytest.raises(RecipeError, match="already has checkpoints; pass --resume"):
-        train(load_recipe(write_recipe(tmp_path)))
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "metrics.jsonl").write_text('{"step": 1}\n')  # a run that saved no checkpoint
-    with pytest.raises(RecipeError, match="other already holds a run \\(metrics.jsonl\\); choose another"):
-        train(load_recipe(write_recipe(tmp_path), [f"--run.out_dir={tmp_path / 'other'}"]))
-    assert (tmp_path / "other" / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
 @pytest.mark.parametrize("preset, optim", [("tiny-dense", "adamw"), ("tiny-moe", "muon"), ("tiny-chimera", "muon")])
@@ -123,10 +126,8 @@ def test_resume_is_bit_identical(tmp_path, preset, optim):
     assert [(r["step"], r["loss"], r.get("val_loss")) for r in metrics(interrupted)] == expected
 
 
-def test_a_corrupt_metrics_line_before_the_last_is_an_error(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n{"step": 4, "l')
-    with pytest.raises(OrionError, match="metrics.jsonl line 2 is not JSON; mend or delete that line"):
-        MetricsLog(tmp_path, resume_step=3, tensorboard=False)
+def test_a_cut_short_last_metrics_line_is_dropped(tmp_path):
+    # (a corrupt line before the last is refused: tests/test_bad_files.py)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "l')
     MetricsLog(tmp_path, resume_step=2, tensorboard=False)  # the cut-short last line is a killed write
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
@@ -166,23 +167,6 @@ def test_killed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in checkpoints.iterdir()] == sorted(["384", "768"]) or sorted(
         p.name for p in checkpoints.iterdir()
     ) == ["384", "768"]
-
-
-def test_a_trainer_state_that_is_not_ours_is_refused_not_unpickled(tmp_path):
-    import argparse
-
-    recipe = write_recipe(tmp_path, run={"max_steps": 3, "save_every_steps": 3})
-    train(load_recipe(recipe))
-    ((_, checkpoint),) = find_checkpoints(tmp_path / "run")
-    state_file = checkpoint / "trainer_state.pt"
-    good = state_file.read_bytes()
-    for bad in (good[: len(good) // 2], None):
-        if bad is None:  # a pickle of an arbitrary object: weights_only loading refuses to build it
-            torch.save({"step": argparse.Namespace(step=3)}, state_file)
-        else:
-            state_file.write_bytes(bad)
-        with pytest.raises(RecipeError, match="trainer_state.pt cannot be resumed from .corrupt, truncated or not"):
-            train(load_recipe(recipe, ["--resume"]))
 
 
 @pytest.mark.parametrize("failure", ["ENOSPC", "torch's RuntimeError on a full disk"])
@@ -267,3 +251,22 @@ def test_shipped_recipes_resolve(path):
     assert recipe.optim.lr > 0
     if recipe.model.path is None:  # a fine-tuning recipe's model comes with its weights
         assert recipe.model.build().vocab_size > 0
+
+
+def test_a_run_directorys_tokenizer_is_reused_only_for_the_size_it_was_trained_for(tmp_path, monkeypatch):
+    """A run that stopped before its first record left its tokenizer: the same recipe reuses it (BPE on 3 KB stops
+    short of 1000 tokens, so the size asked is what counts); another size, or a tokenizer no run trained, is refused."""
+    path = write_recipe(tmp_path, data={"sources": [{"path": STDLIB_JSON, "glob": "tool.py"}]})
+    recipe = load_recipe(path, ["tokenizer.train_vocab_size=1000"])
+    out, d = tmp_path / "run", Dist(0, 1, torch.device("cpu"))
+    trained = prepare_tokenizer(recipe, out, d, None, None)
+    assert 256 < trained.vocab_size < 1000 and (out / "tokenizer" / TRAINED_FOR).is_file()
+    monkeypatch.setattr(Tokenizer, "train_bpe_from_texts", None)  # a second training would fail
+    assert prepare_tokenizer(recipe, out, d, None, None).vocab_size == trained.vocab_size
+    other = load_recipe(path, ["tokenizer.train_vocab_size=2000"])
+    message = rf"holds a {trained.vocab_size}-token tokenizer trained for train_vocab_size 1000, the recipe asks for "
+    with pytest.raises(RecipeError, match=message + "tokenizer.train_vocab_size 2000: delete"):
+        prepare_tokenizer(other, out, d, None, None)
+    (out / "tokenizer" / TRAINED_FOR).unlink()
+    with pytest.raises(RecipeError, match="tokenizer that no run trained"):
+        prepare_tokenizer(recipe, out, d, None, None)
