@@ -22,6 +22,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]
+LONG_TEXT = 1 << 16  # characters; longer texts are encoded without holding the GIL
 
 # ChatML. System messages may appear anywhere: each message is rendered the same way.
 CHATML_TEMPLATE = (
@@ -109,7 +110,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text. With add_special_tokens, the tokenizer's own post-processor runs
         (Llama's adds BOS) and, if it has none, BOS is prepended when add_bos_token is set."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) > LONG_TEXT:  # encode_batch releases the GIL: a server's event loop keeps answering meanwhile
+            ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_id
         if add_special_tokens and self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids

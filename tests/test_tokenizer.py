@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from orionlm.tokenizer import CHATML_TEMPLATE, Tokenizer, TokenizerError
+from orionlm.tokenizer import CHATML_TEMPLATE, LONG_TEXT, Tokenizer, TokenizerError
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -77,3 +77,14 @@ def test_load_errors(tmp_path):
 
 def test_default_template_is_chatml():
     assert Tokenizer.byte_level().chat_template == CHATML_TEMPLATE
+
+
+def test_long_texts_encode_as_short_ones_do():
+    """Texts past LONG_TEXT go through encode_batch (which lets other threads run); the ids are the same."""
+    tokenizer = Tokenizer.byte_level()
+    text = "Once upon a time, ünïcode 😀 <|endoftext|> " * (LONG_TEXT // 40 + 1)
+    assert len(text) > LONG_TEXT
+    assert tokenizer.encode(text) == tokenizer.backend.encode(text).ids
+    assert (
+        tokenizer.encode(text, add_special_tokens=False) == tokenizer.backend.encode(text, add_special_tokens=False).ids
+    )
