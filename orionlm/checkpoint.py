@@ -200,37 +200,60 @@ def model_from_tensors(
     """Build the model on the meta device and adopt the given tensors, checking every name and shape. Each tensor
     is read once and converted to `dtype` (quantized ones keep theirs), so a LazyTensors source in the dtype
     asked for is never copied: memory holds the model once."""
+    model = meta_model(config, tensors, source)
+    load_tensors(model, tensors, device, dtype, source)
+    model.init_buffers(device)
+    return model
+
+
+def meta_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], source: str) -> OrionLM:
+    """The model built on the meta device (GPTQ layers where `tensors` holds them), with the names of `tensors`
+    checked against its own; load_tensors then fills it, all at once or a part at a time."""
     with torch.device("meta"):
         model = OrionLM(config)
         if config.quantization_config is not None:
             _quantized_layers(model, config.quantization_config, tensors)
-    expected = {name: p for name, p in model.state_dict().items()}
+    expected = set(model.state_dict())
     names = set(tensors)
     if config.tie_embeddings:
-        expected.pop("lm_head.weight")
+        expected.discard("lm_head.weight")
         names.discard("lm_head.weight")
-    missing = sorted(set(expected) - names)
+    missing = sorted(expected - names)
     if missing:
         raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    unexpected = sorted(names - set(expected))
+    unexpected = sorted(names - expected)
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
-    state = {}
-    for name, want in expected.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}"
-            )
-        if tensor.dtype != want.dtype and not (tensor.is_floating_point() and want.is_floating_point()):
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected {want.dtype}")
-        quantized = name.rsplit(".", 1)[-1] in QUANT_BUFFERS and config.quantization_config is not None
-        state[name] = tensor.to(device=device, dtype=want.dtype if quantized else dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.init_buffers(device)
     return model.eval()
+
+
+def load_tensors(
+    module: torch.nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    source: str,
+    prefix: str = "",
+    exclude: tuple[str, ...] = (),
+) -> None:
+    """Read each of module's tensors still on the meta device (but those whose names start with one of
+    `exclude`) from tensors[prefix + name], check its shape, and adopt it on `device` in `dtype` (GPTQ's
+    tensors keep theirs). A whole model's tied LM head (not among `tensors`) is tied to the embedding again."""
+    state = {}
+    for name, want in module.state_dict().items():
+        if not want.is_meta or name.startswith(exclude) or prefix + name not in tensors:
+            continue
+        tensor = tensors[prefix + name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"{source}: tensor {prefix + name!r} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(want.shape)}")  # fmt: skip
+        if tensor.dtype != want.dtype and not (tensor.is_floating_point() and want.is_floating_point()):
+            raise CheckpointError(f"{source}: tensor {prefix + name!r} has dtype {tensor.dtype}; expected {want.dtype}")
+        quantized = name.rsplit(".", 1)[-1] in QUANT_BUFFERS
+        state[name] = tensor.to(device=device, dtype=want.dtype if quantized else dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+    if isinstance(module, OrionLM) and module.config.tie_embeddings:
+        module.lm_head.weight = module.model.embed_tokens.weight
 
 
 QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tensors keep their stored dtypes
