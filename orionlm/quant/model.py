@@ -95,12 +95,13 @@ def _fits(in_features: int, out_features: int, bits: int) -> bool:
 
 def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> list[list[str]]:
     """The block's quantizable linears in the order its forward pass (`run`) calls them, grouped by shared
-    input."""
-    calls: list[tuple[str, int]] = []
+    input. The inputs themselves are kept until the grouping is done: an id() alone can be reused by a tensor
+    made after the first is freed, which would join o_proj and the MLP's first layer into one group."""
+    calls: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for name, module in block.named_modules():
         if _candidate(name, module) and _fits(module.in_features, module.out_features, bits):
-            hooks.append(module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, id(args[0])))))
+            hooks.append(module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, args[0]))))
     try:
         run()
     finally:
@@ -108,14 +109,14 @@ def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> li
             hook.remove()
     groups: list[list[str]] = []
     last_input = None
-    for name, input_id in calls:
+    for name, x in calls:
         if any(name in group for group in groups):
             continue
-        if input_id == last_input:
+        if x is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = input_id
+        last_input = x
     return groups
 
 
