@@ -208,17 +208,7 @@ def model_from_tensors(
     is read once and converted to `dtype` (quantized ones keep theirs), so a LazyTensors source in the dtype
     asked for is never copied: memory holds the model once."""
     model = _meta_model(config, tensors)
-    expected = model.state_dict()
-    state = {}
-    for name, tensor in model_tensors(config, tensors, source, model).items():
-        want = expected[name]
-        if tensor.dtype != want.dtype and not (tensor.is_floating_point() and want.is_floating_point()):
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected {want.dtype}")
-        quantized = name.rsplit(".", 1)[-1] in QUANT_BUFFERS and config.quantization_config is not None
-        state[name] = tensor.to(device=device, dtype=want.dtype if quantized else dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    load_tensors(model, model_tensors(config, tensors, source, model), device, dtype, source)
     model.init_buffers(device)
     return model.eval()
 
@@ -248,6 +238,14 @@ def model_tensors(
     return LazyTensors({name: lazy.specs[name] for name in expected}, lazy.__getitem__)
 
 
+def meta_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], source: str) -> OrionLM:
+    """The model built on the meta device, with `tensors` checked against it (model_tensors); load_tensors then
+    fills it, all at once or a part at a time."""
+    model = _meta_model(config, tensors)
+    model_tensors(config, tensors, source, model)
+    return model.eval()
+
+
 def _meta_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> OrionLM:
     """The model on the meta device, its GPTQ layers where the tensors hold codes."""
     with torch.device("meta"):
@@ -255,6 +253,32 @@ def _meta_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> Ori
         if config.quantization_config is not None:
             _quantized_layers(model, config.quantization_config, tensors)
     return model
+
+
+def load_tensors(
+    module: torch.nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    source: str,
+    prefix: str = "",
+    exclude: tuple[str, ...] = (),
+) -> None:
+    """Read each of module's tensors still on the meta device (but those whose names start with one of
+    `exclude`) from tensors[prefix + name] (checked by model_tensors or meta_model), and adopt it on `device` in
+    `dtype` (GPTQ's tensors keep theirs). A whole model's tied LM head (not among `tensors`) is tied again."""
+    state = {}
+    for name, want in module.state_dict().items():
+        if not want.is_meta or name.startswith(exclude) or prefix + name not in tensors:
+            continue
+        tensor = tensors[prefix + name]
+        if tensor.dtype != want.dtype and not (tensor.is_floating_point() and want.is_floating_point()):
+            raise CheckpointError(f"{source}: tensor {prefix + name!r} has dtype {tensor.dtype}; expected {want.dtype}")
+        quantized = name.rsplit(".", 1)[-1] in QUANT_BUFFERS
+        state[name] = tensor.to(device=device, dtype=want.dtype if quantized else dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+    if isinstance(module, OrionLM) and module.config.tie_embeddings:
+        module.lm_head.weight = module.model.embed_tokens.weight
 
 
 QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tensors keep their stored dtypes

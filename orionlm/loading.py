@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -79,6 +79,12 @@ class ModelSource:
     tokenizer: Tokenizer | None
     generation: dict[str, Any]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model's full-precision weights are stored in: its embedding's."""
+        name = "model.embed_tokens.weight"
+        return self.tensors.specs[name].dtype if isinstance(self.tensors, LazyTensors) else self.tensors[name].dtype
+
     def load(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OrionLM:
         """The model, each tensor read once and converted to `dtype` (fp32 on CPU, bf16 on CUDA by default)."""
         device, dtype = resolve_device(device, dtype)
@@ -115,16 +121,17 @@ def open_model(name_or_path: str | Path) -> ModelSource:
 def load_model(
     name_or_path: str | Path,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | Literal["auto"] | None = None,
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
     """Load a model and its tokenizer from an orionlm, Hugging Face or Auron directory, a .gguf file,
     a LoRA adapter directory (on the base model it names), or a Hub id; returns (model, tokenizer, device).
-    fp32 on CPU, bf16 on CUDA unless dtype is given; weights already in that dtype are not copied."""
-    device, dtype = resolve_device(device, dtype)
+    fp32 on CPU, bf16 on CUDA unless dtype is given ("auto": the dtype the weights are stored in); weights
+    already in that dtype are not copied."""
     path = resolve_model_path(name_or_path)
     if is_adapter(path):
         return _load_adapted(path, device, dtype)
     source = open_model(path)
+    device, dtype = resolve_device(device, source.dtype if dtype == "auto" else dtype)
     return source.load(device, dtype), source.tokenizer, device
 
 
@@ -150,10 +157,11 @@ def open_adapter_base(adapter: Path) -> ModelSource:
 
 
 def _load_adapted(
-    adapter: Path, device: torch.device, dtype: torch.dtype
+    adapter: Path, device: torch.device | str | None, dtype: torch.dtype | Literal["auto"] | None
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
     """The base model named in a LoRA adapter's config, with the adapter on it (unmerged)."""
     source = open_adapter_base(adapter)
+    device, dtype = resolve_device(device, source.dtype if dtype == "auto" else dtype)
     model = source.load(device, dtype)
     load_adapter(model, adapter)
     return model, source.tokenizer, device

@@ -54,6 +54,7 @@ def test_info_json_counts():
         (["info"], "give either a model path or --preset NAME"),
         (["generate", "hi"], "the following arguments are required: --model"),
         (["generate", "hi", "--model", "/nonexistent/dir"], "/nonexistent/dir does not exist"),
+        (["generate", "hi", "--model", "m", "--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_2(args, message):
@@ -96,6 +97,10 @@ def test_generate_streams_and_is_reproducible(tiny_model):
     other = orionlm("generate", "A cat", "--model", tiny_model, "--max-tokens", "12", "--temp", "0")
     # several prompts run as one batch, each printed under its header, each as it comes alone
     assert both.stdout == f"--- 0\n{greedy.stdout}--- 1\n{other.stdout}"
+    half = orionlm("generate", "Once upon", "--model", tiny_model, "--max-tokens", "12", "--temp", "0", "--dtype",
+                   "bfloat16", "--device", "cpu")  # fmt: skip
+    assert half.returncode == 0 and half.stdout.strip()
+    assert half.stderr.count("note: bfloat16 on the CPU") == 1 and "note:" not in greedy.stderr
     one_thread = orionlm("generate", "Once upon", "--model", tiny_model, "--max-tokens", "12", "--temp", "0",
                          "--threads", "1")  # fmt: skip
     assert one_thread.stdout == greedy.stdout

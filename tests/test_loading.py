@@ -5,8 +5,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from orionlm import OrionError, generate, load_model
-from orionlm.checkpoint import save_checkpoint
+from orionlm.checkpoint import model_from_tensors, save_checkpoint
 from orionlm.config import preset
+from orionlm.generation import generate_ids
 from orionlm.model import OrionLM
 from orionlm.tokenizer import Tokenizer
 
@@ -17,6 +18,26 @@ def test_orionlm_directory_with_generation_defaults(tmp_path):
     assert device == torch.device("cpu") and model.dtype == torch.float32
     assert model.generation_defaults["temperature"] == 0.3
     assert tokenizer.eos_id == 256
+
+
+def test_stored_dtype_is_loaded_as_stored(tmp_path):
+    """A bf16 checkpoint loaded in bf16 (asked for, or "auto") holds its stored values in bf16 and generates, as
+    the float32 load of it does; tensors already in the dtype asked for are adopted, not copied."""
+    model = OrionLM(preset("tiny-dense", vocab_size=Tokenizer.byte_level().vocab_size)).to(torch.bfloat16)
+    save_checkpoint(model, tmp_path / "m", Tokenizer.byte_level())
+    wide, _, _ = load_model(tmp_path / "m", device="cpu")
+    assert wide.dtype == torch.float32
+    for dtype in (torch.bfloat16, "auto"):
+        narrow, _, _ = load_model(tmp_path / "m", device="cpu", dtype=dtype)
+        floats = [p for p in narrow.state_dict().values() if p.is_floating_point()]
+        assert {p.dtype for p in floats} == {torch.bfloat16}
+        for name, p in narrow.state_dict().items():
+            assert torch.equal(p, model.state_dict()[name]), name
+        [tokens] = generate_ids(narrow, [[72, 105]], max_new_tokens=6, temperature=0)
+        assert len(tokens) == 6
+    tensors = {name: t.clone() for name, t in model.state_dict().items()}
+    adopted = model_from_tensors(model.config, tensors, torch.device("cpu"), torch.bfloat16, "m")
+    assert all(p.data_ptr() == tensors[name].data_ptr() for name, p in adopted.state_dict().items())
 
 
 def test_hugging_face_directory(tmp_path):

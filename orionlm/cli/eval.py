@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OrionError
-from .common import load_with_tokenizer
+from .common import DType, load_with_tokenizer
 
 
 def eval_model(
@@ -29,6 +29,7 @@ def eval_model(
     out: Path | None = None,
     chart: Path | None = None,
     device: str | None = None,
+    dtype: DType | None = None,
     threads: int | None = None,
 ) -> None:
     """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA,
@@ -56,6 +57,8 @@ def eval_model(
         out: write the full results (config, versions, metrics, timing) to this JSON file
         chart: compare: also draw the accuracies as grouped bars in this PNG
         device: cpu, cuda or cuda:N (default: cuda when available)
+        dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
+            on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..eval.report import compare_chart, compare_table, format_table, read_report
@@ -80,7 +83,7 @@ def eval_model(
         if not sep or not name or not path:
             raise OrionError(f"--task-file takes TASK=PATH, got {item!r}")
         files[name] = Path(path)
-    lm, tokenizer = load_with_tokenizer(model, "evaluation", device, threads)
+    lm, tokenizer = load_with_tokenizer(model, "evaluation", device, threads, dtype)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     progress = sys.stderr.isatty()  # progress bars on a terminal; in a log they are noise
     report = evaluate(
@@ -114,6 +117,7 @@ def leakage(
     batch_size: int = 16,
     out: Path | None = None,
     device: str | None = None,
+    dtype: DType | None = None,
     threads: int | None = None,
 ) -> None:
     """Detect benchmark leakage by shuffling options (arXiv 2409.01790): for each 4-option item, score all
@@ -130,11 +134,13 @@ def leakage(
         batch_size: sequences per forward pass
         out: write the report (rates and the flagged item ids) to this JSON file
         device: cpu, cuda or cuda:N (default: cuda when available)
+        dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
+            on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..eval.leakage import detect, format_report
 
-    lm, tokenizer = load_with_tokenizer(model, "scoring", device, threads)
+    lm, tokenizer = load_with_tokenizer(model, "scoring", device, threads, dtype)
     report = detect(lm, tokenizer, items, limit=limit, batch_size=batch_size, progress=sys.stderr.isatty())
     print(format_report(report))
     if out is not None:

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import set_threads
 from ..errors import OrionError
-from .common import load_with_tokenizer
+from .common import DType, load, load_with_tokenizer
 
 
 def generate_text(
@@ -32,6 +32,7 @@ def generate_text(
     show_thoughts: bool = False,
     no_think: bool = False,
     device: str | None = None,
+    dtype: DType | None = None,
     threads: int | None = None,
 ) -> None:
     """Generate a continuation of PROMPT and stream it to stdout; several prompts run as one continuous
@@ -62,11 +63,13 @@ def generate_text(
         show_thoughts: print a thinking model's thoughts too
         no_think: a thinking model generates without thoughts (its base model's predictions)
         device: cpu, cuda or cuda:N (default: cuda when available)
+        dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
+            on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..generation import stream_thoughts
 
-    lm, tokenizer = load_with_tokenizer(model, "generation", device, threads)
+    lm, tokenizer = load_with_tokenizer(model, "generation", device, threads, dtype)
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     sampling = _sampling(
@@ -133,6 +136,7 @@ def chat(
     seed: int | None = None,
     no_think: bool = False,
     device: str | None = None,
+    dtype: DType | None = None,
     threads: int | None = None,
 ) -> None:
     """Chat with a model in the terminal, using its chat template.
@@ -148,11 +152,13 @@ def chat(
         seed: random seed, for reproducible sampling
         no_think: a thinking (Quiet-STaR) model replies without thoughts
         device: cpu, cuda or cuda:N (default: cuda when available)
+        dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
+            on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..generation import stream
 
-    lm, tokenizer = load_with_tokenizer(model, "chat", device, threads)
+    lm, tokenizer = load_with_tokenizer(model, "chat", device, threads, dtype)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     sampling = _sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed, no_think=no_think)
@@ -190,6 +196,7 @@ def bench_serving(
     output_tokens: int = 128,
     requests_per_client: int = 2,
     device: str | None = None,
+    dtype: DType | None = None,
     threads: int | None = None,
 ) -> None:
     """Measure serving speed: aggregate and per-client tokens/s, time to first token and inter-token
@@ -205,11 +212,12 @@ def bench_serving(
         output_tokens: tokens generated per request (stop tokens ignored)
         requests_per_client: requests each client sends, one after another
         device: cpu, cuda or cuda:N (default: cuda when available)
+        dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
+            on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     set_threads(threads)
     from ..bench import bench, format_table
-    from ..loading import load_model
 
     def numbers(text: str, name: str) -> list[int]:
         try:
@@ -221,7 +229,7 @@ def bench_serving(
         return values
 
     levels, lengths = numbers(concurrency, "concurrency"), numbers(input_lengths, "input-lengths")
-    lm, _, device_used = load_model(model, device=device)
+    lm, _, device_used = load(model, device, dtype)
     longest = max(lengths) + output_tokens
     if longest > lm.config.max_seq_len:
         raise OrionError(

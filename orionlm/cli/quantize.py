@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from ..checkpoint import refuse_existing, set_threads
 from ..errors import OrionError
 
@@ -32,8 +30,10 @@ def quantize_checkpoint(
     force: bool = False,
 ) -> None:
     """Quantize a model's linear layers to GPTQ checkpoints (AutoGPTQ's format): block by block with
-    calibration text (GPTQ), or round-to-nearest (RTN, no data). Prints each layer's output error and writes
-    OUT as a model directory with quantize_config.json; orionlm loads it for generate, serve and eval.
+    calibration text (GPTQ), or round-to-nearest (RTN, no data). The model is read one block at a time (in
+    float32 on the device), so memory holds a block and the packed blocks before it, never the whole model.
+    Prints each layer's output error and writes OUT as a model directory with quantize_config.json; orionlm
+    loads it for generate, serve and eval.
 
     MoE experts are quantized one by one on the tokens routed to each. Kept in full precision: the
     embedding, norms, MoE routers and the LM head, and Gated DeltaNet's convolutions and decay parameters.
@@ -64,7 +64,8 @@ def quantize_checkpoint(
     set_threads(threads)
     from tqdm import tqdm
 
-    from ..loading import load_model
+    from ..checkpoint import meta_model
+    from ..loading import open_model
     from ..quant.gptq import QuantConfig
     from ..quant.model import LayerReport, calibration_samples, quantize_model, save_quantized
 
@@ -73,18 +74,22 @@ def quantize_checkpoint(
                          static_groups=static_groups, damp_percent=damp)  # fmt: skip
     if method == "gptq" and dataset is None:
         raise OrionError("gptq needs calibration text: --dataset FILE (or --method rtn)")
-    loaded, tokenizer, _ = load_model(model, device=device, dtype=torch.float32)
-    if tokenizer is None:
+    source = open_model(model)
+    if source.config.quantization_config is not None:
+        raise OrionError(f"{model} is already quantized; quantize its full-precision original")
+    if source.tokenizer is None:
         raise OrionError(f"{model} has no tokenizer; calibration text cannot be tokenized")
     samples = None
     if method == "gptq":
-        samples = calibration_samples(tokenizer, dataset, nsamples=nsamples, seq_len=seq_len, seed=seed)
+        samples = calibration_samples(source.tokenizer, dataset, nsamples=nsamples, seq_len=seq_len, seed=seed)
 
     def log(report: LayerReport) -> None:
         error = f", output error {report.error:.4g}" if report.error is not None else ""
         tqdm.write(f"{report.name}: {report.method}{error}")
 
-    reports = quantize_model(loaded, samples, config, method, log=log)
-    save_quantized(loaded, out, tokenizer)
+    lm = meta_model(source.config, source.tensors, str(source.path))  # read a block at a time as it is quantized
+    lm.generation_defaults = source.generation
+    reports = quantize_model(lm, samples, config, method, log=log, tensors=source.tensors, device=device)
+    save_quantized(lm, out, source.tokenizer)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"wrote {out}: {len(reports)} linear layers at {bits} bits, {size / 2**20:.1f} MiB of weights")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import OrionError
-from .common import load_with_tokenizer
+from .common import DType, load_with_tokenizer
 
 API_KEY_ENV = "ORIONLM_API_KEY"
 
@@ -26,6 +26,7 @@ def serve_model(
     served_model_name: str | None = None,
     no_think: bool = False,
     device: str | None = None,
+    dtype: DType | None = None,
     threads: int | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
@@ -52,6 +53,8 @@ def serve_model(
         served_model_name: the model id clients send (default: the directory's name)
         no_think: a thinking (Quiet-STaR) model answers without thoughts unless a request sends "think": true
         device: cpu, cuda or cuda:N (default: cuda when available)
+        dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
+            on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     try:
@@ -65,7 +68,7 @@ def serve_model(
         ) from None
     from ..generation.engine import Engine
 
-    lm, tokenizer = load_with_tokenizer(model, "the server", device, threads)
+    lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)
     name = served_model_name or Path(str(model)).name
     engine = AsyncEngine(
         Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)

@@ -15,12 +15,18 @@ handful of tokens. The embedding, the norms, the MoE routers and the LM head sta
 AutoGPTQ), and so do Gated DeltaNet's convolutions, decay parameters (A_log, dt_bias) and gated norm. A
 Chimera is calibrated one virtual layer at a time; a looped (shared) block is quantized at its first use,
 on the inputs of loop 0, and its later loops run quantized.
+
+A model need not fit in memory (as GPTQModel does it): built on the meta device, it is read from its
+checkpoint a block at a time, in float32 on the compute device, and each block, once quantized, stays packed on
+the CPU; a model already in memory takes the same path with nothing left to read.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_tensors, resolve_device, save_checkpoint
 from ..chimera import ChimeraDecoder
 from ..data.sources import SourceConfig, iter_documents
 from ..model import OrionLM
@@ -89,12 +95,13 @@ def _fits(in_features: int, out_features: int, bits: int) -> bool:
 
 def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> list[list[str]]:
     """The block's quantizable linears in the order its forward pass (`run`) calls them, grouped by shared
-    input."""
-    calls: list[tuple[str, int]] = []
+    input. The inputs themselves are kept until the grouping is done: an id() alone can be reused by a tensor
+    made after the first is freed, which would join o_proj and the MLP's first layer into one group."""
+    calls: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for name, module in block.named_modules():
         if _candidate(name, module) and _fits(module.in_features, module.out_features, bits):
-            hooks.append(module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, id(args[0])))))
+            hooks.append(module.register_forward_hook(lambda m, args, out, n=name: calls.append((n, args[0]))))
     try:
         run()
     finally:
@@ -102,14 +109,14 @@ def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> li
             hook.remove()
     groups: list[list[str]] = []
     last_input = None
-    for name, input_id in calls:
+    for name, x in calls:
         if any(name in group for group in groups):
             continue
-        if input_id == last_input:
+        if x is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = input_id
+        last_input = x
     return groups
 
 
@@ -122,9 +129,16 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     log: Callable[[LayerReport], None] = lambda report: None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[LayerReport]:
     """Quantize model's linear layers in place (they become QuantLinear) with calibration `samples`
     (n, seq_len; RTN needs none); returns one report per linear. Sets model.config.quantization_config.
+
+    A model built on the meta device (checkpoint.meta_model) is never held whole: its tensors are read from
+    `tensors` when needed, in float32 on `device` (cuda when available) - the embedding first, then one block
+    at a time - and each block, once quantized and packed, is kept on the CPU; the final norm and the LM head
+    are read last, on the CPU. A model already in memory is quantized where it is, in its own dtype.
 
     Symmetric quantization is written in checkpoint format "gptq" (AutoGPTQ's v1), asymmetric in "gptq_v2"
     (GPTQModel's): v1 stores zero - 1 and cannot hold the zero point 0 that an asymmetric group without
@@ -138,27 +152,82 @@ def quantize_model(
     for module in model.modules():  # a decode layout's packed q/k/v product would hide the layers from the hooks
         if getattr(module, "packed", None) is not None:
             module.packed = None
-    device = model.device
+    lazy = model.device.type == "meta"
+    if lazy and tensors is None:
+        raise QuantError("a model on the meta device is quantized from its tensors: pass tensors=")
+    device = resolve_device(device)[0] if lazy else model.device
+    home = torch.device("cpu") if lazy else device  # where finished blocks are kept
+    load = partial(_load, tensors if tensors is not None else {})
+    if lazy:
+        model.init_buffers(device)
+    if method == "rtn":  # no data: each block on its own
+        states, contexts, steps = [], [], [(i, None) for i in range(len(model.model.layers))]
+    else:
+        states, contexts, steps = _calibration(model, samples, batch_size, load, device, home)
+    last_use = {index: position for position, (index, _) in enumerate(steps)}
     reports: list[LayerReport] = []
-    if method == "rtn":  # no data: every layer at once
-        for name, linear in list(model.model.named_modules()):
-            if _candidate(name, linear) and _fits(linear.in_features, linear.out_features, config.bits):
-                quantized = _quantized(linear, rtn(linear.weight, config), config, checkpoint_format)
-                model.model.set_submodule(name, quantized)
-                reports.append(LayerReport(f"model.{name}", "rtn", None))
-                log(reports[-1])
-        for name, experts in _fitting_experts(model.model, config.bits):
-            for report in _quantize_experts(model.model, name, experts, None, config, checkpoint_format):
-                report.name = f"model.{report.name}"
-                reports.append(report)
-                log(report)
-        _record(model, config, checkpoint_format)
-        return reports
+
+    def emit(report: LayerReport) -> None:
+        reports.append(report)
+        log(report)
+
+    done = set()
+    for position, (index, run) in enumerate(tqdm(steps, desc=f"{method} {config.bits}-bit", unit="layer",
+                                                  disable=not progress)):  # fmt: skip
+        block = model.model.layers[index]
+        if index not in done:  # a looped Chimera block is quantized at its first use, on loop 0's inputs
+            done.add(index)
+            load(device, block, f"model.layers.{index}.")
+            calibrate = None if run is None else partial(_calibrate, run, states, contexts)
+            _quantize_block(block, f"model.layers.{index}", calibrate, config, checkpoint_format, emit)
+        if run is not None:
+            states = run(states, contexts)
+        if last_use[index] == position:
+            block.to(home)
+            _trim_heap()
+    load(home, model)  # what calibration did not need: the final norm and the head (RTN: the embedding too)
+    if lazy:
+        model.to(home).init_buffers(home)
+    _record(model, config, checkpoint_format)
+    return reports
+
+
+def _trim_heap() -> None:
+    """Give the memory of the freed float weights back to the system. glibc keeps freed allocations below its mmap
+    threshold (which grows to 32 MiB) in its heap, where the packed codes allocated after them pin it: without a
+    trim a small model's memory grows by about one float block per block. A no-op where libc has no malloc_trim."""
+    if sys.platform.startswith("linux"):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+def _load(
+    tensors: Mapping[str, torch.Tensor], device: torch.device, module: nn.Module, prefix: str = "", exclude=()
+) -> None:
+    """The module's tensors still on the meta device, read from `tensors` in float32 on `device`; a module
+    already in memory is left as it is."""
+    load_tensors(module, tensors, device, torch.float32, "the model being quantized", prefix, exclude)
+
+
+def _calibration(
+    model: OrionLM,
+    samples: torch.Tensor,
+    batch_size: int,
+    load: Callable[..., None],
+    device: torch.device,
+    home: torch.device,
+) -> tuple[list, list[tuple], list[tuple[int, Callable]]]:
+    """The calibration chunks' first states (embedded on `device`), their (rope, mask, is_causal), and the
+    steps that take the states through the model: (block index, run(states, contexts) -> next states) per
+    decoder layer, or per virtual layer of a Chimera. The embedding is kept at `home` once used."""
+    load(device, model.model, "model.", ("layers.", "norm."))
     chunks = [c.to(device) for c in samples.split(batch_size)]
     embedded = []
     for ids in chunks:
         x = model.model.embed_tokens(ids)
         embedded.append(model.model.embed_norm(x) if model.config.embedding_norm else x)
+    model.model.embed_tokens.to(home)
 
     def context(ids: torch.Tensor) -> tuple:
         B, T = ids.shape
@@ -168,54 +237,59 @@ def quantize_model(
         return rope, mask, is_causal
 
     contexts = [context(ids) for ids in chunks]
-    chimera = isinstance(model.model, ChimeraDecoder)
-    # Each chunk's state between steps: the hidden states, or for a Chimera (x, x0, U-Net skip inputs).
-    states: list = [(x, x, ()) for x in embedded] if chimera else embedded
-    if chimera:  # one step per virtual layer; a looped block is quantized at its first use, on loop 0's inputs
+    if isinstance(model.model, ChimeraDecoder):  # each chunk's state: (x, x0, U-Net skip inputs)
         steps = [(b, partial(_chimera_step, model.model, v)) for v, (b, _, _) in enumerate(model.model.schedule)]
+        return [(x, x, ()) for x in embedded], contexts, steps
+    return embedded, contexts, [(i, partial(_block_step, block)) for i, block in enumerate(model.model.layers)]
+
+
+def _calibrate(run: Callable, states: list, contexts: list[tuple], part: slice = slice(None)) -> list:
+    """A step run on (part of) the calibration states: what hooks on the block see."""
+    return run(states[part], contexts[part])
+
+
+def _quantize_block(
+    block: nn.Module,
+    prefix: str,
+    calibrate: Callable[..., object] | None,
+    config: QuantConfig,
+    checkpoint_format: str,
+    emit: Callable[[LayerReport], None],
+) -> None:
+    """Quantize one block in place, its linears a group at a time (GPTQ with the Hessians of what
+    `calibrate` feeds them), then its experts; without `calibrate`, round every layer to nearest."""
+    for report in _unfit(block, prefix, config.bits):
+        emit(report)
+    if calibrate is None:
+        groups = [[name for name, m in block.named_modules()
+                   if _candidate(name, m) and _fits(m.in_features, m.out_features, config.bits)]]  # fmt: skip
     else:
-        steps = [(i, partial(_block_step, block)) for i, block in enumerate(model.model.layers)]
-    done = set()
-    for index, run in tqdm(steps, desc=f"{method} {config.bits}-bit", unit="layer", disable=not progress):
-        if index in done:
-            states = run(states, contexts)
-            continue
-        done.add(index)
-        block = model.model.layers[index]
-        for report in _unfit(block, f"model.layers.{index}", config.bits):
-            reports.append(report)
-            log(report)
-        groups = _linear_groups(block, partial(run, states[:1], contexts[:1]), config.bits)
+        groups = _linear_groups(block, partial(calibrate, slice(1)), config.bits)
         if not config.true_sequential:
             groups = [[name for group in groups for name in group]]
-        for group in groups:
-            linears = {name: block.get_submodule(name) for name in group}
-            hessians = {name: Hessian(linear.in_features, device=device) for name, linear in linears.items()}
+    for group in groups:
+        linears = {name: block.get_submodule(name) for name in group}
+        if calibrate is not None:
+            hessians = {name: Hessian(m.in_features, device=m.weight.device) for name, m in linears.items()}
             hooks = [hessians[name].attach(linear) for name, linear in linears.items()]
             try:
-                run(states, contexts)
+                calibrate()
             finally:
                 for hook in hooks:
                     hook.remove()
-            for name, linear in linears.items():
-                full = f"model.layers.{index}.{name}"
-                if hessians[name].count == 0:
-                    result, used = rtn(linear.weight, config), "rtn (no calibration input)"
-                else:
-                    result, used = gptq(linear.weight, hessians[name].matrix, config), "gptq"
-                block.set_submodule(name, _quantized(linear, result, config, checkpoint_format))
-                report = LayerReport(full, used, result.loss)
-                reports.append(report)
-                log(report)
-        for name, experts in _fitting_experts(block, config.bits):
-            for report in _quantize_experts(block, name, experts, partial(run, states, contexts), config,
-                                            checkpoint_format):  # fmt: skip
-                report.name = f"model.layers.{index}.{report.name}"
-                reports.append(report)
-                log(report)
-        states = run(states, contexts)
-    _record(model, config, checkpoint_format)
-    return reports
+        for name, linear in linears.items():
+            if calibrate is None:
+                result, used = rtn(linear.weight, config), "rtn"
+            elif hessians[name].count == 0:
+                result, used = rtn(linear.weight, config), "rtn (no calibration input)"
+            else:
+                result, used = gptq(linear.weight, hessians[name].matrix, config), "gptq"
+            block.set_submodule(name, _quantized(linear, result, config, checkpoint_format))
+            emit(LayerReport(f"{prefix}.{name}", used, result.loss))
+    for name, experts in _fitting_experts(block, config.bits):
+        for report in _quantize_experts(block, name, experts, calibrate, config, checkpoint_format):
+            report.name = f"{prefix}.{report.name}"
+            emit(report)
 
 
 class _Recorder(nn.Module):

@@ -3,15 +3,16 @@ stays in full precision, and the command line."""
 
 import json
 import re
+from collections.abc import Mapping
 
 import pytest
 import torch
 
-from orionlm.checkpoint import save_checkpoint
+from orionlm.checkpoint import meta_model, save_checkpoint, state_dict_for_saving
 from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.generation import generate_ids
-from orionlm.loading import load_model
+from orionlm.loading import load_model, open_model
 from orionlm.model import OrionLM
 from orionlm.quant.gptq import QuantConfig, QuantError
 from orionlm.quant.linear import QuantExperts, QuantLinear
@@ -115,15 +116,81 @@ def test_chimera_gdn_and_attention_projections(tmp_path, text):
     assert (got - want).abs().max() < 0.05  # 8 bits move a Chimera's logits little
 
 
+class BlockWatch(Mapping):
+    """A model's tensors that check, as each is read, that the model is held a block at a time: every block
+    before the one being read is quantized already (its modules those of `done`'s block), every block after it
+    is still on the meta device."""
+
+    def __init__(self, tensors: Mapping, model: OrionLM, done: OrionLM) -> None:
+        self.tensors, self.model, self.done, self.reads = tensors, model, done, []
+
+    def __getitem__(self, name):
+        self.reads.append(name)
+        if m := re.match(r"model\.layers\.(\d+)\.", name):
+            index = int(m.group(1))
+            for i, block in enumerate(self.model.model.layers):
+                if i < index:
+                    assert [type(m) for m in block.modules()] == [type(m) for m in self.done.model.layers[i].modules()]
+                elif i > index:
+                    assert all(t.is_meta for t in block.state_dict().values()), (name, i)
+        return self.tensors[name]
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+
+@pytest.mark.parametrize("name, method", [("tiny-dense", "gptq"), ("tiny-qwen-moe", "gptq"),
+                                          ("tiny-qwen-moe", "rtn"), ("tiny-chimera", "gptq")])  # fmt: skip
+def test_block_wise_quantization_reads_the_model_a_block_at_a_time_and_gives_the_same_codes(
+    tmp_path, text, name, method
+):
+    """The lazy path (a meta-built model, its tensors read a block at a time from a sharded bf16 checkpoint, as
+    `orionlm quantize` does) against the in-memory path on the same model loaded whole in float32: the same
+    codes, scales, zero points, g_idx and full-precision tensors, bit for bit. (Both are one algorithm; the
+    in-memory one gave the same bytes as the implementation before block-wise loading on these models.)"""
+    save_checkpoint(tiny(name).to(torch.bfloat16), tmp_path / "m", TOK, max_shard_bytes=100_000)
+    samples = calibration_samples(TOK, text, nsamples=4, seq_len=64) if method == "gptq" else None
+    config = QuantConfig(bits=4, group_size=32, desc_act=name == "tiny-dense")
+    whole, _, _ = load_model(tmp_path / "m", device="cpu", dtype=torch.float32)
+    want = quantize_model(whole, samples, config, method, batch_size=2, progress=False)
+    source = open_model(tmp_path / "m")
+    lazy = meta_model(source.config, source.tensors, "m")
+    watch = BlockWatch(source.tensors, lazy, whole)
+    got = quantize_model(lazy, samples, config, method, batch_size=2, progress=False, tensors=watch, device="cpu")
+    assert [(r.name, r.method, r.error) for r in got] == [(r.name, r.method, r.error) for r in want]
+    assert sorted(watch.reads) == sorted(source.tensors)  # each tensor read once, a looped block's too
+    blocks = [int(n.split(".")[2]) for n in watch.reads if n.startswith("model.layers.")]
+    assert blocks == sorted(blocks)
+    assert lazy.config == whole.config and lazy.device.type == "cpu"
+    want_state, got_state = state_dict_for_saving(whole), state_dict_for_saving(lazy)
+    assert got_state.keys() == want_state.keys() and any(k.endswith(".qweight") for k in got_state)
+    for key, tensor in want_state.items():
+        assert got_state[key].dtype == tensor.dtype and torch.equal(got_state[key], tensor), key
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(lazy(ids).logits, whole(ids).logits, atol=0, rtol=0)
+
+
 def test_refusals(tmp_path):
     with pytest.raises(QuantError, match="calibration samples"):
         quantize_model(tiny("tiny-dense"), None, QuantConfig(), progress=False)
     save_checkpoint(tiny("tiny-dense"), tmp_path / "m", TOK)
+    with pytest.raises(QuantError, match="pass tensors="):
+        quantize_model(OrionLM(tiny("tiny-dense").config).to("meta"), None, QuantConfig(), "rtn", progress=False)
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", str(tmp_path / "m"), str(tmp_path / "q")])
     assert exit_info.value.code == 2  # gptq without --dataset
     main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--method", "rtn", "--bits", "8", "--group-size", "-1"])
     assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["bits"] == 8
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(tmp_path / "q"), str(tmp_path / "q2"), "--method", "rtn"])
+    assert exit_info.value.code == 2 and not (tmp_path / "q2").exists()  # already quantized
 
 
 def test_rtn_quantizes_experts_too():
