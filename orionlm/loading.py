@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -75,15 +74,14 @@ class ModelSource:
 
     path: Path
     config: ModelConfig
-    tensors: Mapping[str, torch.Tensor]
+    tensors: LazyTensors
     tokenizer: Tokenizer | None
     generation: dict[str, Any]
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the model's full-precision weights are stored in: its embedding's."""
-        name = "model.embed_tokens.weight"
-        return self.tensors.specs[name].dtype if isinstance(self.tensors, LazyTensors) else self.tensors[name].dtype
+        return self.tensors.specs["model.embed_tokens.weight"].dtype
 
     def load(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OrionLM:
         """The model, each tensor read once and converted to `dtype` (fp32 on CPU, bf16 on CUDA by default)."""

@@ -73,9 +73,8 @@ def _folded(base: ModelSource, adapter: Path) -> LazyTensors:
                 holder = module.factors[param] if isinstance(module, ExpertLowRank) else ""
                 keys = [param] + [f"{holder}.lora_{x}.weight".lstrip(".") for x in "AB"]
                 owners[f"{name}.{param}"] = (name, keys)
-    specs = tensors.specs if isinstance(tensors, LazyTensors) else {
-        name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}  # fmt: skip
-    specs = {name: TensorSpec(spec.shape, torch.float32) if name in owners else spec for name, spec in specs.items()}
+    specs = {name: TensorSpec(spec.shape, torch.float32) if name in owners else spec
+             for name, spec in tensors.specs.items()}  # fmt: skip
 
     @torch.no_grad()
     def read(name: str) -> torch.Tensor:
@@ -116,9 +115,9 @@ def check_tensors(source: ModelSource, shapes: Mapping[str, tuple[int, ...]], wh
     for name, shape in shapes.items():
         if name not in tensors:
             raise MergeError(f"{where} has no tensor {name!r}; its weights do not match its config.json")
-        have = tensors.specs[name].shape if isinstance(tensors, LazyTensors) else tuple(tensors[name].shape)
-        if tuple(have) != tuple(shape):
-            raise MergeError(f"{where}: tensor {name!r} has shape {tuple(have)}, the merge needs {tuple(shape)}")
+        have = tensors.specs[name].shape
+        if have != tuple(shape):
+            raise MergeError(f"{where}: tensor {name!r} has shape {have}, the merge needs {tuple(shape)}")
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
