@@ -129,7 +129,7 @@ def _layer_inputs(model: OrionLM, ids: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["tiny-dense", "tiny-moe", "tiny-alibi"])
 def test_run_layers_gives_the_forward_pass_hidden_states(tmp_path, family):
-    """Layer by layer from the tensors on disk, every state entering every layer equals the full model's."""
+    """Layer by layer from the tensors on disk, every state entering every layer is the full model's."""
     torch.manual_seed(0)
     model = OrionLM(dataclasses.replace(preset(family), tie_embeddings=family == "tiny-dense")).eval()
     save_checkpoint(model, tmp_path / "m")
@@ -140,7 +140,8 @@ def test_run_layers_gives_the_forward_pass_hidden_states(tmp_path, family):
     for i, block, states in layers:
         assert not block.input_layernorm.weight.is_meta
         for j, x in enumerate(states):
-            assert torch.equal(x, expected[j][i]), (i, j)
+            # float32 rounding apart: on AVX-512 CPUs the loaded block and the model's own round differently
+            torch.testing.assert_close(x, expected[j][i], atol=1e-6, rtol=1e-5, msg=f"layer {i}, input {j}")
         seen += 1
     assert seen == model.config.num_layers and block.input_layernorm.weight.is_meta  # freed once passed
 

@@ -210,7 +210,8 @@ def test_blockwise_cpu_path_equals_f_linear(monkeypatch, bits, group_size, act_o
     monkeypatch.setattr("orionlm.quant.linear.DEQUANT_BLOCK", 64 * 64)  # blocks of 64 inputs, several per layer
     module, weight, bias = layer(N=64, K=192, bits=bits, group_size=group_size, act_order=act_order)
     x = torch.randn(3, 192)
-    torch.testing.assert_close(module(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    # blocks of 64 inputs sum in another order than one matmul: float32 rounding of a 192-term sum apart
+    torch.testing.assert_close(module(x), F.linear(x, weight, bias), atol=5e-5, rtol=1e-5)
     assert torch.equal(module.dequantize(), weight)
 
 
