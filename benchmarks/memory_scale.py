@@ -29,14 +29,21 @@ from common import ROOT, cpu_name
 
 GB = 1e9
 TARGETS = {"stream": (0.5, 0.7), "block": (1.2, 0.7)}  # peak <= a * S + b GB
-VERBS = ("from-hf", "to-gguf", "merge", "moe-merge-random", "moe-merge-hidden", "quantize-rtn", "quantize-gptq",
-         "load-bf16")  # fmt: skip
+VERBS = ("from-hf", "to-gguf", "merge", "merge-slerp", "merge-ties", "merge-dare-ties", "moe-merge-random",
+         "moe-merge-hidden", "quantize-rtn", "quantize-gptq", "load-bf16")  # fmt: skip
 PROMPTS = {"a": ["def main():", "import numpy as np"], "b": ["Once upon a time", "The history of"]}
 
 
-def merge_config(a: Path, b: Path) -> dict:
-    return {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.5}},
-                                                 {"model": str(b), "parameters": {"weight": 0.5}}]}  # fmt: skip
+def merge_config(a: Path, b: Path, method: str) -> dict:
+    """A two-model merge: linear halves, SLERP halfway from a to b, TIES / DARE-TIES of b's task vector on a."""
+    if method == "linear":
+        return {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.5}},
+                                                     {"model": str(b), "parameters": {"weight": 0.5}}]}  # fmt: skip
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}],
+                "parameters": {"t": 0.5}}  # fmt: skip
+    return {"merge_method": method, "base_model": str(a),
+            "models": [{"model": str(b), "parameters": {"weight": 1.0, "density": 0.5}}]}  # fmt: skip
 
 
 def moe_config(a: Path, b: Path, gates: str) -> dict:
@@ -46,7 +53,8 @@ def moe_config(a: Path, b: Path, gates: str) -> dict:
 
 def verbs(a: Path, b: Path, work: Path, calibration: tuple[int, int]) -> dict[str, tuple[str, list[str], Path]]:
     """verb -> (target kind, orionlm arguments, output path)."""
-    (work / "merge.yaml").write_text(yaml.safe_dump(merge_config(a, b)))
+    for method in ("linear", "slerp", "ties", "dare_ties"):
+        (work / f"merge-{method}.yaml").write_text(yaml.safe_dump(merge_config(a, b, method)))
     for gates in ("random", "hidden"):
         (work / f"moe-{gates}.yaml").write_text(yaml.safe_dump(moe_config(a, b, gates)))
     nsamples, seq_len = calibration
@@ -57,7 +65,10 @@ def verbs(a: Path, b: Path, work: Path, calibration: tuple[int, int]) -> dict[st
         "from-hf": ("stream", ["convert", "from-hf", str(a), str(out)], out),
         "to-gguf": ("stream", ["convert", "to-gguf", str(a), str(out) + ".gguf", "--dtype", "f16"],
                     Path(str(out) + ".gguf")),
-        "merge": ("stream", ["merge", str(work / "merge.yaml"), str(out)], out),
+        "merge": ("stream", ["merge", str(work / "merge-linear.yaml"), str(out)], out),
+        "merge-slerp": ("stream", ["merge", str(work / "merge-slerp.yaml"), str(out)], out),
+        "merge-ties": ("stream", ["merge", str(work / "merge-ties.yaml"), str(out)], out),
+        "merge-dare-ties": ("stream", ["merge", str(work / "merge-dare_ties.yaml"), str(out)], out),
         "moe-merge-random": ("stream", ["moe-merge", str(work / "moe-random.yaml"), str(out)], out),
         "moe-merge-hidden": ("block", ["moe-merge", str(work / "moe-hidden.yaml"), str(out)], out),
         "quantize-rtn": ("block", ["quantize", str(a), str(out), "--method", "rtn", "--bits", "4"], out),

@@ -18,15 +18,17 @@ i / (L - 1), interpolating linearly; tensors outside the layers read the first v
 `{filter: TEXT, value: ...}` entries, the first whose text occurs in the tensor's name applying (an entry
 without a filter matches every tensor), e.g. a different SLERP `t` for self_attn and mlp tensors.
 
-A merge streams: each output tensor is computed in float32 from the same tensor of every model, read from disk
-as it is needed, and written before the next, so memory holds a few tensors at a time, never a model. DARE's
-random drops of a tensor come from a generator seeded from (seed, the tensor's name), the same whatever order
-the tensors are written in.
+A merge streams: each output tensor is computed from the same tensor of every model, read from disk as it is
+needed, and written before the next; the float32 math runs on CHUNK entries at a time, so memory holds the
+inputs of one tensor as stored and a few chunks, never a model. DARE's random drops of a tensor come from a
+generator seeded from (seed, the tensor's name), drawn chunk by chunk, the same whatever order the tensors are
+written in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..checkpoint import DTYPES, LazyTensors
+from ..checkpoint import DTYPES, LazyTensors, TensorSpec
 from ..config import ModelConfig
 from .sources import (
     MergedModel,
@@ -60,6 +61,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 PER_MODEL = {"weight", "density"}  # the others are read from the top-level parameters only
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+CHUNK = 1 << 22  # entries per step of a merge's math: memory holds the inputs as stored and a few chunks
 
 
 @dataclass
@@ -143,26 +145,58 @@ def layer_position(name: str, num_layers: int) -> float:
     return int(found.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
+def _spans(numel: int) -> list[slice]:
+    """Flat index ranges of CHUNK elements: the float32 (SLERP: float64) math runs on one at a time."""
+    return [slice(i, min(i + CHUNK, numel)) for i in range(0, numel, CHUNK)]
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+          dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """Spherical interpolation between two tensors seen as flat vectors: the angle comes from their directions,
-    the result keeps their lengths' interpolation; nearly parallel (or opposite) tensors interpolate linearly."""
-    a, b = v0.flatten().double(), v1.flatten().double()
-    dot = float(torch.dot(F.normalize(a, dim=0), F.normalize(b, dim=0)).clamp(-1, 1))
-    if abs(dot) > dot_threshold:
-        return ((1 - t) * a + t * b).view_as(v0).to(v0.dtype)
-    theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
-    s0, s1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
-    return (s0 * a + s1 * b).view_as(v0).to(v0.dtype)
+    the result keeps their lengths' interpolation; nearly parallel (or opposite) tensors interpolate linearly.
+    Returned in `dtype` (default v0's)."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    dot, aa, bb = 0.0, 0.0, 0.0
+    for span in _spans(a.numel()):
+        x, y = a[span].double(), b[span].double()
+        dot, aa, bb = dot + float(x @ y), aa + float(x @ x), bb + float(y @ y)
+    cosine = max(-1.0, min(1.0, dot / (max(math.sqrt(aa), 1e-12) * max(math.sqrt(bb), 1e-12))))
+    if abs(cosine) > dot_threshold:
+        s0, s1 = 1 - t, t
+    else:
+        theta = math.acos(cosine)
+        s0, s1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    out = torch.empty(v0.shape, dtype=dtype or v0.dtype)
+    flat = out.view(-1)
+    for span in _spans(a.numel()):
+        flat[span] = s0 * a[span].double() + s1 * b[span].double()
+    return out
+
+
+class _Trim:
+    """TIES' trim of one task vector, chunk by chunk: keeps its k entries largest in magnitude, those equal to the
+    k-th largest taken first to last, so exactly k survive whatever the chunking."""
+
+    def __init__(self, magnitudes: torch.Tensor, k: int) -> None:
+        """`magnitudes`: the task vector's |entries|, flat float32; reordered in place (a partial sort)."""
+        values = magnitudes.numpy()
+        values.partition(values.size - k)
+        self.threshold = float(values[values.size - k])
+        self.ties = k - int((values[values.size - k + 1 :] > self.threshold).sum())  # entries == threshold kept
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        magnitude = delta.abs()
+        equal = magnitude == self.threshold
+        keep = (magnitude > self.threshold) | (equal & (equal.flatten().cumsum(0) <= self.ties).view_as(equal))
+        self.ties = max(0, self.ties - int(equal.sum()))
+        return delta * keep
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES' trim: keep the `density` fraction of entries largest in magnitude (at least one), zero the rest."""
     if density >= 1:
         return delta
-    k = max(1, int(density * delta.numel()))
-    keep = torch.zeros(delta.numel(), dtype=torch.bool)
-    keep[delta.abs().flatten().topk(k).indices] = True
-    return delta * keep.view_as(delta)
+    return _Trim(delta.abs().flatten().float(), max(1, int(density * delta.numel())))(delta)
 
 
 def drop(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
@@ -175,32 +209,47 @@ def drop(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Ge
 
 def task_vector_merge(
     base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], densities: list[float], method: str,
-    normalize: bool, rescale: bool, scale: float, generator: torch.Generator,
+    normalize: bool, rescale: bool, scale: float, generator: torch.Generator, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """base + scale * the merged task vectors (tensor - base): sparsified (ties: trim; dare_*: drop), weighted,
     and summed, with TIES' sign election for ties and dare_ties (an entry sums only the weighted deltas whose
-    sign is that of the sum of all of them); normalize divides by the weights that took part."""
-    deltas = []
-    for tensor, density in zip(tensors, densities, strict=True):
-        delta = tensor - base
-        if method == "ties":
-            delta = trim(delta, density)
-        elif method.startswith("dare"):
-            delta = drop(delta, density, rescale, generator)
-        deltas.append(delta)
-    w = torch.tensor(weights, dtype=base.dtype).view(-1, *[1] * base.dim())
-    weighted = torch.stack(deltas) * w
-    if method in ("ties", "dare_ties"):
-        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-        agree = (weighted.sign() == elected).to(base.dtype)
-        merged, total = (weighted * agree).sum(dim=0), (w * agree).sum(dim=0)
-        total[total == 0] = 1
-    else:
-        merged, total = weighted.sum(dim=0), w.sum(dim=0).expand_as(base).clone()
-        total[total.abs() < 1e-8] = 1
-    if normalize:
-        merged = merged / total
-    return base + scale * merged
+    sign is that of the sum of all of them); normalize divides by the weights that took part. The inputs may be
+    in any dtype; the math runs in float32 on CHUNK entries at a time, the result is in `dtype` (default base's)."""
+    flat_base, flats = base.reshape(-1), [tensor.reshape(-1) for tensor in tensors]
+    trims: list[_Trim | None] = [None] * len(tensors)
+    if method == "ties":
+        for i, (flat, density) in enumerate(zip(flats, densities, strict=True)):
+            if density < 1:
+                magnitudes = torch.empty(flat.numel())
+                for span in _spans(flat.numel()):
+                    magnitudes[span] = (flat[span].float() - flat_base[span].float()).abs()
+                trims[i] = _Trim(magnitudes, max(1, int(density * flat.numel())))
+                del magnitudes
+    w = torch.tensor(weights).view(-1, 1)
+    out = torch.empty(base.shape, dtype=dtype or base.dtype)
+    for span in _spans(flat_base.numel()):
+        origin = flat_base[span].float()
+        deltas = []
+        for flat, density, trimmer in zip(flats, densities, trims, strict=True):
+            delta = flat[span].float() - origin
+            if trimmer is not None:
+                delta = trimmer(delta)
+            elif method.startswith("dare"):
+                delta = drop(delta, density, rescale, generator)
+            deltas.append(delta)
+        weighted = torch.stack(deltas) * w
+        if method in ("ties", "dare_ties"):
+            elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+            agree = (weighted.sign() == elected).float()
+            merged, total = (weighted * agree).sum(dim=0), (w * agree).sum(dim=0)
+            total[total == 0] = 1
+        else:
+            merged, total = weighted.sum(dim=0), w.sum(dim=0).expand_as(origin).clone()
+            total[total.abs() < 1e-8] = 1
+        if normalize:
+            merged = merged / total
+        out.view(-1)[span] = origin + scale * merged
+    return out
 
 
 def _check_same_architecture(configs: dict[str, ModelConfig]) -> None:
@@ -235,9 +284,8 @@ def merge_models(config: MergeConfig, seed: int = 0) -> MergedModel:
                   for tensor in specs}  # fmt: skip
 
     def read(tensor: str) -> torch.Tensor:
-        merged = _merge_tensor(config, parameters[tensor], lambda model: sources[model].tensors[tensor].float(),
-                               tensor_generator(seed, tensor))  # fmt: skip
-        return merged.to(specs[tensor].dtype)
+        return _merge_tensor(config, parameters[tensor], lambda model: sources[model].tensors[tensor],
+                             tensor_generator(seed, tensor), specs[tensor])  # fmt: skip
 
     tokenizer_source = config.tokenizer_source or first
     tokenizer = (sources.get(tokenizer_source) or open_source(tokenizer_source)).tokenizer
@@ -269,20 +317,27 @@ def _tensor_parameters(config: MergeConfig, tensor: str, t: float) -> dict[str, 
 
 
 def _merge_tensor(
-    config: MergeConfig, p: dict[str, Any], read: Callable[[str], torch.Tensor], generator: torch.Generator
+    config: MergeConfig,
+    p: dict[str, Any],
+    read: Callable[[str], torch.Tensor],
+    generator: torch.Generator,
+    spec: TensorSpec,
 ) -> torch.Tensor:
-    """One tensor of the merge from its parameters `p` and each model's tensor, float32, read by model name as it
-    is needed (a linear merge holds the running sum, one term and one model's tensor)."""
+    """One tensor of the merge, of `spec`'s shape and dtype, from its parameters `p` and each model's tensor as
+    stored, read by model name; the math is float32 (a linear merge holds the running sum and one model's tensor)."""
     method = config.merge_method
     if method == "linear":
         weights = [float(w) for w in p["weight"]]
         total = sum(weights) if p["normalize"] and abs(sum(weights)) > 1e-8 else 1.0
-        return sum(w * read(m.model) for w, m in zip(weights, config.models, strict=True)) / total
+        merged = torch.zeros(spec.shape)
+        for w, m in zip(weights, config.models, strict=True):
+            merged.add_(read(m.model), alpha=w)
+        return merged.div_(total).to(spec.dtype)
     base, others = read(str(config.base_model)), config.others()
     if method == "slerp":
-        return slerp(float(p["t"]), base, read(others[0].model))
+        return slerp(float(p["t"]), base, read(others[0].model), dtype=spec.dtype)
     return task_vector_merge(
         base, [read(m.model) for m in others], [float(w) for w in p["weight"]],
         [float(d) for d in p.get("density", [1.0] * len(others))], method, bool(p["normalize"]),
-        bool(p.get("rescale", False)), float(p["lambda"]), generator,
+        bool(p.get("rescale", False)), float(p["lambda"]), generator, spec.dtype,
     )  # fmt: skip

@@ -60,6 +60,28 @@ def test_ties_small_case():
     assert torch.equal(trim(torch.tensor([0.1, -5.0, 2.0, -0.3]), 0.5), torch.tensor([0.0, -5.0, 2.0, -0.0]))
 
 
+def test_chunked_math_equals_one_chunk(monkeypatch):
+    """A merge's math runs CHUNK entries at a time: TIES keeps exactly its k largest entries even when many
+    tie at the cut and the ties straddle chunks, and the methods give what one chunk gives (but DARE, whose
+    drops are drawn chunk by chunk)."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, (6, 7), generator=generator).float()  # small integers: many equal magnitudes
+    others = [base + torch.randint(-2, 3, (6, 7), generator=generator).float() for _ in range(2)]
+    kept = trim(others[0] - base, 0.3)
+    assert int((kept != 0).sum()) == int(0.3 * 42)
+    results = {}
+    for chunk in (1 << 22, 5):
+        monkeypatch.setattr("orionlm.merge.weights.CHUNK", chunk)
+        results[chunk] = [
+            task_vector_merge(base, others, [0.7, 0.4], [0.3, 0.6], method, True, True, 1.0,
+                              torch.Generator().manual_seed(1), torch.bfloat16)  # fmt: skip
+            for method in ("ties", "task_arithmetic")
+        ] + [slerp(0.3, base, others[0])]
+    for one, chunked in zip(results[1 << 22], results[5], strict=True):
+        torch.testing.assert_close(chunked, one, atol=0, rtol=1e-6)
+    assert results[5][0].dtype == torch.bfloat16
+
+
 def test_task_arithmetic_and_dare():
     base, a, b = torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, -2.0, 1.0])
     plain = task_vector_merge(base, [a, b], [0.5, 1.0], [1.0, 1.0], "task_arithmetic", False, False, 2.0,
