@@ -73,8 +73,18 @@ def test_chunked_math_equals_one_chunk(monkeypatch):
     for chunk in (1 << 22, 5):
         monkeypatch.setattr("orionlm.merge.weights.CHUNK", chunk)
         results[chunk] = [
-            task_vector_merge(base, others, [0.7, 0.4], [0.3, 0.6], method, True, True, 1.0,
-                              torch.Generator().manual_seed(1), torch.bfloat16)  # fmt: skip
+            task_vector_merge(
+                base,
+                others,
+                [0.7, 0.4],
+                [0.3, 0.6],
+                method,
+                True,
+                True,
+                1.0,
+                torch.Generator().manual_seed(1),
+                torch.bfloat16,
+            )  # fmt: skip
             for method in ("ties", "task_arithmetic")
         ] + [slerp(0.3, base, others[0])]
     for one, chunked in zip(results[1 << 22], results[5], strict=True):
