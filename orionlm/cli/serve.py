@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from ..errors import OrionError
 from .common import DType, load_with_tokenizer
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels
 
 API_KEY_ENV = "ORIONLM_API_KEY"
 
@@ -28,11 +31,14 @@ def serve_model(
     device: str | None = None,
     dtype: DType | None = None,
     threads: int | None = None,
+    log_level: LogLevel = "warning",
+    access_log: bool = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
     Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with SSE), /health, /tokenize,
-    /detokenize, /tokenizer_info. Needs `pip install 'orionlm[serve]'`.
+    /detokenize, /tokenizer_info, /metrics (Prometheus). Prints "ready on URL" once it accepts connections. Needs
+    `pip install 'orionlm[serve]'`.
 
     Example:
       orionlm serve runs/quickstart/model --port 8000
@@ -41,7 +47,7 @@ def serve_model(
     Args:
         model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
         host: the address to listen on (127.0.0.1: this machine only)
-        port: the TCP port
+        port: the TCP port (0: any free port, shown in the ready line)
         max_batch: how many requests decode together; more wait in a queue
         max_cached_tokens: the cached-token budget (prompt + max_tokens of the running requests); default
             max_batch x the model's context
@@ -49,18 +55,20 @@ def serve_model(
         max_request_bytes: larger request bodies get a 413 before they are read whole
         max_choices: the most completions (prompts x n) one request may ask for; more is a 400
         api_key: require 'Authorization: Bearer KEY' on every route but /health, which load balancers probe
-            without a key (as vLLM's); /openapi.json included (default: the ORIONLM_API_KEY environment variable)
+            without a key (as vLLM's); /openapi.json and /metrics included (default: the ORIONLM_API_KEY
+            environment variable)
         served_model_name: the model id clients send (default: the directory's name)
         no_think: a thinking (Quiet-STaR) model answers without thoughts unless a request sends "think": true
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
+        log_level: uvicorn's log level (warning: only problems; info adds its startup and shutdown)
+        access_log: log a line per request (client, method, path, status), whatever the log level
     """
     try:
-        import uvicorn
-
         from ..serve.api import create_app
+        from ..serve.launch import bind, run, url
         from ..serve.serving import AsyncEngine, Server
     except ImportError as e:
         raise OrionError(
@@ -68,15 +76,16 @@ def serve_model(
         ) from None
     from ..generation.engine import Engine
 
-    lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)
-    name = served_model_name or Path(str(model)).name
-    engine = AsyncEngine(
-        Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
-    )
-    defaults = dict(getattr(lm, "generation_defaults", None) or {})
-    if no_think:
-        defaults["think"] = False
-    server = Server(engine, tokenizer, name, defaults, max_choices=max_choices)
-    ready = f"orionlm serve: ready on http://{host}:{port}/v1 (model {name!r}, max batch {max_batch})"
-    app = create_app(server, api_key or os.environ.get(API_KEY_ENV), ready, max_request_bytes=max_request_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    with bind(host, port) as sock:
+        lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)
+        name = served_model_name or Path(str(model)).name
+        engine = AsyncEngine(
+            Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
+        )
+        defaults = dict(getattr(lm, "generation_defaults", None) or {})
+        if no_think:
+            defaults["think"] = False
+        server = Server(engine, tokenizer, name, defaults, max_choices=max_choices)
+        app = create_app(server, api_key or os.environ.get(API_KEY_ENV), max_request_bytes=max_request_bytes)
+        ready = f"orionlm serve: ready on {url(host, sock)} (model {name!r}, max batch {max_batch})"
+        run(app, sock, host, ready, log_level, access_log)

@@ -2,7 +2,8 @@
 its mistakes into OpenAI's error body.
 
 With an API key, every route needs it but /health (as vLLM: probes of load balancers and orchestrators carry
-no key, and it tells only liveness and load); /openapi.json needs it like the API it describes.
+no key, and it tells only liveness and load); /openapi.json needs it like the API it describes, and /metrics
+(request counts, the model's name) too: Prometheus sends it with `authorization: {credentials: KEY}`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .metrics import CONTENT_TYPE, CountRequests
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -118,6 +120,12 @@ async def tokenizer_info(server: ServerDep) -> TokenizerInfo:
     return server.tokenizer_info()
 
 
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(server: ServerDep) -> PlainTextResponse:
+    """Prometheus' text format: HTTP requests, tokens, the engine's queues, latency histograms (metrics.py)."""
+    return PlainTextResponse(server.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
 @router.get("/openapi.json", include_in_schema=False)
 async def openapi(request: Request) -> dict:
     # a route of the router rather than FastAPI's own, so that it needs the key
@@ -195,26 +203,25 @@ class BodyLimit:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Starts and stops the engine thread; prints the ready message once serving."""
+    """Starts and stops the engine thread."""
     app.state.server.engine.start()
-    if app.state.ready_message:
-        print(app.state.ready_message, flush=True)
     yield
     app.state.server.engine.stop()
 
 
-def create_app(
-    server: Server, api_key: str | None = None, ready_message: str | None = None, max_request_bytes: int = 2**23
-) -> FastAPI:
+def create_app(server: Server, api_key: str | None = None, max_request_bytes: int = 2**23) -> FastAPI:
     """The FastAPI app over `server`; with `api_key`, every route but /health needs 'Authorization: Bearer KEY'
-    (/openapi.json included); request bodies over max_request_bytes (default 8 MiB) are refused."""
+    (/openapi.json and /metrics included); request bodies over max_request_bytes (default 8 MiB) are refused;
+    every request is counted in the server's metrics, refusals included."""
     app = FastAPI(title="orionlm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
                   dependencies=[Depends(authenticate)])  # fmt: skip
-    app.state.server, app.state.api_key, app.state.ready_message = server, api_key, ready_message
+    app.state.server, app.state.api_key = server, api_key
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
+    paths = {route.path for route in router.routes}
+    app.add_middleware(CountRequests, counter=server.metrics.http_requests, paths=paths)  # outermost: sees 413s
     return app

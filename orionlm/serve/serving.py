@@ -31,6 +31,7 @@ from ..generation.engine import Request as EngineRequest
 from ..generation.sampling import GenerationConfig
 from ..generation.text import TextStream
 from ..tokenizer import Tokenizer
+from .metrics import ServerMetrics
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -178,6 +179,7 @@ class Choice:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    token_at: float | None = None  # when its handler received its last token (perf_counter seconds)
 
     def push(self, event: Event) -> str:
         """The text this event adds; sets finish_reason when the choice ends (a stop string included)."""
@@ -214,6 +216,7 @@ class Server:
         if tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         self.created = int(time.time())
+        self.metrics = ServerMetrics(model_name, self.health)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -287,11 +290,13 @@ class Server:
             raise APIError(400, str(e)) from None
         return requests
 
-    async def run(self, choices: list[Choice]) -> AsyncIterator[tuple[Choice, Event, str]]:
-        """(choice, event, new text) as tokens arrive, until every choice has finished. A choice that a stop
-        string ends is cancelled in the engine; whatever is left is cancelled if the consumer stops early
-        (a client that disconnected)."""
+    async def run(self, generation: Generation) -> AsyncIterator[tuple[Choice, Event, str]]:
+        """(choice, event, new text) as tokens arrive, until every choice has finished; each token counted and
+        timed in the metrics. A choice that a stop string ends is cancelled in the engine; whatever is left is
+        cancelled if the consumer stops early (a client that disconnected)."""
+        choices = generation.choices
         events = self.engine.submit([c.request for c in choices])
+        self.metrics.prompt_tokens.inc(amount=sum(len(p) for p in generation.prompts))
         by_id = {c.request.id: c for c in choices}
         remaining = len(choices)
         try:
@@ -303,7 +308,9 @@ class Server:
                 if choice.finish_reason is not None:
                     continue  # a token picked before its cancellation reached the engine
                 piece = choice.push(event)
-                if choice.finish_reason is not None:
+                finished = choice.finish_reason is not None
+                choice.token_at = self.metrics.token(generation.started, choice.token_at, finished)
+                if finished:
                     remaining -= 1
                     if event.finish_reason is None:
                         self.engine.cancel([choice.request])  # a stop string ended it
@@ -313,13 +320,13 @@ class Server:
             if unfinished:
                 self.engine.cancel(unfinished)
 
-    async def collect(self, choices: list[Choice], raw: Request) -> list[str]:
+    async def collect(self, generation: Generation, raw: Request) -> list[str]:
         """Every choice's whole text. Polls the connection while waiting: a client that hangs up before the
         answer is ready frees its rows at once, as a closed stream does."""
-        texts = [""] * len(choices)
+        texts = [""] * len(generation.choices)
 
         async def consume() -> None:
-            async for choice, _, piece in self.run(choices):
+            async for choice, _, piece in self.run(generation):
                 texts[choice.index] += piece
 
         task = asyncio.ensure_future(consume())
@@ -367,11 +374,13 @@ class Server:
 
 @dataclass
 class Generation:
-    """One HTTP request's work: its prompts and choices (n per prompt), and its response's id, time and model."""
+    """One HTTP request's work: its prompts and choices (n per prompt), its response's id, time and model, and
+    when it was handed to the engine."""
 
     prompts: list[list[int]]
     choices: list[Choice]
     head: dict[str, Any]  # id, created, model: what every chunk of a stream repeats
+    started: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def start(cls, kind: str, server: Server, prompts: list[list[int]], requests: list[EngineRequest]) -> Generation:
@@ -463,7 +472,7 @@ async def create_completion(
     generation = Generation.start("cmpl", server, prompts, requests)
     if body.stream:
         return completion_stream(server, body, generation)
-    texts = await server.collect(generation.choices, raw)
+    texts = await server.collect(generation, raw)
     choices = []
     for c in generation.choices:
         prefix, prompt_items = echoed(server, body, c)
@@ -477,7 +486,7 @@ async def create_completion(
 async def completion_stream(server: Server, body: CompletionRequest, generation: Generation) -> AsyncIterator[str]:
     """A chunk per choice whenever it has new text (the echoed prompt comes with its first) or finishes."""
     started: set[int] = set()
-    async for choice, event, piece in server.run(generation.choices):
+    async for choice, event, piece in server.run(generation):
         items = [(event.token, event.logprob)]
         if choice.index not in started:
             started.add(choice.index)
@@ -504,7 +513,7 @@ async def create_chat_completion(
     generation = Generation.start("chatcmpl", server, prompts, requests)
     if body.stream:
         return chat_stream(server, body, generation)
-    texts = await server.collect(generation.choices, raw)
+    texts = await server.collect(generation, raw)
     choices = [
         ChatChoice(index=c.index, message=AssistantMessage(content=texts[c.index]),
                    logprobs=chat_logprobs(server, c.logprobs) if body.logprobs else None,
@@ -519,7 +528,7 @@ async def chat_stream(server: Server, body: ChatCompletionRequest, generation: G
     for i in range(len(generation.choices)):
         role = ChatStreamChoice(index=i, delta=Delta(role="assistant", content=""), logprobs=None, finish_reason=None)
         yield sse(ChatCompletionStreamResponse(**generation.head, choices=[role]))
-    async for choice, event, piece in server.run(generation.choices):
+    async for choice, event, piece in server.run(generation):
         if piece or choice.finish_reason:
             lp = chat_logprobs(server, [event.logprob]) if event.logprob is not None else None
             delta = Delta(content=piece) if piece else Delta()

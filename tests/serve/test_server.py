@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ from orionlm.train.quietstar import add_thought_tokens
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from live_server import KEY, NAME, serve_process  # noqa: E402
+from live_server import KEY, NAME, metric, parse_metrics, serve_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +300,11 @@ def test_the_key_guards_everything_but_health(server):
 
 
 def test_request_limits(served_model_dir):
-    with serve_process(served_model_dir, "--max-request-bytes", "100000", "--max-choices", "8") as address:
+    """Bodies over --max-request-bytes are 413s, sent whole or in chunks; more than --max-choices is a 400. With
+    --access-log at the default log level, the server prints its ready line and a line per request, nothing else."""
+    log: list[str] = []
+    options = ("--max-request-bytes", "100000", "--max-choices", "8", "--access-log")
+    with serve_process(served_model_dir, *options, output=log) as address:
         url = address + "/v1/completions"
         big = json.dumps({"model": NAME, "prompt": "word " * 30_000, "max_tokens": 1}).encode()
 
@@ -318,6 +323,9 @@ def test_request_limits(served_model_dir):
         assert "3 prompts x n=3 asks for 9 completions; this server takes at most 8" in many.json()["error"]["message"]
         fits = httpx.post(url, headers=HEADERS, json={"model": NAME, "prompt": ["a", "b"], "n": 4, "max_tokens": 1})
         assert fits.status_code == 200 and len(fits.json()["choices"]) == 8
+    access = [re.fullmatch(r'INFO: +127\.0\.0\.1:\d+ - "(.+)" (\d+) [A-Za-z ]+\n', line) for line in log[1:]]
+    assert "ready on" in log[0] and all(access), log
+    assert [m.groups() for m in access] == [("POST /v1/completions HTTP/1.1", s) for s in ("413", "413", "400", "200")]
 
 
 def test_a_big_request_does_not_starve_a_small_one(server, client):
@@ -332,3 +340,69 @@ def test_a_big_request_does_not_starve_a_small_one(server, client):
         small = client.completions.create(prompt="x = ", max_tokens=40, **common)
         assert not big.done()
         assert small.choices[0].finish_reason == "length" and len(big.result().choices) == 32
+
+
+def _scrape(server: str) -> dict[tuple[str, frozenset], float]:
+    response = httpx.get(server + "/metrics", headers=HEADERS)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return parse_metrics(response.text)
+
+
+HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"]
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    """After a completion, a completion of 2 prompts x n=2, a streamed chat and a 404, /metrics (Prometheus' text
+    format) has grown by exactly those requests per endpoint and status, the prompt and generated tokens the
+    responses' usage reports, and one time to first token and end-to-end latency per sequence (6) and an
+    inter-token latency per later token (33 - 6); each sequence's end-to-end time is its first token's time plus
+    the gaps after it."""
+    before = _scrape(server)
+    common = dict(model=NAME, temperature=0, extra_body={"ignore_eos": True})
+    one = client.completions.create(prompt="def ", max_tokens=7, **common)
+    two = client.completions.create(prompt=["import", "x = 1"], n=2, max_tokens=5, **common)
+    chat = list(client.chat.completions.create(messages=HI, max_tokens=6, stream=True,
+                                               stream_options={"include_usage": True}, **common))  # fmt: skip
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    after = _scrape(server)
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, "orionlm:" + name, **labels) - metric(before, "orionlm:" + name, **labels)
+
+    assert grew("http_requests_total", endpoint="/v1/completions", status="200") == 2
+    assert grew("http_requests_total", endpoint="/v1/completions", status="404") == 1
+    assert grew("http_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert grew("http_requests_total", endpoint="/metrics", status="200") == 1  # the first scrape
+    usages = [one.usage, two.usage, chat[-1].usage]
+    model = {"model_name": NAME}
+    assert grew("prompt_tokens_total", **model) == sum(u.prompt_tokens for u in usages)
+    assert grew("generation_tokens_total", **model) == sum(u.completion_tokens for u in usages) == 7 + 4 * 5 + 6
+    counts = {h: grew(h + "_count", **model) for h in HISTOGRAMS}
+    assert counts == {HISTOGRAMS[0]: 6, HISTOGRAMS[1]: 33 - 6, HISTOGRAMS[2]: 6}
+    sums = [grew(h + "_sum", **model) for h in HISTOGRAMS]
+    assert sums[0] > 0 and sums[2] == pytest.approx(sums[0] + sums[1], rel=1e-9)
+    for h in HISTOGRAMS:
+        buckets = sorted((float(dict(labels)["le"]), value) for (name, labels), value in after.items()
+                         if name == f"orionlm:{h}_bucket")  # fmt: skip
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+        assert buckets[-1] == (float("inf"), metric(after, f"orionlm:{h}_count", **model))
+    assert [metric(after, f"orionlm:num_requests_{queue}", **model) for queue in ("running", "waiting")] == [0, 0]
+
+
+def test_metrics_show_the_queues(server, client):
+    """While 3 prompts x n=4 share this server's 4 rows, /metrics shows at most 4 sequences running, at some point
+    4 running with others waiting, never more than the 12 in all."""
+    model = {"model_name": NAME}
+    seen = set()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        big = pool.submit(client.completions.create, model=NAME, prompt=["a", "b", "c"], n=4, max_tokens=40,
+                          temperature=0.8, seed=1, extra_body={"ignore_eos": True})  # fmt: skip
+        while not big.done():
+            samples = _scrape(server)
+            seen.add(
+                tuple(metric(samples, f"orionlm:num_requests_{queue}", **model) for queue in ("running", "waiting"))
+            )
+        assert len(big.result().choices) == 12
+    assert all(running <= 4 and running + waiting <= 12 for running, waiting in seen)
+    assert any(running == 4 and waiting > 0 for running, waiting in seen), seen
