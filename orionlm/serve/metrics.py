@@ -4,7 +4,8 @@ Written here rather than with prometheus_client: the format is a few lines per m
 `name{label="value"} number`; a histogram as cumulative `_bucket{le="..."}` counts, `_sum` and `_count`), and
 a handful of counters, gauges and histograms needs no dependency.
 
-The names are vLLM's with `orionlm:` for `vllm:`, so a vLLM dashboard reads them after that rename. Every value
+The token, queue and latency metrics have vLLM's names with `orionlm:` for `vllm:`, so a vLLM dashboard reads
+them after that rename. Every value
 changes on the event loop's thread (the request handlers and the HTTP middleware) and is read there by
 /metrics: no locks.
 """
