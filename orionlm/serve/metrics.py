@@ -5,9 +5,8 @@ Written here rather than with prometheus_client: the format is a few lines per m
 a handful of counters, gauges and histograms needs no dependency.
 
 The token, queue and latency metrics have vLLM's names with `orionlm:` for `vllm:`, so a vLLM dashboard reads
-them after that rename. Every value
-changes on the event loop's thread (the request handlers and the HTTP middleware) and is read there by
-/metrics: no locks.
+them after that rename. Every value changes on the event loop's thread (the request handlers and the HTTP
+middleware) and is read there by /metrics: no locks.
 """
 
 from __future__ import annotations
@@ -126,9 +125,11 @@ class ServerMetrics:
         self.prompt_tokens = Counter("orionlm:prompt_tokens_total", "Prompt tokens handed to the engine", model)
         self.generation_tokens = Counter("orionlm:generation_tokens_total", "Tokens generated into responses", model)
         self.time_to_first_token = Histogram(
-            "orionlm:time_to_first_token_seconds", "Seconds from a sequence's start to its first token", model,
+            "orionlm:time_to_first_token_seconds",
+            "Seconds from a sequence's start to its first token",
+            model,
             decades(-3, 2),
-        )  # fmt: skip
+        )
         self.inter_token_latency = Histogram(
             "orionlm:inter_token_latency_seconds", "Seconds between two tokens of a sequence", model, decades(-3, 1)
         )

@@ -296,6 +296,7 @@ class Server:
         cancelled if the consumer stops early (a client that disconnected)."""
         choices = generation.choices
         events = self.engine.submit([c.request for c in choices])
+        started = time.perf_counter()
         self.metrics.prompt_tokens.inc(amount=sum(len(p) for p in generation.prompts))
         by_id = {c.request.id: c for c in choices}
         remaining = len(choices)
@@ -309,7 +310,7 @@ class Server:
                     continue  # a token picked before its cancellation reached the engine
                 piece = choice.push(event)
                 finished = choice.finish_reason is not None
-                choice.token_at = self.metrics.token(generation.started, choice.token_at, finished)
+                choice.token_at = self.metrics.token(started, choice.token_at, finished)
                 if finished:
                     remaining -= 1
                     if event.finish_reason is None:
@@ -374,13 +375,11 @@ class Server:
 
 @dataclass
 class Generation:
-    """One HTTP request's work: its prompts and choices (n per prompt), its response's id, time and model, and
-    when it was handed to the engine."""
+    """One HTTP request's work: its prompts and choices (n per prompt), and its response's id, time and model."""
 
     prompts: list[list[int]]
     choices: list[Choice]
     head: dict[str, Any]  # id, created, model: what every chunk of a stream repeats
-    started: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def start(cls, kind: str, server: Server, prompts: list[list[int]], requests: list[EngineRequest]) -> Generation:

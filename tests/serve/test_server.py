@@ -290,7 +290,7 @@ def test_lone_surrogates_and_odd_content_parts_are_400s(server, client):
 
 
 def test_the_key_guards_everything_but_health(server):
-    for path in ("/v1/models", "/openapi.json", "/tokenizer_info"):
+    for path in ("/v1/models", "/openapi.json", "/tokenizer_info", "/metrics"):
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Bearer t\xe9st".encode("latin-1")}):
             response = httpx.get(server + path, headers=headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
