@@ -5,7 +5,6 @@ output loaded by transformers (Mixtral and Qwen2-MoE), and mergekit-moe itself t
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -280,6 +279,6 @@ def test_a_lora_adapter_source_is_folded_in(sources, tmp_path):
 
 
 def test_the_shipped_config_parses():
-    config = load_moe_merge_config(Path(__file__).parents[2] / "configs" / "moe-merge.yaml")
+    config = load_moe_merge_config("recipe:moe-merge")
     assert [len(e.positive_prompts or []) for e in config.experts] == [3, 3, 3, 3]
     assert config.architecture == "mixtral" and config.gate_mode == "hidden"
