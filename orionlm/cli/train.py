@@ -52,6 +52,7 @@ def list_recipes() -> None:
     recipes = shipped_recipes()
     width = max(map(len, recipes))
     for name, path in recipes.items():
+        # a moe-merge config (mergekit-moe's format) lists experts; every other shipped recipe is a training one
         verb = "moe-merge" if "experts" in read_yaml_mapping(path, "recipe", "keys") else "train"
         print(f"{name:<{width}}  {verb:<9}  {recipe_summary(path)}")
 
