@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..checkpoint import refuse_existing
 from ..errors import OrionError
 
 
@@ -36,6 +35,7 @@ def merge_checkpoints(config: Path, out: Path, /, *, seed: int = 0, force: bool 
         seed: seeds DARE's random drops (each tensor's from the seed and the tensor's name)
         force: replace out if it exists
     """
+    from ..checkpoint import refuse_existing
     from ..merge.weights import load_merge_config, merge_models
 
     merge_config = load_merge_config(config)
@@ -79,6 +79,7 @@ def assemble_moe(config: Path, out: Path, /, *, seed: int = 0, force: bool = Fal
         seed: seeds random gates and noise_scale
         force: replace out if it exists
     """
+    from ..checkpoint import refuse_existing
     from ..merge.moe import load_moe_merge_config, moe_merge
     from ..model import count_parameters
 
@@ -120,7 +121,7 @@ def merge_adapter(
         out: the merged model directory to write (default: RECIPE's run.out_dir/merged)
         force: replace out if it exists
     """
-    from ..checkpoint import save_checkpoint
+    from ..checkpoint import refuse_existing, save_model
     from ..convert.peft import load_adapter
     from ..loading import load_model
     from ..nn.lora import merge_lora
@@ -142,7 +143,7 @@ def merge_adapter(
     model, tokenizer, _ = load_model(base, device="cpu")
     config = load_adapter(model, adapter)
     merge_lora(model)
-    save_checkpoint(model, out, tokenizer, getattr(model, "generation_defaults", None) or None)
+    save_model(model, out, tokenizer)  # with the base's sampling defaults
     targets = ", ".join(config.target_modules + config.target_parameters)
     print(f"wrote {out} ({base} + {adapter}: rank {config.r} on {targets})")
 

@@ -6,8 +6,6 @@ import json as jsonlib
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import OrionError
 
 
@@ -129,6 +127,8 @@ def init(
         force: replace out_dir if it exists
         overrides: --field=value changes to the preset's config
     """
+    import torch
+
     from ..checkpoint import refuse_existing, save_checkpoint
     from ..config import preset as get_preset
     from ..model import OrionLM
