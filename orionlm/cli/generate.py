@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from typing import Any, TypedDict, Unpack
+from typing import Any, TypedDict
 
 from ..errors import OrionError
 from .common import DType, load, load_with_tokenizer, logs_to_stderr, print_json
+from .parser import Unpack
 
 
 class GenerationOptions(TypedDict, total=False):

@@ -14,6 +14,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # typing has Unpack from 3.11; before, typing_extensions (a dependency of torch) has it
+    from typing_extensions import Unpack
+
 
 @dataclass(frozen=True)
 class Verb:
@@ -113,7 +118,7 @@ def _parameters(fn: Callable[..., Any]) -> Iterator[tuple[inspect.Parameter, Any
     hints = typing.get_type_hints(fn)
     for param in inspect.signature(fn).parameters.values():
         hint = hints.get(param.name, str)
-        if param.kind is not inspect.Parameter.VAR_KEYWORD or typing.get_origin(hint) is not typing.Unpack:
+        if param.kind is not inspect.Parameter.VAR_KEYWORD or typing.get_origin(hint) is not Unpack:
             yield param, hint, helps.get(param.name, "")
             continue
         shared = typing.get_args(hint)[0]

@@ -1,3 +1,4 @@
+import inspect
 from collections.abc import Callable
 
 import pytest
@@ -125,6 +126,21 @@ def test_stop_ids_and_stop_strings_on_scripted_text():
     assert generate(model, tok, None, "x", max_new_tokens=40, do_sample=False, stop_token_ids=[w_id]) == "héllo "
     # the budget ends generation too, mid-character: the incomplete byte shows as U+FFFD at the end
     assert generate(model, tok, None, "x", max_new_tokens=2, do_sample=False) == "h\ufffd"
+
+
+def test_stream_takes_generates_arguments_and_gives_its_text():
+    assert inspect.signature(stream).parameters == inspect.signature(generate).parameters
+    model, tok = _model("tiny-moe"), Tokenizer.byte_level()
+    prompts = ["Once upon", "The cat sat"]
+    texts = generate(model, tok, "cpu", prompts, max_new_tokens=12, temperature=0)
+    assert all(texts)
+    assert "".join(stream(model, tok, "cpu", prompts[0], max_new_tokens=12, temperature=0)) == texts[0]
+    rows = ["", ""]
+    for row, piece in stream(model, tok, "cpu", prompts, {"max_new_tokens": 12}, temperature=0):
+        rows[row] += piece
+    assert rows == texts
+    with pytest.raises(GenerationError, match="the model is on cpu, not cuda:0"):
+        stream(model, tok, "cuda:0", prompts[0])
 
 
 def test_stream_never_splits_a_character_and_hides_stop_strings():
