@@ -97,8 +97,9 @@ def generate_text(
         _print_generation(pieces, len(prompts), show)
 
 
-def _load(model: str, purpose: str, device: str | None, threads: int | None, dtype: DType | None,
-          options: GenerationOptions):  # fmt: skip
+def _load(
+    model: str, purpose: str, device: str | None, threads: int | None, dtype: DType | None, options: GenerationOptions
+):
     """The model and tokenizer, once --show-thoughts is known to have thoughts to show."""
     lm, tokenizer = load_with_tokenizer(model, purpose, device, threads, dtype)
     if options.get("show_thoughts") and not lm.config.thinks:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 from pathlib import Path
 from typing import Any
 
 from ..errors import OrionError
+from .common import print_json
 
 
 def info(model: str | None = None, /, *, preset: str | None = None, json: bool = False) -> None:
@@ -43,7 +43,7 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
     virtual = virtual_parameters(config)
     if json:
         counts = {"total_params": total, "active_params": active, "virtual_params": virtual}
-        print(jsonlib.dumps(counts | sizes | {"config": config.to_dict()}, indent=2))
+        print_json(counts | sizes | {"config": config.to_dict()})
         return
     rows = [
         ("name", config.name or "-"),
