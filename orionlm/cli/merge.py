@@ -110,7 +110,7 @@ def merge_adapter(
     checkpoint holds its resolved recipe.yaml), or from --base.
 
     Examples:
-      orionlm merge-lora configs/sft-lora.yaml --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-400
+      orionlm merge-lora configs/sft-lora.yaml --lora_model_dir=runs/sft-lora/model
       orionlm merge-lora --base runs/m --adapter runs/sft/adapter --out runs/m-merged
 
     Args:

@@ -17,10 +17,11 @@ def train_model(recipe: Path, /, *overrides: str) -> None:
     Every recipe key can be overridden after the recipe path, e.g.
       orionlm train configs/tinyshakespeare-moe.yaml --run.max_steps=200 --optim.lr=1e-3
       orionlm train configs/sft-lora.yaml --model.path=runs/my-model --lora.r=32
-    A length given so (--run.max_steps, max_tokens or max_epochs) replaces the recipe's, and a warm-up longer
-    than the run is cut to fit. The run ends by writing RUN/model (run.out_dir/model), the final model: a model
-    directory, or for LoRA the adapter directory, which --model loads onto its base. One process at a time writes
-    a run directory (it holds RUN/run.lock).
+    A length given so (--run.max_steps, --run.max_tokens or --run.max_epochs) replaces the recipe's, and a
+    warm-up longer than the run is cut to fit. The run ends with its final model in RUN/model (run.out_dir/model;
+    for LoRA the adapter directory, which --model loads onto its base), e.g.
+      orionlm generate "ROMEO:" --model runs/tinyshakespeare-moe/model
+    One process at a time writes a run directory (it holds RUN/run.lock).
     `--resume` continues the run in run.out_dir from its latest checkpoint; `--resume DIR` from DIR.
     Under torchrun the same command trains with DDP (or FSDP2 with --run.fsdp=true):
       torchrun --nproc-per-node 2 -m orionlm train RECIPE.yaml
