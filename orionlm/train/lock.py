@@ -81,6 +81,8 @@ def acquire(run_dir: str | Path) -> Path:
     if path in _HELD:
         _HELD[path].depth += 1
         return path
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OrionError(f"{run_dir} is a file, not a run directory: choose another run directory")
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     file = _open_locked(path)

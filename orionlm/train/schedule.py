@@ -5,7 +5,7 @@ Steps are 0-based; a run of `total_steps` optimizer steps uses steps 0 .. total_
 - Warm-up (every kind): factor (step + 1) / warmup for step < warmup, so the first step already learns and step
   warmup - 1 reaches the peak (1.0). The warm-up is `warmup_steps`, or `warmup_fraction` of the run (give one;
   neither: 5% of the run, so that a short run warms up as briefly as a long one, in proportion). A warm-up that
-  leaves no room for the decay (e.g. 30 steps in a 20-step run) is cut to the room left, with a note.
+  leaves no room for the decay (e.g. 30 steps in a 20-step run) is cut to the room left, with a warning.
 - "cosine": after the warm-up, cosine from the peak down to the floor `min_lr_ratio`, reached at the last step.
 - "wsd" (warm-up, stable, decay): the peak until the last `decay_fraction` of the steps, then down to the floor
   (reached at the last step) with the shape `decay_shape`: "cosine", "linear" or "sqrt" (1 - sqrt, Hägele et

@@ -149,25 +149,27 @@ def check_context(recipe: Recipe, max_seq_len: int, resuming: bool) -> None:
     if seq_len <= max_seq_len:
         return
     if resuming:
-        whose, how = "the resumed checkpoint's", "a run keeps its model's context"
+        whose, how = "the resumed checkpoint's", " (a resumed run keeps its model's context)"
     elif recipe.model.path is not None:
-        whose, how = f"{recipe.model.path}'s", "or start from a model with a longer max_seq_len"
+        whose, how = f"{recipe.model.path}'s", ", or start from a model with a longer max_seq_len"
     else:
-        whose, how = "the model's", f"or lengthen the context with --model.overrides.max_seq_len={seq_len}"
+        whose, how = "the model's", f", or lengthen the context with --model.overrides.max_seq_len={seq_len}"
     raise RecipeError(f"data.seq_len ({seq_len}) is longer than {whose} context (max_seq_len {max_seq_len}): lower "
-                      f"data.seq_len to {max_seq_len}, {how}")  # fmt: skip
+                      f"data.seq_len to {max_seq_len}{how}")  # fmt: skip
 
 
 def publish_model(checkpoint: Path, target: Path) -> None:
-    """target (RUN/model): the checkpoint without its training state, replacing an older one atomically. Files are
-    hard-linked where the filesystem allows, so the weights are not on disk twice (a run never changes a written
-    file in place: every save writes new files), and copied where it does not."""
+    """target (RUN/model): the checkpoint without its training state, replacing an older one atomically. The
+    weights are hard-linked where the filesystem allows, so they are not on disk twice (every save writes new files,
+    never into old ones); the small files are copied, so that editing one (a config.json) leaves the checkpoint's
+    as it was."""
 
     def link_or_copy(source: str, destination: str) -> None:
-        try:
-            os.link(source, destination)
-        except OSError:
-            shutil.copy2(source, destination)
+        if source.endswith(".safetensors"):
+            with contextlib.suppress(OSError):
+                os.link(source, destination)
+                return
+        shutil.copy2(source, destination)
 
     with atomic_directory(target) as tmp:
         shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE, STATE_JSON),

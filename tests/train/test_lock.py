@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from orionlm.cli import main
+from orionlm.errors import OrionError
 from orionlm.train.lock import LOCK_FILE, RunLocked, acquire, release
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import train
@@ -86,13 +87,16 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):
     assert not lock.exists()
 
 
-def test_a_lock_written_on_another_host_is_refused_and_nested_locks_are_released_last(tmp_path):
+def test_a_lock_from_another_host_or_onto_a_file_is_refused_and_nested_locks_are_released_last(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
     with pytest.raises(RunLocked, match=r"written by process 1 on elsewhere, .* if that run has ended, delete"):
         acquire(run_dir)
     (run_dir / LOCK_FILE).unlink()
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(OrionError, match="a file is a file, not a run directory"):
+        acquire(tmp_path / "a file")
     fresh = tmp_path / "fresh"
     outer = acquire(fresh)
     assert acquire(fresh) == outer  # quickstart holds its --out while the trainer inside takes it again

@@ -101,6 +101,11 @@ def test_training_learns_checkpoints_and_logs(tmp_path):
         p.name for p in found[-1][1].iterdir() if p.name not in (STATE_FILE, STATE_JSON)
     )
     assert (final / "model.safetensors").read_bytes() == (found[-1][1] / "model.safetensors").read_bytes()
+    # the weights are linked, not stored twice; the small files are copies, to edit without touching the checkpoint
+    inode = {
+        name: [(d / name).stat().st_ino for d in (final, found[-1][1])] for name in ("model.safetensors", "config.json")
+    }
+    assert inode["model.safetensors"][0] == inode["model.safetensors"][1] and len(set(inode["config.json"])) == 2
     # Every checkpoint is a model directory, holding the trained weights: it predicts the corpus
     # better than the initial weights do.
     model, tokenizer, _ = load_model(found[-1][1], device="cpu")
