@@ -9,8 +9,8 @@ evaluation steps. Every mode but pretraining begins with a step-0 record: the st
 
 from __future__ import annotations
 
-import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,8 +110,14 @@ class Interval:
         self.start = time.perf_counter()
 
 
+TENSORBOARD_OFF = (
+    "note: TensorBoard logging is off: tensorboard is not installed (pip install 'orionlm[tensorboard]' turns it on; "
+    "--run.tensorboard=false hides this note)\n"
+)
+
+
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed), written by rank 0 only."""
+    """metrics.jsonl (and TensorBoard when installed: without it, a note says so once), written by rank 0 only."""
 
     def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
         self.path = out_dir / "metrics.jsonl"
@@ -123,9 +129,11 @@ class MetricsLog:
             self.path.write_text("")
         self.writer = None
         if tensorboard:
-            with contextlib.suppress(ImportError):
+            try:
                 from torch.utils.tensorboard import SummaryWriter
-
+            except ImportError:
+                sys.stderr.write(TENSORBOARD_OFF)
+            else:
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def records(self) -> list[tuple[str, dict[str, Any]]]:
