@@ -304,8 +304,8 @@ def test_a_length_or_warmup_on_the_command_line_replaces_the_recipes(tmp_path):
     with pytest.raises(RecipeError, match="give exactly one of max_steps, max_tokens or max_epochs"):
         train(load_recipe(path, ["--run.max_steps=20", "--run.max_tokens=5000"]))
     # A shipped recipe made short: its length in epochs gives way, and its warm-up fits.
-    for name in ("sft-lora.yaml", "tinyshakespeare-moe.yaml", "tinystories-chimera.yaml", "gsm8k-base.yaml"):
-        recipe = load_recipe(CONFIGS / name, ["--run.max_steps=20"])
+    for name in ("sft-lora", "tinyshakespeare-moe", "tinystories-chimera", "gsm8k-base"):
+        recipe = load_recipe(f"recipe:{name}", ["--run.max_steps=20"])
         assert (recipe.run.max_steps, recipe.run.max_epochs, recipe.run.max_tokens) == (20, None, None)
         assert recipe.schedule.warmup_warning(20) is None and recipe.schedule.phases(20)[0] == 1
 
