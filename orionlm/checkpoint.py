@@ -354,6 +354,34 @@ def read_generation_config(directory: str | Path) -> dict[str, Any]:
     return read_json_object(path, CheckpointError)
 
 
+def _id_list(value: int | list[int] | None) -> list[int]:
+    """generation_config.json's eos_token_id (an id, a list of ids or absent) as a list."""
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def generation_with_stops(
+    config: ModelConfig, tokenizer: Tokenizer | None, generation: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a model's generation_config.json holds: `generation` (None: orionlm's sampling defaults and the
+    preset's), the bos and pad ids it lacks (the model's Hugging Face ids, else the tokenizer's), and as
+    eos_token_id every id generation stops at: its own, the model's, the tokenizer's EOS and the chat template's
+    end-of-turn token. transformers stops only at these, so a chat model without its end-of-turn id never stops."""
+    data = dict((DEFAULT_GENERATION | PRESET_GENERATION.get(config.name, {})) if generation is None else generation)
+    known = config.extra.get("hf_token_ids", {})
+    for key, own in (("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
+        value = data.get(key, known.get(key, None if tokenizer is None else getattr(tokenizer, own)))
+        if value is not None:
+            data[key] = value
+    stops = [*_id_list(data.get("eos_token_id")), *_id_list(data.pop("stop_token_ids", None)),
+             *_id_list(known.get("eos_token_id"))]  # fmt: skip
+    if tokenizer is not None:
+        stops += [i for i in (tokenizer.eos_id, tokenizer.end_of_turn_id) if i is not None]
+    stops = list(dict.fromkeys(stops))
+    if stops:
+        data["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    return data
+
+
 def state_dict_for_saving(model: OrionLM) -> dict[str, torch.Tensor]:
     """The model's tensors, contiguous on CPU, without the tied head (safetensors forbids aliases)."""
     state = model.state_dict()
@@ -526,17 +554,9 @@ def write_model_directory(
     with atomic_directory(directory) as tmp:
         config.save(tmp / "config.json")
         write_safetensors(tensors, tmp, max_shard_bytes)
-        if generation_config is None:  # ours, and the sampling defaults the preset was published with
-            generation_config = DEFAULT_GENERATION | PRESET_GENERATION.get(config.name, {})
-        generation = dict(generation_config)
         if tokenizer is not None:
             tokenizer.save(tmp)
-            for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id)):
-                if value is not None:
-                    generation.setdefault(key, value)
-            stops = [i for i in (tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")) if i is not None]
-            if stops:
-                generation.setdefault("eos_token_id", stops if len(stops) > 1 else stops[0])
+        generation = generation_with_stops(config, tokenizer, generation_config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)

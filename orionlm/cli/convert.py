@@ -24,7 +24,8 @@ def convert_from_hf(
     """Convert a Hugging Face model directory (or Hub id) into an orionlm model directory.
 
     Architectures: llama, mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe, bloom. The source's tokenizer and
-    generation_config.json come along.
+    generation_config.json come along, with every stop id in its eos_token_id (the chat template's end-of-turn
+    token too).
 
     Args:
         src: a Hugging Face model directory or Hub id (or any other model: an orionlm or Auron directory, a .gguf
@@ -75,6 +76,9 @@ def convert_to_hf(
     src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
 ) -> None:
     """Export a model as a Hugging Face directory that transformers loads (experts one tensor per expert).
+    generation_config.json carries the source's sampling defaults (orionlm's when it has none) and every stop id:
+    the model's EOS ids and the chat template's end-of-turn token (<|im_end|>), where transformers' generate then
+    stops as orionlm does.
 
     Args:
         src: the model: an orionlm, Hugging Face or Auron directory, a .gguf file, a training run (its newest
@@ -88,7 +92,8 @@ def convert_to_hf(
 
     max_shard_bytes = _shard_bytes(shard_gb)
     source, tensors = _open_source(src, dst, dtype, force)
-    write_hf(source.config, tensors, source.tokenizer, dst, max_shard_bytes=max_shard_bytes)
+    write_hf(source.config, tensors, source.tokenizer, dst, max_shard_bytes=max_shard_bytes,
+             generation=source.generation or None)  # fmt: skip
     print(f"wrote {dst}")
 
 
