@@ -480,10 +480,9 @@ def test_transformers_chat_generation_stops_where_orionlm_stops(chat_model, tmp_
     assert generation == SAMPLING | {"eos_token_id": [256, im_end], "pad_token_id": 259}
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert hf.generation_config.temperature == 0.6 and hf.generation_config.top_k == 20
-    ids = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(CHAT, add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    assert list(ids) == prompt
-    out = hf.generate(torch.tensor([prompt]), do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=int))
+    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(CHAT, add_generation_prompt=True)
+    assert chat["input_ids"] == prompt
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.tensor([chat["attention_mask"]]), do_sample=False)
     assert out[0, len(prompt) :].tolist() == ours
 
 
