@@ -37,12 +37,43 @@ class CheckpointError(OrionError):
 def resolve_device(
     device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[torch.device, torch.dtype]:
-    """The device (CUDA when available) and dtype: bf16 on CUDA; fp32 on CPU, where bf16 matmuls
-    have no native support and are slow."""
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    """The device (CUDA when available; one asked for must exist here, see check_device) and dtype: bf16 on
+    CUDA; fp32 on CPU, where bf16 matmuls have no native support and are slow."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def check_device(device: torch.device | str, option: str = "--device") -> torch.device:
+    """`device` as a torch.device when this torch on this machine can compute on it; else an OrionError that
+    names it as `option` (where the user gave it) and says what to use instead. Without the check, torch fails
+    late with "AssertionError: Torch not compiled with CUDA enabled"."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OrionError(f"{option} {device}: not a device; use cpu, cuda, cuda:N or mps") from None
+    why = _unavailable(parsed)
+    if why is not None:
+        raise OrionError(f"{option} {device}: {why}; use {option} cpu")
+    return parsed
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why this torch on this machine cannot compute on `device`, or None when it can."""
+    build = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return f"this torch has no CUDA ({build})"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"no CUDA device is visible ({build}; check the driver and CUDA_VISIBLE_DEVICES)"
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        built = "no Apple GPU (MPS) is available" if torch.backends.mps.is_built() else "this torch has no MPS"
+        return f"{built} ({build})"
+    return None
 
 
 def set_threads(threads: int | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import OrionError
+from ..errors import require
 from .common import DType, load_with_tokenizer
 
 API_KEY_ENV = "ORIONLM_API_KEY"
@@ -57,16 +57,10 @@ def serve_model(
             on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
-    try:
-        import uvicorn
-
-        from ..serve.api import create_app
-        from ..serve.serving import AsyncEngine, Server
-    except ImportError as e:
-        raise OrionError(
-            f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'orionlm[serve]'"
-        ) from None
+    uvicorn = require("uvicorn", "serve", "orionlm serve")
     from ..generation.engine import Engine
+    from ..serve.api import create_app
+    from ..serve.serving import AsyncEngine, Server
 
     lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)
     name = served_model_name or Path(str(model)).name

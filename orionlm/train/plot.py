@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError
+from ..errors import OrionError, require
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -20,10 +20,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise OrionError("charts need matplotlib: pip install matplotlib") from None
+    matplotlib = require("matplotlib", "plot", "drawing charts")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
