@@ -60,9 +60,9 @@ CASES = {
     "harness": ({"lm_eval"}, ["lm-eval", "--model", "orionlm", "--tasks", "x"], "orionlm lm-eval", "lm_eval"),
     "parquet": ({"pyarrow"}, ["quantize", "m", "q", "--dataset", "x.parquet"], "x.parquet: reading Parquet", "pyarrow"),
     "hf": ({"datasets"}, ["quantize", "m", "q", "--dataset", "hf:x/y"], "source 'hf:x/y' (a Hugging Face dataset)",
-           "datasets"),  # fmt: skip
+           "datasets"),
     "plot": ({"matplotlib"}, ["plot", "run"], "drawing charts", "matplotlib"),
-}
+}  # fmt: skip
 RECIPE = {  # 2 steps of a tiny model, charts and TensorBoard asked for
     "model": {"preset": "tiny-dense", "overrides": {"max_seq_len": 32}},
     "data": {"sources": [{"path": str(Path(json.__file__).parent / "scanner.py")}], "seq_len": 16, "val_fraction": 0.1},
@@ -102,7 +102,8 @@ def test_a_missing_extra_is_one_line_naming_it(case, results):
     code, stderr = outcomes[case]
     extra = case.split("-")[0]
     assert code == 2, stderr
-    assert stderr == f"orionlm: error: {purpose} needs {package}, which is not installed: pip install 'orionlm[{extra}]'\n"
+    install = f"pip install 'orionlm[{extra}]'"
+    assert stderr == f"orionlm: error: {purpose} needs {package}, which is not installed: {install}\n"
     assert not (root / "m.gguf").exists() and not (root / "q").exists()
 
 

@@ -77,9 +77,11 @@ def _rows(dataset: str, config: str | None, split: str) -> Iterable[dict[str, An
     try:
         return datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # offline, unknown name, gated: datasets raises many kinds
-        if Path(dataset).exists():
-            raise EvalError(f"could not load {dataset} ({split}): {first_line(e)}") from None
-        raise EvalError(not_here_nor_on_hub(dataset, f"dataset ({split})", e)) from None
+        local = Path(dataset).exists()
+        if not local and dataset not in {source[0] for source in SOURCES.values()}:  # a mistyped path or a Hub name
+            raise EvalError(not_here_nor_on_hub(dataset, f"dataset ({split})", e)) from None
+        where = "" if local else " from the Hub"
+        raise EvalError(f"could not load {dataset} ({split}){where}: {first_line(e)}") from None
 
 
 def fetch(task: str, dataset: str | None = None) -> Path:
