@@ -47,8 +47,9 @@ def not_here_nor_on_hub(name: str, kind: str, error: BaseException) -> str:
 
 
 def first_line(error: BaseException) -> str:
-    """What an exception from a library says, cut to one line (its name when it says nothing)."""
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    """What an exception from a library says, cut to one line without its closing period (so that a message can go
+    on after it), or its name when it says nothing."""
+    return str(error).splitlines()[0].rstrip(". ") if str(error).strip() else type(error).__name__
 
 
 def checker(error: type[OrionError]) -> Callable[[bool, str], None]:
