@@ -42,7 +42,7 @@ def convert_from_gguf(
     src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
 ) -> None:
     """Import a llama- or bloom-architecture GGUF file (F32, F16, BF16 or Q8_0, dequantized), with its embedded
-    tokenizer.
+    tokenizer. Needs `pip install 'orionlm[gguf]'`.
 
     Args:
         src: the .gguf file
@@ -102,7 +102,9 @@ def convert_to_gguf(
 ) -> None:
     """Export a model as a GGUF file for llama.cpp: the llama architecture for dense and Mixtral-style MoE models
     (experts stacked, the router as ffn_gate_inp, Q/K rows in llama.cpp's RoPE order), bloom for ALiBi (BLOOM)
-    models; the tokenizer and chat template are embedded. The file appears only when complete.
+    models; the tokenizer and chat template are embedded. The file appears only when complete. Needs `pip install
+    'orionlm[gguf]'`, and a tokenizer with BPE merges: llama.cpp cannot load a byte-level one without them (what
+    `orionlm init` gives without --tokenizer), so such a model is refused.
 
     Example:
       orionlm convert to-gguf runs/m runs/m.gguf --dtype q8_0 && llama-cli -m runs/m.gguf -p "Once upon"

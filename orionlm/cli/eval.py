@@ -122,7 +122,8 @@ def leakage(
 ) -> None:
     """Detect benchmark leakage by shuffling options (arXiv 2409.01790): for each 4-option item, score all
     24 orderings of its options; flag the items whose published ordering scores highest (max_original,
-    chance 1/24) and, among those, the ones whose score is an isolation-forest outlier (iforest@T).
+    chance 1/24) and, among those, the ones whose score is an isolation-forest outlier (iforest@T). Needs
+    `pip install 'orionlm[eval]'` (scikit-learn).
 
     Example:
       orionlm leakage runs/m ../shared/data/eval/mmlu_test_subset.jsonl --limit 200 --out leak.json
