@@ -65,7 +65,8 @@ def list_recipes() -> None:
 def plot(run_dir: Path, /, *, compare: list[Path] | None = None, out: Path | None = None) -> None:
     """Write charts of a training run: loss.png, lr.png, expert_load.png (MoE runs).
 
-    With --compare, one loss chart over several runs (e.g. MoE against dense) goes to --out.
+    With --compare, one loss chart over several runs (e.g. MoE against dense) goes to --out. Needs `pip install
+    'orionlm[plot]'` (matplotlib).
 
     Args:
         run_dir: a run directory (it holds metrics.jsonl)

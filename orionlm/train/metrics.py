@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..errors import OrionError
+from ..errors import MissingExtra, OrionError, require
 from ..model import count_parameters, virtual_parameters
 from .distributed import Dist
 
@@ -110,12 +110,6 @@ class Interval:
         self.start = time.perf_counter()
 
 
-TENSORBOARD_OFF = (
-    "note: TensorBoard logging is off: tensorboard is not installed (pip install 'orionlm[tensorboard]' turns it on; "
-    "--run.tensorboard=false hides this note)\n"
-)
-
-
 class MetricsLog:
     """metrics.jsonl (and TensorBoard when installed: without it, a note says so once), written by rank 0 only."""
 
@@ -130,11 +124,13 @@ class MetricsLog:
         self.writer = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                sys.stderr.write(TENSORBOARD_OFF)
-            else:
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+                board = require("torch.utils.tensorboard", "tensorboard", "TensorBoard logging (run.tensorboard)")
+                self.writer = board.SummaryWriter(str(out_dir / "tensorboard"))
+            except MissingExtra as e:
+                print(
+                    f"note: {e}; logging to metrics.jsonl only (--run.tensorboard=false hides this note)",
+                    file=sys.stderr,
+                )
 
     def records(self) -> list[tuple[str, dict[str, Any]]]:
         """Each line of metrics.jsonl and its record. A last line that is not JSON is a write that a killed run

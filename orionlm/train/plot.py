@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError
+from ..errors import OrionError, require
 from .schedule import ScheduleConfig, lr_factor
 
 
@@ -38,10 +38,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise OrionError("charts need matplotlib: pip install matplotlib") from None
+    matplotlib = require("matplotlib", "plot", "drawing charts")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
