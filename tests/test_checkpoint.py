@@ -55,8 +55,11 @@ def test_save_model_round_trips_with_load_model(saved, tmp_path):
     assert save_model(model, tmp_path / "copy", tokenizer) == tmp_path / "copy"
     again, tokenizer_again, _ = load_model(tmp_path / "copy", device="cpu")
     assert again.config == model.config
-    # the sampling defaults it was loaded with, not the preset's (the writer adds the tokenizer's pad id)
-    assert model.generation_defaults.items() <= again.generation_defaults.items()
+    # the sampling defaults it was loaded with, not the preset's (the writer adds the tokenizer's pad id, and its
+    # EOS and end-of-turn token to the stop ids)
+    loaded, saved = dict(model.generation_defaults), dict(again.generation_defaults)
+    assert saved.pop("eos_token_id") == [loaded.pop("eos_token_id"), tokenizer.eos_id, tokenizer.end_of_turn_id]
+    assert loaded.items() <= saved.items()
     assert again.generation_defaults["top_k"] == 7
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
