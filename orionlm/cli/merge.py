@@ -28,7 +28,7 @@ def merge_checkpoints(config: Path, out: Path, /, *, seed: int = 0, force: bool 
       t: [{filter: self_attn, value: [0, 0.5, 1]}, {filter: mlp, value: 0.7}, {value: 0.5}]
 
     Example:
-      orionlm merge configs/merge-ties.yaml runs/merged
+      orionlm merge merge.yaml runs/merged
 
     Args:
         config: the merge YAML file
@@ -110,8 +110,8 @@ def merge_adapter(
     checkpoint holds its resolved recipe.yaml), or from --base.
 
     Examples:
-      orionlm merge-lora configs/sft-lora.yaml --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-400
-      orionlm merge-lora --base runs/m --adapter runs/sft/adapter --out runs/m-merged
+      orionlm merge-lora configs/sft-lora.yaml --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-300
+      orionlm merge-lora --base runs/m --adapter runs/adapter --out runs/m-merged
 
     Args:
         recipe: the training recipe (mode: lora) whose model.path is the base model

@@ -16,7 +16,7 @@ def train_model(recipe: Path, /, *overrides: str) -> None:
     `mode: quietstar` teaches a trained model to think before every token, on text (configs/quietstar.yaml).
     Every recipe key can be overridden after the recipe path, e.g.
       orionlm train configs/tinyshakespeare-moe.yaml --run.max_steps=200 --optim.lr=1e-3
-      orionlm train configs/sft-lora.yaml --model.path=runs/my-model --lora.r=32
+      orionlm train configs/sft-lora.yaml --model.path=runs/m --lora.r=32
     `--resume` continues the run in run.out_dir from its latest checkpoint; `--resume DIR` from DIR.
     Under torchrun the same command trains with DDP (or FSDP2 with --run.fsdp=true):
       torchrun --nproc-per-node 2 -m orionlm train RECIPE.yaml
