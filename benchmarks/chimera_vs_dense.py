@@ -5,7 +5,7 @@ blocks shared and run twice) spends more compute per token than its parameter co
 measures what the loop buys: at the same unique parameters and training tokens, does it reach a lower
 validation loss than a dense model?
 
-The Chimera is configs/tinystories-chimera.yaml's model: hidden 128, 6 unique blocks (2 bottom + 4 shared,
+The Chimera is recipe:tinystories-chimera's model: hidden 128, 6 unique blocks (2 bottom + 4 shared,
 looped twice: 10 virtual layers), attn_interval 4 (so one attention block, the last shared one: 2 of the
 10 virtual layers), GDN with 4 heads of 32, FFN 341. The dense model (preset tiny-dense: RMSNorm, SwiGLU,
 RoPE, GQA with 4 q / 2 kv heads) has hidden 128 and 8 layers of FFN 362, which matches the Chimera's

@@ -9,7 +9,7 @@ does the merged model keep each expert's loss on its domain?
    that everything but the MLPs stays the base's, which is what the MoE takes from the base (moe-merge
    folds the adapters in).
 3. `orionlm moe-merge` (the real CLI) with hidden gates, top-2, each expert's positive prompts --prompts
-   200-character excerpts of its domain's training text (configs/moe-merge.yaml has the same layout with
+   200-character excerpts of its domain's training text (recipe:moe-merge has the same layout with
    hand-written prompts; a few hand-written prompts route less well than many excerpts).
 4. On each domain's held-out documents (the last 5% of its documents, never trained on): which expert the
    router ranks first for each token (per layer, and averaged over layers: the routing table, also drawn as

@@ -2,7 +2,7 @@
 table (Frantar et al. 2022, arXiv 2210.17323) for orionlm.quant.
 
 The model is any orionlm model directory (--model; a training run directory loads its newest checkpoint), e.g.
-one trained with `orionlm train configs/pretrain-mixture.yaml`; the default is a 14.8M-parameter MoE (8 experts
+one trained with `orionlm train recipe:pretrain-mixture`; the default is a 14.8M-parameter MoE (8 experts
 top-2, hidden 256, 6 layers, 8192-token BPE) trained on ../shared/data. It is quantized once per row, always
 from the same full-precision weights, with orionlm.quant.quantize_model: RTN and GPTQ at --bits and
 --group-sizes (-1: one group per output row), and GPTQ also with act order (desc_act) and with act order and

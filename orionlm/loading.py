@@ -138,10 +138,26 @@ def is_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
+def adapter_base_name(adapter: Path) -> str | None:
+    """The base model a LoRA adapter was trained on, as its adapter_config.json names it (none: not named)."""
+    return read_json_object(adapter / ADAPTER_CONFIG).get("base_model_name_or_path") or None
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names mean one model: the same name, or local paths to one directory (a training run
+    standing for its newest checkpoint). A Hub id is not downloaded to compare it with a local copy."""
+    if a == b:
+        return True
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    if not (first.exists() and second.exists()):
+        return False
+    return resolve_model_path(first).resolve() == resolve_model_path(second).resolve()
+
+
 def open_adapter_base(adapter: Path) -> ModelSource:
     """The base model named in a LoRA adapter's config, opened, with the tokenizer saved beside the adapter (the
     fine-tuning run's own) when there is one."""
-    base = read_json_object(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
+    base = adapter_base_name(adapter)
     if not base:
         raise OrionError(f"{adapter} is a LoRA adapter that does not name its base model; "
                          f"run orionlm merge-lora --base MODEL --adapter {adapter} --out DIR")  # fmt: skip

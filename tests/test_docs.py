@@ -4,7 +4,7 @@ The examples are read from the docs themselves: README.md's ```bash blocks (cont
 dropped, bash's `$'...'` decoded), the command lines of every verb's --help, and README.md's ```python blocks.
 Each bash block, each verb's --help and each python block runs in order in a sandbox of its own: `work/` is the
 working directory, `shared` beside it the real ../shared (so the recipes' `../shared/data/...` resolve), and
-`work/` holds configs/ and the inputs the docs take as given (see `inputs`), less those the block writes itself.
+`work/` holds the inputs the docs take as given (see `inputs`), less those the block writes itself.
 
 Commands run in-process on tiny models, with the placeholders of SUBSTITUTE replaced and the short settings of RUN
 added. Those that cannot run here are parsed by the real parser (PARSE_ONLY) or listed with a reason (NOT_RUN);
@@ -38,11 +38,8 @@ from orionlm.checkpoint import save_checkpoint
 from orionlm.cli import COMMANDS, main
 from orionlm.cli.parser import build_parser
 from orionlm.config import preset
-from orionlm.convert.peft import save_adapter
 from orionlm.errors import OrionError
-from orionlm.loading import load_model
 from orionlm.model import OrionLM
-from orionlm.nn.lora import LoRAConfig, apply_lora
 from orionlm.tokenizer import Tokenizer
 from orionlm.train.recipe import Recipe, load_recipe
 
@@ -50,7 +47,7 @@ README = REPO / "README.md"
 
 # Placeholders of the docs -> what stands for them in the sandbox (whole words, also inside `--flag=WORD`).
 SUBSTITUTE = {
-    "RECIPE.yaml": "recipe.yaml",
+    "RECIPE": "recipe.yaml",
     "RUN_DIR": "runs/tiny",  # recipe.yaml's run
     "FILE": "corpus.txt",
     "DIR": "runs/adapter",
@@ -68,8 +65,7 @@ TRAIN = (
 )
 
 # The commands that run: command prefix -> the words added after the documented ones (argparse and the recipe
-# overrides take the last value given). Every prefix that starts a command applies, shorter ones first. In a key,
-# `recipe:NAME` stands for configs/NAME.yaml as well.
+# overrides take the last value given). Every prefix that starts a command applies, shorter ones first.
 RUN = {
     "orionlm quickstart": "--steps 2 --data.sources.0.glob=a*.py --data.seq_len=32 --run.batch_size=2 "
     "--run.eval_batches=1",
@@ -78,6 +74,7 @@ RUN = {
     "orionlm train recipe:tinystories-chimera": "--tokenizer.train_max_bytes=300000",
     "orionlm train recipe:gsm8k-base": "--tokenizer.train_max_bytes=300000",
     "orionlm train recipe:sft-lora": "--data.seq_len=512",  # a whole GSM8K conversation
+    "orionlm recipes": "",
     "orionlm plot": "",
     "orionlm info": "",
     "orionlm init": "",
@@ -117,6 +114,7 @@ class Example:
     block: str  # the examples of one block run in order, in one sandbox
     run: tuple[str, ...] = ()  # the words that run: optional [...] parts left out
     full: tuple[str, ...] = ()  # every word, optional ones included, for the parse check
+    stdout: str = ""  # the file its output goes to (`> FILE`)
     code: str = ""  # a python example's source
 
 
@@ -172,7 +170,8 @@ def fenced_blocks(language: str) -> Iterator[tuple[int, str]]:
 
 def commands(text: str, where: str, block: str) -> Iterator[Example]:
     for words in split_words(text):
-        yield Example(where, " ".join(words), block, *optional_parts(words))
+        end = words.index(">") if ">" in words else len(words)
+        yield Example(where, " ".join(words), block, *optional_parts(words[:end]), stdout=" ".join(words[end + 1 :]))
 
 
 def readme_examples() -> Iterator[Example]:
@@ -199,8 +198,8 @@ def help_examples() -> Iterator[Example]:
         description = re.split(r"\n(?:positional arguments|options):\n", text.getvalue())[0]
         where = f"orionlm {' '.join(verb)} --help"
         for line in description.splitlines():
-            if line.strip().startswith(("orionlm ", "torchrun ")):
-                yield from commands(line, where, where)
+            if line.strip().startswith(("orionlm ", "torchrun ")):  # each an example of its own
+                yield from commands(line, where, f"{where}: {line.strip()}")
 
 
 EXAMPLES = [*readme_examples(), *help_examples()]
@@ -213,8 +212,8 @@ for _example in EXAMPLES:
 
 
 def table_entries(table: dict[str, Any], words: Sequence[str]) -> list[str]:
-    """The keys of `table` that start the command, shortest first (configs/NAME.yaml matches recipe:NAME)."""
-    text = re.sub(r"\bconfigs/([\w.-]+)\.yaml\b", r"recipe:\1", " ".join(words))
+    """The keys of `table` that start the command, shortest first."""
+    text = " ".join(words)
     return sorted((key for key in table if text == key or text.startswith(key + " ")), key=len)
 
 
@@ -306,34 +305,51 @@ def tiny_model(name: str, tokenizer: Tokenizer, path: Path, **overrides: Any) ->
     return path
 
 
+TINY_RUN = """\
+run: {{out_dir: {}, max_steps: 2, batch_size: 2, eval_every: 0, eval_batches: 1, save_every_steps: 2, plot: false,
+      progress: false}}
+"""
 TINY_RECIPE = """\
-# What RECIPE.yaml stands for: a tiny MoE on corpus.txt, 2 steps.
+# What RECIPE stands for: a tiny MoE on corpus.txt, 2 steps.
 model: {preset: tiny-moe, overrides: {max_seq_len: 64}}
 tokenizer: {train_vocab_size: 320}
 data: {sources: [{path: corpus.txt}], seq_len: 32, val_fraction: 0.1}
-optim: {name: adamw, lr: 1.0e-3}
 schedule: {kind: cosine, warmup_steps: 1}
-run: {out_dir: runs/tiny, max_steps: 2, batch_size: 2, eval_every: 0, eval_batches: 1, save_every_steps: 2,
-      plot: false, progress: false}
-"""
+""" + TINY_RUN.format("runs/tiny")
+LORA_RECIPE = """\
+mode: lora
+model: {path: runs/m}
+data: {sources: [{path: ../build/chat.jsonl}], seq_len: 64, val_fraction: 0.25}
+lora: {r: 2, target_modules: [q_proj, v_proj]}
+schedule: {kind: cosine, warmup_steps: 1}
+""" + TINY_RUN.format("runs/sft-lora")
 
-ITEMS = [
-    {"id": "1", "question": "What do bees make?", "choices": ["honey", "iron", "glass", "salt"], "answer": 0},
-    {"id": "2", "question": "Which is a colour?", "choices": ["seven", "blue", "north", "loud"], "answer": 1},
-]
+QUESTIONS = {"What do bees make?": ["honey", "iron", "glass", "salt"], "Which is a colour?": ["seven", "blue", "cold"]}
 
 
-def build_models(root: Path, tokenizer: Tokenizer) -> None:
-    """runs/m (a tiny MoE: the docs' model), its copy runs/pretrain-mixture (the base configs/sft-lora.yaml names),
-    a LoRA adapter on it (runs/adapter, and as the last checkpoint of a LoRA run runs/sft-lora), its Hugging Face
-    export, a dense model as GGUF and as the sources of configs/moe-merge.yaml and the README's merge.yaml, and a
-    Chimera in Auron's layout."""
+def write_data(root: Path) -> None:
+    """corpus.txt (the standard library's json package), recipe.yaml, the README's merge.yaml, and outside the
+    sandbox the data of the LoRA run: a few chat conversations, and multiple-choice items."""
+    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))]
+    (root / "corpus.txt").write_text("\n".join(texts))
+    (root / "recipe.yaml").write_text(TINY_RECIPE)
+    (root / "merge.yaml").write_text(next(body for _, body in fenced_blocks("yaml")))
+    build = root.parent / "build"
+    build.mkdir()
+    (build / "lora.yaml").write_text(LORA_RECIPE)
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": c[0]}] for q, c in QUESTIONS.items()]
+    (build / "chat.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats * 4))
+    items = [{"id": str(i), "question": q, "choices": c, "answer": 0} for i, (q, c) in enumerate(QUESTIONS.items())]
+    (build / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+
+
+def build_models(root: Path) -> None:
+    """runs/m (a tiny MoE: the docs' model) and its copy runs/pretrain-mixture (the base recipe:sft-lora names),
+    runs/m's Hugging Face export, a dense model as GGUF and as the sources of recipe:moe-merge and the README's
+    merge.yaml, and a Chimera in Auron's layout."""
+    tokenizer = Tokenizer.train_bpe((root / "corpus.txt",), vocab_size=400)
     model = tiny_model("tiny-moe", tokenizer, root / "runs/m", max_seq_len=128)
     shutil.copytree(model, root / "runs/pretrain-mixture")
-    lm, _, _ = load_model(model, device="cpu")
-    apply_lora(lm, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    save_adapter(lm, root / "runs/adapter", "runs/m")
-    shutil.copytree(root / "runs/adapter", root / "runs/sft-lora/checkpoints/checkpoint-2")
     dense = tiny_model("tiny-dense", tokenizer, root.parent / "build/dense")
     for name in ("chat", "code", *(f"frankenmoe/{e}" for e in ("base", "english", "python", "portuguese", "finnish"))):
         shutil.copytree(dense, root / "runs" / name)
@@ -349,27 +365,32 @@ def build_models(root: Path, tokenizer: Tokenizer) -> None:
 
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The inputs the docs take as given, built once: corpus.txt (the standard library's json package), recipe.yaml
-    and a finished run of it, runs/quickstart (what quickstart leaves), the models of build_models, merge.yaml (the
-    README's own), the eval results runs/a.json and runs/b.json, and configs/ (the repository's)."""
+    """The inputs the docs take as given, built once: the files of write_data, the models of build_models, a LoRA
+    run on runs/m (runs/sft-lora) and its adapter (runs/adapter), a finished run of recipe.yaml as runs/quickstart
+    (what quickstart leaves), and the eval results runs/a.json and runs/b.json."""
     root = tmp_path_factory.mktemp("docs") / "inputs"
     root.mkdir()
-    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))]
-    (root / "corpus.txt").write_text("\n".join(texts))
-    (root / "recipe.yaml").write_text(TINY_RECIPE)
-    (root / "merge.yaml").write_text(next(body for _, body in fenced_blocks("yaml")))
-    (root / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
-    if (REPO / "configs").is_dir():
-        (root / "configs").symlink_to(REPO / "configs")
+    write_data(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("ORIONLM_CACHE", str(root.parent / "cache"))
-        build_models(root, Tokenizer.train_bpe_from_texts(texts, vocab_size=400))
+        build_models(root)
         for argv in (
+            ["train", "../build/lora.yaml"],
             ["train", "recipe.yaml", "--run.out_dir=runs/quickstart"],
-            ["eval", "runs/m", "--tasks", "arc_easy", "--task-file", "arc_easy=items.jsonl", "--out", "runs/a.json"],
+            [
+                "eval",
+                "runs/m",
+                "--tasks",
+                "arc_easy",
+                "--task-file",
+                "arc_easy=../build/items.jsonl",
+                "--out",
+                "runs/a.json",
+            ],
         ):
             assert call(argv) is None, argv
+    shutil.copytree(root / "runs/sft-lora/checkpoints/checkpoint-2", root / "runs/adapter")
     shutil.copyfile(root / "runs/a.json", root / "runs/b.json")
     return root
 
@@ -444,10 +465,13 @@ def execute(example: Example, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> s
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(STDIN[key] for key in table_entries(STDIN, example.run))))
     words = runnable(example.run)
     capsys.readouterr()
-    if failure := call(words[1:]):
-        out, err = capsys.readouterr()
+    failure = call(words[1:])
+    out, err = capsys.readouterr()
+    if failure:
         pytest.fail(f"{example.where}: `{example.text}` (run as `{shlex.join(words)}`) {failure}\n"
                     f"{out[-2000:]}{err[-3000:]}", pytrace=False)  # fmt: skip
+    if example.stdout:
+        Path(example.stdout).write_text(out)
     return None
 
 

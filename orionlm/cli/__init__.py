@@ -24,7 +24,7 @@ from .model import info, init
 from .parser import build_parser, run
 from .quantize import quantize_checkpoint
 from .serve import serve_model
-from .train import plot, quickstart, tokenizer_train, train_model
+from .train import list_recipes, plot, quickstart, tokenizer_train, train_model
 
 COMMANDS = {
     "info": info,
@@ -33,6 +33,7 @@ COMMANDS = {
     "chat": chat,
     "quickstart": quickstart,
     "train": train_model,
+    "recipes": list_recipes,
     "plot": plot,
     "serve": serve_model,
     "bench": bench_serving,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from ..checkpoint import refuse_existing
@@ -71,17 +72,19 @@ def assemble_moe(config: Path, out: Path, /, *, seed: int = 0, force: bool = Fal
     cheap_embed: the normalised sum of the prompts' token embeddings, the same for every layer.
 
     Example:
-      orionlm moe-merge configs/moe-merge.yaml runs/franken-moe
+      orionlm moe-merge recipe:moe-merge runs/franken-moe      # the recipe that ships with orionlm
 
     Args:
-        config: the moe-merge YAML file
+        config: the moe-merge YAML file (or recipe:NAME)
         out: the MoE model directory to write (loads with orionlm; convert to-hf exports it for transformers)
         seed: seeds random gates and noise_scale
         force: replace out if it exists
     """
     from ..merge.moe import load_moe_merge_config, moe_merge
     from ..model import count_parameters
+    from ..train.recipe import recipe_file
 
+    config = recipe_file(config)
     merge_config = load_moe_merge_config(config)
     refuse_existing(out, force)
     merged = moe_merge(merge_config, seed=seed)
@@ -106,45 +109,75 @@ def merge_adapter(
     """Fold a LoRA adapter (PEFT files, written by orionlm or by peft) into its base model and write the
     result as an orionlm model directory.
 
-    The base model comes from the recipe the adapter was trained with (its model.path; every LoRA
-    checkpoint holds its resolved recipe.yaml), or from --base.
+    The base model is the one the adapter was trained on, as its adapter_config.json names it
+    (base_model_name_or_path), whatever a recipe says. --base gives the base of an adapter that names none or
+    whose base has moved, and the full-precision model for an adapter trained on a quantized one (QLoRA); any
+    other --base than the adapter's own base is refused. A RECIPE (the training recipe, a path or recipe:NAME)
+    fills in what the adapter does not say.
+    The output goes by default to run.out_dir/merged of the recipe saved beside the adapter (every orionlm
+    LoRA checkpoint holds its resolved recipe.yaml), else of RECIPE.
 
     Examples:
-      orionlm merge-lora configs/sft-lora.yaml --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-300
+      orionlm merge-lora --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-300
+      orionlm merge-lora recipe:sft-lora --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-300
       orionlm merge-lora --base runs/m --adapter runs/adapter --out runs/m-merged
 
     Args:
-        recipe: the training recipe (mode: lora) whose model.path is the base model
+        recipe: the training recipe (mode: lora), for an adapter that names no base and has no recipe.yaml
         adapter: the adapter directory (adapter_config.json, adapter_model.safetensors)
-        base: the base model (a model directory, a .gguf file or a Hub id) instead of the recipe's
-        out: the merged model directory to write (default: RECIPE's run.out_dir/merged)
+        base: the base model (a model directory, a .gguf file or a Hub id), for an adapter that names none or
+            whose base has moved
+        out: the merged model directory to write (default: run.out_dir/merged of the adapter's recipe)
         force: replace out if it exists
     """
     from ..checkpoint import save_checkpoint
-    from ..convert.peft import load_adapter
+    from ..convert.peft import attach_adapter, read_adapter
     from ..loading import load_model
     from ..nn.lora import merge_lora
+    from ..train.recipe import load_recipe
 
     if adapter is None:
         raise OrionError("give the adapter directory: --lora_model_dir=DIR (or --adapter DIR)")
-    if (recipe is None) == (base is None):
-        raise OrionError("give either the recipe the adapter was trained with or --base MODEL")
-    if recipe is not None:
-        from ..train.recipe import load_recipe
-
-        loaded = load_recipe(recipe)
-        if loaded.model.path is None:
-            raise OrionError(f"{recipe} has no model.path: it did not train an adapter on a base model")
-        base, out = loaded.model.path, out or Path(loaded.run.out_dir) / "merged"
+    lora, factors = read_adapter(adapter)
+    given = load_recipe(recipe) if recipe is not None else None
+    base = _merge_base(adapter, base, given.model.path if given else None)
     if out is None:
-        raise OrionError("give the output directory: --out DIR (or --output_dir DIR)")
+        saved = adapter / "recipe.yaml"
+        trained = load_recipe(saved) if saved.is_file() else given
+        if trained is None:
+            raise OrionError("give the output directory: --out DIR (or --output_dir DIR)")
+        out = Path(trained.run.out_dir) / "merged"
     refuse_existing(out, force)
     model, tokenizer, _ = load_model(base, device="cpu")
-    config = load_adapter(model, adapter)
+    attach_adapter(model, lora, factors, adapter)
     merge_lora(model)
     save_checkpoint(model, out, tokenizer, getattr(model, "generation_defaults", None) or None)
-    targets = ", ".join(config.target_modules + config.target_parameters)
-    print(f"wrote {out} ({base} + {adapter}: rank {config.r} on {targets})")
+    targets = ", ".join(lora.target_modules + lora.target_parameters)
+    print(f"wrote {out} ({base} + {adapter}: rank {lora.r} on {targets})")
+
+
+def _merge_base(adapter: Path, base: str | None, recipe_base: str | None) -> str:
+    """The model to fold the adapter into: --base, checked against the base the adapter names; else that one
+    (a recipe naming another gets a note); else the recipe's model.path."""
+    from ..loading import adapter_base_name, read_model_config, same_model
+
+    named = adapter_base_name(adapter)
+    if base is not None:
+        # Another base is refused only where the adapter's own is here to compare with, and is no quantized
+        # model: a QLoRA adapter merges into the full-precision model that was quantized.
+        other = named and Path(named).expanduser().exists() and not same_model(base, named)
+        if other and not read_model_config(named).quantization_config:
+            raise OrionError(f"adapter {adapter} was trained on {named}, not on --base {base}: leave out --base "
+                             f"to merge it onto {named}")  # fmt: skip
+        return base
+    if named:
+        if recipe_base and not same_model(recipe_base, named):
+            sys.stderr.write(f"note: adapter {adapter} was trained on {named}, not on the recipe's model.path "
+                             f"{recipe_base}; merging onto {named}\n")  # fmt: skip
+        return named
+    if recipe_base is None:
+        raise OrionError(f"adapter {adapter} does not name its base model: give --base MODEL")
+    return recipe_base
 
 
 merge_adapter.aliases = {"adapter": ["--lora-model-dir", "--lora_model_dir"], "out": ["--output-dir", "--output_dir"]}

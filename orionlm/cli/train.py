@@ -8,27 +8,53 @@ from pathlib import Path
 from ..errors import OrionError
 
 
-def train_model(recipe: Path, /, *overrides: str) -> None:
+def train_model(recipe: Path, /, *overrides: str, print_config: bool = False) -> None:
     """Train a model from a recipe: data mixture, tokenizer, model, optimizer, schedule, run options.
 
-    `mode: pretrain` (the default) trains from scratch on text; `mode: sft` fine-tunes all of a trained
-    model (model.path) and `mode: lora` trains adapters on it, on chat data (see configs/sft-lora.yaml);
-    `mode: quietstar` teaches a trained model to think before every token, on text (configs/quietstar.yaml).
-    Every recipe key can be overridden after the recipe path, e.g.
-      orionlm train configs/tinyshakespeare-moe.yaml --run.max_steps=200 --optim.lr=1e-3
-      orionlm train configs/sft-lora.yaml --model.path=runs/m --lora.r=32
+    RECIPE is a YAML file or one of the recipes that ship with orionlm, recipe:NAME (`orionlm recipes` lists
+    them). `mode: pretrain` (the default) trains from scratch on text; `mode: sft` fine-tunes all of a trained
+    model (model.path) and `mode: lora` trains adapters on it, on chat data (see recipe:sft-lora);
+    `mode: quietstar` teaches a trained model to think before every token, on text (recipe:quietstar).
+    Every recipe key can be overridden after the recipe, e.g.
+      orionlm train recipe:tinyshakespeare-moe --run.max_steps=200 --optim.lr=1e-3
+      orionlm train recipe:sft-lora --model.path=runs/m --lora.r=32
+      orionlm train recipe:sft-lora --lora.r=32 --print-config > my-recipe.yaml   # a copy to edit
     `--resume` continues the run in run.out_dir from its latest checkpoint; `--resume DIR` from DIR.
     Under torchrun the same command trains with DDP (or FSDP2 with --run.fsdp=true):
-      torchrun --nproc-per-node 2 -m orionlm train RECIPE.yaml
+      torchrun --nproc-per-node 2 -m orionlm train RECIPE
 
     Args:
-        recipe: the recipe YAML file (see configs/)
+        recipe: the recipe YAML file, or recipe:NAME
         overrides: --section.key=value changes to the recipe, and --resume [DIR]
+        print_config: print the resolved recipe (the overrides applied, every default written out) as YAML
+            and stop
     """
     from ..train.recipe import load_recipe
     from ..train.trainer import train
 
-    train(load_recipe(recipe, overrides))
+    loaded = load_recipe(recipe, overrides)
+    if print_config:
+        print(loaded.to_yaml(), end="")
+        return
+    train(loaded)
+
+
+def list_recipes() -> None:
+    """List the recipes that ship with orionlm: name, the verb that runs it, and its one-line description.
+
+    Give one as recipe:NAME wherever a recipe file goes:
+      orionlm train recipe:tinyshakespeare-moe --run.max_steps=200
+      orionlm train recipe:sft-lora --print-config      # the whole recipe, resolved, as YAML
+      orionlm moe-merge recipe:moe-merge runs/franken
+    """
+    from ..train.recipe import read_yaml_mapping, recipe_summary, shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        # a moe-merge config (mergekit-moe's format) lists experts; every other shipped recipe is a training one
+        verb = "moe-merge" if "experts" in read_yaml_mapping(path, "recipe", "keys") else "train"
+        print(f"{name:<{width}}  {verb:<9}  {recipe_summary(path)}")
 
 
 def plot(run_dir: Path, /, *, compare: list[Path] | None = None, out: Path | None = None) -> None:

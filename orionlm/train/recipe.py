@@ -34,6 +34,9 @@ from .quietstar import QuietStarConfig
 from .schedule import ScheduleConfig
 
 MODES = ("pretrain", "sft", "lora", "quietstar")
+# The recipes that ship with orionlm, as package data: `recipe:NAME` names one wherever a recipe file goes.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_PREFIX = "recipe:"
 
 
 class RecipeError(OrionError):
@@ -133,8 +136,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The recipe as YAML that load_recipe reads back to an equal Recipe, every default written out."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 class YAMLLoader(yaml.SafeLoader):
@@ -248,12 +255,35 @@ def expand_overrides(words: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship with orionlm, by name (the file's name without .yaml)."""
+    return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_file(path: str | Path) -> Path:
+    """The file of a recipe: `recipe:NAME` is the recipe NAME that ships with orionlm, anything else a path."""
+    if not str(path).startswith(RECIPE_PREFIX):
+        return Path(path)
+    name, recipes = str(path).removeprefix(RECIPE_PREFIX).removesuffix(".yaml"), shipped_recipes()
+    if name not in recipes:
+        raise RecipeError(f"no recipe {unknown_names([name], recipes)} ships with orionlm; the recipes: "
+                          f"{', '.join(recipes)} (orionlm recipes describes them)")  # fmt: skip
+    return recipes[name]
+
+
+def recipe_summary(path: Path) -> str:
+    """A recipe's one-line description: the first line of its leading comment."""
+    first = path.read_text().partition("\n")[0]
+    return first.removeprefix("#").strip() if first.startswith("#") else ""
+
+
 def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]:
-    """The mapping at the top of a YAML file; a missing file, invalid YAML or anything but a mapping is a
-    RecipeError naming the file (`what` it is, and what its mapping `holds`)."""
-    path = Path(path)
+    """The mapping at the top of a YAML file (or of a shipped recipe, `recipe:NAME`); a missing file, invalid YAML
+    or anything but a mapping is a RecipeError naming the file (`what` it is, and what its mapping `holds`)."""
+    path = recipe_file(path)
     if not path.is_file():
-        raise RecipeError(f"{what} {path} does not exist")
+        shipped = f"; orionlm ships one as recipe:{path.stem}" if path.stem in shipped_recipes() else ""
+        raise RecipeError(f"{what} {path} does not exist{shipped}")
     try:
         data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -264,8 +294,8 @@ def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML file (or start from nothing), apply the overrides (command-line words, see
-    expand_overrides), validate everything."""
+    """Read a recipe YAML file (a path or `recipe:NAME`, or start from nothing), apply the overrides (command-line
+    words, see expand_overrides), validate everything."""
     data = read_yaml_mapping(path, "recipe", "sections (model, data, optim, ...)") if path is not None else {}
     for override in expand_overrides(overrides):
         apply_override(data, override)

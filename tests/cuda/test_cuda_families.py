@@ -55,7 +55,7 @@ def train_step(model: OrionLM, inputs, targets, device: torch.device, bf16: bool
     """One step on `device`, under bf16 autocast or in float32: the loss, the gradients and the updated model,
     back on the CPU in float32."""
     model = copy.deepcopy(model).to(device).train()
-    # Chimera trains with Muon (Newton-Schulz in bf16) on its matrices, as configs/tinystories-chimera.yaml does
+    # Chimera trains with Muon (Newton-Schulz in bf16) on its matrices, as recipe:tinystories-chimera does
     optimizer = build_optimizer(model, OptimConfig(name="muon" if model.config.architecture == "chimera" else "adamw",
                                                    lr=1e-2, weight_decay=0.0))  # fmt: skip
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -5,7 +5,6 @@ output loaded by transformers (Mixtral and Qwen2-MoE), and mergekit-moe itself t
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from orionlm.errors import OrionError
 from orionlm.loading import load_model
 from orionlm.merge.moe import ExpertSource, MoEMergeConfig, MoEMergeError, load_moe_merge_config, moe_merge
 from orionlm.model import OrionLM
+from orionlm.train.recipe import RECIPES_DIR
 
 from .conftest import built, cli_error, dense, tokenizer
 
@@ -279,7 +279,18 @@ def test_a_lora_adapter_source_is_folded_in(sources, tmp_path):
     )
 
 
-def test_the_shipped_config_parses():
-    config = load_moe_merge_config(Path(__file__).parents[2] / "configs" / "moe-merge.yaml")
+def test_the_shipped_recipe_merges_by_name(sources, tmp_path, monkeypatch, capsys):
+    """`orionlm moe-merge recipe:moe-merge OUT` reads the recipe that ships with orionlm (its model paths relative to
+    the working directory) and keeps a copy of it beside the MoE."""
+    config = load_moe_merge_config("recipe:moe-merge")
     assert [len(e.positive_prompts or []) for e in config.experts] == [3, 3, 3, 3]
     assert config.architecture == "mixtral" and config.gate_mode == "hidden"
+    models = tmp_path / "runs" / "frankenmoe"
+    models.mkdir(parents=True)
+    stand_ins = {"base": "base", "english": "code", "python": "numbers", "portuguese": "base", "finnish": "code"}
+    for name, source in stand_ins.items():
+        (models / name).symlink_to(sources[source])
+    monkeypatch.chdir(tmp_path)
+    main(["moe-merge", "recipe:moe-merge", "moe"])
+    assert "wrote moe: 4 experts, top-2, hidden gates" in capsys.readouterr().out
+    assert (tmp_path / "moe" / "moe_merge.yaml").read_bytes() == (RECIPES_DIR / "moe-merge.yaml").read_bytes()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.convert.hf import save_hf
 from orionlm.convert.peft import load_adapter, save_adapter
@@ -143,7 +144,7 @@ def test_bad_adapters_are_refused(base, tmp_path):
     # bad adapter files (junk or list config, no r, truncated weights, an adapter as base): tests/test_bad_files.py
 
 
-def test_merge_lora_command(base, tmp_path):
+def test_merge_lora_command(base, tmp_path, capsys):
     import subprocess
     import sys
 
@@ -163,6 +164,13 @@ def test_merge_lora_command(base, tmp_path):
         torch.testing.assert_close(merged(IDS).logits, model.eval()(IDS).logits, atol=1e-5, rtol=1e-5)
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 2 and "--force" in again.stderr
+    # This adapter names no base, and has no recipe beside it to name the output directory.
+    adapter, fp = str(tmp_path / "adapter"), str(tmp_path / "base")
+    for args, message in [([], "does not name its base model: give --base MODEL"),
+                          (["--base", fp], "give the output directory: --out DIR")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["merge-lora", "--adapter", adapter, *args])
+        assert message in capsys.readouterr().err
 
 
 def _routes(model):

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from orionlm.checkpoint import save_checkpoint
+from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.convert.peft import load_adapter, save_adapter
 from orionlm.errors import OrionError
@@ -114,6 +116,12 @@ def test_adapter_saved_on_a_quantized_base_loads_on_it_and_on_full_precision(tmp
         torch.testing.assert_close(on_float(IDS).logits, want, atol=1e-4, rtol=1e-4)
     with pytest.raises(OrionError, match="merge it into the full-precision model"):
         merge_lora(loaded)
+    # ... which merge-lora does when --base names it, though the adapter names the quantized model as its base
+    save_checkpoint(dequantized(base), tmp_path / "fp", TOK)
+    main(["merge-lora", "--base", str(tmp_path / "fp"), "--adapter", str(tmp_path / "adapter"), "--out",
+          str(tmp_path / "merged")])  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "merged")[0](IDS).logits, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-chimera"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from orionlm.checkpoint import save_checkpoint
 from orionlm.cli import main
@@ -27,11 +28,11 @@ def conversation(i: int) -> dict:
                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}  # fmt: skip
 
 
-def make_base(root: Path, name: str) -> Path:
+def make_base(root: Path, name: str, seed: int = 0) -> Path:
     """A small saved model to fine-tune, with chat data beside it."""
     tokenizer = Tokenizer.byte_level()
     model = OrionLM(preset(name, vocab_size=tokenizer.vocab_size, max_seq_len=128))
-    model.reset_parameters(seed=0)
+    model.reset_parameters(seed=seed)
     save_checkpoint(model, root / "model", tokenizer)
     (root / "chat.jsonl").write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(60)))
     return root
@@ -114,6 +115,51 @@ def test_lora_trains_adapters_resumes_exactly_and_merges(tmp_path, base):
     torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=1e-5)
     original, _, _ = load_model(base / "model", device="cpu")
     assert (logits(original) - expected).abs().max() > 1e-3
+
+
+def test_merge_lora_folds_the_adapter_into_the_base_it_was_trained_on(tmp_path, capsys):
+    """An adapter trained with --model.path=B on a recipe naming A merges onto B (its adapter_config.json names B):
+    every adapted weight is B's plus scaling * lora_B @ lora_A, every other tensor B's own. A --base other than B
+    is one line, and writes nothing."""
+    a, b = make_base(tmp_path / "a", "tiny-dense", seed=0), make_base(tmp_path / "b", "tiny-dense", seed=1)
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    recipe = write_recipe(tmp_path / "r", a, "lora", lora=lora, run={"max_steps": 2, "save_every_steps": 0})
+    last = find_checkpoints(train(load_recipe(recipe, [f"--model.path={b / 'model'}"])))[-1][1]
+    capsys.readouterr()
+    main(["merge-lora", str(recipe), f"--lora_model_dir={last}"])  # out: the run's out_dir/merged
+    out, err = capsys.readouterr()
+    merged_dir = tmp_path / "r" / "run" / "merged"
+    assert out.startswith(f"wrote {merged_dir} ({b / 'model'} + {last}: rank 4")
+    assert err == (f"note: adapter {last} was trained on {b / 'model'}, not on the recipe's model.path "
+                   f"{a / 'model'}; merging onto {b / 'model'}\n")  # fmt: skip
+    merged, base_b = load_file(merged_dir / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    factors = load_file(last / "adapter_model.safetensors")
+    assert set(merged) == set(base_b)
+    adapted = 0
+    for name, weight in base_b.items():
+        module = name.removesuffix(".weight")
+        if module.endswith(("q_proj", "v_proj")):
+            down, up = (factors[f"base_model.model.{module}.lora_{x}.weight"] for x in "AB")
+            assert up.abs().max() > 0  # trained: B left zero would hide the adapter
+            torch.testing.assert_close(merged[name], weight + 8 / 4 * up @ down, atol=1e-6, rtol=0)
+            adapted += 1
+        else:
+            assert torch.equal(merged[name], weight), name
+    assert adapted == 2 * preset("tiny-dense").num_layers
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(load_file(a / "model" / "model.safetensors")[q_proj], base_b[q_proj])
+
+    with pytest.raises(SystemExit) as refused:
+        main(["merge-lora", "--base", str(a / "model"), "--adapter", str(last), "--out", str(tmp_path / "x")])
+    assert refused.value.code == 2 and not (tmp_path / "x").exists()
+    assert capsys.readouterr().err == (f"orionlm: error: adapter {last} was trained on {b / 'model'}, not on --base "
+                                       f"{a / 'model'}: leave out --base to merge it onto {b / 'model'}\n")  # fmt: skip
+    # The same base spelled another way, and a shipped recipe naming neither, merge onto B as well.
+    main(["merge-lora", "--base", f"{b}/./model/", "--adapter", str(last), "--out", str(tmp_path / "same")])
+    main(["merge-lora", "recipe:sft-lora", f"--lora_model_dir={last}", "--out", str(tmp_path / "shipped")])
+    for other in ("same", "shipped"):
+        assert load_file(tmp_path / other / "model.safetensors").keys() == merged.keys()
+        assert all(torch.equal(t, merged[n]) for n, t in load_file(tmp_path / other / "model.safetensors").items())
 
 
 def test_lora_on_a_quantized_base(tmp_path, base):
