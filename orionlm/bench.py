@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +34,17 @@ class BenchRow:
     per_client: float  # median decode tokens/s of one request
     ttft: tuple[float, float]  # seconds, median and p90
     itl: tuple[float, float]  # seconds, median and p90
+
+    def as_json(self) -> dict[str, Any]:
+        """The row with its units in the names (`orionlm bench --json`)."""
+        return {
+            "input_tokens": self.input_len,
+            "concurrency": self.concurrency,
+            "aggregate_tokens_per_s": self.aggregate,
+            "tokens_per_s_per_client": self.per_client,
+            "ttft_s": {"median": self.ttft[0], "p90": self.ttft[1]},
+            "itl_s": {"median": self.itl[0], "p90": self.itl[1]},
+        }
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:

@@ -421,8 +421,8 @@ def refuse_existing(path: Path, force: bool) -> None:
     if not force:
         raise OrionError(f"{path} exists; pass --force to replace it")
     if path.is_dir() and any(path.iterdir()) and not is_model_directory(path):
-        raise OrionError(f"{path} is not a model directory, so --force will not replace it (that would delete "
-                         "everything in it); choose another output path")  # fmt: skip
+        raise OrionError(f"{path} is not a model directory, so it is never replaced, not even with --force (that "
+                         "would delete everything in it); choose another output path")  # fmt: skip
 
 
 def is_model_directory(path: Path) -> bool:
@@ -510,6 +510,27 @@ def save_checkpoint(
     return write_model_directory(
         model.config, state, directory, tokenizer, generation_config, max_shard_bytes, write_extra
     )
+
+
+def save_model(
+    model: OrionLM,
+    path: str | Path,
+    tokenizer: Tokenizer | None = None,
+    generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Save a model (and its tokenizer) as a model directory that load_model reads back as it was: the sampling
+    defaults it was loaded with (its generation_config.json) go along unless `generation_config` replaces them.
+
+    The directory appears whole or not at all. An existing model directory at `path` is replaced; any other
+    existing directory or file is refused, nothing in it deleted."""
+    path = Path(path)
+    if path.is_file():
+        raise OrionError(f"{path} is a file; a model is saved as a directory")
+    refuse_existing(path, force=True)
+    if generation_config is None:
+        generation_config = getattr(model, "generation_defaults", None) or None
+    return save_checkpoint(model, path, tokenizer, generation_config, max_shard_bytes)
 
 
 def write_model_directory(

@@ -11,10 +11,13 @@ from orionlm.checkpoint import (
     TensorSpec,
     load_checkpoint,
     save_checkpoint,
+    save_model,
     state_dict_for_saving,
     write_safetensors,
 )
 from orionlm.config import preset
+from orionlm.errors import OrionError
+from orionlm.loading import load_model
 from orionlm.model import OrionLM
 from orionlm.tokenizer import Tokenizer
 
@@ -40,6 +43,33 @@ def test_round_trip_is_exact(saved):
         assert f.metadata() == {"format": "pt"}
     generation = json.loads((path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [256, 258]  # <|endoftext|>, <|im_end|>
+
+
+def test_save_model_round_trips_with_load_model(saved, tmp_path):
+    import orionlm
+
+    assert orionlm.save_model is save_model
+    _, path = saved
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 7, "eos_token_id": 0}))
+    model, tokenizer, _ = load_model(path, device="cpu")
+    assert save_model(model, tmp_path / "copy", tokenizer) == tmp_path / "copy"
+    again, tokenizer_again, _ = load_model(tmp_path / "copy", device="cpu")
+    assert again.config == model.config
+    # the sampling defaults it was loaded with, not the preset's (the writer adds the tokenizer's pad id)
+    assert model.generation_defaults.items() <= again.generation_defaults.items()
+    assert again.generation_defaults["top_k"] == 7
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert tokenizer_again.encode("hello") == tokenizer.encode("hello")
+    save_model(again, tmp_path / "copy", generation_config={"temperature": 1.0})  # a model directory is replaced
+    assert load_model(tmp_path / "copy", device="cpu")[0].generation_defaults == {"temperature": 1.0}
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(OrionError, match="not a model directory, so it is never replaced"):
+        save_model(model, tmp_path / "notes")
+    with pytest.raises(OrionError, match="is a file"):
+        save_model(model, tmp_path / "notes" / "todo.txt")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
 def test_sharded_save_has_an_index(tmp_path):

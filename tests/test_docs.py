@@ -1,15 +1,16 @@
 """Every example in README.md and in `orionlm VERB --help` runs, so that none can rot (issue 22).
 
 The examples are read from the docs themselves: README.md's ```bash blocks (continuation lines joined, comments
-dropped, bash's `$'...'` decoded), the command lines of every verb's --help, and README.md's ```python blocks.
-Each bash block, each verb's --help and each python block runs in order in a sandbox of its own: `work/` is the
-working directory, `shared` beside it the real ../shared (so the recipes' `../shared/data/...` resolve), and
-`work/` holds the inputs the docs take as given (see `inputs`), less those the block writes itself.
+dropped, bash's `$'...'` decoded, `> FILE` kept as where the output goes), the command lines of every verb's --help,
+and README.md's ```python blocks. Each bash block runs in order in a sandbox of its own, and so does each python
+block and each --help example: `work/` is the working directory, `shared` beside it the real ../shared (so the
+recipes' `../shared/data/...` resolve), `home` the home directory of `~/`, and `work/` holds the inputs the docs
+take as given (see `inputs`), less those the block writes itself.
 
 Commands run in-process on tiny models, with the placeholders of SUBSTITUTE replaced and the short settings of RUN
-added. Those that cannot run here are parsed by the real parser (PARSE_ONLY) or listed with a reason (NOT_RUN);
-optional `[...]` parts are left out of what runs, but parsed. A documented command in none of these tables fails
-its test: classify it there.
+added; what a command prints with `--json` must be JSON. Those that cannot run here are parsed by the real parser
+(PARSE_ONLY) or listed with a reason (NOT_RUN); optional `[...]` parts are left out of what runs, but parsed. A
+documented command in none of these tables fails its test: classify it there.
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ from conftest import REPO, SHARED_DATA
 from live_server import orionlm_server
 
 from orionlm.checkpoint import save_checkpoint
-from orionlm.cli import COMMANDS, main
-from orionlm.cli.parser import build_parser
+from orionlm.cli import COMMANDS, main, make_parser
 from orionlm.config import preset
 from orionlm.errors import OrionError
 from orionlm.model import OrionLM
@@ -89,6 +89,7 @@ RUN = {
     "orionlm merge": "",
     "orionlm moe-merge": "",
     "orionlm quantize": "--nsamples 2 --seq-len 32",
+    "orionlm completion": "",
 }
 STDIN = {"orionlm chat": "Hello\n"}  # what a command reads (else nothing)
 
@@ -102,6 +103,7 @@ PARSE_ONLY = {
 NOT_RUN = {
     "bash": "set-up (a virtual environment, minutes of installs) and the whole test suite",
     "llama-cli": "llama.cpp's command line is not installed; tests/convert/test_gguf.py runs GGUF files in llama.cpp",
+    "echo": "it appends to the user's ~/.zshrc; tests/test_cli.py runs the zsh completion in a real zsh",
 }
 # A Python example that talks to a server at this address gets one, started as documented (on a free port).
 SERVERS = {"http://127.0.0.1:8000/v1": "orionlm serve runs/m --port 8000"}
@@ -114,7 +116,7 @@ class Example:
     block: str  # the examples of one block run in order, in one sandbox
     run: tuple[str, ...] = ()  # the words that run: optional [...] parts left out
     full: tuple[str, ...] = ()  # every word, optional ones included, for the parse check
-    stdout: str = ""  # the file its output goes to (`> FILE`)
+    stdout: str = ""  # the file its output goes to (`> FILE`; `~` is the sandbox's home)
     code: str = ""  # a python example's source
 
 
@@ -246,7 +248,7 @@ def parsed(words: Sequence[str]) -> tuple[Any, list[str]] | str:
                 if not (options.module and options.training_script == "orionlm"):
                     return f"`{shlex.join(words)}` does not run `-m orionlm`"
                 words = ["orionlm", *options.training_script_args]
-            namespace, rest = build_parser("orionlm", "", COMMANDS).parse_known_args(words[1:])
+            namespace, rest = make_parser(words[1:]).parse_known_args(words[1:])
     except SystemExit:
         return f"the parser refuses `{shlex.join(words)}`: {error.getvalue().strip()}"
     if rest and getattr(namespace, "_rest", None) is None:
@@ -470,8 +472,12 @@ def execute(example: Example, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> s
     if failure:
         pytest.fail(f"{example.where}: `{example.text}` (run as `{shlex.join(words)}`) {failure}\n"
                     f"{out[-2000:]}{err[-3000:]}", pytrace=False)  # fmt: skip
+    if "--json" in words:
+        json.loads(out)
     if example.stdout:
-        Path(example.stdout).write_text(out)
+        target = Path(re.sub("^~/", "../home/", example.stdout))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(out)
     return None
 
 
@@ -533,7 +539,7 @@ def test_reading_commands():
     )
     assert split_words(lines[1][1]) == [["llama-cli", "-m", "f"], ["orionlm", "e"]]
     documented = sum(
-        line.lstrip().startswith(("orionlm ", "torchrun ", "bash "))
+        bool(line) and not line[0].isspace() and not line.startswith("#")  # a command's first line
         for _, body in fenced_blocks("bash")
         for line in body.splitlines()
     )

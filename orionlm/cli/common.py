@@ -3,12 +3,12 @@ come with its tokenizer."""
 
 from __future__ import annotations
 
+import json as jsonlib
+import math
 import sys
-from typing import Literal
+from contextlib import AbstractContextManager, nullcontext, redirect_stdout
+from typing import Any, Literal
 
-import torch
-
-from ..checkpoint import DTYPES, set_threads
 from ..errors import OrionError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]  # --dtype; auto: as the weights are stored
@@ -17,6 +17,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]  # --dtype; auto: as t
 def load(model: str, device: str | None, dtype: DType | None):
     """(model, tokenizer, device): the model in `dtype` (default float32 on CPU, bfloat16 on CUDA). Half
     precision on the CPU gets a one-line note on stderr: CPUs without native bfloat16 compute it slowly."""
+    import torch
+
+    from ..checkpoint import DTYPES
     from ..loading import load_model
 
     lm, tokenizer, used = load_model(model, device=device, dtype=DTYPES.get(dtype, dtype))
@@ -30,8 +33,32 @@ def load(model: str, device: str | None, dtype: DType | None):
 def load_with_tokenizer(model: str, purpose: str, device: str | None, threads: int | None, dtype: DType | None = None):
     """(model, tokenizer) on `device` in `dtype`, computing with `threads` CPU threads; a model without a
     tokenizer is a one-line error saying what needs it."""
+    from ..checkpoint import set_threads
+
     set_threads(threads)
     lm, tokenizer, _ = load(model, device, dtype)
     if tokenizer is None:
         raise OrionError(f"{model} has no tokenizer.json; {purpose} needs one")
     return lm, tokenizer
+
+
+def logs_to_stderr(json: bool) -> AbstractContextManager:
+    """With --json stdout carries one JSON document, so what a verb prints on the way (logs, tables) goes to
+    stderr."""
+    return redirect_stdout(sys.stderr) if json else nullcontext()
+
+
+def print_json(data: Any) -> None:
+    """A verb's results as one JSON document on stdout; NaN (e.g. the standard error of a single item) is null,
+    since JSON has no NaN."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    sys.stdout.write(jsonlib.dumps(finite(data), indent=2) + "\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OrionError
-from .common import DType, load_with_tokenizer
+from .common import DType, load_with_tokenizer, logs_to_stderr, print_json
 
 
 def eval_model(
@@ -28,6 +28,7 @@ def eval_model(
     no_think: bool = False,
     out: Path | None = None,
     chart: Path | None = None,
+    json: bool = False,
     device: str | None = None,
     dtype: DType | None = None,
     threads: int | None = None,
@@ -56,22 +57,18 @@ def eval_model(
         no_think: gsm8k: a thinking (Quiet-STaR) model answers without thoughts
         out: write the full results (config, versions, metrics, timing) to this JSON file
         chart: compare: also draw the accuracies as grouped bars in this PNG
+        json: print the results as one JSON document (what --out writes; compare: each file's results) instead
+            of the table
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
-    from ..eval.report import compare_chart, compare_table, format_table, read_report
+    from ..eval.report import format_table
     from ..eval.run import evaluate
 
     if target[0] == "compare":
-        if len(target) < 2:
-            raise OrionError("compare needs at least one results file: orionlm eval compare A.json B.json")
-        reports = {Path(p).stem: read_report(Path(p)) for p in target[1:]}
-        print(compare_table(reports))
-        if chart is not None:
-            compare_chart(reports, chart)
-            print(f"wrote {chart}")
+        _compare(target[1:], chart, json)
         return
     if len(target) != 1:
         raise OrionError(f"give one model to evaluate (or `compare` and result files), got {' '.join(target)}")
@@ -103,9 +100,30 @@ def eval_model(
         think=not no_think,
     )
     report["config"]["model_path"] = str(model)
-    print(format_table(report))
+    if json:
+        print_json(report)
+    else:
+        print(format_table(report))
     if out is not None:
-        _write_json(out, report)
+        with logs_to_stderr(json):
+            _write_json(out, report)
+
+
+def _compare(files: list[str], chart: Path | None, json: bool) -> None:
+    """`orionlm eval compare`: saved reports side by side (--json: each file's results, by its name)."""
+    from ..eval.report import compare_chart, compare_table, read_report
+
+    if not files:
+        raise OrionError("compare needs at least one results file: orionlm eval compare A.json B.json")
+    reports = {Path(p).stem: read_report(Path(p)) for p in files}
+    if json:
+        print_json({name: report["results"] for name, report in reports.items()})
+    else:
+        print(compare_table(reports))
+    if chart is not None:
+        compare_chart(reports, chart)
+        with logs_to_stderr(json):
+            print(f"wrote {chart}")
 
 
 def leakage(

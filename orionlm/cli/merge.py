@@ -6,7 +6,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..checkpoint import refuse_existing
 from ..errors import OrionError
 
 
@@ -37,6 +36,7 @@ def merge_checkpoints(config: Path, out: Path, /, *, seed: int = 0, force: bool 
         seed: seeds DARE's random drops (each tensor's from the seed and the tensor's name)
         force: replace out if it exists
     """
+    from ..checkpoint import refuse_existing
     from ..merge.weights import load_merge_config, merge_models
 
     merge_config = load_merge_config(config)
@@ -80,6 +80,7 @@ def assemble_moe(config: Path, out: Path, /, *, seed: int = 0, force: bool = Fal
         seed: seeds random gates and noise_scale
         force: replace out if it exists
     """
+    from ..checkpoint import refuse_existing
     from ..merge.moe import load_moe_merge_config, moe_merge
     from ..model import count_parameters
     from ..train.recipe import recipe_file
@@ -130,7 +131,7 @@ def merge_adapter(
         out: the merged model directory to write (default: run.out_dir/merged of the adapter's recipe)
         force: replace out if it exists
     """
-    from ..checkpoint import save_checkpoint
+    from ..checkpoint import refuse_existing, save_model
     from ..convert.peft import attach_adapter, read_adapter
     from ..loading import load_model
     from ..nn.lora import merge_lora
@@ -151,7 +152,7 @@ def merge_adapter(
     model, tokenizer, _ = load_model(base, device="cpu")
     attach_adapter(model, lora, factors, adapter)
     merge_lora(model)
-    save_checkpoint(model, out, tokenizer, getattr(model, "generation_defaults", None) or None)
+    save_model(model, out, tokenizer)  # with the base's sampling defaults
     targets = ", ".join(lora.target_modules + lora.target_parameters)
     print(f"wrote {out} ({base} + {adapter}: rank {lora.r} on {targets})")
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import OrionError
+from .common import print_json
 
 
 def info(model: str | None = None, /, *, preset: str | None = None, json: bool = False) -> None:
@@ -45,7 +43,7 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
     virtual = virtual_parameters(config)
     if json:
         counts = {"total_params": total, "active_params": active, "virtual_params": virtual}
-        print(jsonlib.dumps(counts | sizes | {"config": config.to_dict()}, indent=2))
+        print_json(counts | sizes | {"config": config.to_dict()})
         return
     rows = [
         ("name", config.name or "-"),
@@ -129,6 +127,8 @@ def init(
         force: replace out_dir if it exists
         overrides: --field=value changes to the preset's config
     """
+    import torch
+
     from ..checkpoint import refuse_existing, save_checkpoint
     from ..config import preset as get_preset
     from ..model import OrionLM

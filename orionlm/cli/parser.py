@@ -1,17 +1,40 @@
 """Turns typed Python functions into argparse commands: positional-only parameters become
-positional arguments, keyword parameters become --options, and the docstring is the --help."""
+positional arguments, keyword parameters become --options (and so do the keys of a `**options: Unpack[TD]`
+TypedDict, which lets verbs share options), and the docstring is the --help."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-Commands = dict[str, "Callable[..., Any] | Commands"]
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # typing has Unpack from 3.11; before, typing_extensions (a dependency of torch) has it
+    from typing_extensions import Unpack
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A verb of the command table: where its function lives ("module:function", the module in this package)
+    and the summary the top-level --help lists. Listing verbs thus imports none of their modules; a test
+    checks that every function's docstring starts with its summary."""
+
+    target: str
+    summary: str
+
+    def load(self) -> Callable[..., Any]:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+Commands = dict[str, "Verb | Commands"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -88,50 +111,75 @@ def _add_parameter(
     parser.add_argument(*flags, dest=param.name, **kwargs)
 
 
-def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
-    description, helps = _parse_docstring(fn)
-    summary = description.split("\n\n")[0].replace("\n", " ")
-    parser = subparsers.add_parser(
-        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def _parameters(fn: Callable[..., Any]) -> Iterator[tuple[inspect.Parameter, Any, str]]:
+    """fn's parameters with their type hints and help lines; `**options: Unpack[TD]` stands for TD's keys (each
+    an option defaulting to None, or False for a flag), documented in TD's docstring."""
+    _, helps = _parse_docstring(fn)
     hints = typing.get_type_hints(fn)
-    aliases = getattr(fn, "aliases", {})  # other option names, e.g. {"adapter": ["--lora-model-dir"]}
     for param in inspect.signature(fn).parameters.values():
-        _add_parameter(
-            parser, param, hints.get(param.name, str), helps.get(param.name, ""), aliases.get(param.name, [])
-        )
+        hint = hints.get(param.name, str)
+        if param.kind is not inspect.Parameter.VAR_KEYWORD or typing.get_origin(hint) is not Unpack:
+            yield param, hint, helps.get(param.name, "")
+            continue
+        shared = typing.get_args(hint)[0]
+        _, shared_helps = _parse_docstring(shared)
+        for name, key_hint in typing.get_type_hints(shared).items():
+            default = False if key_hint is bool else None
+            yield inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default), key_hint, shared_helps[name]
+
+
+def _add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+    """fn's docstring as the parser's description, its parameters as arguments."""
+    parser.description = _parse_docstring(fn)[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    aliases = getattr(fn, "aliases", {})  # other option names, e.g. {"adapter": ["--lora-model-dir"]}
+    for param, hint, help_text in _parameters(fn):
+        _add_parameter(parser, param, hint, help_text, aliases.get(param.name, []))
     rest = parser.get_default("_rest")
     if rest is not None:  # argparse does not list the words it leaves to the function
         parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()} [{rest.upper()} ...]"
     parser.set_defaults(_fn=fn)
 
 
-def build_parser(prog: str, description: str, commands: Commands) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str, description: str, commands: Commands, version: str, chosen: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
+    """The parser of a command table. Only the verb that `chosen` (the command line) names gets its arguments,
+    so only its module is imported; chosen=None gives every verb its arguments (for completion scripts)."""
     parser = OneLineParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
 
-    def fill(parser: argparse.ArgumentParser, commands: Commands) -> None:
-        subparsers = parser.add_subparsers(metavar="COMMAND", required=True, parser_class=OneLineParser)
-        for name, target in commands.items():
-            if callable(target):
-                _add_command(subparsers, name, target)
+    def fill(parser: argparse.ArgumentParser, commands: Commands, path: tuple[str, ...]) -> None:
+        parser.set_defaults(_group=parser)  # the help to print when no verb of this group is named
+        subparsers = parser.add_subparsers(metavar="COMMAND", parser_class=OneLineParser)
+        for name, entry in commands.items():
+            here = (*path, name)
+            if isinstance(entry, Verb):
+                verb_parser = subparsers.add_parser(name, help=entry.summary)
+                if chosen is None or tuple(chosen[: len(here)]) == here:
+                    _add_arguments(verb_parser, entry.load())
             else:
-                group = subparsers.add_parser(name, help=f"{name} commands: {', '.join(target)}")
-                fill(group, target)
+                fill(subparsers.add_parser(name, help=f"{name} commands: {', '.join(entry)}"), entry, here)
 
-    fill(parser, commands)
+    fill(parser, commands, ())
     return parser
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Any:
-    """Parse argv and call the chosen function with the parsed values."""
+    """Parse argv and call the chosen function with the parsed values; a group named without one of its verbs
+    (or no verb at all) prints the group's help and exits with status 2."""
     namespace, rest = parser.parse_known_args(argv)
     args = vars(namespace)
-    fn = args.pop("_fn")
+    group = args.pop("_group")
+    fn = args.pop("_fn", None)
     rest_name = args.pop("_rest", None)
     if rest_name is not None:
         args[rest_name] = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if fn is None:
+        group.print_help()
+        sys.exit(2)
     params = inspect.signature(fn).parameters
     positional = []
     for name, param in params.items():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from ..checkpoint import refuse_existing, set_threads
 from ..errors import OrionError
+from .common import logs_to_stderr, print_json
 
 
 def quantize_checkpoint(
@@ -28,6 +28,7 @@ def quantize_checkpoint(
     device: str | None = None,
     threads: int | None = None,
     force: bool = False,
+    json: bool = False,
 ) -> None:
     """Quantize a model's linear layers to GPTQ checkpoints (AutoGPTQ's format): block by block with
     calibration text (GPTQ), or round-to-nearest (RTN, no data). The model is read one block at a time (in
@@ -60,11 +61,15 @@ def quantize_checkpoint(
         device: cpu, cuda or cuda:N (default: cuda when available)
         threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
         force: replace out if it exists
+        json: print the results as one JSON document: out, bits, weight_bytes and each layer's name, method and
+            output error (the per-layer lines go to stderr)
     """
+    from ..checkpoint import set_threads
+
     set_threads(threads)
     from tqdm import tqdm
 
-    from ..checkpoint import meta_model
+    from ..checkpoint import meta_model, refuse_existing
     from ..loading import open_model
     from ..quant.gptq import QuantConfig
     from ..quant.model import LayerReport, calibration_samples, quantize_model, save_quantized
@@ -89,7 +94,12 @@ def quantize_checkpoint(
 
     lm = meta_model(source.config, source.tensors, str(source.path))  # read a block at a time as it is quantized
     lm.generation_defaults = source.generation
-    reports = quantize_model(lm, samples, config, method, log=log, tensors=source.tensors, device=device)
-    save_quantized(lm, out, source.tokenizer)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"wrote {out}: {len(reports)} linear layers at {bits} bits, {size / 2**20:.1f} MiB of weights")
+    with logs_to_stderr(json):
+        reports = quantize_model(lm, samples, config, method, log=log, tensors=source.tensors, device=device)
+        save_quantized(lm, out, source.tokenizer)
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        print(f"wrote {out}: {len(reports)} linear layers at {bits} bits, {size / 2**20:.1f} MiB of weights")
+    if json:
+        layers = [{"name": r.name, "method": r.method, "output_error": r.error} for r in reports]
+        print_json({"model": model, "out": str(out), "method": method, "bits": bits, "group_size": group_size,
+                    "weight_bytes": size, "layers": layers})  # fmt: skip

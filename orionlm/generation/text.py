@@ -187,20 +187,6 @@ def _text_pieces(
             yield row, "", piece
 
 
-def stream(
-    model: OrionLM,
-    tokenizer: Tokenizer,
-    prompt: str,
-    defaults: GenerationConfig | dict[str, Any] | None = None,
-    **sampling: Any,
-) -> Iterator[str]:
-    """Text pieces of the continuation of `prompt` as they are generated. Generation ends at a stop
-    token (the config's or the tokenizer's EOS), at a stop string (not emitted) or at max_new_tokens.
-    Bad settings or prompts raise GenerationError here, not at the first piece."""
-    started = _start_text(model, tokenizer, [prompt], resolve_config(model, defaults, **sampling))
-    return (piece for _, _, piece in _text_pieces(*started, tokenizer) if piece)
-
-
 def stream_thoughts(
     model: OrionLM,
     tokenizer: Tokenizer,
@@ -213,6 +199,27 @@ def stream_thoughts(
     think, or with think=False)."""
     started = _start_text(model, tokenizer, prompts, resolve_config(model, defaults, **sampling))
     return _text_pieces(*started, tokenizer)
+
+
+def stream(
+    model: OrionLM,
+    tokenizer: Tokenizer,
+    device: torch.device | str | None,
+    prompt: str | list[str],
+    defaults: GenerationConfig | dict[str, Any] | None = None,
+    **sampling: Any,
+) -> Iterator[str] | Iterator[tuple[int, str]]:
+    """Text pieces of the continuation of `prompt` as they are generated (a list of prompts is generated as one
+    batch and gives (prompt index, piece) pairs). The arguments are generate's.
+
+    Generation ends at a stop token (the config's or the tokenizer's EOS), at a stop string (not emitted) or at
+    max_new_tokens. Bad settings, prompts or devices raise GenerationError here, not at the first piece.
+    """
+    _check_device(model, device)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    started = _start_text(model, tokenizer, prompts, resolve_config(model, defaults, **sampling))
+    pieces = ((row, piece) for row, _, piece in _text_pieces(*started, tokenizer) if piece)
+    return (piece for _, piece in pieces) if isinstance(prompt, str) else pieces
 
 
 def generate(
@@ -229,12 +236,14 @@ def generate(
     Stop tokens and stop strings are not part of the returned text. `device` must be the model's
     (None: wherever the model is).
     """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [""] * len(prompts)
+    for row, piece in stream(model, tokenizer, device, prompts, defaults, **sampling):
+        texts[row] += piece
+    return texts[0] if isinstance(prompt, str) else texts
+
+
+def _check_device(model: OrionLM, device: torch.device | str | None) -> None:
     wanted = torch.device(device) if device is not None else model.device
     if wanted.type != model.device.type or wanted.index not in (None, model.device.index):
         raise GenerationError(f"the model is on {model.device}, not {device}; move it with model.to({str(device)!r})")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    started = _start_text(model, tokenizer, prompts, resolve_config(model, defaults, **sampling))
-    texts = [""] * len(prompts)
-    for row, _, piece in _text_pieces(*started, tokenizer):
-        texts[row] += piece
-    return texts[0] if isinstance(prompt, str) else texts

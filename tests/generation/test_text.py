@@ -1,3 +1,4 @@
+import inspect
 from collections.abc import Callable
 
 import pytest
@@ -127,15 +128,30 @@ def test_stop_ids_and_stop_strings_on_scripted_text():
     assert generate(model, tok, None, "x", max_new_tokens=2, do_sample=False) == "h\ufffd"
 
 
+def test_stream_takes_generates_arguments_and_gives_its_text():
+    assert inspect.signature(stream).parameters == inspect.signature(generate).parameters
+    model, tok = _model("tiny-moe"), Tokenizer.byte_level()
+    prompts = ["Once upon", "The cat sat"]
+    texts = generate(model, tok, "cpu", prompts, max_new_tokens=12, temperature=0)
+    assert all(texts)
+    assert "".join(stream(model, tok, "cpu", prompts[0], max_new_tokens=12, temperature=0)) == texts[0]
+    rows = ["", ""]
+    for row, piece in stream(model, tok, "cpu", prompts, {"max_new_tokens": 12}, temperature=0):
+        rows[row] += piece
+    assert rows == texts
+    with pytest.raises(GenerationError, match="the model is on cpu, not cuda:0"):
+        stream(model, tok, "cuda:0", prompts[0])
+
+
 def test_stream_never_splits_a_character_and_hides_stop_strings():
     tok = _byte_tokenizer()
     model = _scripted_text_model(tok, TEXT)
-    pieces = list(stream(model, tok, "x", max_new_tokens=40, do_sample=False))
+    pieces = list(stream(model, tok, None, "x", max_new_tokens=40, do_sample=False))
     assert pieces == list(TEXT)  # one piece per character, as soon as its last byte arrives
     # "wx" might start at "w": "w" is held back until "ö" shows it is not a stop string
-    pieces = list(stream(model, tok, "x", max_new_tokens=40, do_sample=False, stop=["wx", "€!"]))
+    pieces = list(stream(model, tok, None, "x", max_new_tokens=40, do_sample=False, stop=["wx", "€!"]))
     assert "".join(pieces) == TEXT and "wö" in pieces and "w" not in pieces
-    pieces = list(stream(model, tok, "x", max_new_tokens=40, do_sample=False, stop=["ld €"]))
+    pieces = list(stream(model, tok, None, "x", max_new_tokens=40, do_sample=False, stop=["ld €"]))
     assert "".join(pieces) == "héllo wör" and all("\ufffd" not in p for p in pieces)
 
 
@@ -217,4 +233,4 @@ def test_generation_defaults_precedence():
     with pytest.raises(GenerationError, match="did you mean 'top_k'"):
         generate(model, tok, "cpu", "x", topk=3)
     with pytest.raises(GenerationError, match="temperature must be >= 0"):
-        stream(model, tok, "x", temperature=-1.0)  # raised by the call, before any piece is asked for
+        stream(model, tok, None, "x", temperature=-1.0)  # raised by the call, before any piece is asked for
