@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import REPO, SHARED_DATA
 from live_server import orionlm_server
 
@@ -365,7 +366,17 @@ def build_models(root: Path) -> None:
         assert call(argv) is None, argv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and where the cores are busy torch's threads wait for each
+    other: on a shared 2-core machine this file took 4 minutes with two threads, 37 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The inputs the docs take as given, built once: the files of write_data, the models of build_models, a LoRA
     run on runs/m (runs/sft-lora) and its adapter (runs/adapter), a finished run of recipe.yaml as runs/quickstart
@@ -517,6 +528,7 @@ def test_example(example: Example, inputs: Path, sandbox: Any, capsys: Any, monk
     monkeypatch.chdir(box.work)
     monkeypatch.setenv("ORIONLM_CACHE", str(inputs.parent / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's process: as one_thread
     monkeypatch.delenv("ORIONLM_API_KEY", raising=False)
     reason = box.outcome(example, lambda current: execute(current, capsys, monkeypatch))
     if reason:
