@@ -58,11 +58,12 @@ SUBSTITUTE = {
 }
 
 # What makes a training run take seconds: 2 steps of 2 x 32 tokens, one validation batch at the end, a checkpoint
-# at step 2, no charts. The length given here replaces the recipe's, whichever it has.
+# at step 2, no charts, a tokenizer (where one is trained) on 300 KB of the data. The length given here replaces
+# the recipe's, whichever it has.
 TRAIN = (
     "--run.max_steps=2 --run.max_tokens=null --run.max_epochs=null --schedule.warmup_steps=1 --run.batch_size=2 "
     "--run.grad_accum=1 --data.seq_len=32 --run.eval_every=0 --run.eval_batches=1 --run.save_every_steps=2 "
-    "--run.save_every_tokens=0 --run.plot=false --run.progress=false"
+    "--run.save_every_tokens=0 --run.plot=false --run.progress=false --tokenizer.train_max_bytes=300000"
 )
 
 # The commands that run: command prefix -> the words added after the documented ones (argparse and the recipe
@@ -71,9 +72,6 @@ RUN = {
     "orionlm quickstart": "--steps 2 --data.sources.0.glob=a*.py --data.seq_len=32 --run.batch_size=2 "
     "--run.eval_batches=1",
     "orionlm train": TRAIN,
-    "orionlm train recipe:tinyshakespeare-moe": "--tokenizer.train_max_bytes=300000",
-    "orionlm train recipe:tinystories-chimera": "--tokenizer.train_max_bytes=300000",
-    "orionlm train recipe:gsm8k-base": "--tokenizer.train_max_bytes=300000",
     "orionlm train recipe:sft-lora": "--data.seq_len=512",  # a whole GSM8K conversation
     "orionlm recipes": "",
     "orionlm plot": "",
@@ -414,7 +412,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @dataclass
 class Sandbox:
     """A block's working directory, and the outcomes of its first examples, in order: None (ran), a reason (not
-    run, by design) or the failure or skip that stops the rest of the block."""
+    run, by design), or the failure (which stops the rest of the block) or skip (which stops the examples that name
+    what it would have written)."""
 
     work: Path
     outcomes: list[BaseException | str | None] = field(default_factory=list)
@@ -425,7 +424,7 @@ class Sandbox:
         block = BLOCKS[example.block]
         index = block.index(example)
         for current in block[len(self.outcomes) : index + 1]:
-            stop = next((block[i] for i, o in enumerate(self.outcomes) if isinstance(o, BaseException)), None)
+            stop = next((block[i] for i, o in enumerate(self.outcomes) if stops(o, block[i], current)), None)
             if stop is not None:
                 self.outcomes.append(pytest.skip.Exception(f"needs {stop.where} `{stop.text}`, which did not run"))
                 continue
@@ -437,6 +436,13 @@ class Sandbox:
         if isinstance(result, BaseException):
             raise result
         return result
+
+
+def stops(outcome: BaseException | str | None, earlier: Example, later: Example) -> bool:
+    """Whether the outcome of an earlier example of the block keeps a later one from running."""
+    if isinstance(outcome, pytest.skip.Exception):
+        return any(path in " ".join(runnable(later.run)) for path in written(runnable(earlier.run)))
+    return isinstance(outcome, BaseException)
 
 
 def make_sandbox(block: str, inputs: Path, box: Path) -> Sandbox:
@@ -475,20 +481,34 @@ def execute(example: Example, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> s
         return None
     if needs_shared(example) and not SHARED_DATA.is_dir():
         pytest.skip(f"the shared data is absent ({SHARED_DATA}); it only exists beside the project checkout")
+    run_command(example, capsys, monkeypatch)
+    return None
+
+
+def run_command(example: Example, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a command in-process: it must exit with status 0, and print JSON with --json; `> FILE` gets its output."""
+    __tracebackhide__ = True
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(STDIN[key] for key in table_entries(STDIN, example.run))))
     words = runnable(example.run)
+    ran = f"{example.where}: `{example.text}` (run as `{shlex.join(words)}`)"
     capsys.readouterr()
     failure = call(words[1:])
     out, err = capsys.readouterr()
     if failure:
-        pytest.fail(f"{example.where}: `{example.text}` (run as `{shlex.join(words)}`) {failure}\n"
-                    f"{out[-2000:]}{err[-3000:]}", pytrace=False)  # fmt: skip
-    if "--json" in words:
-        json.loads(out)
+        pytest.fail(f"{ran} {failure}\n{out[-2000:]}{err[-3000:]}", pytrace=False)
+    if "--json" in words and (error := json_error(out)):
+        pytest.fail(f"{ran} printed no JSON ({error}):\n{out[-2000:]}", pytrace=False)
     if example.stdout:
         target = Path(re.sub("^~/", "../home/", example.stdout))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(out)
+
+
+def json_error(text: str) -> str | None:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return str(e)
     return None
 
 
