@@ -1,6 +1,7 @@
 """Random Mistral-shaped Hugging Face checkpoints of any size, for the memory benchmarks (memory_scale.py,
-seed_scale.py): config.json, sharded bf16 safetensors and a byte-level tokenizer, written one tensor at a
-time, so a 7B checkpoint is written in the memory of its largest tensor.
+seed_scale.py): config.json, sharded bf16 safetensors and a small byte-level BPE tokenizer (with merges, which
+llama.cpp and so `convert to-gguf` need), written one tensor at a time, so a 7B checkpoint is written in the
+memory of its largest tensor.
 
     python benchmarks/checkpoints.py 7b /tmp/mistral-7b --seed 1
 """
@@ -8,6 +9,7 @@ time, so a 7B checkpoint is written in the memory of its largest tensor.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -25,6 +27,12 @@ SHAPES = {
 VOCAB = 32000
 
 
+@functools.cache
+def tokenizer() -> Tokenizer:
+    """300 tokens trained on this file: the same every time the file is the same."""
+    return Tokenizer.train_bpe_from_texts([Path(__file__).read_text()], 300)
+
+
 def mistral_config(shape: str) -> dict:
     hidden, layers, ffn, heads, kv_heads = SHAPES[shape]
     return {
@@ -33,7 +41,7 @@ def mistral_config(shape: str) -> dict:
         "num_key_value_heads": kv_heads, "head_dim": hidden // heads, "vocab_size": VOCAB,
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": None,
         "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
-        "bos_token_id": None, "eos_token_id": Tokenizer.byte_level().eos_id,
+        "bos_token_id": None, "eos_token_id": tokenizer().eos_id,
     }  # fmt: skip
 
 
@@ -72,7 +80,7 @@ def write_random_mistral(
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(LazyTensors(specs, read), tmp, shard_bytes)
-        Tokenizer.byte_level().save(tmp)
+        tokenizer().save(tmp)
     return directory
 
 

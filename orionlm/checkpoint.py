@@ -37,12 +37,43 @@ class CheckpointError(OrionError):
 def resolve_device(
     device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[torch.device, torch.dtype]:
-    """The device (CUDA when available) and dtype: bf16 on CUDA; fp32 on CPU, where bf16 matmuls
-    have no native support and are slow."""
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    """The device (CUDA when available; one asked for must exist here, see check_device) and dtype: bf16 on
+    CUDA; fp32 on CPU, where bf16 matmuls have no native support and are slow."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def check_device(device: torch.device | str, option: str = "--device") -> torch.device:
+    """`device` as a torch.device when this torch on this machine can compute on it; else an OrionError that
+    names it as `option` (where the user gave it) and says what to use instead. Without the check, torch fails
+    late with "AssertionError: Torch not compiled with CUDA enabled"."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OrionError(f"{option} {device}: not a device; use cpu, cuda, cuda:N or mps") from None
+    why = _unavailable(parsed)
+    if why is not None:
+        raise OrionError(f"{option} {device}: {why}; use {option} cpu")
+    return parsed
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why this torch on this machine cannot compute on `device`, or None when it can."""
+    build = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return f"this torch has no CUDA ({build})"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"no CUDA device is visible ({build}; check the driver and CUDA_VISIBLE_DEVICES)"
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        built = "no Apple GPU (MPS) is available" if torch.backends.mps.is_built() else "this torch has no MPS"
+        return f"{built} ({build})"
+    return None
 
 
 def set_threads(threads: int | None) -> None:
@@ -354,6 +385,34 @@ def read_generation_config(directory: str | Path) -> dict[str, Any]:
     return read_json_object(path, CheckpointError)
 
 
+def _id_list(value: int | list[int] | None) -> list[int]:
+    """generation_config.json's eos_token_id (an id, a list of ids or absent) as a list."""
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def generation_with_stops(
+    config: ModelConfig, tokenizer: Tokenizer | None, generation: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a model's generation_config.json holds: `generation` (None: orionlm's sampling defaults and the
+    preset's), the bos and pad ids it lacks (the model's Hugging Face ids, else the tokenizer's), and as
+    eos_token_id every id generation stops at: its own, the model's, the tokenizer's EOS and the chat template's
+    end-of-turn token. transformers stops only at these, so a chat model without its end-of-turn id never stops."""
+    data = dict((DEFAULT_GENERATION | PRESET_GENERATION.get(config.name, {})) if generation is None else generation)
+    known = config.extra.get("hf_token_ids", {})
+    for key, own in (("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
+        value = data.get(key, known.get(key, None if tokenizer is None else getattr(tokenizer, own)))
+        if value is not None:
+            data[key] = value
+    stops = [*_id_list(data.get("eos_token_id")), *_id_list(data.pop("stop_token_ids", None)),
+             *_id_list(known.get("eos_token_id"))]  # fmt: skip
+    if tokenizer is not None:
+        stops += [i for i in (tokenizer.eos_id, tokenizer.end_of_turn_id) if i is not None]
+    stops = list(dict.fromkeys(stops))
+    if stops:
+        data["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    return data
+
+
 def state_dict_for_saving(model: OrionLM) -> dict[str, torch.Tensor]:
     """The model's tensors, contiguous on CPU, without the tied head (safetensors forbids aliases)."""
     state = model.state_dict()
@@ -547,17 +606,9 @@ def write_model_directory(
     with atomic_directory(directory) as tmp:
         config.save(tmp / "config.json")
         write_safetensors(tensors, tmp, max_shard_bytes)
-        if generation_config is None:  # ours, and the sampling defaults the preset was published with
-            generation_config = DEFAULT_GENERATION | PRESET_GENERATION.get(config.name, {})
-        generation = dict(generation_config)
         if tokenizer is not None:
             tokenizer.save(tmp)
-            for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id)):
-                if value is not None:
-                    generation.setdefault(key, value)
-            stops = [i for i in (tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")) if i is not None]
-            if stops:
-                generation.setdefault("eos_token_id", stops if len(stops) > 1 else stops[0])
+        generation = generation_with_stops(config, tokenizer, generation_config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)

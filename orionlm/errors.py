@@ -1,14 +1,32 @@
 """The base of every error caused by user input: the CLI prints its message on one line and exits 2."""
 
 import difflib
+import importlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
 class OrionError(ValueError):
     """A mistake the user can fix: a bad config, a missing or corrupt file, an invalid argument."""
+
+
+class MissingExtra(OrionError):
+    """An optional dependency is not installed; the message names the orionlm extra that brings it."""
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """`module`, imported; MissingExtra when it (or a module it imports) is not installed, saying what needs it
+    and which extra of pyproject.toml installs it. Every import of an optional dependency goes through here."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing = e.name or module
+        message = f"{purpose} needs {missing}, which is not installed: pip install 'orionlm[{extra}]'"
+        raise MissingExtra(message) from None
 
 
 def unknown_names(unknown: Iterable[str], known: Iterable[str]) -> str:
@@ -19,6 +37,19 @@ def unknown_names(unknown: Iterable[str], known: Iterable[str]) -> str:
         close = difflib.get_close_matches(name, known, n=1)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return ", ".join(hints)
+
+
+def not_here_nor_on_hub(name: str, kind: str, error: BaseException) -> str:
+    """The one line for a name that is no local path and that the Hugging Face Hub did not give either (offline,
+    unknown, gated): `runs/stories` may be a mistyped path as well as an id, so the line says both."""
+    offline = " (offline mode is on)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return f"{name}: not found locally, and as a Hub {kind} it could not be downloaded{offline}: {first_line(error)}"
+
+
+def first_line(error: BaseException) -> str:
+    """What an exception from a library says, cut to one line without its closing period (so that a message can go
+    on after it), or its name when it says nothing."""
+    return str(error).splitlines()[0].rstrip(". ") if str(error).strip() else type(error).__name__
 
 
 def checker(error: type[OrionError]) -> Callable[[bool, str], None]:

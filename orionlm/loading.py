@@ -4,7 +4,6 @@ and Hugging Face Hub ids."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,7 @@ from .checkpoint import (
 from .config import ModelConfig
 from .convert.auron import is_auron_config, read_auron
 from .convert.peft import ADAPTER_CONFIG, load_adapter
-from .errors import OrionError, read_json_object
+from .errors import OrionError, not_here_nor_on_hub, read_json_object
 from .model import OrionLM
 from .tokenizer import Tokenizer
 
@@ -40,8 +39,9 @@ def find_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local path as is (a training run directory: its newest checkpoint); anything else is taken as
-    a Hub id and downloaded (safetensors only)."""
+    """A local path as is (a training run directory: its newest checkpoint); anything else of the form
+    'org/name' is taken as a Hub id and downloaded (safetensors only). One that is neither is one line saying
+    both: not found locally, and not downloaded as an id."""
     path = Path(name_or_path).expanduser()
     if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
         found = find_checkpoints(path)
@@ -59,11 +59,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
-        offline = " (offline mode is on)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise OrionError(
-            f"could not download {name!r} from the Hugging Face Hub{offline}: {reason}. "
-            "Check the id and your connection, or pass a local model directory."
+            f"{not_here_nor_on_hub(name, 'id', e)}. Check the path, or the id and your connection"
         ) from None
 
 

@@ -2,8 +2,8 @@
 
 It trains a byte-level BPE tokenizer and then a tiny MoE (8 experts, top-2) on the Python standard
 library's own source files, and shows that the model learned: validation loss against the unigram
-entropy of the data (what a model that ignores context can reach), the loss table, a chart, and a
-continuation of "def fibonacci(n):".
+entropy of the data (what a model that ignores context can reach; the trainer records it in run.json), the
+loss table, the charts, and a continuation of "def fibonacci(n):". The model is in OUT/model.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .data import build_dataset
-from .train.recipe import Recipe, load_recipe
+from .train.recipe import load_recipe
 
 PROMPT = "def fibonacci(n):"
 
@@ -55,22 +52,14 @@ def quickstart_recipe(out_dir: Path, steps: int) -> dict[str, Any]:
     }
 
 
-def unigram_entropy(recipe: Recipe, tokenizer) -> float:
-    """Entropy (nats/token) of the training data's token frequencies: the loss of the best model
-    that ignores context. A model below it has learned from context."""
-    dataset = build_dataset(recipe.data, tokenizer, progress=False)
-    counts = sum(np.bincount(np.asarray(s.tokens), minlength=tokenizer.vocab_size) for s in dataset.shards)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def run_quickstart(out_dir: Path, steps: int, overrides: list[str]) -> None:
     import yaml
 
     from .checkpoint import load_checkpoint
     from .generation import generate
     from .model import count_parameters
-    from .train.trainer import find_checkpoints, train
+    from .train.plot import read_run_info
+    from .train.trainer import MODEL_DIR, train
 
     recipe_path = out_dir.parent / f".{out_dir.name}.recipe.yaml"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,10 +68,10 @@ def run_quickstart(out_dir: Path, steps: int, overrides: list[str]) -> None:
     recipe_path.unlink()
     train(recipe)
 
-    model, tokenizer = load_checkpoint(find_checkpoints(out_dir)[-1][1], device="cpu")
+    model, tokenizer = load_checkpoint(out_dir / MODEL_DIR, device="cpu")
     total, active = count_parameters(model.config)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    entropy = unigram_entropy(recipe, tokenizer)
+    entropy = read_run_info(out_dir)["unigram_entropy"]
     print(f"\nparameters: {total:,} total, {active:,} active per token ({model.config.num_experts} experts, top-2)")
     print("\n| step | tokens | train loss | val loss |\n|---:|---:|---:|---:|")
     for r in records:
@@ -93,4 +82,4 @@ def run_quickstart(out_dir: Path, steps: int, overrides: list[str]) -> None:
           f"({'learned from context' if final < entropy else 'NOT below the unigram entropy'})")  # fmt: skip
     text = generate(model, tokenizer, "cpu", PROMPT, max_new_tokens=80, temperature=0.7, top_k=40, seed=0)
     print(f"\n{PROMPT}{text}\n")
-    print(f"run directory: {out_dir} (loss.png, expert_load.png, metrics.jsonl, checkpoints/)")
+    print(f"run directory: {out_dir} (model/, loss.png, lr.png, expert_load.png, metrics.jsonl, checkpoints/)")

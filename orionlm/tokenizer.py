@@ -22,6 +22,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]
+TURN_MARKER = "\ue000"  # a private-use character no template writes: where the assistant's text ends
 LONG_TEXT = 1 << 16  # characters; longer texts are encoded without holding the GIL
 
 # ChatML. System messages may appear anywhere: each message is rendered the same way.
@@ -101,6 +102,21 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The special token the chat template closes an assistant turn with (<|im_end|> in ChatML, <|eot_id|> in
+        Llama 3's), where chat generation must stop; None without a template or when a turn ends in plain text."""
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": TURN_MARKER}]
+        try:
+            text = self.apply_chat_template(messages, add_generation_prompt=False)
+        except TokenizerError:  # a template may refuse this conversation (raise_exception)
+            return None
+        _, found, after = text.partition(TURN_MARKER)
+        if not found:
+            return None
+        special = {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
+        return next((i for i in self.encode(after, add_special_tokens=False) if i in special), None)
 
     def add_special_tokens(self, tokens: list[str]) -> None:
         """Add tokens that are never split and that decode (skipping special tokens) leaves out; ones the

@@ -58,18 +58,21 @@ def _recipe(root: Path, out: str = "run", **changes: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """Good files to spoil: a model directory (m), its GGUF file, a LoRA adapter on it, a chimera model, and a run
-    trained for 2 steps with one checkpoint (run, its recipe run.yaml)."""
+    """Good files to spoil: a model directory (m), a GGUF file (of a model with a trained BPE tokenizer: llama.cpp
+    needs merges), a LoRA adapter on m, a chimera model, and a run trained for 2 steps with one checkpoint (run, its
+    recipe run.yaml)."""
     root = tmp_path_factory.mktemp("corpus")
     assert _cli("init", root / "m", "--preset", "tiny-dense", "--seed", "1") == 0
     assert _cli("init", root / "chimera", "--preset", "tiny-chimera", "--seed", "1") == 0
-    assert _cli("convert", "to-gguf", root / "m", root / "m.gguf") == 0
+    (root / "text.txt").write_text("some text to train a tokenizer on " * 50)
+    assert _cli("tokenizer", "train", root / "text.txt", "--vocab-size", "300", "--out", root / "tok") == 0
+    assert _cli("init", root / "bpe", "--preset", "tiny-dense", "--tokenizer", root / "tok") == 0
+    assert _cli("convert", "to-gguf", root / "bpe", root / "m.gguf") == 0
     model, _, _ = load_model(root / "m", device="cpu")
     apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj"]))
     save_adapter(model, root / "adapter", base_model=str(root / "m"))
     assert _cli("train", _recipe(root)) == 0
     shutil.rmtree(root / "cache")
-    (root / "text.txt").write_text("some text to train a tokenizer on " * 50)
     return root
 
 
@@ -177,6 +180,9 @@ CASES = {
     ),
     "to-gguf of a model without a tokenizer": Case(
         "convert to-gguf {r}/m {r}/m2.gguf", "the model has no tokenizer", lambda r: (r / "m/tokenizer.json").unlink()
+    ),
+    "to-gguf of a byte-level tokenizer without merges": Case(
+        "convert to-gguf {r}/m {r}/m2.gguf", "the tokenizer is a byte-level BPE without merges"
     ),
     "to-gguf --force onto a directory": Case(
         "convert to-gguf {r}/m {r}/runs --force", "runs is a directory; give the path of the .gguf file", _other_run

@@ -74,7 +74,8 @@ def test_usage_errors_are_one_line_with_exit_2(args, message):
 def test_hub_id_offline_is_a_clear_error():
     result = orionlm("generate", "hi", "--model", "nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
-    assert "could not download 'nobody/no-such-model' from the Hugging Face Hub (offline mode is on)" in result.stderr
+    said = "nobody/no-such-model: not found locally, and as a Hub id it could not be downloaded (offline mode is on)"
+    assert said in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

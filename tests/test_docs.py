@@ -2,10 +2,10 @@
 
 The examples are read from the docs themselves: README.md's ```bash blocks (continuation lines joined, comments
 dropped, bash's `$'...'` decoded, `> FILE` kept as where the output goes), the command lines of every verb's --help,
-and README.md's ```python blocks. Each bash block runs in order in a sandbox of its own, and so does each python
-block and each --help example: `work/` is the working directory, `shared` beside it the real ../shared (so the
-recipes' `../shared/data/...` resolve), `home` the home directory of `~/`, and `work/` holds the inputs the docs
-take as given (see `inputs`), less those the block writes itself.
+and README.md's ```python blocks. Each bash block, each verb's --help and each python block runs in order in a
+sandbox of its own: `work/` is the working directory, `shared` beside it the real ../shared (so the recipes'
+`../shared/data/...` resolve), `home` the home directory of `~/`, and `work/` holds the inputs the docs take as
+given (see `inputs`), less those the block writes itself.
 
 Commands run in-process on tiny models, with the placeholders of SUBSTITUTE replaced and the short settings of RUN
 added; what a command prints with `--json` must be JSON. Those that cannot run here are parsed by the real parser
@@ -53,17 +53,13 @@ SUBSTITUTE = {
     "FILE": "corpus.txt",
     "DIR": "runs/adapter",
     "KEY": "test-key",
-    "runs/quickstart/model": "runs/quickstart",  # until every run ends by writing RUN/model (issue 22, item 1)
-    "runs/sft-lora/checkpoints/checkpoint-300": "runs/sft-lora/checkpoints/checkpoint-2",  # the short run's last
 }
 
-# What makes a training run take seconds: 2 steps of 2 x 32 tokens, one validation batch at the end, a checkpoint
-# at step 2, no charts, a tokenizer (where one is trained) on 300 KB of the data. The length given here replaces
-# the recipe's, whichever it has.
+# What makes a training run take seconds: 2 steps of 2 x 32 tokens (the recipe's warm-up is cut to fit), one
+# validation batch at the end, no charts, a tokenizer (where one is trained) on 300 KB of the data.
 TRAIN = (
-    "--run.max_steps=2 --run.max_tokens=null --run.max_epochs=null --schedule.warmup_steps=1 --run.batch_size=2 "
-    "--run.grad_accum=1 --data.seq_len=32 --run.eval_every=0 --run.eval_batches=1 --run.save_every_steps=2 "
-    "--run.save_every_tokens=0 --run.plot=false --run.progress=false --tokenizer.train_max_bytes=300000"
+    "--run.max_steps=2 --run.batch_size=2 --run.grad_accum=1 --data.seq_len=32 --run.eval_every=0 "
+    "--run.eval_batches=1 --run.plot=false --run.progress=false --tokenizer.train_max_bytes=300000"
 )
 
 # The commands that run: command prefix -> the words added after the documented ones (argparse and the recipe
@@ -84,7 +80,7 @@ RUN = {
     "orionlm bench": "--concurrency 1,2 --input-lengths 8 --output-tokens 4 --requests-per-client 1",
     "orionlm eval": "--limit 2 --max-new-tokens 4",
     "orionlm leakage": "--limit 2",
-    "orionlm merge-lora": "",
+    "orionlm merge-lora": "--force",  # its --help examples are alternatives that write the same directory
     "orionlm merge": "",
     "orionlm moe-merge": "",
     "orionlm quantize": "--nsamples 2 --seq-len 32",
@@ -199,8 +195,8 @@ def help_examples() -> Iterator[Example]:
         description = re.split(r"\n(?:positional arguments|options):\n", text.getvalue())[0]
         where = f"orionlm {' '.join(verb)} --help"
         for line in description.splitlines():
-            if line.strip().startswith(("orionlm ", "torchrun ")):  # each an example of its own
-                yield from commands(line, where, f"{where}: {line.strip()}")
+            if line.strip().startswith(("orionlm ", "torchrun ")):
+                yield from commands(line, where, where)
 
 
 EXAMPLES = [*readme_examples(), *help_examples()]
@@ -307,8 +303,7 @@ def tiny_model(name: str, tokenizer: Tokenizer, path: Path, **overrides: Any) ->
 
 
 TINY_RUN = """\
-run: {{out_dir: {}, max_steps: 2, batch_size: 2, eval_every: 0, eval_batches: 1, save_every_steps: 2, plot: false,
-      progress: false}}
+run: {{out_dir: {}, max_steps: 2, batch_size: 2, eval_every: 0, eval_batches: 1, plot: false, progress: false}}
 """
 TINY_RECIPE = """\
 # What RECIPE stands for: a tiny MoE on corpus.txt, 2 steps.
@@ -349,7 +344,7 @@ def build_models(root: Path) -> None:
     runs/m's Hugging Face export, a dense model as GGUF and as the sources of recipe:moe-merge and the README's
     merge.yaml, and a Chimera in Auron's layout."""
     tokenizer = Tokenizer.train_bpe((root / "corpus.txt",), vocab_size=400)
-    model = tiny_model("tiny-moe", tokenizer, root / "runs/m", max_seq_len=128)
+    model = tiny_model("tiny-moe", tokenizer, root / "runs/m", max_seq_len=512)
     shutil.copytree(model, root / "runs/pretrain-mixture")
     dense = tiny_model("tiny-dense", tokenizer, root.parent / "build/dense")
     for name in ("chat", "code", *(f"frankenmoe/{e}" for e in ("base", "english", "python", "portuguese", "finnish"))):
@@ -401,7 +396,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ],
         ):
             assert call(argv) is None, argv
-    shutil.copytree(root / "runs/sft-lora/checkpoints/checkpoint-2", root / "runs/adapter")
+    shutil.copytree(root / "runs/sft-lora/model", root / "runs/adapter")
     shutil.copyfile(root / "runs/a.json", root / "runs/b.json")
     return root
 

@@ -1,4 +1,7 @@
 import gzip
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,3 +71,15 @@ def test_bad_paths(tmp_path):
         load_model(tmp_path)
     with pytest.raises(OrionError, match="not a local path, and not a Hub id"):
         load_model("./no/such/dir")
+
+
+def test_a_relative_path_that_does_not_exist_says_not_found_locally_first(tmp_path):
+    """runs/stories (a run not trained yet, a typo) has the form of a Hub id too: offline, one line says both."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "orionlm", "generate", "hi", "--model", "runs/stories"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("orionlm: error: runs/stories: not found locally, and as a Hub id it could not be "
+                                    "downloaded (offline mode is on): ")  # fmt: skip
+    assert result.stderr.rstrip().endswith("Check the path, or the id and your connection")
+    assert len(result.stderr.splitlines()) == 1

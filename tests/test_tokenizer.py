@@ -88,3 +88,27 @@ def test_long_texts_encode_as_short_ones_do():
     assert (
         tokenizer.encode(text, add_special_tokens=False) == tokenizer.backend.encode(text, add_special_tokens=False).ids
     )
+
+
+LLAMA3_STYLE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (CHATML_TEMPLATE, "<|im_end|>"),
+        (LLAMA3_STYLE, "<|eot_id|>"),
+        ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}", "<|endoftext|>"),
+        ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", None),  # ends in plain text
+        ("{{ raise_exception('system message first') }}", None),
+        (None, None),
+    ],
+)
+def test_end_of_turn_token_is_read_from_the_chat_template(template, expected):
+    tok = Tokenizer.byte_level()
+    tok.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    tok.chat_template = template
+    assert tok.end_of_turn_id == (None if expected is None else tok.token_to_id(expected))

@@ -24,7 +24,8 @@ def convert_from_hf(
     """Convert a Hugging Face model directory (or Hub id) into an orionlm model directory.
 
     Architectures: llama, mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe, bloom. The source's tokenizer and
-    generation_config.json come along.
+    generation_config.json come along, with every stop id in its eos_token_id (the chat template's end-of-turn
+    token too).
 
     Args:
         src: a Hugging Face model directory or Hub id (or any other model: an orionlm or Auron directory, a .gguf
@@ -41,7 +42,7 @@ def convert_from_gguf(
     src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
 ) -> None:
     """Import a llama- or bloom-architecture GGUF file (F32, F16, BF16 or Q8_0, dequantized), with its embedded
-    tokenizer.
+    tokenizer. Needs `pip install 'orionlm[gguf]'`.
 
     Args:
         src: the .gguf file
@@ -75,6 +76,9 @@ def convert_to_hf(
     src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
 ) -> None:
     """Export a model as a Hugging Face directory that transformers loads (experts one tensor per expert).
+    generation_config.json carries the source's sampling defaults (orionlm's when it has none) and every stop id:
+    the model's EOS ids and the chat template's end-of-turn token (<|im_end|>), where transformers' generate then
+    stops as orionlm does.
 
     Args:
         src: the model: an orionlm, Hugging Face or Auron directory, a .gguf file, a training run (its newest
@@ -88,7 +92,8 @@ def convert_to_hf(
 
     max_shard_bytes = _shard_bytes(shard_gb)
     source, tensors = _open_source(src, dst, dtype, force)
-    write_hf(source.config, tensors, source.tokenizer, dst, max_shard_bytes=max_shard_bytes)
+    write_hf(source.config, tensors, source.tokenizer, dst, max_shard_bytes=max_shard_bytes,
+             generation=source.generation or None)  # fmt: skip
     print(f"wrote {dst}")
 
 
@@ -97,7 +102,9 @@ def convert_to_gguf(
 ) -> None:
     """Export a model as a GGUF file for llama.cpp: the llama architecture for dense and Mixtral-style MoE models
     (experts stacked, the router as ffn_gate_inp, Q/K rows in llama.cpp's RoPE order), bloom for ALiBi (BLOOM)
-    models; the tokenizer and chat template are embedded. The file appears only when complete.
+    models; the tokenizer and chat template are embedded. The file appears only when complete. Needs `pip install
+    'orionlm[gguf]'`, and a tokenizer with BPE merges: llama.cpp cannot load a byte-level one without them (what
+    `orionlm init` gives without --tokenizer), so such a model is refused.
 
     Example:
       orionlm convert to-gguf runs/m runs/m.gguf --dtype q8_0 && llama-cli -m runs/m.gguf -p "Once upon"

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError
+from ..errors import OrionError, require
 from .common import DType, load_with_tokenizer, logs_to_stderr, print_json
 
 
@@ -140,7 +140,8 @@ def leakage(
 ) -> None:
     """Detect benchmark leakage by shuffling options (arXiv 2409.01790): for each 4-option item, score all
     24 orderings of its options; flag the items whose published ordering scores highest (max_original,
-    chance 1/24) and, among those, the ones whose score is an isolation-forest outlier (iforest@T).
+    chance 1/24) and, among those, the ones whose score is an isolation-forest outlier (iforest@T). Needs
+    `pip install 'orionlm[eval]'` (scikit-learn).
 
     Example:
       orionlm leakage runs/m ../shared/data/eval/mmlu_test_subset.jsonl --limit 200 --out leak.json
@@ -169,25 +170,35 @@ def lm_eval(*args: str) -> None:
     """Run lm-evaluation-harness's command line with orionlm registered as a model, e.g.
       orionlm lm-eval --model orionlm --model_args pretrained=runs/m --tasks hellaswag --limit 100
     Needs `pip install 'orionlm[harness]'`; its own options: `orionlm lm-eval -- --help`. Without --device the
-    model runs where orionlm would put it (CUDA when available, else the CPU).
+    model runs where orionlm would put it (CUDA when available, else the CPU); a --device this machine lacks is
+    a one-line error before anything loads.
 
     Args:
         args: lm_eval's arguments, passed on unchanged
     """
-    try:
-        from lm_eval.__main__ import cli_evaluate
-
-        from ..eval import harness  # noqa: F401  registers "orionlm"
-    except ImportError as e:
-        raise OrionError(f"lm-eval is not installed ({e.name} is missing): pip install 'orionlm[harness]'") from None
-    from ..checkpoint import resolve_device
+    from ..checkpoint import check_device, resolve_device
 
     args = [a for a in args if a != "--"]
-    if not any(a == "--device" or a.startswith("--device=") for a in args):
-        # lm_eval asks for CUDA when no device is named, which fails on a CPU-only machine
+    device = _option_value(args, "--device")
+    if device is None:  # lm_eval asks for CUDA when no device is named, which fails on a CPU-only machine
         args += ["--device", str(resolve_device()[0])]
+    else:
+        check_device(device)
+    cli_evaluate = require("lm_eval.__main__", "harness", "orionlm lm-eval").cli_evaluate
+    from ..eval import harness  # noqa: F401  registers "orionlm"
+
     sys.argv = ["lm_eval", *args]
     cli_evaluate()
+
+
+def _option_value(args: list[str], option: str) -> str | None:
+    """The value of `option` in a command line (`--opt VALUE` or `--opt=VALUE`), or None when it is absent."""
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(option + "="):
+            return arg.removeprefix(option + "=")
+    return None
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -119,8 +119,8 @@ def merge_adapter(
     LoRA checkpoint holds its resolved recipe.yaml), else of RECIPE.
 
     Examples:
-      orionlm merge-lora --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-300
-      orionlm merge-lora recipe:sft-lora --lora_model_dir=runs/sft-lora/checkpoints/checkpoint-300
+      orionlm merge-lora --lora_model_dir=runs/sft-lora/model
+      orionlm merge-lora recipe:sft-lora --lora_model_dir=runs/sft-lora/model
       orionlm merge-lora --base runs/m --adapter runs/adapter --out runs/m-merged
 
     Args:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from ..errors import OrionError
+from ..errors import require
 from .common import DType, load_with_tokenizer
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels
@@ -66,15 +66,11 @@ def serve_model(
         log_level: uvicorn's log level (warning: only problems; info adds its startup and shutdown)
         access_log: log a line per request (client, method, path, status), whatever the log level
     """
-    try:
-        from ..serve.api import create_app
-        from ..serve.launch import bind, run, url
-        from ..serve.serving import AsyncEngine, Server
-    except ImportError as e:
-        raise OrionError(
-            f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'orionlm[serve]'"
-        ) from None
+    require("uvicorn", "serve", "orionlm serve")
     from ..generation.engine import Engine
+    from ..serve.api import create_app
+    from ..serve.launch import bind, run, url
+    from ..serve.serving import AsyncEngine, Server
 
     with bind(host, port) as sock:
         lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)

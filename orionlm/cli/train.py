@@ -19,6 +19,11 @@ def train_model(recipe: Path, /, *overrides: str, print_config: bool = False) ->
       orionlm train recipe:tinyshakespeare-moe --run.max_steps=200 --optim.lr=1e-3
       orionlm train recipe:sft-lora --model.path=runs/m --lora.r=32
       orionlm train recipe:sft-lora --lora.r=32 --print-config > my-recipe.yaml   # a copy to edit
+    A length given so (--run.max_steps, --run.max_tokens or --run.max_epochs) replaces the recipe's, and a
+    warm-up longer than the run is cut to fit. The run ends with its final model in RUN/model (run.out_dir/model;
+    for LoRA the adapter directory, which --model loads onto its base), e.g.
+      orionlm generate "ROMEO:" --model runs/tinyshakespeare-moe/model
+    One process at a time writes a run directory (it holds RUN/run.lock).
     `--resume` continues the run in run.out_dir from its latest checkpoint; `--resume DIR` from DIR.
     Under torchrun the same command trains with DDP (or FSDP2 with --run.fsdp=true):
       torchrun --nproc-per-node 2 -m orionlm train RECIPE
@@ -60,7 +65,8 @@ def list_recipes() -> None:
 def plot(run_dir: Path, /, *, compare: list[Path] | None = None, out: Path | None = None) -> None:
     """Write charts of a training run: loss.png, lr.png, expert_load.png (MoE runs).
 
-    With --compare, one loss chart over several runs (e.g. MoE against dense) goes to --out.
+    With --compare, one loss chart over several runs (e.g. MoE against dense) goes to --out. Needs `pip install
+    'orionlm[plot]'` (matplotlib).
 
     Args:
         run_dir: a run directory (it holds metrics.jsonl)
@@ -84,10 +90,12 @@ def quickstart(
 
     Trains a BPE tokenizer and a ~3M-parameter MoE (8 experts, top-2) on the top-level modules of the
     standard library, then prints the parameter counts, the loss table against the unigram entropy of
-    the data, and a continuation of "def fibonacci(n):"; writes loss.png and expert_load.png.
+    the data, and a continuation of "def fibonacci(n):"; writes the model to OUT/model, and loss.png, lr.png
+    and expert_load.png. Then, e.g.:
+      orionlm generate "def main():" --model runs/quickstart/model
 
     Args:
-        out: the run directory (a run directory there is replaced; anything else is refused)
+        out: the run directory (a finished run there is replaced; a run in progress or anything else is refused)
         steps: optimizer steps (16 sequences of 256 tokens each)
         print_recipe: print the recipe as YAML (to copy into a file for `orionlm train`) and stop
         overrides: --section.key=value changes to the recipe
@@ -95,16 +103,25 @@ def quickstart(
     import yaml
 
     from ..quickstart import quickstart_recipe, run_quickstart
+    from ..train.lock import LOCK_FILE, RunLock
 
     if print_recipe:
         print(yaml.safe_dump(quickstart_recipe(out, steps), sort_keys=False), end="")
         return
     if out.exists():
-        if any(out.iterdir()) and not (out / "metrics.jsonl").is_file():
+        files = [p for p in out.iterdir() if p.name != LOCK_FILE]
+        if files and not (out / "metrics.jsonl").is_file():
             raise OrionError(f"{out} is not a training run directory (no metrics.jsonl); quickstart replaces only "
                              "its own runs: give another --out")  # fmt: skip
-        shutil.rmtree(out)
-    run_quickstart(out, steps, list(overrides))
+    with RunLock(out):  # refuses a run another process is writing, before anything of it is deleted
+        for path in out.iterdir():
+            if path.name == LOCK_FILE:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        run_quickstart(out, steps, list(overrides))
 
 
 def tokenizer_train(files: list[Path], /, *, vocab_size: int, out: Path, force: bool = False) -> None:

@@ -31,19 +31,18 @@ from ..checkpoint import (
     state_dict_for_saving,
 )
 from ..config import BLOOM_LAYOUT, ConfigError, ModelConfig
+from ..errors import require
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
 from .gguf_vocab import GGUFError, tokenizer_from_metadata, tokenizer_metadata
 
-try:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
-    from gguf.quants import dequantize, quantize
+require("gguf", "gguf", "reading or writing GGUF files")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
 
-    # the dtype each supported GGUF type is read as
-    READ_AS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
-               GGMLQuantizationType.BF16: torch.bfloat16, GGMLQuantizationType.Q8_0: torch.float32}  # fmt: skip
-except ImportError:  # optional dependency: only needed to read GGUF files
-    GGUFReader = None
+# the dtype each supported GGUF type is read as
+READ_AS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+           GGMLQuantizationType.BF16: torch.bfloat16, GGMLQuantizationType.Q8_0: torch.float32}  # fmt: skip
 
 ARCHITECTURES = ("llama", "bloom")
 
@@ -109,8 +108,6 @@ def read_gguf_model(path: Path) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
 
 def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
     """The metadata as plain Python values, and the reader (whose tensors are memory-mapped)."""
-    if GGUFReader is None:
-        raise GGUFError("reading GGUF files needs the `gguf` package: pip install 'orionlm[gguf]'")
     if not path.is_file():
         raise GGUFError(f"{path} does not exist")
     try:
@@ -438,8 +435,6 @@ def write_gguf(
     dtype f32, f16 or q8_0 applies to the matrices; norms and routers stay float32, as llama.cpp's converter
     keeps them. `tensors` are the model's (as checkpoint.model_tensors gives them), read and written one at a
     time; the file is written under a temporary name and renamed when complete."""
-    from gguf import GGUFWriter
-
     _check_exportable(config)
     if tokenizer is None:
         raise GGUFError("the model has no tokenizer; a GGUF file embeds one, so export a model directory that has it")
@@ -486,8 +481,6 @@ def _encode(data: np.ndarray, kind: Any) -> np.ndarray:
 
 def _add_metadata(writer: Any, config: ModelConfig, tokenizer: Tokenizer, dtype: str) -> None:
     """The hyperparameters llama.cpp reads, the file type and the tokenizer."""
-    from gguf import LlamaFileType
-
     writer.add_name(config.name or "orionlm")
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.hidden_size)

@@ -164,6 +164,11 @@ def tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> No
         else:
             types.append(NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if space_prefix is None and not merges:  # GGUF writers leave the empty list out, and llama.cpp requires it
+        raise GGUFError("the tokenizer is a byte-level BPE without merges (orionlm's untrained byte tokenizer), "
+                        "which llama.cpp refuses to load ('cannot find tokenizer merges'); to run the model in "
+                        "llama.cpp, train it with a BPE tokenizer (orionlm tokenizer train, or the recipe's "
+                        "tokenizer.train_vocab_size), or export it with convert to-hf")  # fmt: skip
     if space_prefix is None:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")

@@ -25,6 +25,7 @@ from ..checkpoint import (
     LazyTensors,
     TensorSpec,
     atomic_directory,
+    generation_with_stops,
     model_from_tensors,
     read_config_json,
     read_generation_config,
@@ -36,7 +37,7 @@ from ..config import ConfigError, ModelConfig
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
 from .hf_architectures import ARCHITECTURES, HFArchitecture, hf_architecture
-from .hf_config import TOKEN_ID_KEYS, ConvertError, HFKeys
+from .hf_config import HF_SAMPLING_KEYS, TOKEN_ID_KEYS, ConvertError, HFKeys
 
 # ---------------------------------------------------------------------------------------------
 # config.json
@@ -272,8 +273,11 @@ def save_hf(
     architecture: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """write_hf of a model in memory."""
-    return write_hf(model.config, state_dict_for_saving(model), tokenizer, directory, architecture, max_shard_bytes)
+    """write_hf of a model in memory, with the sampling defaults it was loaded with."""
+    generation = getattr(model, "generation_defaults", None) or None
+    return write_hf(
+        model.config, state_dict_for_saving(model), tokenizer, directory, architecture, max_shard_bytes, generation
+    )
 
 
 def write_hf(
@@ -283,10 +287,15 @@ def write_hf(
     directory: str | Path,
     architecture: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    generation: dict[str, Any] | None = None,
 ) -> Path:
     """Write a Hugging Face model directory that transformers' AutoModelForCausalLM loads: config.json,
     safetensors (experts per expert), tokenizer files and generation_config.json, atomically. `tensors` are the
     model's (as checkpoint.model_tensors gives them), read, renamed and written one at a time.
+
+    generation_config.json carries the sampling defaults of `generation` (the source's generation_config.json;
+    None: orionlm's) and every stop id (checkpoint.generation_with_stops), so that transformers' `generate`
+    samples as orionlm does and stops where it stops, at a chat template's end-of-turn token too.
 
     The architecture is `architecture`, else the config's hf_model_type, else inferred from the config;
     a config the architecture cannot express is refused before anything is written.
@@ -303,6 +312,7 @@ def write_hf(
         write_safetensors(tensors_to_hf(config, ARCHITECTURES[model_type], tensors), tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        generation = {key: value for key, value in token_ids.items() if value is not None}
+        generation = generation_with_stops(config, tokenizer, generation)
+        generation = {key: generation[key] for key in (*TOKEN_ID_KEYS, *HF_SAMPLING_KEYS) if key in generation}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory

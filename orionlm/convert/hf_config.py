@@ -15,6 +15,10 @@ from ..config import ModelConfig
 from ..errors import OrionError
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# generation_config.json's sampling defaults that an export carries: transformers applies all but the two OpenAI
+# penalties, and keeps those too, so they come back on import
+HF_SAMPLING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty")  # fmt: skip
 
 
 class ConvertError(OrionError):

@@ -130,6 +130,20 @@ class MixtureDataset:
         """Target tokens in one pass over every source's training windows."""
         return sum(layout.train_windows for layout in self.layouts) * self.seq_len
 
+    def unigram_entropy(self, vocab_size: int, max_tokens: int = 1 << 25) -> float:
+        """The entropy (nats/token) of the mixture's token frequencies (each source's, from its first max_tokens,
+        weighted by its share): the loss of the best model that ignores context. A model below it has learned
+        from context."""
+        mixed = np.zeros(vocab_size)
+        for shard, weight in zip(self.shards, self.weights, strict=True):
+            tokens = shard.tokens[:max_tokens]
+            counts = np.zeros(vocab_size)
+            for start in range(0, len(tokens), 1 << 22):  # in pieces: bincount copies its input to int64
+                counts += np.bincount(tokens[start : start + (1 << 22)], minlength=vocab_size)
+            mixed += weight * counts / max(len(tokens), 1)
+        p = mixed[mixed > 0] / mixed.sum()
+        return float(-(p * np.log(p)).sum())
+
     def stats(self) -> list[dict[str, Any]]:
         """Per source, for logging: weight, tokens and documents on disk, training and validation windows."""
         return [

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError, unknown_names
+from ..errors import OrionError, require, unknown_names
 
 KINDS = ("auto", "text", "jsonl", "parquet", "hf")
 _GLOB_CHARS = set("*?[")
@@ -279,11 +279,8 @@ def _text_value(value: Any, where: str, field: str) -> str:
 
 
 def _parquet_documents(path: Path, field: str, on_bytes: Callable[[int], None]) -> Iterator[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    pa = require("pyarrow", "parquet", f"{path}: reading Parquet")
+    pq = require("pyarrow.parquet", "parquet", f"{path}: reading Parquet")
     try:
         parquet = pq.ParquetFile(path)
     except pa.ArrowException as e:
@@ -304,12 +301,7 @@ def _parquet_documents(path: Path, field: str, on_bytes: Callable[[int], None]) 
 
 
 def load_hf_dataset(source: SourceConfig) -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"source {source.path!r} is a Hugging Face dataset: install datasets (pip install datasets)"
-        ) from None
+    datasets = require("datasets", "hf", f"source {source.path!r} (a Hugging Face dataset)")
     try:
         return datasets.load_dataset(source.hf_name, split=source.split)
     except (FileNotFoundError, ValueError, ConnectionError) as e:

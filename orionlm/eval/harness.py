@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lm_eval.models  # noqa: F401  lm-eval fills its built-in models only into an empty registry: first
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-
+from ..errors import require
 from ..generation import GenerationConfig, generate_ids
 from ..loading import load_model
 from .scoring import loglikelihood, perplexity, prefix_token
+
+# lm-eval fills its built-in models only into an empty registry: they go in first
+require("lm_eval.models", "harness", "orionlm's lm-evaluation-harness model")
+from lm_eval.api.model import LM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
 
 
 @register_model("orionlm")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import first_line, not_here_nor_on_hub, require
 from .tasks import EvalError
 
 CACHE = Path(os.environ.get("ORIONLM_CACHE", Path.home() / ".cache" / "orionlm")) / "eval"
@@ -71,16 +72,16 @@ SOURCES: dict[str, tuple[str, str | None, str, Callable[[dict[str, Any]], dict[s
 
 
 def _rows(dataset: str, config: str | None, split: str) -> Iterable[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise EvalError("reading tasks from the Hub needs `datasets` (pip install 'orionlm[hf]')") from None
+    datasets = require("datasets", "hf", "reading tasks from the Hub")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its offline retries print a line each
     try:
         return datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # offline, unknown name, gated: datasets raises many kinds
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EvalError(f"could not load {dataset} ({split}) from the Hub: {reason}") from None
+        local = Path(dataset).exists()
+        if not local and dataset not in {source[0] for source in SOURCES.values()}:  # a mistyped path or a Hub name
+            raise EvalError(not_here_nor_on_hub(dataset, f"dataset ({split})", e)) from None
+        where = "" if local else " from the Hub"
+        raise EvalError(f"could not load {dataset} ({split}){where}: {first_line(e)}") from None
 
 
 def fetch(task: str, dataset: str | None = None) -> Path:

@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OrionError
+from ..errors import OrionError, require
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
 from .scoring import loglikelihood
 from .tasks import read_jsonl
+
+IsolationForest = require("sklearn.ensemble", "eval", "leakage detection (its isolation forest)").IsolationForest
 
 ORDERINGS = list(itertools.permutations(range(4)))  # 24; ORDERINGS[0] is the published order
 THRESHOLDS = (-0.2, -0.17, -0.15)
@@ -62,10 +64,6 @@ def ordering_scores(
 
 def flag(scores: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS, seed: int = 42) -> dict[str, np.ndarray]:
     """Boolean flags per item: "max_original", and "iforest@T" for each threshold T."""
-    try:
-        from sklearn.ensemble import IsolationForest
-    except ImportError:
-        raise OrionError("the iforest method needs scikit-learn: pip install 'orionlm[eval]'") from None
     original_best = scores.argmax(axis=1) == 0
     decisions = np.full(len(scores), np.inf)
     for i, row in enumerate(scores):

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import require
 from .tasks import EvalError
 
 HEADLINE = {
@@ -60,8 +61,7 @@ def compare_table(reports: dict[str, dict[str, Any]]) -> str:
 
 def compare_chart(reports: dict[str, dict[str, Any]], path: Path) -> None:
     """Grouped bars of every accuracy-like metric (0..1) of the reports."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "eval compare --chart")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..errors import MissingExtra
 from ..generation import generate
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
@@ -52,7 +53,7 @@ def task_path(task: str, data_dir: Path | None, task_files: dict[str, Path]) -> 
                 return folder / FILES[task]
     try:
         return fetch(task)
-    except EvalError as e:
+    except (EvalError, MissingExtra) as e:
         raise EvalError(
             f"no items for {task}: pass --data-dir DIR holding {FILES[task]} (../shared/data/eval has them), "
             f"or --task-file {task}=PATH ({e})"

@@ -2,3 +2,7 @@
 
 Needs the `serve` extra (FastAPI and uvicorn): `pip install orionlm[serve]`.
 """
+
+from ..errors import require
+
+require("fastapi", "serve", "the server")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import check_device
 from ..model import OrionLM
 from .recipe import Recipe
 
@@ -40,6 +41,8 @@ class Dist:
 def setup_distributed(device: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device != "auto":
+        check_device(device, "run.device")
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if world_size == 1:
         return Dist(0, 1, torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))

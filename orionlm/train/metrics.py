@@ -9,8 +9,8 @@ evaluation steps. Every mode but pretraining begins with a step-0 record: the st
 
 from __future__ import annotations
 
-import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..errors import OrionError
+from ..errors import MissingExtra, OrionError, require
 from ..model import count_parameters, virtual_parameters
 from .distributed import Dist
 
@@ -111,7 +111,7 @@ class Interval:
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed), written by rank 0 only."""
+    """metrics.jsonl (and TensorBoard when installed: without it, a note says so once), written by rank 0 only."""
 
     def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
         self.path = out_dir / "metrics.jsonl"
@@ -123,10 +123,14 @@ class MetricsLog:
             self.path.write_text("")
         self.writer = None
         if tensorboard:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            try:
+                board = require("torch.utils.tensorboard", "tensorboard", "TensorBoard logging (run.tensorboard)")
+                self.writer = board.SummaryWriter(str(out_dir / "tensorboard"))
+            except MissingExtra as e:
+                print(
+                    f"note: {e}; logging to metrics.jsonl only (--run.tensorboard=false hides this note)",
+                    file=sys.stderr,
+                )
 
     def records(self) -> list[tuple[str, dict[str, Any]]]:
         """Each line of metrics.jsonl and its record. A last line that is not JSON is a write that a killed run

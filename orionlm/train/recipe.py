@@ -6,11 +6,15 @@ model:     {preset: tiny-moe, overrides: {hidden_size: 128}}   (or {config: {...
 tokenizer: {path: DIR}  or  {train_vocab_size: 4096}            (train a byte-level BPE on the data)
 data:      DataConfig   (sources with weights, seq_len, validation split)
 optim:     OptimConfig  (AdamW or Muon + AdamW)
-schedule:  ScheduleConfig (cosine or WSD)
-run:       RunConfig    (steps, batch, checkpoints, logging, devices)
+schedule:  ScheduleConfig (cosine or WSD; warm-up in steps or as a fraction of the run, 5% by default)
+run:       RunConfig    (length, batch, checkpoints, logging, devices)
 lora:      LoRAConfig   (rank, alpha, dropout, target modules; mode lora only)
 quietstar: QuietStarConfig (thought length, talk-ahead tokens, thoughts per position, policy weight; mode
            quietstar only)
+
+The run's length (max_steps, max_tokens or max_epochs) and the warm-up (warmup_steps or warmup_fraction) are
+each one of alternatives: one given on the command line replaces the recipe's, so any recipe runs short with
+`--run.max_steps=20`. A warm-up longer than the run allows is cut to fit, with a warning.
 """
 
 from __future__ import annotations
@@ -75,9 +79,11 @@ class TokenizerSection:
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
-    max_steps: int | None = None  # give max_steps or max_tokens
+    # The run's length: give one of max_steps, max_tokens and max_epochs (one on the command line replaces the
+    # recipe's: `--run.max_steps=20` makes a short run of any recipe).
+    max_steps: int | None = None
     max_tokens: int | None = None
-    max_epochs: float | None = None  # or passes over the training data (rows of every source)
+    max_epochs: float | None = None  # passes over the training data (rows of every source)
     batch_size: int = 8  # sequences per device per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     seed: int = 0
@@ -202,9 +208,9 @@ def build_dataclass(cls: Any, value: Any, where: str) -> Any:
     return value
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
+def apply_override(data: dict[str, Any], override: str) -> tuple[str, Any]:
     """Apply one `--section.key=value` (list items by index: `--data.sources.0.weight=2`); the value is
-    parsed as YAML, so numbers, booleans, lists and null work."""
+    parsed as YAML, so numbers, booleans, lists and null work. Returns the dotted key and the value."""
     text = override.removeprefix("--")
     if "=" not in text:
         raise RecipeError(f"override {override!r} must look like --section.key=value")
@@ -229,6 +235,21 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node[int(last)] = value
     else:
         node[last] = value
+    return dotted, value
+
+
+# Settings of which a recipe gives one: the run's length, and the warm-up.
+ALTERNATIVES = {"run": ("max_steps", "max_tokens", "max_epochs"), "schedule": ("warmup_steps", "warmup_fraction")}
+
+
+def prefer_command_line(data: dict[str, Any], given: dict[str, Any]) -> None:
+    """A setting given on the command line replaces the recipe's alternatives to it: `--run.max_steps=20` on a
+    recipe with max_epochs runs 20 steps, `--schedule.warmup_fraction=0.1` on one with warmup_steps warms up over
+    10% of the run."""
+    for section, keys in ALTERNATIVES.items():
+        chosen = [key for key in keys if given.get(f"{section}.{key}") is not None]
+        if chosen and isinstance(data.get(section), dict):
+            data[section].update({key: None for key in keys if key not in chosen})
 
 
 def expand_overrides(words: list[str] | tuple[str, ...]) -> list[str]:
@@ -297,8 +318,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a recipe YAML file (a path or `recipe:NAME`, or start from nothing), apply the overrides (command-line
     words, see expand_overrides), validate everything."""
     data = read_yaml_mapping(path, "recipe", "sections (model, data, optim, ...)") if path is not None else {}
-    for override in expand_overrides(overrides):
-        apply_override(data, override)
+    given = dict(apply_override(data, override) for override in expand_overrides(overrides))
+    prefer_command_line(data, given)
     for section in ("model", "data"):
         if section not in data:
             raise RecipeError(f"the recipe needs a `{section}` section")

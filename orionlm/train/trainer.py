@@ -3,10 +3,12 @@
 Four modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
 base), on text windows or chat rows (data/sft.py), and Quiet-STaR (quietstar.py: learning to think, on text
 windows). A run directory holds the resolved recipe, run.json (versions, machine, data), metrics.jsonl, the
-tokenizer it trained (if any), the charts, and checkpoints: checkpoints/<tokens seen>/ when pretraining,
-checkpoints/checkpoint-<step>/ when fine-tuning or thinking. Each is a
-loadable model directory (a PEFT adapter directory for LoRA) plus the training state (optimizer, data
-position, RNG), so `--resume` continues bit-identically on CPU.
+tokenizer it trained (if any), the charts, checkpoints, and model/, the final model. Checkpoints are
+checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning or thinking; each is
+a loadable model directory (a PEFT adapter directory for LoRA) plus the training state (optimizer, data
+position, RNG), so `--resume` continues bit-identically on CPU. model/ is the last checkpoint without its
+training state, written when the run ends (a rerun replaces it). The process writing a run holds its lock
+(lock.py): no other run writes into it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pickle
 import platform
 import shutil
@@ -41,22 +44,16 @@ from ..model import OrionLM, add_router_losses, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
 from .distributed import Dist, full_state, load_full_state, setup_distributed, wrap_model
+from .lock import acquire, release
 from .metrics import Interval, MetricsLog, flops_per_token, measure_peak_flops, throughput
 from .optim import build_optimizer
+from .plot import human_tokens, plot_run
 from .quietstar import QuietStar, add_thought_tokens
 from .recipe import Recipe, RecipeError
 from .schedule import lr_factor
 
 STATE_FILE = "trainer_state.pt"
-
-
-def human_tokens(n: int) -> str:
-    """An exact short name for a token count: 100000000000 -> '100B', 1638400 -> '1.6384M', 512 -> '512'."""
-    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= scale:
-            digits = len(str(scale)) - 1
-            return f"{n / scale:.{digits}f}".rstrip("0").rstrip(".") + unit
-    return str(n)
+MODEL_DIR = "model"  # in a run directory: the final model
 
 
 def prepare_tokenizer(
@@ -145,6 +142,40 @@ def resolve_resume(recipe: Recipe, out_dir: Path) -> Path | None:
     return path
 
 
+def check_context(recipe: Recipe, max_seq_len: int, resuming: bool) -> None:
+    """data.seq_len within the model's context: longer windows would train positions that generation then refuses
+    (it stops at max_seq_len), and the saved config would not say the model had seen them."""
+    seq_len = recipe.data.seq_len
+    if seq_len <= max_seq_len:
+        return
+    if resuming:
+        whose, how = "the resumed checkpoint's", " (a resumed run keeps its model's context)"
+    elif recipe.model.path is not None:
+        whose, how = f"{recipe.model.path}'s", ", or start from a model with a longer max_seq_len"
+    else:
+        whose, how = "the model's", f", or lengthen the context with --model.overrides.max_seq_len={seq_len}"
+    raise RecipeError(f"data.seq_len ({seq_len}) is longer than {whose} context (max_seq_len {max_seq_len}): lower "
+                      f"data.seq_len to {max_seq_len}{how}")  # fmt: skip
+
+
+def publish_model(checkpoint: Path, target: Path) -> None:
+    """target (RUN/model): the checkpoint without its training state, replacing an older one atomically. The
+    weights are hard-linked where the filesystem allows, so they are not on disk twice (every save writes new files,
+    never into old ones); the small files are copied, so that editing one (a config.json) leaves the checkpoint's
+    as it was."""
+
+    def link_or_copy(source: str, destination: str) -> None:
+        if source.endswith(".safetensors"):
+            with contextlib.suppress(OSError):
+                os.link(source, destination)
+                return
+        shutil.copy2(source, destination)
+
+    with atomic_directory(target) as tmp:
+        shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE, STATE_JSON),
+                        copy_function=link_or_copy, dirs_exist_ok=True)  # fmt: skip
+
+
 def chat_packing(recipe: Recipe, config: ModelConfig) -> bool | None:
     """Whether chat rows are packed several to a row (None: the data is text windows)."""
     if recipe.data_format != "chat":
@@ -183,15 +214,28 @@ class Trainer:
         self.sharded = recipe.run.fsdp and self.d.world_size > 1
         self.step = self.tokens = 0
         self.last_record: dict[str, Any] = {}  # the newest metrics record, summarized in each checkpoint
-        self.setup()
+        self.lock = acquire(self.out_dir) if self.d.main else None  # rank 0 writes the run
+        try:
+            self.setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the run directory (its lock); train() does when it ends, however it ends."""
+        if self.lock is not None:
+            release(self.lock)
+            self.lock = None
 
     def setup(self) -> None:
         """Everything before the first step; the run's settings are checked before any data is tokenized."""
         recipe, run, d = self.recipe, self.run, self.d
         self.resume_dir = resolve_resume(recipe, self.out_dir)
+        self.last_checkpoint = self.resume_dir  # the newest checkpoint of the run: model/ at the end
         self._plan_steps()
         self._prepare_run_dir()
         base, base_tokenizer = self._load_base()
+        self._check_context(base)
         self.tokenizer = prepare_tokenizer(recipe, self.out_dir, d, self.resume_dir, base_tokenizer)
         config = base.config if base is not None else model_config(recipe, self.tokenizer, self.resume_dir)
         if self.tokenizer.vocab_size > config.vocab_size:
@@ -204,7 +248,7 @@ class Trainer:
             self.dataset = self._build_dataset(packed, False)
         if run.max_epochs is not None:
             self.total_steps = max(1, math.ceil(run.max_epochs * sum(self.dataset.train_windows) / self.rows_per_step))
-            recipe.schedule.phases(self.total_steps)
+            self._check_schedule()
 
         self.model, self.config = self._build_model(base, config)
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -215,6 +259,8 @@ class Trainer:
         self.loader = self.dataset.train_loader(run.batch_size, rank=d.rank, world_size=d.world_size)
         if self.resume_dir is not None:
             self._load_state()
+            if d.main:
+                print(self._resume_line())
         self.metrics_log = None
         if d.main:  # the run's records, once nothing can refuse it: a refused run writes nothing
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +286,8 @@ class Trainer:
         """Check the run's length and sharding settings and size a step; count the steps when that needs no data."""
         run = self.run
         if sum(x is not None for x in (run.max_steps, run.max_tokens, run.max_epochs)) != 1:
-            raise RecipeError("run: give exactly one of max_steps, max_tokens or max_epochs")
+            raise RecipeError("run: give exactly one of max_steps, max_tokens or max_epochs (one given on the command "
+                              "line replaces the recipe's)")  # fmt: skip
         if run.fsdp and self.recipe.optim.name == "muon":
             # Newton-Schulz orthogonalises whole matrices; FSDP2 holds each process's shard only.
             raise RecipeError("optim.name=muon needs whole matrices: train it with DDP (run.fsdp=false) or use adamw")
@@ -248,7 +295,36 @@ class Trainer:
         self.tokens_per_step = self.rows_per_step * self.recipe.data.seq_len  # row slots: chat rows may end in padding
         if run.max_epochs is None:
             self.total_steps = run.max_steps or math.ceil(run.max_tokens / self.tokens_per_step)
-            self.recipe.schedule.phases(self.total_steps)  # a schedule that cannot fit fails now, not after tokenizing
+            self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """The schedule fits the run's total_steps (checked before any data is tokenized); a warm-up cut to fit is
+        said once."""
+        warning = self.recipe.schedule.warmup_warning(self.total_steps)
+        if warning and self.d.main:
+            print(warning, file=sys.stderr)
+
+    def _check_context(self, base: OrionLM | None) -> None:
+        """data.seq_len within the context of the model the run trains (check_context)."""
+        if base is not None:
+            config = base.config
+        elif self.resume_dir is not None:
+            config = ModelConfig.load(self.resume_dir / "config.json")
+        else:
+            config = self.recipe.model.build()
+        check_context(self.recipe, config.max_seq_len, resuming=self.resume_dir is not None and base is None)
+
+    def _resume_line(self) -> str:
+        """What --resume picked up and where the run now goes."""
+        line = f"resuming from {self.resume_dir} (step {self.step}, {self.tokens:,} tokens); "
+        planned = read_json_object(self.resume_dir / STATE_JSON, RecipeError).get("total_steps")
+        if self.step >= self.total_steps:
+            line += f"its {self.total_steps} steps are done: raise run.max_steps (or max_tokens, max_epochs) to go on"
+        else:
+            line += f"running to step {self.total_steps}"
+        if planned is not None and planned != self.total_steps:
+            line += f" (the checkpoint's run was to step {planned})"
+        return line
 
     def _prepare_run_dir(self) -> None:
         recipe = self.recipe
@@ -256,7 +332,8 @@ class Trainer:
             # A run directory means its newest checkpoint now: the saved recipe names that one, for merge-lora.
             recipe.model.path = str(resolve_model_path(recipe.model.path))
         if self.d.main:
-            for stale in (self.out_dir / "checkpoints").glob(".*.tmp-*"):  # left by a save that was killed
+            killed = [*(self.out_dir / "checkpoints").glob(".*.tmp-*"), *self.out_dir.glob(f".{MODEL_DIR}.tmp-*")]
+            for stale in killed:  # left by a save that was killed
                 shutil.rmtree(stale, ignore_errors=True)
         self.d.barrier()
 
@@ -342,8 +419,11 @@ class Trainer:
             "trainable_params": self.trainable_params,
             "tokens_per_step": self.tokens_per_step,
             "total_steps": self.total_steps,
+            "peak_lr": self.optimizer.param_groups[0]["base_lr"],  # the first group's, as lr in metrics.jsonl
             "data": self.dataset.stats(),
         }
+        if isinstance(self.dataset, MixtureDataset):  # text: the loss chart's context-free line
+            info["unigram_entropy"] = self.dataset.unigram_entropy(self.config.vocab_size)
         (self.out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
         adapted = f", {self.trainable_params:,} trained (LoRA)" if self.lora else ""
         print(
@@ -459,6 +539,7 @@ class Trainer:
             if self.config.tie_embeddings:
                 tensors.pop("lm_head.weight", None)
             save_checkpoint(self.model, target, self.tokenizer, tensors=tensors, write_extra=write_state)
+        self.last_checkpoint = target
         if self.run.keep_last:
             for _, old in find_checkpoints(self.out_dir)[: -self.run.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -501,9 +582,10 @@ class Trainer:
                 self.save()
         self.bar.close()
         d.barrier()
+        if d.main:
+            publish_model(self.last_checkpoint, self.out_dir / MODEL_DIR)
+            print(f"wrote {self.out_dir / MODEL_DIR} (the final model)")
         if d.main and run.plot:
-            from .plot import plot_run
-
             try:
                 for path in plot_run(self.out_dir):
                     print(f"wrote {path}")
@@ -513,5 +595,9 @@ class Trainer:
 
 
 def train(recipe: Recipe) -> Path:
-    """Run a recipe; returns the run directory."""
-    return Trainer(recipe).train()
+    """Run a recipe; returns the run directory (its final model in RUN/model)."""
+    trainer = Trainer(recipe)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -539,14 +539,31 @@ def test_tensors_are_read_one_at_a_time_on_demand(tmp_path: Path, transformers, 
 
 def test_q8_0_tensors_are_read_as_float32(tmp_path: Path) -> None:
     model = OrionLM(preset("tiny-dense", vocab_size=320)).eval()
-    save_gguf(model, Tokenizer.byte_level(), tmp_path / "q.gguf", dtype="q8_0")
+    original = Tokenizer.train_bpe_from_texts([STORY] * 4, 300)
+    save_gguf(model, original, tmp_path / "q.gguf", dtype="q8_0")
     _, tensors, tokenizer = orion_gguf.read_gguf_model(tmp_path / "q.gguf")
     q = tensors["model.layers.0.self_attn.q_proj.weight"]
     assert tensors.specs["model.layers.0.self_attn.q_proj.weight"].dtype == q.dtype == torch.float32
     want = model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert 0 < (q - want).abs().max() <= want.abs().max() / 127  # Q8_0: one scale per 32, 8-bit codes
-    # a byte-level vocabulary without merges (GGUF leaves out the empty list) comes back as it was
-    assert tokenizer.encode(STORY) == Tokenizer.byte_level().encode(STORY)
+    assert tokenizer.encode(STORY) == original.encode(STORY)
+
+
+def test_byte_level_vocabulary_without_merges(tmp_path: Path) -> None:
+    """Other writers' files of a single-byte 'gpt2' vocabulary have no merges (GGUF leaves out the empty list):
+    orionlm reads them as the byte-level tokenizer they came from (its own export refuses them: llama.cpp cannot)."""
+    byte_level = Tokenizer.byte_level()
+    tokens = sorted(byte_level.backend.get_vocab(), key=byte_level.backend.get_vocab().__getitem__)
+    writer = gguf.GGUFWriter(str(tmp_path / "bytes.gguf"), "llama")
+    _add_tiny_llama_metadata(writer, vocab_size=len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_eos_token_id(byte_level.eos_id)
+    _add_tiny_llama_tensors(writer, vocab_size=len(tokens))
+    _finish(writer)
+    _, tokenizer = load_gguf(tmp_path / "bytes.gguf", device="cpu")
+    assert tokenizer.encode(STORY) == byte_level.encode(STORY)
 
 
 def test_byte_level_vocabulary(tmp_path: Path) -> None:

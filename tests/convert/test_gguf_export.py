@@ -118,6 +118,18 @@ def test_cli(tokenizer, tmp_path, capsys):
     assert (tmp_path / "back" / "config.json").is_file()
 
 
+def test_a_byte_level_vocabulary_without_merges_is_refused(tmp_path, capsys):
+    """llama.cpp cannot load a 'gpt2' vocabulary without merges ("cannot find tokenizer merges in model file"),
+    so to-gguf refuses one in one line and writes nothing."""
+    save_checkpoint(MODELS["dense"](), tmp_path / "m", Tokenizer.byte_level())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "to-gguf", str(tmp_path / "m"), str(tmp_path / "m.gguf")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1
+    assert "byte-level BPE without merges" in error and "orionlm tokenizer train" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 @pytest.mark.parametrize("name", [*MODELS, *BLOOM])
 def test_llama_cpp_runs_the_file_like_orionlm(name, tokenizer, tmp_path):
     """llama.cpp's logits on the same tokens (all positions) and its greedy continuation equal orionlm's."""

@@ -205,7 +205,8 @@ def test_native_models_export_to_the_inferred_architecture(name, changes, arch, 
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == arch
     _same_logits(model, AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
     again, _ = load_hf(tmp_path, device="cpu")
-    token_ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    # generation_config.json's stop ids: the EOS and ChatML's <|im_end|>
+    token_ids = {"eos_token_id": [tokenizer.eos_id, tokenizer.end_of_turn_id], "pad_token_id": tokenizer.pad_id}
     expected = dataclasses.replace(
         model.config, name=tmp_path.name, hf_model_type=arch, extra={"hf_token_ids": token_ids}
     )
@@ -425,3 +426,74 @@ def test_export_reads_each_expert_stack_once(shard_bytes, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == (shard_bytes == 40_000)
     assert sorted(reads) == sorted(state)
     _same_logits(model, AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval())
+
+
+# ---------------------------------------------------------------------------------------------
+# generation_config.json: the stop ids and sampling defaults travel with the weights
+
+CHAT = [{"role": "user", "content": "Say hi"}]
+SAMPLING = dict(do_sample=True, temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.1, max_new_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """An orionlm directory (ChatML byte-level tokenizer) whose greedy reply ends with <|im_end|> after a few
+    tokens: the head row of <|im_end|> is 1.5x the row of the token greedy decoding would pick fourth, so
+    <|im_end|> outscores it there. Returns (directory, prompt ids, the reply's tokens)."""
+    tokenizer = Tokenizer.byte_level()
+    model = OrionLM(preset("tiny-dense", vocab_size=VOCAB, initializer_range=0.1)).eval()
+    model.reset_parameters(seed=0)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(CHAT))
+    from orionlm.generation import generate_ids
+
+    unstopped = generate_ids(model, [prompt], 8, do_sample=False, repetition_penalty=1.1)[0]
+    fourth = unstopped[3]
+    assert fourth not in unstopped[:3]
+    end = tokenizer.end_of_turn_id
+    with torch.no_grad():
+        model.lm_head.weight[end] = 1.5 * model.lm_head.weight[fourth]
+    path = tmp_path_factory.mktemp("chat") / "model"
+    save_checkpoint(model, path, tokenizer, SAMPLING)
+    return path, prompt, unstopped
+
+
+def _orionlm_greedy(path, prompt: list[int]) -> list[int]:
+    """orionlm's greedy reply with the directory's own settings (its stop ids and repetition penalty)."""
+    from orionlm.generation import generate_ids
+    from orionlm.generation.text import resolve_config
+    from orionlm.loading import load_model
+
+    model, _, _ = load_model(path, device="cpu")
+    return generate_ids(model, [prompt], config=resolve_config(model, do_sample=False))[0]
+
+
+def test_transformers_chat_generation_stops_where_orionlm_stops(chat_model, tmp_path):
+    from orionlm.cli.convert import convert_to_hf
+
+    path, prompt, unstopped = chat_model
+    ours = _orionlm_greedy(path, prompt)
+    im_end = Tokenizer.byte_level().token_to_id("<|im_end|>")
+    assert ours == [*unstopped[:3], im_end]  # the construction works: a short reply closed by <|im_end|>
+
+    convert_to_hf(str(path), tmp_path / "hf")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation == SAMPLING | {"eos_token_id": [256, im_end], "pad_token_id": 259}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert hf.generation_config.temperature == 0.6 and hf.generation_config.top_k == 20
+    chat = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(CHAT, add_generation_prompt=True)
+    assert chat["input_ids"] == prompt
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.tensor([chat["attention_mask"]]), do_sample=False)
+    assert out[0, len(prompt) :].tolist() == ours
+
+
+def test_from_hf_gains_the_end_of_turn_stop_and_keeps_the_sampling_defaults(chat_model, tmp_path):
+    """A Hugging Face directory that lists only its EOS (as many chat models do) imports with <|im_end|> added."""
+    from orionlm.cli.convert import convert_from_hf, convert_to_hf
+
+    path, prompt, _ = chat_model
+    convert_to_hf(str(path), tmp_path / "hf")
+    hf_generation = tmp_path / "hf" / "generation_config.json"
+    hf_generation.write_text(json.dumps(SAMPLING | {"eos_token_id": 256}))
+    convert_from_hf(str(tmp_path / "hf"), tmp_path / "back")
+    assert read_generation_config(tmp_path / "back") == SAMPLING | {"eos_token_id": [256, 258], "pad_token_id": 259}
+    assert _orionlm_greedy(tmp_path / "back", prompt) == _orionlm_greedy(path, prompt)

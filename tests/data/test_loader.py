@@ -172,3 +172,15 @@ def test_feistel_permutation_is_a_bijection(n: int) -> None:
         assert (perm == other).mean() < 0.1 and (perm == np.arange(n)).mean() < 0.1
         # no visible order: rank correlation with the identity near zero
         assert abs(np.corrcoef(np.arange(n), perm)[0, 1]) < 0.3
+
+
+def test_unigram_entropy_mixes_the_sources_token_frequencies_by_weight(tmp_path: Path) -> None:
+    # one letter per source: the mixture's frequencies are the weights (plus each source's closing EOS)
+    dataset = build(tmp_path, specs=[("a", "a", 999, 3.0), ("b", "b", 999, 1.0)])
+    assert [shard.num_tokens for shard in dataset.shards] == [1000, 1000]  # the letters and one EOS
+    eos = 0.75 * 0.001 + 0.25 * 0.001
+    p = np.array([0.75 * 0.999, 0.25 * 0.999, eos])
+    assert dataset.unigram_entropy(TOKENIZER.vocab_size) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+    # from each source's first 500 tokens only: the letters alone
+    expected = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    assert dataset.unigram_entropy(TOKENIZER.vocab_size, max_tokens=500) == pytest.approx(expected, rel=1e-12)

@@ -255,6 +255,22 @@ def test_hub_items_are_normalised_and_offline_is_a_clear_error(pair, tmp_path, m
         evaluate(model, tok, ["piqa"], progress=False)
 
 
+def test_a_dataset_name_that_is_no_local_directory_says_both(tmp_path, monkeypatch):
+    """A name like data/arc may be a mistyped directory as well as a Hub name: offline, the one line says both."""
+    from orionlm.eval import hub
+
+    monkeypatch.setattr(hub, "CACHE", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(EvalError) as info:
+        hub.fetch("arc_easy", "data/arc")
+    message = str(info.value)
+    assert message.startswith("data/arc: not found locally, and as a Hub dataset (test) it could not be downloaded "
+                              "(offline mode is on): ")  # fmt: skip
+    assert "\n" not in message
+
+
 def test_published_formats_give_the_normalised_items(shared_data):
     eval_dir, original = shared_data / "eval", shared_data / "eval" / "original"
     pairs = [("arc_easy", "arc_easy_test.jsonl", "llmfoundry_arc_easy.jsonl"),

@@ -81,6 +81,8 @@ def test_full_fine_tuning_writes_step_checkpoints(tmp_path, base):
     tuned, _, _ = load_model(run_dir, device="cpu")  # a run directory loads its newest checkpoint
     original, _, _ = load_model(base / "model", device="cpu")
     assert not torch.allclose(logits(tuned), logits(original))
+    final, _, _ = load_model(run_dir / "model", device="cpu")  # RUN/model: the final model
+    torch.testing.assert_close(logits(final), logits(tuned), atol=0, rtol=0)
 
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
@@ -107,8 +109,13 @@ def test_lora_trains_adapters_resumes_exactly_and_merges(tmp_path, base):
     adapted, _, _ = load_model(base / "model", device="cpu")
     load_adapter(adapted, last)
     expected = logits(adapted)
-    # An adapter directory loads as its base (named in adapter_config.json) with the adapter on it.
+    # An adapter directory loads as its base (named in adapter_config.json) with the adapter on it; RUN/model is
+    # the final adapter, with its tokenizer and recipe and without the training state.
     torch.testing.assert_close(logits(load_model(last, device="cpu")[0]), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits(load_model(full / "model", device="cpu")[0]), expected, atol=0, rtol=0)
+    names = {p.name for p in (full / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "tokenizer.json"} <= names
+    assert names == {p.name for p in last.iterdir()} - {"trainer_state.pt", "trainer_state.json"}
     # The recipe saved beside the adapter is all merge-lora needs.
     main(["merge-lora", str(last / "recipe.yaml"), f"--lora_model_dir={last}", f"--output_dir={tmp_path / 'merged'}"])
     merged, _, _ = load_model(tmp_path / "merged", device="cpu")
@@ -202,3 +209,6 @@ def test_fine_tuning_recipe_errors(tmp_path, base):
     recipe = load_recipe(write_recipe(tmp_path / "c", chimera, "sft"), ["--data.packing=true"])
     with pytest.raises(RecipeError, match="GDN layers carry state across packed conversations"):
         train(recipe)
+    longer = rf"data.seq_len \(200\) is longer than {base / 'model'}'s context \(max_seq_len 128\): lower data.seq_len"
+    with pytest.raises(RecipeError, match=longer + " to 128, or start from a model with a longer max_seq_len"):
+        train(load_recipe(write_recipe(tmp_path / "d", base, "lora"), ["--data.seq_len=200"]))

@@ -128,6 +128,8 @@ def test_a_quietstar_run_logs_the_talk_losses_and_saves_a_thinking_model(name, t
     assert model.config.thinks and model.config.thought_length == 4
     assert tokenizer.token_to_id(START_THOUGHT) == model.config.thought_start_id
     assert json.loads((run_dir / "checkpoints" / "checkpoint-3" / "config.json").read_text())["thought_end_id"]
+    final, _, _ = load_model(run_dir / "model", device="cpu")  # RUN/model: the same thinking model
+    assert final.config == model.config
 
 
 def test_quietstar_recipe_errors(tmp_path):

@@ -29,9 +29,15 @@ def test_cosine_key_points() -> None:
 def test_cosine_without_warmup_and_warmup_fraction() -> None:
     assert lr_factor(0, 10, ScheduleConfig(warmup_steps=0, min_lr_ratio=0.0)) == pytest.approx(cosine(0.1, 0.0))
     assert lr_factor(9, 10, ScheduleConfig(warmup_steps=0, min_lr_ratio=0.0)) == 0.0
-    by_fraction = ScheduleConfig(warmup_steps=7, warmup_fraction=0.1)  # the fraction wins: 100 of 1000 steps
+    by_fraction = ScheduleConfig(warmup_fraction=0.1)  # 100 of 1000 steps
     by_steps = ScheduleConfig(warmup_steps=100)
     assert [lr_factor(s, 1000, by_fraction) for s in range(1000)] == [lr_factor(s, 1000, by_steps) for s in range(1000)]
+    assert ScheduleConfig(warmup_fraction=0.0).phases(1000) == (0, 1000)
+
+
+def test_the_default_warmup_is_five_percent_of_the_run() -> None:
+    assert [ScheduleConfig().phases(total) for total in (20, 600, 10_000)] == [(1, 19), (30, 570), (500, 9500)]
+    assert ScheduleConfig(kind="constant").phases(20) == (1, 0)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +81,7 @@ def test_constant() -> None:
         (dict(warmup_fraction=1.0), "warmup_fraction"),
         (dict(min_lr_ratio=1.5), "min_lr_ratio"),
         (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(warmup_steps=10, warmup_fraction=0.1), "one of warmup_steps and warmup_fraction"),
     ],
 )
 def test_invalid_settings(settings: dict, message: str) -> None:
@@ -83,11 +90,25 @@ def test_invalid_settings(settings: dict, message: str) -> None:
     assert issubclass(ScheduleError, OrionError)
 
 
-def test_phases_that_do_not_fit() -> None:
-    with pytest.raises(ScheduleError, match=r"warm-up \(100 steps\).*total_steps \(100\)"):
-        lr_factor(0, 100, ScheduleConfig(kind="cosine", warmup_steps=100))
-    with pytest.raises(ScheduleError, match=r"warm-up \(90 steps\) and decay \(20 steps\)"):
-        lr_factor(0, 100, ScheduleConfig(kind="wsd", warmup_steps=90, decay_fraction=0.2))
+def test_a_warmup_that_does_not_fit_is_cut_to_the_room_left_with_a_warning() -> None:
+    cosine_30 = ScheduleConfig(kind="cosine", warmup_steps=30)
+    assert cosine_30.phases(20) == (19, 1)  # the cosine keeps one decay step: the last step is at the floor
+    assert [lr_factor(s, 20, cosine_30) for s in (0, 18, 19)] == [1 / 19, 1.0, 0.1]
+    assert cosine_30.warmup_warning(20) == (
+        "warning: the warm-up (30 steps) does not fit a 20-step run: warming up over 19 steps "
+        "(schedule.warmup_fraction scales the warm-up with the run)"
+    )
+    assert cosine_30.warmup_warning(31) is None and cosine_30.phases(31) == (30, 1)
+    wsd = ScheduleConfig(kind="wsd", warmup_steps=90, decay_fraction=0.2)
+    assert wsd.phases(100) == (80, 20) and "fit a 100-step run with 20 decay steps: warming up over 80" in (
+        wsd.warmup_warning(100)
+    )
+    assert ScheduleConfig(kind="constant", warmup_steps=30).phases(20) == (20, 0)
+    assert ScheduleConfig(warmup_fraction=0.99).phases(10) == (9, 1)  # round(9.9) = 10 steps leave no decay
+    assert ScheduleConfig(warmup_steps=5).phases(1) == (0, 1)
+
+
+def test_steps_outside_the_run() -> None:
     with pytest.raises(ScheduleError, match="outside"):
         lr_factor(100, 100, ScheduleConfig(warmup_steps=10))
     with pytest.raises(ScheduleError, match="total_steps"):

@@ -1,5 +1,7 @@
 import errno
+import importlib.util
 import json
+import math
 import shutil
 import sysconfig
 from pathlib import Path
@@ -16,11 +18,11 @@ from orionlm.train.distributed import Dist
 from orionlm.train.metrics import MetricsLog, flops_per_token, throughput
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import (
+    STATE_FILE,
     STATE_JSON,
     TRAINED_FOR,
     Trainer,
     find_checkpoints,
-    human_tokens,
     prepare_tokenizer,
     train,
 )
@@ -51,10 +53,6 @@ def write_recipe(tmp_path: Path, **sections) -> Path:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_human_token_names_are_exact():
-    assert [human_tokens(n) for n in (100 * 10**9, 1_638_400, 2_000, 512)] == ["100B", "1.6384M", "2K", "512"]
 
 
 def test_unknown_keys_and_overrides(tmp_path):
@@ -95,6 +93,19 @@ def test_training_learns_checkpoints_and_logs(tmp_path):
     found = find_checkpoints(run_dir)
     assert [(step, path.name) for step, path in found] == [(3, "384"), (6, "768")]
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "run.json").is_file()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["peak_lr"] == 3e-3 and 0 < info["unigram_entropy"] < math.log(260)
+    # RUN/model: the final checkpoint's model, without the training state
+    final = run_dir / "model"
+    assert sorted(p.name for p in final.iterdir()) == sorted(
+        p.name for p in found[-1][1].iterdir() if p.name not in (STATE_FILE, STATE_JSON)
+    )
+    assert (final / "model.safetensors").read_bytes() == (found[-1][1] / "model.safetensors").read_bytes()
+    # the weights are linked, not stored twice; the small files are copies, to edit without touching the checkpoint
+    inode = {
+        name: [(d / name).stat().st_ino for d in (final, found[-1][1])] for name in ("model.safetensors", "config.json")
+    }
+    assert inode["model.safetensors"][0] == inode["model.safetensors"][1] and len(set(inode["config.json"])) == 2
     # Every checkpoint is a model directory, holding the trained weights: it predicts the corpus
     # better than the initial weights do.
     model, tokenizer, _ = load_model(found[-1][1], device="cpu")
@@ -220,6 +231,7 @@ def test_micro_batches_weigh_by_their_share_of_the_targets(tmp_path):
     for a, b in zip(accumulated, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert max((a - b).abs().max().item() for a, b in zip(mean_of_means, whole, strict=True)) > 1e-3
+    trainer.close()
 
 
 def test_mfu_counts_six_flops_per_matmul_parameter_plus_attention():
@@ -257,3 +269,66 @@ def test_a_run_directorys_tokenizer_is_reused_only_for_the_size_it_was_trained_f
     (out / "tokenizer" / TRAINED_FOR).unlink()
     with pytest.raises(RecipeError, match="tokenizer that no run trained"):
         prepare_tokenizer(recipe, out, d, None, None)
+
+
+def test_a_rerun_replaces_the_final_model_and_says_what_it_resumed(tmp_path, capsys):
+    path = write_recipe(tmp_path, run={"max_steps": 3, "save_every_steps": 3, "eval_every": 0})
+    run_dir = train(load_recipe(path))
+    assert f"wrote {run_dir / 'model'} (the final model)" in capsys.readouterr().out
+    step_3 = (run_dir / "model" / "model.safetensors").read_bytes()
+    train(load_recipe(path, ["--resume", "--run.max_steps=5"]))
+    resumed = f"resuming from {run_dir / 'checkpoints' / '384'} (step 3, 384 tokens); running to step 5"
+    assert f"{resumed} (the checkpoint's run was to step 3)\n" in capsys.readouterr().out
+    final = (run_dir / "model" / "model.safetensors").read_bytes()
+    assert final != step_3 and final == (run_dir / "checkpoints" / "640" / "model.safetensors").read_bytes()
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    train(load_recipe(path, ["--resume", "--run.max_steps=5"]))  # nothing left to do: said so
+    done = "(step 5, 640 tokens); its 5 steps are done: raise run.max_steps (or max_tokens, max_epochs) to go on"
+    assert done in capsys.readouterr().out
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == final
+
+
+def test_a_length_or_warmup_on_the_command_line_replaces_the_recipes(tmp_path):
+    path = write_recipe(tmp_path, run={"max_steps": None, "max_epochs": 1})
+
+    def lengths(*overrides: str) -> tuple:
+        run = load_recipe(path, overrides).run
+        return run.max_steps, run.max_tokens, run.max_epochs
+
+    assert lengths() == (None, None, 1.0)
+    assert lengths("--run.max_steps=20") == (20, None, None)
+    assert lengths("--run.max_tokens=5000") == (None, 5000, None)
+    assert lengths("--run.max_steps=20", "--run.max_epochs=null") == (20, None, None)  # the old way still works
+    schedule = load_recipe(path, ["--schedule.warmup_fraction=0.1"]).schedule
+    assert (schedule.warmup_steps, schedule.warmup_fraction) == (None, 0.1)
+    with pytest.raises(RecipeError, match="give exactly one of max_steps, max_tokens or max_epochs"):
+        train(load_recipe(path, ["--run.max_steps=20", "--run.max_tokens=5000"]))
+    # A shipped recipe made short: its length in epochs gives way, and its warm-up fits.
+    for name in ("sft-lora", "tinyshakespeare-moe", "tinystories-chimera", "gsm8k-base"):
+        recipe = load_recipe(f"recipe:{name}", ["--run.max_steps=20"])
+        assert (recipe.run.max_steps, recipe.run.max_epochs, recipe.run.max_tokens) == (20, None, None)
+        assert recipe.schedule.warmup_warning(20) is None and recipe.schedule.phases(20)[0] == 1
+
+
+def test_a_short_run_says_once_that_its_warmup_was_cut_and_that_tensorboard_is_off(tmp_path, capsys):
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    path = write_recipe(tmp_path, run={"max_steps": 4, "tensorboard": True, "save_every_steps": 0})
+    run_dir = train(load_recipe(path, ["--schedule.warmup_steps=30"]))
+    err = capsys.readouterr().err
+    assert err.count("warning: the warm-up (30 steps) does not fit a 4-step run: warming up over 3 steps") == 1
+    assert err.count("TensorBoard logging (run.tensorboard) needs tensorboard") == (0 if tensorboard else 1)
+    if not tensorboard:
+        assert "pip install 'orionlm[tensorboard]'; logging to metrics.jsonl only" in err
+    assert [r["lr"] for r in metrics(run_dir)] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-4])  # 1/3, 2/3, 1, the floor
+
+
+def test_windows_longer_than_the_models_context_are_refused(tmp_path):
+    path = write_recipe(tmp_path)
+    message = (r"data.seq_len \(128\) is longer than the model's context \(max_seq_len 64\): lower data.seq_len to "
+               r"64, or lengthen the context with --model.overrides.max_seq_len=128")  # fmt: skip
+    with pytest.raises(RecipeError, match=message):
+        train(load_recipe(path, ["--data.seq_len=128"]))
+    assert not (tmp_path / "run").exists()  # a refused run writes nothing
+    trainer = Trainer(load_recipe(path, ["--data.seq_len=128", "--model.overrides.max_seq_len=128"]))
+    assert trainer.config.max_seq_len == 128
+    trainer.close()
