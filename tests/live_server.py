@@ -15,9 +15,18 @@ def serve_process(model_dir: Path, *options: str, output: list[str] | None = Non
     """`orionlm serve` on the model (port 0: the system picks a free one; key KEY, model name NAME, batches of 4,
     prefill chunks of 16, then `options`); yields its address once it says it is ready. With `output`, the lines
     it printed (stdout and stderr) up to its ready line are in it then, and all of them once it has stopped."""
-    command = [sys.executable, "-m", "orionlm", "serve", str(model_dir), "--port", "0", "--api-key", KEY,
-               "--served-model-name", NAME, "--max-batch", "4", "--prefill-chunk", "16", *options]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    arguments = ["serve", str(model_dir), "--port", "0", "--api-key", KEY, "--served-model-name", NAME,
+                 "--max-batch", "4", "--prefill-chunk", "16", *options]  # fmt: skip
+    with orionlm_server(arguments, output=output) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def orionlm_server(arguments: list[str], cwd: Path | None = None, output: list[str] | None = None) -> Iterator[str]:
+    """`orionlm ARGUMENTS` (a serve command, run in `cwd`); yields its address once it says it is ready, and stops
+    it after. `output` as in serve_process."""
+    command = [sys.executable, "-m", "orionlm", *arguments]
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = [] if output is None else output
     for line in process.stdout:
         lines.append(line)

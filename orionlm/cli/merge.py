@@ -28,7 +28,7 @@ def merge_checkpoints(config: Path, out: Path, /, *, seed: int = 0, force: bool 
       t: [{filter: self_attn, value: [0, 0.5, 1]}, {filter: mlp, value: 0.7}, {value: 0.5}]
 
     Example:
-      orionlm merge merge-ties.yaml runs/merged
+      orionlm merge merge.yaml runs/merged
 
     Args:
         config: the merge YAML file
@@ -121,7 +121,7 @@ def merge_adapter(
     Examples:
       orionlm merge-lora --lora_model_dir=runs/sft-lora/model
       orionlm merge-lora recipe:sft-lora --lora_model_dir=runs/sft-lora/model
-      orionlm merge-lora --base runs/m --adapter runs/sft/adapter --out runs/m-merged
+      orionlm merge-lora --base runs/m --adapter runs/adapter --out runs/m-merged
 
     Args:
         recipe: the training recipe (mode: lora), for an adapter that names no base and has no recipe.yaml

@@ -15,7 +15,7 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
 
     Examples:
       orionlm info --preset mixtral-8x7b
-      orionlm info runs/my-model --json
+      orionlm info runs/m --json
 
     Args:
         model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id

@@ -41,7 +41,7 @@ def quantize_checkpoint(
     A Chimera is calibrated one virtual layer at a time; a looped block is quantized on its first loop's inputs.
 
     Examples:
-      orionlm quantize runs/m runs/m-gptq4 --bits 4 --group-size 128 --dataset data/c4_sample.jsonl.gz
+      orionlm quantize runs/m runs/m-gptq4 --bits 4 --dataset ../shared/data/pretrain/en_c4_sample.jsonl.gz
       orionlm quantize runs/m runs/m-rtn3 --bits 3 --method rtn
 
     Args:

@@ -17,7 +17,7 @@ def train_model(recipe: Path, /, *overrides: str, print_config: bool = False) ->
     `mode: quietstar` teaches a trained model to think before every token, on text (recipe:quietstar).
     Every recipe key can be overridden after the recipe, e.g.
       orionlm train recipe:tinyshakespeare-moe --run.max_steps=200 --optim.lr=1e-3
-      orionlm train recipe:sft-lora --model.path=runs/my-model --lora.r=32
+      orionlm train recipe:sft-lora --model.path=runs/m --lora.r=32
       orionlm train recipe:sft-lora --lora.r=32 --print-config > my-recipe.yaml   # a copy to edit
     A length given so (--run.max_steps, --run.max_tokens or --run.max_epochs) replaces the recipe's, and a
     warm-up longer than the run is cut to fit. The run ends with its final model in RUN/model (run.out_dir/model;
