@@ -279,10 +279,12 @@ def meta_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], source:
 
 def _meta_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> OrionLM:
     """The model on the meta device, its GPTQ layers where the tensors hold codes."""
+    from .quant.linear import quantized_shells
+
     with torch.device("meta"):
         model = OrionLM(config)
         if config.quantization_config is not None:
-            _quantized_layers(model, config.quantization_config, tensors)
+            quantized_shells(model, config.quantization_config, tensors)
     return model
 
 
@@ -331,31 +333,6 @@ def weight_bytes(directory: Path) -> dict[str, int]:
                 stored = {"F16": 2, "BF16": 2, "I64": 8, "U8": 1, "I8": 1}.get(tensor.get_dtype(), 4)
                 memory += numel * (stored if key.rsplit(".", 1)[-1] in QUANT_BUFFERS else 4)
     return {"disk_bytes": sum(f.stat().st_size for f in files), "memory_bytes": memory}
-
-
-def _quantized_layers(model: OrionLM, quantization: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Make every linear layer (and MoE expert stack) the checkpoint stores in GPTQ form (a `.qweight`) a
-    QuantLinear (a QuantExperts), on meta."""
-    from .nn.moe import Experts
-    from .quant.linear import QuantExperts, QuantLinear
-    from .quant.pack import checkpoint_format_of
-
-    settings = (quantization["bits"], quantization["group_size"])
-    checkpoint_format = checkpoint_format_of(quantization)
-
-    def shell(in_features: int, out_features: int, bias: bool) -> QuantLinear:
-        return QuantLinear(in_features, out_features, *settings, bias, checkpoint_format)
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in tensors:
-            layer: torch.nn.Module = shell(module.in_features, module.out_features, module.bias is not None)
-        elif isinstance(module, Experts) and f"{name}.down_proj.0.qweight" in tensors:
-            stacks = [[shell(p.shape[2], p.shape[1], False) for _ in range(p.shape[0])]
-                      for p in (module.gate_up_proj, module.down_proj)]  # fmt: skip
-            layer = QuantExperts(*stacks)
-        else:
-            continue
-        model.set_submodule(name, layer)
 
 
 def read_orionlm_config(directory: Path) -> ModelConfig:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import torch
@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OrionError
-from ..nn.moe import STACKS
+from ..nn.moe import STACKS, Experts
 from .pack import (
     WORD,
     bit_run,
     check_bits,
     check_format,
+    checkpoint_format_of,
     default_g_idx,
     dequantize_rows,
     n_groups,
@@ -256,3 +257,24 @@ class QuantExperts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)
         return self.down_proj[e](F.silu(gate) * up)
+
+
+def quantized_shells(model: nn.Module, quantization: dict[str, Any], tensors: Container[str]) -> None:
+    """Make every linear layer (and MoE expert stack) the checkpoint stores in GPTQ form (a `.qweight`) a
+    QuantLinear (a QuantExperts), on meta."""
+    settings = (quantization["bits"], quantization["group_size"])
+    checkpoint_format = checkpoint_format_of(quantization)
+
+    def shell(in_features: int, out_features: int, bias: bool) -> QuantLinear:
+        return QuantLinear(in_features, out_features, *settings, bias, checkpoint_format)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and f"{name}.qweight" in tensors:
+            layer: nn.Module = shell(module.in_features, module.out_features, module.bias is not None)
+        elif isinstance(module, Experts) and f"{name}.down_proj.0.qweight" in tensors:
+            stacks = [[shell(p.shape[2], p.shape[1], False) for _ in range(p.shape[0])]
+                      for p in (module.gate_up_proj, module.down_proj)]  # fmt: skip
+            layer = QuantExperts(*stacks)
+        else:
+            continue
+        model.set_submodule(name, layer)

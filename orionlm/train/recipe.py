@@ -327,3 +327,30 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if recipe.model.path is None:
         recipe.model.build()  # validate the model now, not after the data is tokenized
     return recipe
+
+
+def check_context(recipe: Recipe, max_seq_len: int, resuming: bool) -> None:
+    """data.seq_len within the model's context: longer windows would train positions that generation then refuses
+    (it stops at max_seq_len), and the saved config would not say the model had seen them."""
+    seq_len = recipe.data.seq_len
+    if seq_len <= max_seq_len:
+        return
+    if resuming:
+        whose, how = "the resumed checkpoint's", " (a resumed run keeps its model's context)"
+    elif recipe.model.path is not None:
+        whose, how = f"{recipe.model.path}'s", ", or start from a model with a longer max_seq_len"
+    else:
+        whose, how = "the model's", f", or lengthen the context with --model.overrides.max_seq_len={seq_len}"
+    raise RecipeError(f"data.seq_len ({seq_len}) is longer than {whose} context (max_seq_len {max_seq_len}): lower "
+                      f"data.seq_len to {max_seq_len}{how}")  # fmt: skip
+
+
+def chat_packing(recipe: Recipe, config: ModelConfig) -> bool | None:
+    """Whether chat rows are packed several to a row (None: the data is text windows)."""
+    if recipe.data_format != "chat":
+        return None
+    if recipe.data.packing is None:
+        return config.architecture != "chimera"
+    if recipe.data.packing and config.architecture == "chimera":
+        raise RecipeError("data.packing: GDN layers carry state across packed conversations; set it to false")
+    return recipe.data.packing

@@ -49,7 +49,7 @@ from .metrics import Interval, MetricsLog, flops_per_token, measure_peak_flops, 
 from .optim import build_optimizer
 from .plot import human_tokens, plot_run
 from .quietstar import QuietStar, add_thought_tokens
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, chat_packing, check_context
 from .schedule import lr_factor
 
 STATE_FILE = "trainer_state.pt"
@@ -142,22 +142,6 @@ def resolve_resume(recipe: Recipe, out_dir: Path) -> Path | None:
     return path
 
 
-def check_context(recipe: Recipe, max_seq_len: int, resuming: bool) -> None:
-    """data.seq_len within the model's context: longer windows would train positions that generation then refuses
-    (it stops at max_seq_len), and the saved config would not say the model had seen them."""
-    seq_len = recipe.data.seq_len
-    if seq_len <= max_seq_len:
-        return
-    if resuming:
-        whose, how = "the resumed checkpoint's", " (a resumed run keeps its model's context)"
-    elif recipe.model.path is not None:
-        whose, how = f"{recipe.model.path}'s", ", or start from a model with a longer max_seq_len"
-    else:
-        whose, how = "the model's", f", or lengthen the context with --model.overrides.max_seq_len={seq_len}"
-    raise RecipeError(f"data.seq_len ({seq_len}) is longer than {whose} context (max_seq_len {max_seq_len}): lower "
-                      f"data.seq_len to {max_seq_len}{how}")  # fmt: skip
-
-
 def publish_model(checkpoint: Path, target: Path) -> None:
     """target (RUN/model): the checkpoint without its training state, replacing an older one atomically. The
     weights are hard-linked where the filesystem allows, so they are not on disk twice (every save writes new files,
@@ -174,17 +158,6 @@ def publish_model(checkpoint: Path, target: Path) -> None:
     with atomic_directory(target) as tmp:
         shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE, STATE_JSON),
                         copy_function=link_or_copy, dirs_exist_ok=True)  # fmt: skip
-
-
-def chat_packing(recipe: Recipe, config: ModelConfig) -> bool | None:
-    """Whether chat rows are packed several to a row (None: the data is text windows)."""
-    if recipe.data_format != "chat":
-        return None
-    if recipe.data.packing is None:
-        return config.architecture != "chimera"
-    if recipe.data.packing and config.architecture == "chimera":
-        raise RecipeError("data.packing: GDN layers carry state across packed conversations; set it to false")
-    return recipe.data.packing
 
 
 def as_inputs(batch: Any) -> dict[str, torch.Tensor]:
