@@ -108,15 +108,14 @@ def quickstart(
     if print_recipe:
         print(yaml.safe_dump(quickstart_recipe(out, steps), sort_keys=False), end="")
         return
-    if out.exists():
+    # The lock first: a run another process is writing is refused as such (it may have no metrics.jsonl yet), and
+    # nothing of it is looked at or deleted.
+    with RunLock(out):
         files = [p for p in out.iterdir() if p.name != LOCK_FILE]
         if files and not (out / "metrics.jsonl").is_file():
             raise OrionError(f"{out} is not a training run directory (no metrics.jsonl); quickstart replaces only "
                              "its own runs: give another --out")  # fmt: skip
-    with RunLock(out):  # refuses a run another process is writing, before anything of it is deleted
-        for path in out.iterdir():
-            if path.name == LOCK_FILE:
-                continue
+        for path in files:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:

@@ -104,3 +104,22 @@ def test_a_lock_from_another_host_or_onto_a_file_is_refused_and_nested_locks_are
     assert outer.is_file()
     release(outer)
     assert not fresh.exists()  # taking the lock created the directory, and nothing was written into it
+
+
+def test_quickstart_onto_a_run_that_has_not_logged_yet_says_it_is_in_use_and_a_file_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        (run_dir / "tokenizer").mkdir()  # a run still tokenizing: no metrics.jsonl yet
+        assert cli("quickstart", "--out", run_dir) == 2
+        err = capsys.readouterr().err
+        assert err == f"orionlm: error: {run_dir.resolve()} is in use by process {holder.pid} (its run.lock): wait " \
+                      "for that run to end or stop it, or choose another run directory\n"  # fmt: skip
+        assert (run_dir / "tokenizer").is_dir()
+    finally:
+        holder.kill()
+        holder.wait(60)
+    (tmp_path / "a file").write_text("")
+    assert cli("quickstart", "--out", tmp_path / "a file") == 2
+    assert capsys.readouterr().err.count("\n") == 1 and (tmp_path / "a file").read_text() == ""
