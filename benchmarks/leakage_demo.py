@@ -25,7 +25,7 @@ from common import ROOT, SEPARATOR, TINYSTORIES
 from orionlm.eval.leakage import CHANCE, detect, leak_text, load_items
 from orionlm.loading import load_model
 from orionlm.train.recipe import load_recipe
-from orionlm.train.trainer import find_checkpoints, train
+from orionlm.train.trainer import MODEL_DIR, train
 
 ARC = ROOT.parent / "shared" / "data" / "eval" / "arc_easy_test.jsonl"
 
@@ -66,8 +66,7 @@ def main() -> None:
     start = time.perf_counter()
     run = train(load_recipe(out / "recipe.yaml"))
     seconds = time.perf_counter() - start
-    _, checkpoint = find_checkpoints(run)[-1]
-    model, tokenizer, _ = load_model(checkpoint)
+    model, tokenizer, _ = load_model(run / MODEL_DIR)
 
     print(f"# leakage demo: {len(leaked)} ARC-Easy items leaked into training at weight {args.leak_weight}, "
           f"{len(clean)} held back; {args.steps} steps ({seconds:.0f} s)")  # fmt: skip
