@@ -38,7 +38,9 @@ def merge_checkpoints(config: Path, out: Path, /, *, seed: int = 0, force: bool 
     """
     from ..checkpoint import refuse_existing
     from ..merge.weights import load_merge_config, merge_models
+    from ..train.recipe import recipe_file
 
+    config = recipe_file(config)
     merge_config = load_merge_config(config)
     refuse_existing(out, force)
     merged = merge_models(merge_config, seed=seed)

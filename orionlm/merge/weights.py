@@ -173,7 +173,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return out
 
 
-class _Trim:
+class Trim:
     """TIES' trim of one task vector, chunk by chunk: keeps its k entries largest in magnitude, those equal to the
     k-th largest taken first to last, so exactly k survive whatever the chunking."""
 
@@ -190,13 +190,6 @@ class _Trim:
         keep = (magnitude > self.threshold) | (equal & (equal.flatten().cumsum(0) <= self.ties).view_as(equal))
         self.ties = max(0, self.ties - int(equal.sum()))
         return delta * keep
-
-
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' trim: keep the `density` fraction of entries largest in magnitude (at least one), zero the rest."""
-    if density >= 1:
-        return delta
-    return _Trim(delta.abs().flatten().float(), max(1, int(density * delta.numel())))(delta)
 
 
 def drop(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
@@ -216,14 +209,14 @@ def task_vector_merge(
     sign is that of the sum of all of them); normalize divides by the weights that took part. The inputs may be
     in any dtype; the math runs in float32 on CHUNK entries at a time, the result is in `dtype` (default base's)."""
     flat_base, flats = base.reshape(-1), [tensor.reshape(-1) for tensor in tensors]
-    trims: list[_Trim | None] = [None] * len(tensors)
+    trims: list[Trim | None] = [None] * len(tensors)
     if method == "ties":
         for i, (flat, density) in enumerate(zip(flats, densities, strict=True)):
             if density < 1:
                 magnitudes = torch.empty(flat.numel())
                 for span in _spans(flat.numel()):
                     magnitudes[span] = (flat[span].float() - flat_base[span].float()).abs()
-                trims[i] = _Trim(magnitudes, max(1, int(density * flat.numel())))
+                trims[i] = Trim(magnitudes, max(1, int(density * flat.numel())))
                 del magnitudes
     w = torch.tensor(weights).view(-1, 1)
     out = torch.empty(base.shape, dtype=dtype or base.dtype)

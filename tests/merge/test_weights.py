@@ -18,6 +18,7 @@ from orionlm.merge.weights import (
     MergeConfig,
     MergeError,
     MergeInput,
+    Trim,
     drop,
     layer_position,
     load_merge_config,
@@ -25,7 +26,6 @@ from orionlm.merge.weights import (
     setting,
     slerp,
     task_vector_merge,
-    trim,
 )
 from orionlm.model import OrionLM
 
@@ -57,7 +57,8 @@ def test_ties_small_case():
     out = task_vector_merge(base + 1, [a + 1, b + 1], [2.0, 1.0], [1.0, 1.0], "ties", True, False, 0.5,
                             torch.Generator())  # fmt: skip
     torch.testing.assert_close(out, 1 + 0.5 * torch.tensor([-3.0, -4.0 / 2, (6.0 + 1.0) / 3, 1.0 / 2]))
-    assert torch.equal(trim(torch.tensor([0.1, -5.0, 2.0, -0.3]), 0.5), torch.tensor([0.0, -5.0, 2.0, -0.0]))
+    delta = torch.tensor([0.1, -5.0, 2.0, -0.3])
+    assert torch.equal(Trim(delta.abs(), 2)(delta), torch.tensor([0.0, -5.0, 2.0, -0.0]))
 
 
 def test_chunked_math_equals_one_chunk(monkeypatch):
@@ -67,7 +68,8 @@ def test_chunked_math_equals_one_chunk(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     base = torch.randint(-3, 4, (6, 7), generator=generator).float()  # small integers: many equal magnitudes
     others = [base + torch.randint(-2, 3, (6, 7), generator=generator).float() for _ in range(2)]
-    kept = trim(others[0] - base, 0.3)
+    delta = others[0] - base
+    kept = Trim(delta.abs().flatten(), int(0.3 * 42))(delta)
     assert int((kept != 0).sum()) == int(0.3 * 42)
     results = {}
     for chunk in (1 << 22, 5):
