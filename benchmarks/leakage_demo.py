@@ -23,9 +23,9 @@ import yaml
 from common import ROOT, SEPARATOR, TINYSTORIES
 
 from orionlm.eval.leakage import CHANCE, detect, leak_text, load_items
-from orionlm.loading import load_model
+from orionlm.loading import MODEL_DIR, load_model
 from orionlm.train.recipe import load_recipe
-from orionlm.train.trainer import MODEL_DIR, train
+from orionlm.train.trainer import train
 
 ARC = ROOT.parent / "shared" / "data" / "eval" / "arc_easy_test.jsonl"
 

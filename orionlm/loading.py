@@ -26,6 +26,7 @@ from .model import OrionLM
 from .tokenizer import Tokenizer
 
 # What a model directory needs; nothing executable is ever fetched.
+MODEL_DIR = "model"  # in a training run directory: its final model
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 STATE_JSON = "trainer_state.json"  # in every complete training checkpoint (written last)
 
@@ -39,15 +40,19 @@ def find_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local path as is (a training run directory: its newest checkpoint); anything else of the form
-    'org/name' is taken as a Hub id and downloaded (safetensors only). One that is neither is one line saying
-    both: not found locally, and not downloaded as an id."""
+    """A local path as is (a training run directory: its newest checkpoint, else its final model RUN/model, which
+    a finished run's newest checkpoint equals); anything else of the form 'org/name' is taken as a Hub id and
+    downloaded (safetensors only). One that is neither is one line saying both: not found locally, and not
+    downloaded as an id."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+    run = (path / "checkpoints").is_dir() or (path / MODEL_DIR).is_dir()
+    if path.is_dir() and not (path / "config.json").exists() and run:
         found = find_checkpoints(path)
-        if not found:
+        if found:
+            return found[-1][1]
+        if not (path / MODEL_DIR).is_dir():
             raise OrionError(f"{path} is a training run without a complete checkpoint yet")
-        return found[-1][1]
+        return path / MODEL_DIR
     if path.exists():
         return path
     name = str(name_or_path)

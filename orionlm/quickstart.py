@@ -57,9 +57,10 @@ def run_quickstart(out_dir: Path, steps: int, overrides: list[str]) -> None:
 
     from .checkpoint import load_checkpoint
     from .generation import generate
+    from .loading import MODEL_DIR
     from .model import count_parameters
     from .train.plot import read_run_info
-    from .train.trainer import MODEL_DIR, train
+    from .train.trainer import train
 
     recipe_path = out_dir.parent / f".{out_dir.name}.recipe.yaml"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from orionlm import OrionError, generate, load_model
 from orionlm.checkpoint import model_from_tensors, save_checkpoint
 from orionlm.config import preset
 from orionlm.generation import generate_ids
+from orionlm.loading import resolve_model_path
 from orionlm.model import OrionLM
 from orionlm.tokenizer import Tokenizer
 
@@ -83,3 +84,16 @@ def test_a_relative_path_that_does_not_exist_says_not_found_locally_first(tmp_pa
                                     "downloaded (offline mode is on): ")  # fmt: skip
     assert result.stderr.rstrip().endswith("Check the path, or the id and your connection")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_run_directory_without_checkpoints_is_its_final_model(tmp_path):
+    """A finished run whose checkpoints were deleted to save space still loads: RUN/model stands for it."""
+    run = tmp_path / "run"
+    save_checkpoint(OrionLM(preset("tiny-dense")), run / "model")
+    assert resolve_model_path(run) == run / "model"
+    (run / "checkpoints").mkdir()
+    assert resolve_model_path(run) == run / "model"
+    assert load_model(run, device="cpu")[0].config == preset("tiny-dense")
+    (run / "model").rename(tmp_path / "elsewhere")
+    with pytest.raises(OrionError, match="a training run without a complete checkpoint yet"):
+        resolve_model_path(run)

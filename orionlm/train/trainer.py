@@ -39,7 +39,7 @@ from ..data.chat import IGNORE
 from ..data.loader import MixtureDataset
 from ..data.sft import ChatDataset, build_chat_dataset
 from ..errors import OrionError, read_json_object
-from ..loading import STATE_JSON, find_checkpoints, load_model, resolve_model_path
+from ..loading import MODEL_DIR, STATE_JSON, find_checkpoints, load_model, resolve_model_path
 from ..model import OrionLM, add_router_losses, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
@@ -53,7 +53,6 @@ from .recipe import Recipe, RecipeError, chat_packing, check_context
 from .schedule import lr_factor
 
 STATE_FILE = "trainer_state.pt"
-MODEL_DIR = "model"  # in a run directory: the final model
 
 
 def prepare_tokenizer(
