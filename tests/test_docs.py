@@ -33,7 +33,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA
 from live_server import orionlm_server
 
 from orionlm.checkpoint import save_checkpoint
@@ -44,6 +43,9 @@ from orionlm.model import OrionLM
 from orionlm.tokenizer import Tokenizer
 from orionlm.train.recipe import Recipe, load_recipe
 
+# (not from conftest: the name `conftest` is also tests/cuda/conftest.py once the whole suite is collected)
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 README = REPO / "README.md"
 
 # Placeholders of the docs -> what stands for them in the sandbox (whole words, also inside `--flag=WORD`).
