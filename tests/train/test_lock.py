@@ -24,11 +24,11 @@ ROOT = Path(__file__).parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            raise AssertionError(f"the other process ended before {what}: {process.communicate()}")
+            raise AssertionError(f"the other process ended before {what}: {log.read_text()[-3000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
@@ -44,11 +44,14 @@ def cli(*args: object) -> int:
 def test_a_run_in_progress_is_neither_joined_nor_deleted(tmp_path, capsys):
     path = write_recipe(tmp_path, run={"max_steps": 100_000, "save_every_steps": 0, "eval_every": 0})
     run_dir = tmp_path / "run"
-    other = subprocess.Popen([sys.executable, "-m", "orionlm", "train", str(path)], env=ENV, cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # its output goes to a file: a pipe nobody reads fills up and blocks the run, even on its way out after Ctrl-C
+    log = tmp_path / "other.log"
+    with log.open("w") as out:
+        other = subprocess.Popen([sys.executable, "-m", "orionlm", "train", str(path)], env=ENV, cwd=tmp_path,
+                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         metrics = run_dir / "metrics.jsonl"
-        wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, "its first metrics record", other)
+        wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, "its first metrics record", other, log)
         assert json.loads((run_dir / LOCK_FILE).read_text()) == {"pid": other.pid, "host": socket.gethostname()}
         with pytest.raises(RunLocked, match=rf"{run_dir} is in use by process {other.pid} \(its run.lock\)"):
             train(load_recipe(path))
@@ -57,10 +60,15 @@ def test_a_run_in_progress_is_neither_joined_nor_deleted(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("orionlm: error: ") and err.count("\n") == 1 and f"process {other.pid}" in err
         size = metrics.stat().st_size
-        wait_for(lambda: metrics.stat().st_size > size, "another record: the run goes on, its files intact", other)
+        wait_for(lambda: metrics.stat().st_size > size, "another record: the run goes on, its files intact", other, log)
     finally:
         other.send_signal(signal.SIGINT)  # Ctrl-C: the run lets go of its directory on the way out
-        assert other.wait(60) == 130
+        try:
+            code = other.wait(180)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            raise AssertionError(f"the run did not end within 180 s of Ctrl-C: {log.read_text()[-3000:]}") from None
+    assert code == 130, log.read_text()[-3000:]
     assert not (run_dir / LOCK_FILE).exists()
     with pytest.raises(RecipeError, match="already holds a run"):  # now the run's own refusal, not the lock's
         train(load_recipe(path))
