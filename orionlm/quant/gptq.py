@@ -191,7 +191,7 @@ def _blocks(in_features: int, block_size: int, group_size: int, fresh_groups: bo
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> QuantResult:
     """Quantize `weight` (out, in) with GPTQ against `hessian` (in, in), e.g. Hessian.matrix. Solved in float32
     (float64 when the weight is float64) on the weight's device; see the module docstring."""
-    W = _solver_float(weight).clone()
+    W = _solver_float(weight)
     shape = tuple(W.shape)
     out_features, in_features = shape
     if hessian.shape != (in_features, in_features):
@@ -207,7 +207,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> Qu
             "quantize it with rtn()"
         )
     H.diagonal()[dead] = 1
-    W[:, dead] = 0
+    # The solver works on W^T (in, out): a column of W, read and updated once per step, is then a contiguous row.
+    Wt = W.T.clone(memory_format=torch.contiguous_format)
+    Wt[dead] = 0
 
     group_size = _group_size(config, in_features)
     n_groups = math.ceil(in_features / group_size)
@@ -216,12 +218,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> Qu
     zero = W.new_empty(out_features, n_groups)
     if not fresh_groups:
         for g in range(n_groups):
-            scale[:, g], zero[:, g] = find_params(W[:, g * group_size : (g + 1) * group_size], config)
+            scale[:, g], zero[:, g] = find_params(Wt[g * group_size : (g + 1) * group_size].T, config)
 
     order = torch.arange(in_features, device=W.device)  # the original column at each step
     if config.desc_act:
         order = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W = W[:, order]
+        Wt = Wt[order]
         H = H[order][:, order]
     # Static groups belong to the original columns; groups found on the fly are runs of consecutive steps.
     steps = torch.arange(in_features, device=W.device)
@@ -232,28 +234,27 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> Qu
     U = _upper_inverse_cholesky(H, config, shape)
 
     groups = group_at_step.tolist()
-    codes = torch.empty_like(W)
-    dequantized = torch.empty_like(W)
+    codes = torch.empty_like(Wt)
+    dequantized = torch.empty_like(Wt)
     loss = W.new_zeros(())
     for b1, b2 in _blocks(in_features, config.block_size, group_size, fresh_groups):
-        W1 = W[:, b1:b2]  # a view: the updates land in W, where a group's parameters are read
-        errors = torch.empty_like(W1)  # (out, b2 - b1)
+        W1 = Wt[b1:b2]  # a view: the updates land in Wt, where a group's parameters are read
+        errors = torch.empty_like(W1)  # (b2 - b1, out)
         for i in range(b2 - b1):
             col, g = b1 + i, groups[b1 + i]
             if fresh_groups and col % group_size == 0:
-                scale[:, g], zero[:, g] = find_params(W[:, col : col + group_size], config)
+                scale[:, g], zero[:, g] = find_params(Wt[col : col + group_size].T, config)
             s, z = scale[:, g], zero[:, g]
-            w = W1[:, i]
-            codes[:, col] = quantize(w, s, z, config.maxq)
-            dequantized[:, col] = s * (codes[:, col] - z)
-            errors[:, i] = (w - dequantized[:, col]) / U[col, col]
-            W1[:, i + 1 :] -= errors[:, i].outer(U[col, col + 1 : b2])
-        W[:, b2:] -= errors @ U[b1:b2, b2:]
+            w = W1[i]
+            codes[col] = quantize(w, s, z, config.maxq)
+            dequantized[col] = s * (codes[col] - z)
+            errors[i] = (w - dequantized[col]) / U[col, col]
+            W1[i + 1 :].addr_(U[col, col + 1 : b2], errors[i], alpha=-1)
+        Wt[b2:].addmm_(U[b1:b2, b2:].T, errors, alpha=-1)
         loss += errors.square().sum() / 2
 
-    if config.desc_act:
-        inverse = torch.argsort(order)
-        codes, dequantized = codes[:, inverse], dequantized[:, inverse]
+    inverse = torch.argsort(order)
+    codes, dequantized = codes[inverse].T.contiguous(), dequantized[inverse].T.contiguous()
     return QuantResult(
         codes.to(torch.int32), scale, zero.to(torch.int32), g_idx.to(torch.int32), dequantized, loss.item()
     )

@@ -93,10 +93,20 @@ def _fits(in_features: int, out_features: int, bits: int) -> bool:
     return in_features * bits % 32 == 0 and out_features * bits % 32 == 0
 
 
-def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> list[list[str]]:
+class _Stop(Exception):
+    """Ends a calibration pass once every layer being calibrated has seen its input: the rest of the block would
+    be computed for nothing."""
+
+
+def _stop(_module: nn.Module, _args: tuple, _output: object) -> None:
+    raise _Stop
+
+
+def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> tuple[list[list[str]], bool]:
     """The block's quantizable linears in the order its forward pass (`run`) calls them, grouped by shared
-    input. The inputs themselves are kept until the grouping is done: an id() alone can be reused by a tensor
-    made after the first is freed, which would join o_proj and the MLP's first layer into one group."""
+    input, and whether each was called once (then a pass can stop at the last one it needs). The inputs
+    themselves are kept until the grouping is done: an id() alone can be reused by a tensor made after the
+    first is freed, which would join o_proj and the MLP's first layer into one group."""
     calls: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for name, module in block.named_modules():
@@ -117,7 +127,7 @@ def _linear_groups(block: nn.Module, run: Callable[[], object], bits: int) -> li
         else:
             groups.append([name])
         last_input = x
-    return groups
+    return groups, len(calls) == len({name for name, _ in calls})
 
 
 @torch.no_grad()
@@ -243,9 +253,14 @@ def _calibration(
     return embedded, contexts, [(i, partial(_block_step, block)) for i, block in enumerate(model.model.layers)]
 
 
-def _calibrate(run: Callable, states: list, contexts: list[tuple], part: slice = slice(None)) -> list:
-    """A step run on (part of) the calibration states: what hooks on the block see."""
-    return run(states[part], contexts[part])
+def _calibrate(run: Callable, states: list, contexts: list[tuple], part: slice = slice(None)) -> None:
+    """Run a step on (part of) the calibration states, one chunk at a time, for what hooks on the block see; a
+    hook may end a chunk's pass early (_Stop)."""
+    for i in range(len(states))[part]:
+        try:
+            run(states[i : i + 1], contexts[i : i + 1])
+        except _Stop:
+            pass
 
 
 def _quantize_block(
@@ -261,35 +276,53 @@ def _quantize_block(
     for report in _unfit(block, prefix, config.bits):
         emit(report)
     if calibrate is None:
-        groups = [[name for name, m in block.named_modules()
-                   if _candidate(name, m) and _fits(m.in_features, m.out_features, config.bits)]]  # fmt: skip
+        for name, m in list(block.named_modules()):
+            if _candidate(name, m) and _fits(m.in_features, m.out_features, config.bits):
+                block.set_submodule(name, _quantized(m, rtn(m.weight, config), config, checkpoint_format))
+                emit(LayerReport(f"{prefix}.{name}", "rtn", None))
     else:
-        groups = _linear_groups(block, partial(calibrate, slice(1)), config.bits)
-        if not config.true_sequential:
-            groups = [[name for group in groups for name in group]]
-    for group in groups:
-        linears = {name: block.get_submodule(name) for name in group}
-        if calibrate is not None:
-            hessians = {name: Hessian(m.in_features, device=m.weight.device) for name, m in linears.items()}
-            hooks = [hessians[name].attach(linear) for name, linear in linears.items()]
-            try:
-                calibrate()
-            finally:
-                for hook in hooks:
-                    hook.remove()
-        for name, linear in linears.items():
-            if calibrate is None:
-                result, used = rtn(linear.weight, config), "rtn"
-            elif hessians[name].count == 0:
-                result, used = rtn(linear.weight, config), "rtn (no calibration input)"
-            else:
-                result, used = gptq(linear.weight, hessians[name].matrix, config), "gptq"
-            block.set_submodule(name, _quantized(linear, result, config, checkpoint_format))
-            emit(LayerReport(f"{prefix}.{name}", used, result.loss))
+        groups, called_once = _linear_groups(block, partial(calibrate, slice(1)), config.bits)
+        for stage in [[group] for group in groups] if config.true_sequential else [groups]:
+            _quantize_stage(block, prefix, stage, calibrate, called_once, config, checkpoint_format, emit)
     for name, experts in _fitting_experts(block, config.bits):
         for report in _quantize_experts(block, name, experts, calibrate, config, checkpoint_format):
             report.name = f"{prefix}.{report.name}"
             emit(report)
+
+
+def _quantize_stage(
+    block: nn.Module,
+    prefix: str,
+    stage: list[list[str]],
+    calibrate: Callable[[], object],
+    stop_early: bool,
+    config: QuantConfig,
+    checkpoint_format: str,
+    emit: Callable[[LayerReport], None],
+) -> None:
+    """GPTQ on the groups of linears of one stage, from one calibration pass: a group's linears share their
+    input, so they share one Hessian. With `stop_early` the pass ends at the stage's last linear."""
+    hessians, hooks = {}, []
+    for group in stage:
+        first = block.get_submodule(group[0])
+        hessian = Hessian(first.in_features, device=first.weight.device)
+        hooks.append(hessian.attach(first))
+        hessians.update(dict.fromkeys(group, hessian))
+    if stop_early:
+        hooks.append(block.get_submodule(stage[-1][-1]).register_forward_hook(_stop))
+    try:
+        calibrate()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, hessian in hessians.items():
+        linear = block.get_submodule(name)
+        if hessian.count == 0:
+            result, used = rtn(linear.weight, config), "rtn (no calibration input)"
+        else:
+            result, used = gptq(linear.weight, hessian.matrix, config), "gptq"
+        block.set_submodule(name, _quantized(linear, result, config, checkpoint_format))
+        emit(LayerReport(f"{prefix}.{name}", used, result.loss))
 
 
 class _Recorder(nn.Module):

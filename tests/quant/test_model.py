@@ -71,6 +71,17 @@ def test_gptq_moves_the_logits_less_than_rtn(text, bits):
     assert errors["gptq"] < 0.7 * errors["rtn"]
 
 
+def test_a_calibration_pass_stops_at_the_last_layer_it_calibrates(text):
+    """q/k/v, o, gate/up and down are calibrated in turn; a pass that calibrates attention layers never reaches
+    the MLP. The MLP runs on the probe chunk, in the gate/up and down passes, and on the final pass."""
+    model = tiny("tiny-dense")
+    samples = calibration_samples(TOK, text, nsamples=4, seq_len=32)
+    entered = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: entered.append(args[0].shape[0]))
+    quantize_model(model, samples, QuantConfig(bits=4, group_size=32), batch_size=1, progress=False)
+    assert len(entered) == 1 + 4 + 4 + 4  # without stopping: 1 + 4 passes x 4 chunks + 4
+
+
 def test_moe_experts_are_quantized_each_on_its_own_tokens(tmp_path, text):
     model = tiny("tiny-qwen-moe")
     samples = calibration_samples(TOK, text, nsamples=8, seq_len=64)
