@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import require
+from ..loading import MODEL_DIR
 from .common import DType, load_with_tokenizer
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels
 
 API_KEY_ENV = "ORIONLM_API_KEY"
+
+
+def default_served_name(model: str) -> str:
+    """The model id a server answers to: the directory's name, or the run's name for a run's final model (runs/x
+    and runs/x/model are both served as "x"); a Hub id keeps its last part."""
+    path = Path(model.rstrip("/"))
+    return path.parent.name if path.name == MODEL_DIR and path.parent.name else path.name
 
 
 def serve_model(
@@ -57,7 +65,8 @@ def serve_model(
         api_key: require 'Authorization: Bearer KEY' on every route but /health, which load balancers probe
             without a key (as vLLM's); /openapi.json and /metrics included (default: the ORIONLM_API_KEY
             environment variable)
-        served_model_name: the model id clients send (default: the directory's name)
+        served_model_name: the model id clients send (default: the directory's name; the run's
+            name for runs/x/model)
         no_think: a thinking (Quiet-STaR) model answers without thoughts unless a request sends "think": true
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
@@ -74,7 +83,7 @@ def serve_model(
 
     with bind(host, port) as sock:
         lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)
-        name = served_model_name or Path(str(model)).name
+        name = served_model_name or default_served_name(str(model))
         engine = AsyncEngine(
             Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
         )

@@ -110,6 +110,20 @@ class Interval:
         self.start = time.perf_counter()
 
 
+def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each line of a metrics.jsonl and its record. A last line that is not JSON is a write that a killed run cut
+    short and is left out; anywhere else it is an error."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise OrionError(f"{path} line {number} is not JSON; mend or delete that line") from None
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl (and TensorBoard when installed: without it, a note says so once), written by rank 0 only."""
 
@@ -117,7 +131,7 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
             # Records written after the checkpoint we resume from are replaced by the resumed run's.
-            kept = [line for line, record in self.records() if record["step"] <= resume_step]
+            kept = [line for line, record in read_records(self.path) if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")
@@ -131,19 +145,6 @@ class MetricsLog:
                     f"note: {e}; logging to metrics.jsonl only (--run.tensorboard=false hides this note)",
                     file=sys.stderr,
                 )
-
-    def records(self) -> list[tuple[str, dict[str, Any]]]:
-        """Each line of metrics.jsonl and its record. A last line that is not JSON is a write that a killed run
-        cut short and is left out; anywhere else it is an error."""
-        lines = self.path.read_text().splitlines()
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise OrionError(f"{self.path} line {number} is not JSON; mend or delete that line") from None
-        return records
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

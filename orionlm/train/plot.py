@@ -4,11 +4,11 @@ read in K, M and B."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError, require
+from ..errors import OrionError, read_json_object, require
+from .metrics import read_records
 from .schedule import ScheduleConfig, lr_factor
 
 
@@ -25,7 +25,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise OrionError(f"{path} is missing; is {run_dir} a training run directory?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [record for _, record in read_records(path)]
     if not records:
         raise OrionError(f"{path} has no records yet")
     return records
@@ -34,7 +34,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     """run.json (sizes, schedule length, the data's unigram entropy); {} for a run directory without one."""
     path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def pyplot():

@@ -11,6 +11,7 @@ pytest.importorskip("uvicorn")
 
 from live_server import KEY, NAME, serve_process  # noqa: E402
 
+from orionlm.cli.serve import default_served_name  # noqa: E402
 from orionlm.errors import OrionError  # noqa: E402
 from orionlm.serve.launch import bind, listen  # noqa: E402
 
@@ -58,3 +59,10 @@ def test_ready_only_once_serving(served_model_dir):
     assert "Application startup complete." in log[ready - 1], log
     assert any("Application shutdown complete." in line for line in log[ready + 1 :]), log
     assert not any("HTTP/1.1" in line for line in log), log
+
+
+@pytest.mark.parametrize("model, name", [("runs/stories", "stories"), ("runs/stories/model/", "stories"),
+                                         ("runs/stories/checkpoint-400", "checkpoint-400"),
+                                         ("org/tiny-moe", "tiny-moe"), ("model", "model")])  # fmt: skip
+def test_the_default_served_name_is_the_run_or_directory(model, name):
+    assert default_served_name(model) == name

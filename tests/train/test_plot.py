@@ -5,6 +5,7 @@ import json
 import pytest
 import yaml
 
+from orionlm.cli import main
 from orionlm.train.plot import human_tokens, pyplot, run_figures
 
 PEAK, TOKENS_PER_STEP = 1e-3, 100_000
@@ -63,3 +64,14 @@ def test_the_expert_heatmap_says_which_steps_it_shows(run_dir):
 
 def test_human_token_names_are_exact():
     assert [human_tokens(n) for n in (100 * 10**9, 1_638_400, 2_000, 512)] == ["100B", "1.6384M", "2K", "512"]
+
+
+@pytest.mark.parametrize("damage", ["run.json", "metrics.jsonl"])
+def test_a_damaged_run_file_is_one_line(run_dir, capsys, damage):
+    path = run_dir / damage
+    path.write_text("{not json\n" + path.read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(run_dir)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and len(err.splitlines()) == 1
