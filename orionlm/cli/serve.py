@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import require
-from ..loading import MODEL_DIR
 from .common import DType, load_with_tokenizer
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels
@@ -18,6 +17,8 @@ API_KEY_ENV = "ORIONLM_API_KEY"
 def default_served_name(model: str) -> str:
     """The model id a server answers to: the directory's name, or the run's name for a run's final model (runs/x
     and runs/x/model are both served as "x"); a Hub id keeps its last part."""
+    from ..loading import MODEL_DIR  # here: importing the verb's module must not import torch (--help, completion)
+
     path = Path(model.rstrip("/"))
     return path.parent.name if path.name == MODEL_DIR and path.parent.name else path.name
 
