@@ -3,7 +3,6 @@
 import difflib
 import importlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
@@ -37,13 +36,6 @@ def unknown_names(unknown: Iterable[str], known: Iterable[str]) -> str:
         close = difflib.get_close_matches(name, known, n=1)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return ", ".join(hints)
-
-
-def not_here_nor_on_hub(name: str, kind: str, error: BaseException) -> str:
-    """The one line for a name that is no local path and that the Hugging Face Hub did not give either (offline,
-    unknown, gated): `runs/stories` may be a mistyped path as well as an id, so the line says both."""
-    offline = " (offline mode is on)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    return f"{name}: not found locally, and as a Hub {kind} it could not be downloaded{offline}: {first_line(error)}"
 
 
 def first_line(error: BaseException) -> str:

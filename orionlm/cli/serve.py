@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import require
+from ..hub import with_revision
 from .common import DType, load_with_tokenizer
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels
@@ -18,6 +19,7 @@ def serve_model(
     model: str,
     /,
     *,
+    revision: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch: int = 16,
@@ -46,6 +48,7 @@ def serve_model(
 
     Args:
         model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         host: the address to listen on (127.0.0.1: this machine only)
         port: the TCP port (0: any free port, shown in the ready line)
         max_batch: how many requests decode together; more wait in a queue
@@ -73,7 +76,7 @@ def serve_model(
     from ..serve.serving import AsyncEngine, Server
 
     with bind(host, port) as sock:
-        lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)
+        lm, tokenizer = load_with_tokenizer(with_revision(model, revision), "the server", device, threads, dtype)
         name = served_model_name or Path(str(model)).name
         engine = AsyncEngine(
             Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)

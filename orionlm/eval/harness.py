@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import require
 from ..generation import GenerationConfig, generate_ids
+from ..hub import with_revision
 from ..loading import load_model
 from .scoring import loglikelihood, perplexity, prefix_token
 
@@ -29,10 +30,10 @@ from lm_eval.api.registry import register_model  # noqa: E402
 class OrionLMHarness(LM):
     def __init__(
         self, pretrained: str, device: str | None = None, batch_size: int | str = 16, max_gen_toks: int = 256,
-        **_: Any,
+        revision: str | None = None, **_: Any,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.model, tokenizer, _ = load_model(pretrained, device=device)
+        self.model, tokenizer, _ = load_model(with_revision(pretrained, revision), device=device)
         if tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer.json")
         self.tokenizer = tokenizer
