@@ -21,8 +21,7 @@ from .checkpoint import (
 from .config import ModelConfig
 from .convert.auron import is_auron_config, read_auron
 from .convert.peft import ADAPTER_CONFIG, load_adapter
-from .errors import OrionError, read_json_object
-from .hub import not_here_nor_on_hub, split_revision
+from .errors import OrionError, not_here_nor_on_hub, read_json_object, split_revision
 from .model import OrionLM
 from .tokenizer import Tokenizer
 

@@ -21,8 +21,9 @@ from orionlm.cli import main
 from orionlm.config import preset
 from orionlm.convert.hf import save_hf
 from orionlm.convert.peft import save_adapter
-from orionlm.hub import split_revision, with_revision
+from orionlm.errors import split_revision, with_revision
 from orionlm.loading import adapter_base_name, resolve_model_path
+from orionlm.merge.sources import open_source
 from orionlm.model import OrionLM
 from orionlm.nn.lora import LoRAConfig, apply_lora
 from orionlm.tokenizer import Tokenizer
@@ -90,6 +91,15 @@ def test_a_revision_loads_its_own_snapshot(offline_hub):
         assert model.config.num_layers == REVISIONS[ref] and tokenizer is not None
         for key, value in models[ref].state_dict().items():
             assert torch.equal(model.state_dict()[key], value), (name, key)
+    assert open_source(f"{REPO}@v2").config.num_layers == REVISIONS["v2"]  # what merges and moe-merge read
+
+
+def test_lm_eval_takes_a_revision_as_its_own_models_do(offline_hub):
+    pytest.importorskip("lm_eval")
+    from orionlm.eval.harness import OrionLMHarness
+
+    for args, ref in [({"pretrained": REPO}, "main"), ({"pretrained": REPO, "revision": "v2"}, "v2")]:
+        assert OrionLMHarness(**args, device="cpu").model.config.num_layers == REVISIONS[ref]
 
 
 def test_an_unknown_revision_is_one_line(offline_hub, capsys):

@@ -213,7 +213,7 @@ def _open_source(
     """The source opened without reading weights, and its tensors checked against its config, in the order
     the model holds them, converted to `dtype` as each is read (None: as stored)."""
     from ..checkpoint import dtype_from_name, model_tensors, refuse_existing
-    from ..hub import with_revision
+    from ..errors import with_revision
     from ..loading import open_model
 
     refuse_existing(dst, force)

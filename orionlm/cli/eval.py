@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError, require
-from ..hub import with_revision
+from ..errors import OrionError, require, with_revision
 from .common import DType, load_with_tokenizer, logs_to_stderr, print_json
 
 

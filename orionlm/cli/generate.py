@@ -6,8 +6,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TypedDict
 
-from ..errors import OrionError
-from ..hub import with_revision
+from ..errors import OrionError, with_revision
 from .common import DType, load, load_with_tokenizer, logs_to_stderr, print_json
 from .parser import Unpack
 

@@ -53,7 +53,7 @@ def assemble_moe(config: Path, out: Path, /, *, seed: int = 0, force: bool = Fal
     from prompts instead of trained: everything but the MLPs comes from base_model, expert e's MLPs from its
     source_model. CONFIG is mergekit-moe's YAML format:
 
-      base_model: runs/english            # a model directory, a .gguf file or a Hub id
+      base_model: runs/english            # a model directory, a .gguf file or a Hub id (ID@REV: a revision)
       gate_mode: hidden                   # hidden, cheap_embed or random
       dtype: bfloat16                     # default: the base model's
       experts_per_token: 2
@@ -137,7 +137,7 @@ def merge_adapter(
     """
     from ..checkpoint import refuse_existing, save_model
     from ..convert.peft import attach_adapter, read_adapter
-    from ..hub import with_revision
+    from ..errors import with_revision
     from ..loading import load_model
     from ..nn.lora import merge_lora
     from ..train.recipe import load_recipe

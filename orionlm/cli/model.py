@@ -28,7 +28,7 @@ def info(
     from ..checkpoint import weight_bytes
     from ..config import PRESETS
     from ..config import preset as get_preset
-    from ..hub import with_revision
+    from ..errors import with_revision
     from ..loading import read_model_config, resolve_model_path
     from ..model import count_parameters, virtual_parameters
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from ..errors import OrionError
-from ..hub import with_revision
+from ..errors import OrionError, with_revision
 from .common import logs_to_stderr, print_json
 
 

@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from ..errors import require
-from ..hub import with_revision
+from ..errors import require, with_revision
 from .common import DType, load_with_tokenizer
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels

@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory
-from ..errors import OrionError, read_json_object
-from ..hub import split_revision
+from ..errors import OrionError, read_json_object, split_revision
 from ..nn.lora import ADAPTED, LoRAConfig, apply_lora, is_experts, is_linear, layers, routers
 
 PEFT_PREFIX = "base_model.model."

@@ -11,8 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError, first_line, require, unknown_names
-from ..hub import hub_advice, split_revision
+from ..errors import OrionError, first_line, hub_advice, require, split_revision, unknown_names
 
 KINDS = ("auto", "text", "jsonl", "parquet", "hf")
 _GLOB_CHARS = set("*?[")

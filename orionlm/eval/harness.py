@@ -6,7 +6,8 @@ lm-eval finds models in its registry, which this module fills on import, so:
     lm_eval.simple_evaluate(model="orionlm", model_args="pretrained=runs/m", tasks=["hellaswag"])
 
 or from the shell, `orionlm lm-eval --model orionlm --model_args pretrained=runs/m --tasks hellaswag`
-(lm-eval's own command line, with the model registered first). Requests go through orionlm's scoring
+(lm-eval's own command line, with the model registered first); a Hub id's revision is `pretrained=ID@REV` or, as
+lm-eval's own models take it, `revision=REV`. Requests go through orionlm's scoring
 (`orionlm.eval.scoring`, the same semantics as lm-eval's HF model) and generation engine.
 """
 
@@ -14,9 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import require
+from ..errors import require, with_revision
 from ..generation import GenerationConfig, generate_ids
-from ..hub import with_revision
 from ..loading import load_model
 from .scoring import loglikelihood, perplexity, prefix_token
 

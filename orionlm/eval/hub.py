@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import first_line, require
-from ..hub import hub_advice, not_here_nor_on_hub, split_revision
+from ..errors import first_line, hub_advice, not_here_nor_on_hub, require, split_revision
 from .tasks import EvalError
 
 CACHE = Path(os.environ.get("ORIONLM_CACHE", Path.home() / ".cache" / "orionlm")) / "eval"
