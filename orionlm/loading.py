@@ -21,7 +21,7 @@ from .checkpoint import (
 from .config import ModelConfig
 from .convert.auron import is_auron_config, read_auron
 from .convert.peft import ADAPTER_CONFIG, load_adapter
-from .errors import OrionError, not_here_nor_on_hub, read_json_object
+from .errors import OrionError, not_here_nor_on_hub, read_json_object, split_revision
 from .model import OrionLM
 from .tokenizer import Tokenizer
 
@@ -41,9 +41,9 @@ def find_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local path as is (a training run directory: its newest checkpoint, else its final model RUN/model, which
-    a finished run's newest checkpoint equals); anything else of the form 'org/name' is taken as a Hub id and
-    downloaded (safetensors only). One that is neither is one line saying both: not found locally, and not
-    downloaded as an id."""
+    a finished run's newest checkpoint equals); anything else of the form 'org/name' (or 'org/name@REV', REV a
+    branch, tag or commit) is taken as a Hub id and downloaded (safetensors only). One that is neither is one line
+    saying both: not found locally, and not downloaded as an id."""
     path = Path(name_or_path).expanduser()
     run = (path / "checkpoints").is_dir() or (path / MODEL_DIR).is_dir()
     if path.is_dir() and not (path / "config.json").exists() and run:
@@ -55,17 +55,24 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return path / MODEL_DIR
     if path.exists():
         return path
-    name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise OrionError(f"{name} does not exist (not a local path, and not a Hub id of the form 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    return _download(str(name_or_path))
 
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+
+def _download(name: str) -> Path:
+    """The local snapshot of Hub id `name` (ID or ID@REV), downloaded unless cached."""
+    repo, revision = split_revision(name)
+    if revision is not None and Path(repo).expanduser().exists():
+        raise OrionError(f"{name}: {repo} is a local path, and a revision (@{revision}) applies to Hub ids only")
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise OrionError(f"{name} does not exist (not a local path, and not a Hub id of the form 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, HFValidationError, OSError) as e:
         raise OrionError(
-            f"{not_here_nor_on_hub(name, 'id', e)}. Check the path, or the id and your connection"
+            not_here_nor_on_hub(name, "id", e, otherwise=". Check the path, or the id and your connection")
         ) from None
 
 
@@ -141,8 +148,11 @@ def is_adapter(path: Path) -> bool:
 
 
 def adapter_base_name(adapter: Path) -> str | None:
-    """The base model a LoRA adapter was trained on, as its adapter_config.json names it (none: not named)."""
-    return read_json_object(adapter / ADAPTER_CONFIG).get("base_model_name_or_path") or None
+    """The base model a LoRA adapter was trained on, as its adapter_config.json names it (none: not named): a Hub id
+    with PEFT's `revision` beside it is ID@REV."""
+    config = read_json_object(adapter / ADAPTER_CONFIG)
+    base, revision = config.get("base_model_name_or_path"), config.get("revision")
+    return f"{base}@{revision}" if base and revision else base or None
 
 
 def same_model(a: str, b: str) -> bool:

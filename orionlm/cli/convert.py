@@ -19,7 +19,14 @@ DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def convert_from_hf(
-    src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
+    src: str,
+    dst: Path,
+    /,
+    *,
+    dtype: DtypeName = "auto",
+    shard_gb: float = 5.0,
+    force: bool = False,
+    revision: str | None = None,
 ) -> None:
     """Convert a Hugging Face model directory (or Hub id) into an orionlm model directory.
 
@@ -34,8 +41,9 @@ def convert_from_hf(
         dtype: the weights' dtype; auto keeps the source's
         shard_gb: the largest safetensors file, in GiB; a larger model is written as shards with an index
         force: replace dst if it exists
+        revision: a branch, tag or commit of the Hub id SRC (the same as SRC@REV)
     """
-    _import_model(src, dst, dtype=dtype, shard_gb=shard_gb, force=force)
+    _import_model(src, dst, dtype=dtype, shard_gb=shard_gb, force=force, revision=revision)
 
 
 def convert_from_gguf(
@@ -55,7 +63,14 @@ def convert_from_gguf(
 
 
 def convert_from_auron(
-    src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
+    src: str,
+    dst: Path,
+    /,
+    *,
+    dtype: DtypeName = "auto",
+    shard_gb: float = 5.0,
+    force: bool = False,
+    revision: str | None = None,
 ) -> None:
     """Convert an Auron checkpoint directory (or Hub id) into an orionlm model directory, with Auron's
     sampling defaults in generation_config.json unless the source has its own.
@@ -66,14 +81,23 @@ def convert_from_auron(
         dtype: the weights' dtype; auto keeps the source's
         shard_gb: the largest safetensors file, in GiB; a larger model is written as shards with an index
         force: replace dst if it exists
+        revision: a branch, tag or commit of the Hub id SRC (the same as SRC@REV)
     """
     from ..config import AURON_GENERATION
 
-    _import_model(src, dst, dtype=dtype, shard_gb=shard_gb, force=force, generation=AURON_GENERATION)
+    _import_model(src, dst, dtype=dtype, shard_gb=shard_gb, force=force, revision=revision,
+                  generation=AURON_GENERATION)  # fmt: skip
 
 
 def convert_to_hf(
-    src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
+    src: str,
+    dst: Path,
+    /,
+    *,
+    dtype: DtypeName = "auto",
+    shard_gb: float = 5.0,
+    force: bool = False,
+    revision: str | None = None,
 ) -> None:
     """Export a model as a Hugging Face directory that transformers loads (experts one tensor per expert).
     generation_config.json carries the source's sampling defaults (orionlm's when it has none) and every stop id:
@@ -87,18 +111,25 @@ def convert_to_hf(
         dtype: the weights' dtype; auto keeps the source's (float32 for a .gguf file)
         shard_gb: the largest safetensors file, in GiB; a larger model is written as shards with an index
         force: replace dst if it exists
+        revision: a branch, tag or commit of the Hub id SRC (the same as SRC@REV)
     """
     from ..convert.hf import write_hf
 
     max_shard_bytes = _shard_bytes(shard_gb)
-    source, tensors = _open_source(src, dst, dtype, force)
+    source, tensors = _open_source(src, dst, dtype, force, revision)
     write_hf(source.config, tensors, source.tokenizer, dst, max_shard_bytes=max_shard_bytes,
              generation=source.generation or None)  # fmt: skip
     print(f"wrote {dst}")
 
 
 def convert_to_gguf(
-    src: str, dst: Path, /, *, dtype: Literal["f32", "f16", "q8_0"] = "f16", force: bool = False
+    src: str,
+    dst: Path,
+    /,
+    *,
+    dtype: Literal["f32", "f16", "q8_0"] = "f16",
+    force: bool = False,
+    revision: str | None = None,
 ) -> None:
     """Export a model as a GGUF file for llama.cpp: the llama architecture for dense and Mixtral-style MoE models
     (experts stacked, the router as ffn_gate_inp, Q/K rows in llama.cpp's RoPE order), bloom for ALiBi (BLOOM)
@@ -115,18 +146,26 @@ def convert_to_gguf(
         dst: the .gguf file to write
         dtype: the matrices' type: f32, f16 or q8_0 (norms and routers stay f32)
         force: replace dst if it exists
+        revision: a branch, tag or commit of the Hub id SRC (the same as SRC@REV)
     """
     from ..convert.gguf import write_gguf
 
     if dst.is_dir():  # --force replaces a file, never a directory and what is in it
         raise OrionError(f"{dst} is a directory; give the path of the .gguf file to write")
-    source, tensors = _open_source(src, dst, None, force)
+    source, tensors = _open_source(src, dst, None, force, revision)
     write_gguf(source.config, tensors, source.tokenizer, dst, dtype)
     print(f"wrote {dst}")
 
 
 def convert_to_auron(
-    src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
+    src: str,
+    dst: Path,
+    /,
+    *,
+    dtype: DtypeName = "auto",
+    shard_gb: float = 5.0,
+    force: bool = False,
+    revision: str | None = None,
 ) -> None:
     """Export a chimera-family model in Auron's checkpoint layout, with the source's sampling defaults (else
     Auron's).
@@ -137,37 +176,48 @@ def convert_to_auron(
         dtype: the weights' dtype; auto keeps the source's
         shard_gb: the largest safetensors file, in GiB; a larger model is written as shards with an index
         force: replace dst if it exists
+        revision: a branch, tag or commit of the Hub id SRC (the same as SRC@REV)
     """
     from ..convert.auron import write_auron
 
     max_shard_bytes = _shard_bytes(shard_gb)
-    source, tensors = _open_source(src, dst, dtype, force)
+    source, tensors = _open_source(src, dst, dtype, force, revision)
     write_auron(source.config, tensors, dst, source.tokenizer, source.generation, max_shard_bytes)
     print(f"wrote {dst}")
 
 
 def _import_model(
-    src: str, dst: Path, *, dtype: DtypeName, shard_gb: float, force: bool, generation: dict[str, Any] | None = None
+    src: str,
+    dst: Path,
+    *,
+    dtype: DtypeName,
+    shard_gb: float,
+    force: bool,
+    revision: str | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> None:
     """Write any model as an orionlm directory with its tokenizer and generation_config.json (else
     `generation`, else orionlm's defaults)."""
     from ..checkpoint import write_model_directory
 
     max_shard_bytes = _shard_bytes(shard_gb)
-    source, tensors = _open_source(src, dst, dtype, force)
+    source, tensors = _open_source(src, dst, dtype, force, revision)
     write_model_directory(source.config, tensors, dst, source.tokenizer, source.generation or generation,
                           max_shard_bytes)  # fmt: skip
     print(f"wrote {dst}")
 
 
-def _open_source(src: str, dst: Path, dtype: DtypeName | None, force: bool) -> tuple[ModelSource, LazyTensors]:
+def _open_source(
+    src: str, dst: Path, dtype: DtypeName | None, force: bool, revision: str | None = None
+) -> tuple[ModelSource, LazyTensors]:
     """The source opened without reading weights, and its tensors checked against its config, in the order
     the model holds them, converted to `dtype` as each is read (None: as stored)."""
     from ..checkpoint import dtype_from_name, model_tensors, refuse_existing
+    from ..errors import with_revision
     from ..loading import open_model
 
     refuse_existing(dst, force)
-    source = open_model(src)
+    source = open_model(with_revision(src, revision))
     tensors = model_tensors(source.config, source.tensors, str(source.path))
     return source, tensors if dtype is None else tensors.cast(dtype_from_name(dtype, source.path))
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError, require
+from ..errors import OrionError, require, with_revision
 from .common import DType, load_with_tokenizer, logs_to_stderr, print_json
 
 
@@ -15,6 +15,7 @@ def eval_model(
     target: list[str],
     /,
     *,
+    revision: str | None = None,
     tasks: str = "hellaswag,arc_easy,arc_challenge,piqa,mmlu,lambada,wikitext",
     data_dir: Path | None = None,
     task_file: list[str] | None = None,
@@ -44,6 +45,7 @@ def eval_model(
 
     Args:
         target: a model directory, a .gguf file or a Hub id; or `compare` and --out JSON files
+        revision: a branch, tag or commit of the Hub id TARGET (the same as TARGET@REV)
         tasks: comma-separated task names
         data_dir: a folder with the task files named as in ../shared/data/eval (hellaswag_val.jsonl, ...)
         task_file: TASK=PATH for a task's own file (repeatable; mmlu_dev=PATH for MMLU's shots)
@@ -72,7 +74,7 @@ def eval_model(
         return
     if len(target) != 1:
         raise OrionError(f"give one model to evaluate (or `compare` and result files), got {' '.join(target)}")
-    model = target[0]
+    model = with_revision(target[0], revision)
 
     files = {}
     for item in task_file or []:
@@ -131,6 +133,7 @@ def leakage(
     items: Path,
     /,
     *,
+    revision: str | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     out: Path | None = None,
@@ -148,6 +151,7 @@ def leakage(
 
     Args:
         model: a model directory, a .gguf file or a Hub id
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         items: a multiple-choice JSONL file ({"id", "question" or "context", "choices", "answer"} per line)
         limit: test only the first N 4-option items
         batch_size: sequences per forward pass
@@ -159,7 +163,7 @@ def leakage(
     """
     from ..eval.leakage import detect, format_report
 
-    lm, tokenizer = load_with_tokenizer(model, "scoring", device, threads, dtype)
+    lm, tokenizer = load_with_tokenizer(with_revision(model, revision), "scoring", device, threads, dtype)
     report = detect(lm, tokenizer, items, limit=limit, batch_size=batch_size, progress=sys.stderr.isatty())
     print(format_report(report))
     if out is not None:

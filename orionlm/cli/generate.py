@@ -6,7 +6,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TypedDict
 
-from ..errors import OrionError
+from ..errors import OrionError, with_revision
 from .common import DType, load, load_with_tokenizer, logs_to_stderr, print_json
 from .parser import Unpack
 
@@ -56,6 +56,7 @@ def generate_text(
     /,
     *,
     model: str,
+    revision: str | None = None,
     chat: bool = False,
     json: bool = False,
     device: str | None = None,
@@ -77,6 +78,7 @@ def generate_text(
     Args:
         prompts: the text(s) to continue
         model: a model directory, .gguf file or Hub id
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         chat: wrap PROMPT in the model's chat template as a user message
         json: print one JSON document when done: {"model", "choices": [{"index", "prompt", "text"}]}, with
             "thoughts" ({"before": offset in text, "thought"}) under --show-thoughts
@@ -87,6 +89,7 @@ def generate_text(
     """
     from ..generation import stream_thoughts
 
+    model = with_revision(model, revision)
     lm, tokenizer = _load(model, "generation", device, threads, dtype, options)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts] if chat else prompts
     pieces = stream_thoughts(lm, tokenizer, texts, **_settings(options))
@@ -155,6 +158,7 @@ def _choices(pieces: Iterator[tuple[int, str, str]], prompts: list[str], show_th
 def chat(
     *,
     model: str,
+    revision: str | None = None,
     system: str | None = None,
     device: str | None = None,
     dtype: DType | None = None,
@@ -168,6 +172,7 @@ def chat(
 
     Args:
         model: a model directory, .gguf file or Hub id
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         system: a system message to start the conversation with
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
@@ -176,7 +181,7 @@ def chat(
     """
     from ..generation import stream_thoughts
 
-    lm, tokenizer = _load(model, "chat", device, threads, dtype, options)
+    lm, tokenizer = _load(with_revision(model, revision), "chat", device, threads, dtype, options)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     settings, show = _settings(options), bool(options.get("show_thoughts"))
@@ -209,6 +214,7 @@ def bench_serving(
     model: str,
     /,
     *,
+    revision: str | None = None,
     concurrency: str = "1,4,16",
     input_lengths: str = "128,1024",
     output_tokens: int = 128,
@@ -226,6 +232,7 @@ def bench_serving(
 
     Args:
         model: a model directory, a .gguf file or a Hub id
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         concurrency: comma-separated numbers of clients sending requests at once
         input_lengths: comma-separated prompt lengths in tokens (random token ids)
         output_tokens: tokens generated per request (stop tokens ignored)
@@ -254,6 +261,7 @@ def bench_serving(
         return values
 
     levels, lengths = numbers(concurrency, "concurrency"), numbers(input_lengths, "input-lengths")
+    model = with_revision(model, revision)
     lm, _, device_used = load(model, device, dtype)
     longest = max(lengths) + output_tokens
     if longest > lm.config.max_seq_len:

@@ -53,7 +53,7 @@ def assemble_moe(config: Path, out: Path, /, *, seed: int = 0, force: bool = Fal
     from prompts instead of trained: everything but the MLPs comes from base_model, expert e's MLPs from its
     source_model. CONFIG is mergekit-moe's YAML format:
 
-      base_model: runs/english            # a model directory, a .gguf file or a Hub id
+      base_model: runs/english            # a model directory, a .gguf file or a Hub id (ID@REV: a revision)
       gate_mode: hidden                   # hidden, cheap_embed or random
       dtype: bfloat16                     # default: the base model's
       experts_per_token: 2
@@ -106,6 +106,7 @@ def merge_adapter(
     *,
     adapter: Path | None = None,
     base: str | None = None,
+    revision: str | None = None,
     out: Path | None = None,
     force: bool = False,
 ) -> None:
@@ -130,11 +131,13 @@ def merge_adapter(
         adapter: the adapter directory (adapter_config.json, adapter_model.safetensors)
         base: the base model (a model directory, a .gguf file or a Hub id), for an adapter that names none or
             whose base has moved
+        revision: a branch, tag or commit of the Hub id BASE (the same as BASE@REV)
         out: the merged model directory to write (default: run.out_dir/merged of the adapter's recipe)
         force: replace out if it exists
     """
     from ..checkpoint import refuse_existing, save_model
     from ..convert.peft import attach_adapter, read_adapter
+    from ..errors import with_revision
     from ..loading import load_model
     from ..nn.lora import merge_lora
     from ..train.recipe import load_recipe
@@ -143,7 +146,7 @@ def merge_adapter(
         raise OrionError("give the adapter directory: --lora_model_dir=DIR (or --adapter DIR)")
     lora, factors = read_adapter(adapter)
     given = load_recipe(recipe) if recipe is not None else None
-    base = _merge_base(adapter, base, given.model.path if given else None)
+    base = _merge_base(adapter, with_revision(base, revision), given.model.path if given else None)
     if out is None:
         saved = adapter / "recipe.yaml"
         trained = load_recipe(saved) if saved.is_file() else given

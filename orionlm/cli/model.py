@@ -9,7 +9,9 @@ from ..errors import OrionError
 from .common import print_json
 
 
-def info(model: str | None = None, /, *, preset: str | None = None, json: bool = False) -> None:
+def info(
+    model: str | None = None, /, *, revision: str | None = None, preset: str | None = None, json: bool = False
+) -> None:
     """Print a model's architecture and parameter counts (total; active per token for MoE; virtual, with
     looped blocks counted once per loop, for Chimera).
 
@@ -19,17 +21,20 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
 
     Args:
         model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         preset: a preset name instead of a model (see `orionlm info --preset list`)
         json: print JSON with total_params, active_params, virtual_params and the config
     """
     from ..checkpoint import weight_bytes
     from ..config import PRESETS
     from ..config import preset as get_preset
+    from ..errors import with_revision
     from ..loading import read_model_config, resolve_model_path
     from ..model import count_parameters, virtual_parameters
 
     if (model is None) == (preset is None):
         raise OrionError("give either a model path or --preset NAME")
+    model = with_revision(model, revision)
     if preset == "list":
         print("\n".join(PRESETS))
         return
@@ -37,8 +42,8 @@ def info(model: str | None = None, /, *, preset: str | None = None, json: bool =
     if preset is not None:
         config = get_preset(preset)
     else:
-        config = read_model_config(Path(model))
-        sizes = weight_bytes(resolve_model_path(Path(model)))
+        path = resolve_model_path(model)
+        config, sizes = read_model_config(path), weight_bytes(path)
     total, active = count_parameters(config)
     virtual = virtual_parameters(config)
     if json:

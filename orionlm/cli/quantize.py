@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from ..errors import OrionError
+from ..errors import OrionError, with_revision
 from .common import logs_to_stderr, print_json
 
 
@@ -14,6 +14,7 @@ def quantize_checkpoint(
     out: Path,
     /,
     *,
+    revision: str | None = None,
     bits: int = 4,
     group_size: int = 128,
     act_order: bool = False,
@@ -46,6 +47,7 @@ def quantize_checkpoint(
 
     Args:
         model: the model to quantize (a model directory, a .gguf file or a Hub id)
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         out: the quantized model directory to write
         bits: bits per weight: 2, 3, 4 or 8
         group_size: input columns sharing a scale and zero point; -1 for one per output row
@@ -53,7 +55,7 @@ def quantize_checkpoint(
         static_groups: find the groups' parameters before GPTQ's updates (fast act-order inference)
         asym: a zero point per group (default: symmetric)
         damp: dampening added to the Hessian's diagonal, as a fraction of its mean (damp_percent)
-        dataset: calibration text: a file, directory or hf:NAME (needed by gptq)
+        dataset: calibration text: a file, directory or hf:NAME (hf:NAME@REV: a revision; needed by gptq)
         seq_len: tokens per calibration sample
         nsamples: calibration samples
         method: gptq (with calibration) or rtn (round to nearest)
@@ -79,6 +81,7 @@ def quantize_checkpoint(
                          static_groups=static_groups, damp_percent=damp)  # fmt: skip
     if method == "gptq" and dataset is None:
         raise OrionError("gptq needs calibration text: --dataset FILE (or --method rtn)")
+    model = with_revision(model, revision)
     source = open_model(model)
     if source.config.quantization_config is not None:
         raise OrionError(f"{model} is already quantized; quantize its full-precision original")

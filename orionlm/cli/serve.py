@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from ..errors import require
+from ..errors import require, split_revision, with_revision
 from .common import DType, load_with_tokenizer
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels
@@ -16,10 +16,10 @@ API_KEY_ENV = "ORIONLM_API_KEY"
 
 def default_served_name(model: str) -> str:
     """The model id a server answers to: the directory's name, or the run's name for a run's final model (runs/x
-    and runs/x/model are both served as "x"); a Hub id keeps its last part."""
+    and runs/x/model are both served as "x"); a Hub id keeps its last part, without a revision."""
     from ..loading import MODEL_DIR  # here: importing the verb's module must not import torch (--help, completion)
 
-    path = Path(model.rstrip("/"))
+    path = Path(split_revision(model)[0].rstrip("/"))
     return path.parent.name if path.name == MODEL_DIR and path.parent.name else path.name
 
 
@@ -27,6 +27,7 @@ def serve_model(
     model: str,
     /,
     *,
+    revision: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch: int = 16,
@@ -55,6 +56,7 @@ def serve_model(
 
     Args:
         model: a model directory (orionlm, Hugging Face or Auron), a .gguf file or a Hub id
+        revision: a branch, tag or commit of the Hub id MODEL (the same as MODEL@REV)
         host: the address to listen on (127.0.0.1: this machine only)
         port: the TCP port (0: any free port, shown in the ready line)
         max_batch: how many requests decode together; more wait in a queue
@@ -83,7 +85,7 @@ def serve_model(
     from ..serve.serving import AsyncEngine, Server
 
     with bind(host, port) as sock:
-        lm, tokenizer = load_with_tokenizer(model, "the server", device, threads, dtype)
+        lm, tokenizer = load_with_tokenizer(with_revision(model, revision), "the server", device, threads, dtype)
         name = served_model_name or default_served_name(str(model))
         engine = AsyncEngine(
             Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)

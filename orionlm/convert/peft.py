@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory
-from ..errors import OrionError, read_json_object
+from ..errors import OrionError, read_json_object, split_revision
 from ..nn.lora import ADAPTED, LoRAConfig, apply_lora, is_experts, is_linear, layers, routers
 
 PEFT_PREFIX = "base_model.model."
@@ -67,9 +67,11 @@ def write_adapter(model: nn.Module, directory: Path, base_model: str = "") -> No
             for param in params:  # in the order PEFT nests them
                 stacks.append((f"{_peft_suffix(name)}.{param}", f"{name}.{param}", adapted and param in module.factors))
     modules, parameters = _peft_targets(linears), _peft_targets(stacks)
+    base, revision = split_revision(str(base_model))  # PEFT keeps a Hub id's revision in a key of its own
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model), "r": config.r,
-        "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora, "bias": "none",
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision,
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora,
+        "bias": "none",
         "target_modules": modules or None, "target_parameters": parameters or None, "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
     }  # fmt: skip

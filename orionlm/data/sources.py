@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrionError, require, unknown_names
+from ..errors import OrionError, first_line, hub_advice, require, split_revision, unknown_names
 
 KINDS = ("auto", "text", "jsonl", "parquet", "hf")
 _GLOB_CHARS = set("*?[")
@@ -27,7 +27,7 @@ class DataError(OrionError):
 class SourceConfig:
     """One entry of a data mixture."""
 
-    path: str  # a file, a directory, a glob pattern, or "hf:NAME" (a Hugging Face dataset)
+    path: str  # a file, a directory, a glob pattern, or "hf:NAME" (a Hugging Face dataset; hf:NAME@REV: a revision)
     weight: float = 1.0  # mixture weight (normalised over the sources)
     kind: str = "auto"  # "text" | "jsonl" | "parquet" | "hf" | "auto" (from the extension; .gz for text/jsonl)
     field: str = "text"  # the JSONL / Parquet / datasets column holding the document
@@ -301,11 +301,16 @@ def _parquet_documents(path: Path, field: str, on_bytes: Callable[[int], None]) 
 
 
 def load_hf_dataset(source: SourceConfig) -> Any:
+    """The source's dataset (hf:NAME, or hf:NAME@REV for a branch, tag or commit of a Hub dataset)."""
     datasets = require("datasets", "hf", f"source {source.path!r} (a Hugging Face dataset)")
+    name, revision = split_revision(source.hf_name)
     try:
-        return datasets.load_dataset(source.hf_name, split=source.split)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise DataError(f"source {source.path!r}: could not load the dataset (split {source.split!r}): {e}") from None
+        return datasets.load_dataset(name, split=source.split, revision=revision)
+    except (OSError, ValueError) as e:  # not found (locally or on the Hub), offline, gated, no such revision or split
+        reason = hub_advice(e, revision) or first_line(e)
+        raise DataError(
+            f"source {source.path!r}: could not load the dataset (split {source.split!r}): {reason}"
+        ) from None
 
 
 def _hf_documents(source: SourceConfig, on_rows: Callable[[int], None]) -> Iterator[str]:

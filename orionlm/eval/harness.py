@@ -6,7 +6,8 @@ lm-eval finds models in its registry, which this module fills on import, so:
     lm_eval.simple_evaluate(model="orionlm", model_args="pretrained=runs/m", tasks=["hellaswag"])
 
 or from the shell, `orionlm lm-eval --model orionlm --model_args pretrained=runs/m --tasks hellaswag`
-(lm-eval's own command line, with the model registered first). Requests go through orionlm's scoring
+(lm-eval's own command line, with the model registered first); a Hub id's revision is `pretrained=ID@REV` or, as
+lm-eval's own models take it, `revision=REV`. Requests go through orionlm's scoring
 (`orionlm.eval.scoring`, the same semantics as lm-eval's HF model) and generation engine.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import require
+from ..errors import require, with_revision
 from ..generation import GenerationConfig, generate_ids
 from ..loading import load_model
 from .scoring import loglikelihood, perplexity, prefix_token
@@ -29,10 +30,10 @@ from lm_eval.api.registry import register_model  # noqa: E402
 class OrionLMHarness(LM):
     def __init__(
         self, pretrained: str, device: str | None = None, batch_size: int | str = 16, max_gen_toks: int = 256,
-        **_: Any,
+        revision: str | None = None, **_: Any,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.model, tokenizer, _ = load_model(pretrained, device=device)
+        self.model, tokenizer, _ = load_model(with_revision(pretrained, revision), device=device)
         if tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer.json")
         self.tokenizer = tokenizer

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import first_line, not_here_nor_on_hub, require
+from ..errors import first_line, hub_advice, not_here_nor_on_hub, require, split_revision
 from .tasks import EvalError
 
 CACHE = Path(os.environ.get("ORIONLM_CACHE", Path.home() / ".cache" / "orionlm")) / "eval"
@@ -74,26 +74,30 @@ SOURCES: dict[str, tuple[str, str | None, str, Callable[[dict[str, Any]], dict[s
 def _rows(dataset: str, config: str | None, split: str) -> Iterable[dict[str, Any]]:
     datasets = require("datasets", "hf", "reading tasks from the Hub")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its offline retries print a line each
+    name, revision = split_revision(dataset)
     try:
-        return datasets.load_dataset(dataset, config, split=split)
+        return datasets.load_dataset(name, config, split=split, revision=revision)
     except Exception as e:  # offline, unknown name, gated: datasets raises many kinds
         local = Path(dataset).exists()
-        if not local and dataset not in {source[0] for source in SOURCES.values()}:  # a mistyped path or a Hub name
+        if not local and name not in {source[0] for source in SOURCES.values()}:  # a mistyped path or a Hub name
             raise EvalError(not_here_nor_on_hub(dataset, f"dataset ({split})", e)) from None
         where = "" if local else " from the Hub"
-        raise EvalError(f"could not load {dataset} ({split}){where}: {first_line(e)}") from None
+        raise EvalError(
+            f"could not load {dataset} ({split}){where}: {hub_advice(e, revision) or first_line(e)}"
+        ) from None
 
 
 def fetch(task: str, dataset: str | None = None) -> Path:
-    """The task's items from the Hub (or `dataset`: another Hub name or a local dataset directory in the
-    same schema) as a normalised file in the cache; later calls reuse the file."""
+    """The task's items from the Hub (or `dataset`: another Hub name, NAME@REV for a branch, tag or commit of one,
+    or a local dataset directory in the same schema) as a normalised file in the cache; later calls reuse the
+    file."""
     name, config, split, convert = SOURCES[task]
     dataset = dataset or name
     tag = re.sub(r"[^\w.-]+", "_", f"{dataset}-{config}-{split}")
     path = CACHE / f"{task}-{tag}{'.txt' if convert is None else '.jsonl'}"
     if path.is_file():
         return path
-    rows = _rows(dataset, config if dataset == name else None, split)
+    rows = _rows(dataset, config if split_revision(dataset)[0] == name else None, split)
     if convert is None:  # each page starts with its " = Title = " line: load_documents splits there
         text = "\n".join(row["page"] for row in rows)
     else:

@@ -52,7 +52,8 @@ class ModelSection:
     preset: str | None = None  # a preset name (`orionlm info --preset list`)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed on top of the preset
     config: dict[str, Any] | None = None  # a full ModelConfig instead of a preset
-    # a trained model to start from (orionlm, Hugging Face or Auron directory, .gguf file, or Hub id)
+    # a trained model to start from (orionlm, Hugging Face or Auron directory, .gguf file, or Hub id; ID@REV for a
+    # branch, tag or commit)
     path: str | None = None
 
     def build(self) -> ModelConfig:

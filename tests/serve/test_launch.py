@@ -63,6 +63,7 @@ def test_ready_only_once_serving(served_model_dir):
 
 @pytest.mark.parametrize("model, name", [("runs/stories", "stories"), ("runs/stories/model/", "stories"),
                                          ("runs/stories/checkpoint-400", "checkpoint-400"),
-                                         ("org/tiny-moe", "tiny-moe"), ("model", "model")])  # fmt: skip
+                                         ("org/tiny-moe", "tiny-moe"), ("org/tiny-moe@v2", "tiny-moe"),
+                                         ("model", "model")])  # fmt: skip
 def test_the_default_served_name_is_the_run_or_directory(model, name):
     assert default_served_name(model) == name
