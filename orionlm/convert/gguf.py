@@ -1,7 +1,7 @@
 """Import and export GGUF files (llama.cpp's format) of the llama (dense and Mixtral-style MoE) and bloom
 architectures, with their embedded tokenizer.
 
-Weights: F32/F16/BF16 tensors, and the block-quantized types READ lists (dequantized to float32 with the `gguf`
+Weights: F32/F16/BF16 tensors, and the block-quantized types READ_AS lists (dequantized to float32 with the `gguf`
 package's dequantizers, one tensor at a time), are renamed to orionlm's (Hugging Face) names.
 llama.cpp's converters store llama Q/K rows in the interleaved-pair RoPE layout (rotating features 2i and
 2i+1); orionlm uses HF's rotate-half layout (rotating i and i + head_dim/2), so those rows are permuted back
