@@ -12,7 +12,7 @@ an F16 file). Perplexity is per token, exp(mean NLL), on the held-out stories at
 story one window, the prefix token first, as `orionlm eval --tasks wikitext` scores a document), computed twice:
 by llama.cpp on the file (its logits for every position) and by orionlm on the model read back from it. Speed is
 greedy decoding of --new-tokens after a 32-token prompt (prefill included; best of --repeats after a warm-up),
-llama.cpp with --threads threads, orionlm in float32 with torch's threads.
+both with --threads threads (orionlm in float32).
 
     nice -n 10 .venv/bin/python benchmarks/gguf_types.py [--model DIR] [--steps 100] [--out runs/gguf_types]
         [--stories 60] [--new-tokens 64] [--repeats 3] [--threads 2]
@@ -54,13 +54,13 @@ MIB = 2**20
 
 
 def trained_model(out: Path, steps: int) -> Path:
-    """The benchmark's model, trained into out/model unless a previous run left it there."""
-    if not (out / "model" / "config.json").is_file():
+    """The training run of the benchmark's model (its final model in RUN/model), trained into out/model unless a
+    previous run left it there."""
+    run = out / "model"
+    if not (run / "model" / "config.json").is_file():
         train_tokenizer(TINYSTORIES, out / "tokenizer", MODEL["overrides"]["vocab_size"])
-        recipe = comparison_recipe(MODEL, OPTIM, SCHEDULE, out, "model", TINYSTORIES, steps)
-        run, _ = train_runs({"model": recipe}, out, [])
-        return run["model"]
-    return out / "model"
+        train_runs({"model": comparison_recipe(MODEL, OPTIM, SCHEDULE, out, "model", TINYSTORIES, steps)}, out, [])
+    return run
 
 
 def held_out_stories(tokenizer: Tokenizer, count: int, context: int) -> list[str]:
@@ -136,14 +136,15 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=60, help="held-out stories at the end of the sample scored")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed generation runs (the best is kept)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's and torch's threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     model_dir = args.model or trained_model(args.out, args.steps)
     source = open_model(str(model_dir))
     print(f"# GGUF types: orionlm {orionlm.__version__}, llama-cpp-python {llama_cpp.__version__}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} torch threads, {args.threads} llama.cpp threads")  # fmt: skip
+          f"{args.threads} threads for llama.cpp and torch")  # fmt: skip
     stories = held_out_stories(source.tokenizer, args.stories, source.config.max_seq_len)
     if not stories:
         raise SystemExit(f"none of the last {args.stories} stories fits the model's context; raise --stories")
