@@ -15,7 +15,7 @@ greedy decoding of --new-tokens after a 32-token prompt (prefill included; best 
 both with --threads threads (orionlm in float32).
 
     nice -n 10 .venv/bin/python benchmarks/gguf_types.py [--model DIR] [--steps 100] [--out runs/gguf_types]
-        [--stories 60] [--new-tokens 64] [--repeats 3] [--threads 2]
+        [--stories 40] [--new-tokens 32] [--repeats 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -133,10 +133,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="an orionlm model directory (default: train one)")
     parser.add_argument("--steps", type=int, default=100, help="training steps of 8 x 256 tokens for the default model")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gguf_types", help="the model and GGUF files")
-    parser.add_argument("--stories", type=int, default=60, help="held-out stories at the end of the sample scored")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed generation runs (the best is kept)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's and torch's threads")
+    parser.add_argument("--stories", type=int, default=40, help="held-out stories at the end of the sample scored")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per speed run")
+    parser.add_argument("--repeats", type=int, default=2, help="timed generation runs (the best is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp's and torch's threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
