@@ -54,6 +54,8 @@ print(json.dumps(results))
 CASES = {
     "gguf-export": ({"gguf"}, ["convert", "to-gguf", "m", "m.gguf"], "reading or writing GGUF files", "gguf"),
     "gguf-import": ({"gguf"}, ["generate", "hi", "--model", "x.gguf"], "reading or writing GGUF files", "gguf"),
+    "llamacpp": ({"llama_cpp"}, ["convert", "to-gguf", "m", "m.gguf", "--dtype", "q4_k_m"],
+                 "writing llama.cpp's quantized GGUF types (q4_k_m, ...)", "llama_cpp"),
     "serve-uvicorn": ({"uvicorn"}, ["serve", "m"], "orionlm serve", "uvicorn"),
     "serve": ({"fastapi"}, ["serve", "m"], "the server", "fastapi"),
     "eval": ({"sklearn"}, ["leakage", "m", "items.jsonl"], "leakage detection (its isolation forest)", "sklearn"),

@@ -49,13 +49,15 @@ def convert_from_hf(
 def convert_from_gguf(
     src: str, dst: Path, /, *, dtype: DtypeName = "auto", shard_gb: float = 5.0, force: bool = False
 ) -> None:
-    """Import a llama- or bloom-architecture GGUF file (F32, F16, BF16 or Q8_0, dequantized), with its embedded
-    tokenizer. Needs `pip install 'orionlm[gguf]'`.
+    """Import a llama- or bloom-architecture GGUF file, with its embedded tokenizer. Reads F32, F16 and BF16
+    tensors, and dequantizes llama.cpp's quantized types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the k-quants Q2_K ... Q6_K
+    (so Q4_K_M, Q5_K_M, ... files) and IQ4_NL; other types (IQ2_XS, TQ1_0, ...) are refused. Needs `pip install
+    'orionlm[gguf]'`.
 
     Args:
         src: the .gguf file
         dst: the orionlm directory to write
-        dtype: the weights' dtype; auto is float32
+        dtype: the weights' dtype; auto is float32 (the dtype quantized tensors are dequantized to)
         shard_gb: the largest safetensors file, in GiB; a larger model is written as shards with an index
         force: replace dst if it exists
     """
@@ -122,29 +124,30 @@ def convert_to_hf(
     print(f"wrote {dst}")
 
 
+GGUFType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m"]
+
+
 def convert_to_gguf(
-    src: str,
-    dst: Path,
-    /,
-    *,
-    dtype: Literal["f32", "f16", "q8_0"] = "f16",
-    force: bool = False,
-    revision: str | None = None,
+    src: str, dst: Path, /, *, dtype: GGUFType = "f16", force: bool = False, revision: str | None = None
 ) -> None:
     """Export a model as a GGUF file for llama.cpp: the llama architecture for dense and Mixtral-style MoE models
     (experts stacked, the router as ffn_gate_inp, Q/K rows in llama.cpp's RoPE order), bloom for ALiBi (BLOOM)
     models; the tokenizer and chat template are embedded. The file appears only when complete. Needs `pip install
     'orionlm[gguf]'`, and a tokenizer with BPE merges: llama.cpp cannot load a byte-level one without them (what
-    `orionlm init` gives without --tokenizer), so such a model is refused.
+    `orionlm init` gives without --tokenizer), so such a model is refused. f32, f16 and q8_0 are written here; the
+    other types by llama.cpp's own quantizer from an F16 file written first beside dst (it needs `pip install
+    'orionlm[llamacpp]'`, which brings llama-cpp-python). A k-quant wants matrix rows in whole blocks of 256
+    (hidden and intermediate sizes multiples of 256); llama.cpp gives other rows a fallback type.
 
     Example:
-      orionlm convert to-gguf runs/m runs/m.gguf --dtype q8_0 && llama-cli -m runs/m.gguf -p "Once upon"
+      orionlm convert to-gguf runs/m runs/m.gguf --dtype q4_k_m && llama-cli -m runs/m.gguf -p "Once upon"
 
     Args:
         src: the model (with its tokenizer): an orionlm, Hugging Face or Auron directory, a .gguf file, a
             training run (its newest checkpoint) or a Hub id
         dst: the .gguf file to write
-        dtype: the matrices' type: f32, f16 or q8_0 (norms and routers stay f32)
+        dtype: the matrices' type: f32, f16 or q8_0 (norms and routers stay f32), or one of llama.cpp's
+            quantized file types q4_k_m, q5_k_m, q6_k, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m
         force: replace dst if it exists
         revision: a branch, tag or commit of the Hub id SRC (the same as SRC@REV)
     """

@@ -1,11 +1,13 @@
 """Import and export GGUF files (llama.cpp's format) of the llama (dense and Mixtral-style MoE) and bloom
 architectures, with their embedded tokenizer.
 
-Weights: F32/F16/BF16 tensors (and Q8_0 ones, dequantized) are renamed to orionlm's (Hugging Face) names.
+Weights: F32/F16/BF16 tensors, and the block-quantized types READ_AS lists (dequantized to float32 with the `gguf`
+package's dequantizers, one tensor at a time), are renamed to orionlm's (Hugging Face) names.
 llama.cpp's converters store llama Q/K rows in the interleaved-pair RoPE layout (rotating features 2i and
 2i+1); orionlm uses HF's rotate-half layout (rotating i and i + head_dim/2), so those rows are permuted back
 on import and forth on export. bloom's fused QKV rows are (3, heads, head_dim) in GGUF and (heads, 3,
-head_dim) in orionlm (and HF). save_gguf writes F32, F16 or Q8_0 matrices.
+head_dim) in orionlm (and HF). save_gguf writes F32, F16 or Q8_0 matrices itself, and llama.cpp's quantized
+types (Q4_K_M, ...) through llama.cpp's own quantizer (gguf_quant.py) from an F16 file it writes first.
 
 The embedded tokenizer is read and written by gguf_vocab.py.
 """
@@ -13,6 +15,7 @@ The embedded tokenizer is read and written by gguf_vocab.py.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from functools import lru_cache, partial
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..checkpoint import (
     CheckpointError,
@@ -34,15 +38,20 @@ from ..config import BLOOM_LAYOUT, ConfigError, ModelConfig
 from ..errors import require
 from ..model import OrionLM
 from ..tokenizer import Tokenizer
+from .gguf_quant import LLAMA_CPP_TYPES, llama_cpp_quantize, require_llama_cpp
 from .gguf_vocab import GGUFError, tokenizer_from_metadata, tokenizer_metadata
 
 require("gguf", "gguf", "reading or writing GGUF files")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
+_FLOAT_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+                GGMLQuantizationType.BF16: torch.bfloat16}  # fmt: skip
+# The block-quantized types read (dequantized: orionlm computes in float): llama.cpp's legacy and k-quants, and
+# IQ4_NL, which Q2_K and Q3_K files of older llama.cpp versions hold where a row is not whole 256-value blocks.
+_QUANTIZED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
 # the dtype each supported GGUF type is read as
-READ_AS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
-           GGMLQuantizationType.BF16: torch.bfloat16, GGMLQuantizationType.Q8_0: torch.float32}  # fmt: skip
+READ_AS = _FLOAT_TYPES | {GGMLQuantizationType[name]: torch.float32 for name in _QUANTIZED_TYPES}
 
 ARCHITECTURES = ("llama", "bloom")
 
@@ -77,8 +86,8 @@ _BLOOM_TOP_NAMES = {"token_embd_norm": "model.embed_norm"} | _TOP_NAMES
 def load_gguf(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[OrionLM, Tokenizer]:
-    """Load an F32/F16/BF16/Q8_0 llama- or bloom-architecture GGUF file as an OrionLM model (Q8_0 dequantized)
-    and its tokenizer."""
+    """Load a llama- or bloom-architecture GGUF file of the types READ_AS lists as an OrionLM model (quantized
+    tensors dequantized) and its tokenizer."""
     path = Path(path)
     config, tensors, tokenizer = read_gguf_model(path)
     device, dtype = resolve_device(device, dtype)
@@ -91,7 +100,8 @@ def load_gguf(
 
 def read_gguf_model(path: Path) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
     """A GGUF file's config (from its metadata and tensor shapes), its tensors under orionlm's names, each read
-    from the file on demand (Q8_0 dequantized to float32, the others in their stored dtypes), and its tokenizer."""
+    from the file on demand (quantized ones dequantized to float32, float ones in their stored dtypes), and its
+    tokenizer."""
     metadata, reader = read_gguf(path)
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -148,8 +158,8 @@ def _gguf_tensors(reader: Any, path: Path) -> LazyTensors:
     for t in reader.tensors:
         if t.tensor_type not in READ_AS:
             raise GGUFError(
-                f"{path}: GGUF tensors of type {t.tensor_type.name} are not supported; use an F32, F16, BF16 or Q8_0 "
-                f"file (tensor {t.name!r} is {t.tensor_type.name})"
+                f"{path}: GGUF tensors of type {t.tensor_type.name} are not supported (tensor {t.name!r}); orionlm "
+                f"reads {', '.join(kind.name for kind in READ_AS)}"
             )
         # GGUF lists dims fastest-first; torch's shape is the reverse
         specs[t.name] = TensorSpec(tuple(int(d) for d in reversed(t.shape.tolist())), READ_AS[t.tensor_type])
@@ -163,9 +173,9 @@ def _read_tensor(path: Path, name: str, shape: tuple[int, ...], offset: int, n_b
         f.seek(offset)
         if f.readinto(raw.numpy()) != n_bytes:
             raise GGUFError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
-    if kind == GGMLQuantizationType.Q8_0:  # dequantized: orionlm computes in float
-        return torch.from_numpy(dequantize(raw.numpy(), kind).reshape(shape))
-    return raw.view(READ_AS[kind]).reshape(shape)  # BF16 too: numpy has no bfloat16, torch reads its bytes
+    if kind in _FLOAT_TYPES:
+        return raw.view(READ_AS[kind]).reshape(shape)  # BF16 too: numpy has no bfloat16, torch reads its bytes
+    return torch.from_numpy(dequantize(raw.numpy(), kind).reshape(shape))
 
 
 def config_from_metadata(metadata: dict[str, Any], tensors: LazyTensors, source: str) -> ModelConfig:
@@ -320,7 +330,8 @@ def _swap_qkv_groups(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tens
 
 # --- export -------------------------------------------------------------------------------------------------
 
-GGUF_DTYPES = ("f32", "f16", "q8_0")
+_OWN_DTYPES = ("f32", "f16", "q8_0")  # written here; the others by llama.cpp's quantizer
+GGUF_DTYPES = _OWN_DTYPES + tuple(t for t in LLAMA_CPP_TYPES if t not in _OWN_DTYPES)
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -433,8 +444,10 @@ def write_gguf(
     """Write a GGUF file for llama.cpp with the tokenizer embedded: the llama architecture for dense and
     Mixtral-style MoE models (stacked experts, the router as ffn_gate_inp), bloom for ALiBi (BLOOM) ones.
     dtype f32, f16 or q8_0 applies to the matrices; norms and routers stay float32, as llama.cpp's converter
-    keeps them. `tensors` are the model's (as checkpoint.model_tensors gives them), read and written one at a
-    time; the file is written under a temporary name and renamed when complete."""
+    keeps them. The other GGUF_DTYPES are llama.cpp's quantized file types: an F16 file is written beside the
+    output first and llama.cpp's quantizer (llama-cpp-python) writes the output from it. `tensors` are the
+    model's (as checkpoint.model_tensors gives them), read and written one at a time; the file is written under a
+    temporary name and renamed when complete."""
     _check_exportable(config)
     if tokenizer is None:
         raise GGUFError("the model has no tokenizer; a GGUF file embeds one, so export a model directory that has it")
@@ -442,23 +455,39 @@ def write_gguf(
         raise GGUFError(f"GGUF dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
     bloom = config.family == "alibi"
     tensors = (bloom_gguf_tensors if bloom else llama_gguf_tensors)(config, LazyTensors.of(tensors))
-    types = {name: _gguf_type(name, spec.shape, dtype) for name, spec in tensors.specs.items()}
+    if dtype in _OWN_DTYPES:
+        with atomic_file(path) as tmp:
+            _write_file(tmp, config, tensors, tokenizer, dtype)
+        return Path(path)
+    require_llama_cpp()  # before the F16 file is written
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, "bloom" if bloom else "llama")
+        f16 = tmp.with_name(tmp.name + ".f16")
         try:
-            _add_metadata(writer, config, tokenizer, dtype)
-            for name, spec in tensors.specs.items():
-                block, size = GGML_QUANT_SIZES[types[name]]
-                nbytes = math.prod(spec.shape) // block * size
-                writer.add_tensor_info(name, spec.shape, np.dtype(np.float32), nbytes, raw_dtype=types[name])
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for name, kind in types.items():
-                writer.write_tensor_data(_encode(tensors[name].numpy(), kind))
+            _write_file(f16, config, tensors, tokenizer, "f16")
+            llama_cpp_quantize(f16, tmp, dtype)
         finally:
-            writer.close()
+            f16.unlink(missing_ok=True)
     return Path(path)
+
+
+def _write_file(path: Path, config: ModelConfig, tensors: LazyTensors, tokenizer: Tokenizer, dtype: str) -> None:
+    """The GGUF file of `tensors` (under llama.cpp's names) with matrices in dtype f32, f16 or q8_0."""
+    types = {name: _gguf_type(name, spec.shape, dtype) for name, spec in tensors.specs.items()}
+    writer = GGUFWriter(path, "bloom" if config.family == "alibi" else "llama")
+    try:
+        _add_metadata(writer, config, tokenizer, dtype)
+        for name, spec in tensors.specs.items():
+            block, size = GGML_QUANT_SIZES[types[name]]
+            nbytes = math.prod(spec.shape) // block * size
+            writer.add_tensor_info(name, spec.shape, np.dtype(np.float32), nbytes, raw_dtype=types[name])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, kind in tqdm(types.items(), desc=f"writing {dtype} GGUF", unit="tensor", file=sys.stderr,
+                               disable=None):  # fmt: skip
+            writer.write_tensor_data(_encode(tensors[name].numpy(), kind))
+    finally:
+        writer.close()
 
 
 def _gguf_type(name: str, shape: tuple[int, ...], dtype: str) -> Any:

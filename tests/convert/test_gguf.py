@@ -552,18 +552,23 @@ def test_q8_0_tensors_are_read_as_float32(tmp_path: Path) -> None:
 def test_byte_level_vocabulary_without_merges(tmp_path: Path) -> None:
     """Other writers' files of a single-byte 'gpt2' vocabulary have no merges (GGUF leaves out the empty list):
     orionlm reads them as the byte-level tokenizer they came from (its own export refuses them: llama.cpp cannot)."""
+    writer = gguf.GGUFWriter(str(tmp_path / "bytes.gguf"), "llama")
+    _add_tiny_llama_tensors(writer, vocab_size=_add_byte_level_vocabulary(writer))
+    _finish(writer)
+    _, tokenizer = load_gguf(tmp_path / "bytes.gguf", device="cpu")
+    assert tokenizer.encode(STORY) == Tokenizer.byte_level().encode(STORY)
+
+
+def _add_byte_level_vocabulary(writer) -> int:
+    """orionlm's byte-level vocabulary, without merges, and the tiny llama's metadata; the vocabulary size."""
     byte_level = Tokenizer.byte_level()
     tokens = sorted(byte_level.backend.get_vocab(), key=byte_level.backend.get_vocab().__getitem__)
-    writer = gguf.GGUFWriter(str(tmp_path / "bytes.gguf"), "llama")
     _add_tiny_llama_metadata(writer, vocab_size=len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
     writer.add_eos_token_id(byte_level.eos_id)
-    _add_tiny_llama_tensors(writer, vocab_size=len(tokens))
-    _finish(writer)
-    _, tokenizer = load_gguf(tmp_path / "bytes.gguf", device="cpu")
-    assert tokenizer.encode(STORY) == byte_level.encode(STORY)
+    return len(tokens)
 
 
 def test_byte_level_vocabulary(tmp_path: Path) -> None:
@@ -615,8 +620,9 @@ def _add_tiny_llama_metadata(writer, vocab_size: int, layers: int = 1) -> None:
     writer.add_layer_norm_rms_eps(1e-5)
 
 
-def _add_tiny_llama_tensors(writer, vocab_size: int, quantized_q: bool = False) -> None:
-    """A complete one-layer llama with random F32 weights (attn_q optionally as raw Q4_K blocks)."""
+def _add_tiny_llama_tensors(writer, vocab_size: int, q_type: str | None = None) -> dict[str, np.ndarray]:
+    """A complete one-layer llama with random F32 weights (attn_q optionally quantized as q_type by the gguf
+    package, or as IQ2_XXS blocks of zeros, which orionlm does not read); the float weights by name."""
     rng = np.random.default_rng(0)
     h, f = TINY["hidden"], TINY["ffn"]
     shapes = {
@@ -632,13 +638,17 @@ def _add_tiny_llama_tensors(writer, vocab_size: int, quantized_q: bool = False) 
         "blk.0.ffn_up.weight": (f, h),
         "blk.0.ffn_down.weight": (h, f),
     }
-    for name, shape in shapes.items():
-        if quantized_q and name == "blk.0.attn_q.weight":
-            # One Q4_K block (256 weights in 144 bytes) per row; the type check comes before any shape check.
-            raw = np.zeros((h, 144), dtype=np.uint8)
-            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
-            continue
-        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    for name, weight in weights.items():
+        if q_type == "IQ2_XXS" and name == "blk.0.attn_q.weight":
+            # One IQ2_XXS block (256 weights in 66 bytes) per row; the type check comes before any shape check.
+            writer.add_tensor(name, np.zeros((h, 66), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+        elif q_type and name == "blk.0.attn_q.weight":
+            kind = gguf.GGMLQuantizationType[q_type]
+            writer.add_tensor(name, gguf.quants.quantize(weight, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, weight)
+    return weights
 
 
 def _finish(writer) -> None:
@@ -654,14 +664,32 @@ def _assert_one_line_error(path: Path, pattern: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_quantized_file_is_refused(tmp_path: Path) -> None:
+def test_other_quantized_types_are_refused(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
     _add_tiny_llama_metadata(writer, vocab_size=64)
-    _add_tiny_llama_tensors(writer, vocab_size=64, quantized_q=True)
+    _add_tiny_llama_tensors(writer, vocab_size=64, q_type="IQ2_XXS")
     _finish(writer)
     _assert_one_line_error(
-        tmp_path / "q.gguf", r"tensors of type Q4_K are not supported; use an F32, F16, BF16 or Q8_0 file"
+        tmp_path / "q.gguf",
+        r"tensors of type IQ2_XXS are not supported \(tensor 'blk.0.attn_q.weight'\); orionlm reads F32, F16, BF16, "
+        r"Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL$",
     )
+
+
+@pytest.mark.parametrize("q_type, step", [("Q4_0", 1 / 7), ("Q4_1", 1 / 15), ("Q5_0", 1 / 15), ("Q5_1", 1 / 31)])
+def test_legacy_quantized_tensors_are_dequantized(tmp_path: Path, q_type: str, step: float) -> None:
+    """Without llama.cpp: a Q/K matrix quantized by the gguf package is read dequantized, un-permuted to HF's
+    rotate-half rows, within a quantization step (a share of its block's range) of the float weights."""
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    weights = _add_tiny_llama_tensors(writer, vocab_size=_add_byte_level_vocabulary(writer), q_type=q_type)
+    _finish(writer)
+    _, tensors, _ = orion_gguf.read_gguf_model(tmp_path / "q.gguf")
+    got = orion_gguf._permute(tensors["model.layers.0.self_attn.q_proj.weight"], TINY["heads"]).numpy()
+    want = weights["blk.0.attn_q.weight"]
+    block_range = np.ptp(want.reshape(-1, 32), axis=1).repeat(32).reshape(want.shape)
+    error = np.abs(got - want)
+    assert (error <= block_range * step + 1e-3).all() and error.max() > 0
+    assert tensors.specs["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
 
 
 def test_other_architecture_is_refused(tmp_path: Path) -> None:
