@@ -167,10 +167,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return cls({name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}, tensors.__getitem__)
 
     def cast(self, dtype: torch.dtype) -> LazyTensors:
-        """The same tensors converted to `dtype` as each is read, but for GPTQ's codes, scales and g_idx (and any
-        integer tensor), which keep their stored dtypes."""
+        """The same tensors converted to `dtype` as each is read, but for a GPTQ layer's (codes, float16 scales and
+        bias) and integer tensors, which keep their stored dtypes."""
         kept = {name for name, spec in self.specs.items()
-                if not spec.dtype.is_floating_point or name.rsplit(".", 1)[-1] in QUANT_BUFFERS}  # fmt: skip
+                if not spec.dtype.is_floating_point or f"{name.rsplit('.', 1)[0]}.qweight" in self.specs}  # fmt: skip
         specs = {name: spec if name in kept else TensorSpec(spec.shape, dtype) for name, spec in self.specs.items()}
         return LazyTensors(specs, lambda name: self._read(name) if name in kept else self._read(name).to(dtype))
 
