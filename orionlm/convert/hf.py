@@ -7,6 +7,12 @@ except for the experts. MoE experts are read in both layouts that exist on disk:
 and projection (what transformers 4 writes, and transformers 5 writes back on save) and the stacked
 `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` that transformers 5 holds in memory. They are
 written per expert, the layout every version of transformers reads.
+
+GPTQ checkpoints (settings: orionlm.convert.hf_gptq) keep their codes: a layer's qweight, qzeros, scales, g_idx
+and bias are renamed as its weight would be, into a QuantLinear. A GPTQ expert is one layer per expert and
+projection in the files, and in orionlm a QuantExperts whose gate_up layer per expert joins the gate and up
+layers along the outputs (the last dimension of qweight, qzeros and scales; g_idx, over the inputs, is theirs
+alike).
 """
 
 from __future__ import annotations
@@ -116,13 +122,9 @@ class _Part:
     half: int | None = None
     dim: int = 0
 
-    def spec(self, spec: TensorSpec, name: str) -> TensorSpec:
+    def spec(self, spec: TensorSpec) -> TensorSpec:
         shape = list(spec.shape[1:] if self.expert is not None else spec.shape)
-        if self.half is not None:
-            if shape[self.dim] % 2:
-                raise ConvertError(f"{name} {tuple(spec.shape)} cannot be written as separate gate and up tensors: "
-                                   "each half must fill whole 32-bit words (expert_intermediate_size * bits a "
-                                   "multiple of 32)")  # fmt: skip
+        if self.half is not None:  # a GPTQ gate_up's qzeros halve in whole words: down_proj packs I inputs too
             shape[self.dim] //= 2
         return TensorSpec(tuple(shape), spec.dtype)
 
@@ -154,7 +156,7 @@ def tensors_to_hf(
 ) -> LazyTensors:
     """orionlm tensors under their Hugging Face names, read on demand; experts per expert unless `stacked`, each
     a part of its stack (or of its GPTQ layer), and the last tensors cut into parts are kept, so a stack is read
-    once for all its experts. Raises ConvertError for a tensor the Hugging Face layout cannot hold."""
+    once for all its experts."""
     tensors = LazyTensors.of(tensors)
     read_whole = lru_cache(maxsize=2)(tensors.__getitem__)  # a layer's gate_up and down stacks
     specs: dict[str, TensorSpec] = {}
@@ -162,7 +164,7 @@ def tensors_to_hf(
     for name, spec in tensors.specs.items():
         cut = _parts(config, arch, name, stacked)
         for part in cut:
-            specs[part.hf_name] = part.spec(spec, name)
+            specs[part.hf_name] = part.spec(spec)
             parts[part.hf_name] = (name, part, len(cut) > 1)
 
     def read(hf_name: str) -> torch.Tensor:

@@ -80,9 +80,10 @@ def test_own_gptq_models_export_to_hugging_face_and_back_bit_for_bit(name, tmp_p
     assert json.loads((tmp_path / "back" / "quantize_config.json").read_text()) == settings
 
 
-def test_a_dtype_asked_for_leaves_the_codes_as_they_are(tmp_path):
-    _, source = _own_quantized("tiny-dense", tmp_path)
-    convert_to_hf(str(source), tmp_path / "hf", dtype="float16")
+def test_a_dtype_asked_for_leaves_the_codes_as_they_are_and_shards_load(tmp_path):
+    model, source = _own_quantized("tiny-dense", tmp_path)
+    convert_to_hf(str(source), tmp_path / "hf", dtype="float16", shard_gb=2e-5)
+    assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 2
     tensors = read_safetensors(tmp_path / "hf")
     assert tensors["model.embed_tokens.weight"].dtype == torch.float16
     layer = "model.layers.0.self_attn.q_proj."
@@ -91,6 +92,9 @@ def test_a_dtype_asked_for_leaves_the_codes_as_they_are(tmp_path):
     ]  # fmt: skip
     ours = read_safetensors(source)
     assert torch.equal(tensors[layer + "qweight"], ours[layer + "qweight"])
+    loaded, _, _ = load_model(tmp_path / "hf", device="cpu", dtype=torch.float32)
+    with torch.no_grad():  # only the float16 embedding, norms and head moved
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=2e-2, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +159,7 @@ def codes(name: str, N: int, K: int, settings: tuple) -> tuple[dict[str, torch.T
     return tensors, scale[:, g_idx] * (q - zero[:, g_idx])
 
 
-def write_gptq_directory(arch: str, path, settings: tuple | None = None):
+def write_gptq_directory(arch: str, path, settings: tuple | None = None, kept: tuple[str, ...] = KEPT):
     """(a Hugging Face GPTQ directory written by hand, the same model in float holding the weights its codes decode
     to): every linear that packs at the settings' bits (routers, embeddings and head excepted) as codes."""
     settings = settings or SETTINGS[arch]
@@ -173,7 +177,7 @@ def write_gptq_directory(arch: str, path, settings: tuple | None = None):
     for name, tensor in tensors.items():
         layer = name.removesuffix(".weight")
         N, K = tensor.shape if tensor.dim() == 2 else (0, 0)
-        if tensor.dim() != 2 or any(k in name for k in KEPT) or N * bits % 32 or K * bits % 32:
+        if tensor.dim() != 2 or any(k in name for k in kept) or N * bits % 32 or K * bits % 32:
             gptq.setdefault(name, tensor)
             continue
         packed, weight = codes(layer, N, K, settings)
@@ -241,6 +245,17 @@ def test_mixtral_in_gptqmodel_names_and_in_the_hubs(tmp_path):
     with torch.no_grad():
         want = load_hf(hub, device="cpu")[0](IDS).logits
         torch.testing.assert_close(load_hf(gptqmodel, device="cpu")[0](IDS).logits, want, atol=0, rtol=0)
+
+
+def test_a_quantized_head_loads_and_exports_as_gptqmodel_marks_it(tmp_path):
+    gptq, reference = write_gptq_directory("qwen2", tmp_path, kept=tuple(k for k in KEPT if k != "lm_head"))
+    model, _ = load_hf(gptq, device="cpu")
+    assert isinstance(model.lm_head, QuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, load_hf(reference, device="cpu")[0](IDS).logits)
+    convert_to_hf(str(gptq), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["lm_head"] is True
+    assert "lm_head.qweight" in read_safetensors(tmp_path / "out")
 
 
 def test_autogptq_quantize_config_json_beside_config_json(tmp_path):
