@@ -26,6 +26,7 @@ from .tokenizer import Tokenizer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a LoRA adapter (PEFT's names)
+QUANTIZE_CONFIG = "quantize_config.json"  # a GPTQ model's settings, beside config.json (AutoGPTQ's name)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 256}
 
@@ -166,9 +167,12 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return cls({name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}, tensors.__getitem__)
 
     def cast(self, dtype: torch.dtype) -> LazyTensors:
-        """The same tensors converted to `dtype` as each is read."""
-        specs = {name: TensorSpec(spec.shape, dtype) for name, spec in self.specs.items()}
-        return LazyTensors(specs, lambda name: self._read(name).to(dtype))
+        """The same tensors converted to `dtype` as each is read, but for a GPTQ layer's (codes, float16 scales and
+        bias) and integer tensors, which keep their stored dtypes."""
+        kept = {name for name, spec in self.specs.items()
+                if not spec.dtype.is_floating_point or f"{name.rsplit('.', 1)[0]}.qweight" in self.specs}  # fmt: skip
+        specs = {name: spec if name in kept else TensorSpec(spec.shape, dtype) for name, spec in self.specs.items()}
+        return LazyTensors(specs, lambda name: self._read(name) if name in kept else self._read(name).to(dtype))
 
     @classmethod
     def from_directory(cls, directory: Path) -> LazyTensors:
@@ -587,6 +591,8 @@ def write_model_directory(
             tokenizer.save(tmp)
         generation = generation_with_stops(config, tokenizer, generation_config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if config.quantization_config is not None:  # beside config.json, as AutoGPTQ and GPTQModel write it
+            (tmp / QUANTIZE_CONFIG).write_text(json.dumps(config.quantization_config, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)
     return directory

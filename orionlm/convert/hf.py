@@ -12,7 +12,9 @@ written per expert, the layout every version of transformers reads.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ import torch
 
 from ..checkpoint import (
     DEFAULT_SHARD_BYTES,
+    QUANT_BUFFERS,
+    QUANTIZE_CONFIG,
     CheckpointError,
     LazyTensors,
     TensorSpec,
@@ -34,10 +38,13 @@ from ..checkpoint import (
     write_safetensors,
 )
 from ..config import ConfigError, ModelConfig
+from ..errors import read_json_object
 from ..model import OrionLM
+from ..quant.linear import QuantExperts, QuantLinear, quantized_shells
 from ..tokenizer import Tokenizer
 from .hf_architectures import ARCHITECTURES, HFArchitecture, hf_architecture
 from .hf_config import HF_SAMPLING_KEYS, TOKEN_ID_KEYS, ConvertError, HFKeys
+from .hf_gptq import gptq_settings
 
 # ---------------------------------------------------------------------------------------------
 # config.json
@@ -51,13 +58,10 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
             f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
         )
     quantization = data.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        raise ConvertError(
-            f"{source}: quantization_config ({method}) is not supported; convert the unquantized checkpoint"
-        )
     arch = ARCHITECTURES[model_type]
     fields = arch.read(HFKeys(data, model_type, arch.defaults, source)) | dict(hf_model_type=model_type)
+    if quantization is not None:
+        fields["quantization_config"] = gptq_settings(quantization, f"{source}: quantization_config")
     token_ids = {key: data[key] for key in TOKEN_ID_KEYS if data.get(key) is not None}
     try:
         return ModelConfig(**fields, extra={"hf_token_ids": token_ids} if token_ids else {})
@@ -71,16 +75,20 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
         raise ConvertError(f"architecture {architecture!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     if config.thinks:
         raise ConvertError("a Quiet-STaR model's meta embeddings and mixing head have no Hugging Face layout")
-    if config.quantization_config is not None:
-        raise ConvertError("GPTQ codes have no Hugging Face export here; export the full-precision model")
     arch = ARCHITECTURES[architecture]
-    return {"architectures": [arch.class_name], "model_type": architecture} | arch.write(config)
+    data = {"architectures": [arch.class_name], "model_type": architecture} | arch.write(config)
+    if config.quantization_config is not None:
+        data["quantization_config"] = config.quantization_config
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
 # Tensor names
 
 _STACKED_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+# an expert stack ('model.layers.3.mlp.experts.down_proj') or one GPTQ expert's tensor (QuantExperts:
+# 'model.layers.3.mlp.experts.down_proj.5.qweight')
+_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(?:\.(\d+)\.(\w+))?")
 
 
 def _split_layer(name: str) -> tuple[str, str | None]:
@@ -92,7 +100,7 @@ def _split_layer(name: str) -> tuple[str, str | None]:
 
 
 def _hf_name(arch: HFArchitecture, name: str, stacked: bool) -> str:
-    """The Hugging Face name of one orionlm tensor (not a per-expert one)."""
+    """The Hugging Face name of one orionlm tensor (not an expert's)."""
     if stacked:  # transformers 5's in-memory names are orionlm's
         return name
     module, param = name.rsplit(".", 1)
@@ -101,75 +109,90 @@ def _hf_name(arch: HFArchitecture, name: str, stacked: bool) -> str:
     return name if renamed is None else f"{renamed.format(i=layer)}.{param}"
 
 
-def _stacked_expert(name: str) -> tuple[str, str] | None:
-    """(layer, 'gate_up_proj' or 'down_proj') for a stacked expert tensor's orionlm name."""
-    template, layer = _split_layer(name)
-    if layer is not None and template.endswith(_STACKED_SUFFIXES):
-        return layer, template.rsplit(".", 1)[1]
-    return None
+@dataclass(frozen=True)
+class _Part:
+    """One Hugging Face tensor cut from an orionlm tensor: expert `expert` of a stack (None: the whole tensor), then
+    half `half` of dimension `dim` (None: all of it)."""
+
+    hf_name: str
+    expert: int | None = None
+    half: int | None = None
+    dim: int = 0
+
+    def spec(self, spec: TensorSpec, name: str) -> TensorSpec:
+        shape = list(spec.shape[1:] if self.expert is not None else spec.shape)
+        if self.half is not None:
+            if shape[self.dim] % 2:
+                raise ConvertError(f"{name} {tuple(spec.shape)} cannot be written as separate gate and up tensors: "
+                                   "each half must fill whole 32-bit words (expert_intermediate_size * bits a "
+                                   "multiple of 32)")  # fmt: skip
+            shape[self.dim] //= 2
+        return TensorSpec(tuple(shape), spec.dtype)
+
+    def cut(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor if self.expert is None else tensor[self.expert]
+        return tensor if self.half is None else tensor.chunk(2, dim=self.dim)[self.half]
+
+
+def _parts(config: ModelConfig, arch: HFArchitecture, name: str, stacked: bool) -> list[_Part]:
+    """The Hugging Face tensors an orionlm tensor is written as (experts per expert unless `stacked`; a
+    stacked gate_up_proj as separate gate and up tensors)."""
+    match = _EXPERTS.fullmatch(name) if arch.expert_names is not None else None
+    if match is None or stacked and match[3] is None:
+        return [_Part(_hf_name(arch, name, stacked))]
+    layer, stack, expert, tensor = match.groups()
+    gate, up, down = (template.format(i=layer, j="{j}").removesuffix("weight") + (tensor or "weight")
+                      for template in arch.expert_names)  # fmt: skip
+    halves = [gate, up] if stack == "gate_up_proj" else [down]
+    if expert is None:  # a stack (E, out, in) of float weights: gate_up_proj is [gate; up] per expert
+        return [_Part(hf.format(j=j), j, half if len(halves) == 2 else None)
+                for j in range(config.num_experts) for half, hf in enumerate(halves)]  # fmt: skip
+    # one GPTQ expert's tensor: its last dimension is the outputs'; g_idx, over the inputs, is gate's and up's
+    split = len(halves) == 2 and tensor != "g_idx"
+    return [_Part(hf.format(j=expert), None, half if split else None, -1) for half, hf in enumerate(halves)]
 
 
 def tensors_to_hf(
     config: ModelConfig, arch: HFArchitecture, tensors: Mapping[str, torch.Tensor], stacked: bool = False
 ) -> LazyTensors:
     """orionlm tensors under their Hugging Face names, read on demand; experts per expert unless `stacked`, each
-    a slice of its stack (the last stacks read are kept, so a stack is read once for all its experts)."""
+    a part of its stack (or of its GPTQ layer), and the last tensors cut into parts are kept, so a stack is read
+    once for all its experts. Raises ConvertError for a tensor the Hugging Face layout cannot hold."""
     tensors = LazyTensors.of(tensors)
-    read_stack = lru_cache(maxsize=2)(tensors.__getitem__)  # a layer's gate_up and down stacks
+    read_whole = lru_cache(maxsize=2)(tensors.__getitem__)  # a layer's gate_up and down stacks
     specs: dict[str, TensorSpec] = {}
-    parts: dict[str, tuple[str, int | None, int | None]] = {}  # HF name -> (orionlm name, expert, half of gate_up)
+    parts: dict[str, tuple[str, _Part, bool]] = {}  # HF name -> (orionlm name, part, whether one of several)
     for name, spec in tensors.specs.items():
-        expert = None if stacked else _stacked_expert(name)
-        if expert is None:
-            specs[_hf_name(arch, name, stacked)] = spec
-            parts[_hf_name(arch, name, stacked)] = (name, None, None)
-            continue
-        layer, kind = expert
-        gate_name, up_name, down_name = arch.expert_names
-        for j in range(config.num_experts):
-            if kind == "gate_up_proj":  # (E, 2I, C) = [gate; up] per expert
-                for half, hf_name in enumerate((gate_name, up_name)):
-                    specs[hf_name.format(i=layer, j=j)] = TensorSpec((spec.shape[1] // 2, spec.shape[2]), spec.dtype)
-                    parts[hf_name.format(i=layer, j=j)] = (name, j, half)
-            else:  # (E, C, I)
-                specs[down_name.format(i=layer, j=j)] = TensorSpec(spec.shape[1:], spec.dtype)
-                parts[down_name.format(i=layer, j=j)] = (name, j, None)
+        cut = _parts(config, arch, name, stacked)
+        for part in cut:
+            specs[part.hf_name] = part.spec(spec, name)
+            parts[part.hf_name] = (name, part, len(cut) > 1)
 
     def read(hf_name: str) -> torch.Tensor:
-        name, expert, half = parts[hf_name]
-        if expert is None:
-            return tensors[name]
-        stack = read_stack(name)
-        return (stack if half is None else stack.chunk(2, dim=1)[half])[expert]
+        name, part, shared = parts[hf_name]
+        return part.cut(read_whole(name) if shared else tensors[name])
 
     return LazyTensors(specs, read)
 
 
-def _tensor_from_hf(
-    config: ModelConfig, arch: HFArchitecture, name: str, read: Callable[[str], torch.Tensor], stacked: bool
-) -> torch.Tensor:
-    """The inverse of tensors_to_hf for one orionlm tensor, reading its Hugging Face tensors with `read`."""
-    expert = None if stacked else _stacked_expert(name)
-    if expert is None:
-        return read(_hf_name(arch, name, stacked))
-    layer, kind = expert
-    gate_name, up_name, down_name = arch.expert_names
-    experts = range(config.num_experts)
-    if kind == "gate_up_proj":
-        gate = torch.stack([read(gate_name.format(i=layer, j=j)) for j in experts])  # (E, I, C)
-        up = torch.stack([read(up_name.format(i=layer, j=j)) for j in experts])
-        return torch.cat([gate, up], dim=1)
-    return torch.stack([read(down_name.format(i=layer, j=j)) for j in experts])
-
-
-def _first_hf_name(arch: HFArchitecture, name: str, stacked: bool) -> str:
-    """The Hugging Face name of an orionlm tensor, or of its first expert's first part; its dtype is the result's."""
-    expert = None if stacked else _stacked_expert(name)
-    if expert is None:
-        return _hf_name(arch, name, stacked)
-    layer, kind = expert
-    gate_name, _, down_name = arch.expert_names
-    return (gate_name if kind == "gate_up_proj" else down_name).format(i=layer, j=0)
+def _assemble(parts: list[_Part], read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The inverse of _Part.cut over all the parts of one orionlm tensor, reading each with `read`."""
+    experts: dict[int | None, list[_Part]] = {}
+    for part in parts:
+        experts.setdefault(part.expert, []).append(part)
+    pieces = []
+    for group in experts.values():
+        if group[0].half is not None:
+            pieces.append(torch.cat([read(part.hf_name) for part in group], dim=group[0].dim))
+            continue
+        first = read(group[0].hf_name)
+        for part in group[1:]:  # the copies of one tensor: a GPTQ expert's g_idx, in its gate and up layers
+            if not torch.equal(read(part.hf_name), first):
+                raise CheckpointError(f"{part.hf_name} differs from {group[0].hf_name}: orionlm holds an expert's "
+                                      "gate and up projections as one GPTQ layer, with one g_idx (act-order) for "
+                                      "both")  # fmt: skip
+        pieces.append(first)
+    return pieces[0] if parts[0].expert is None else torch.stack(pieces)
 
 
 def _normalize_hf_names(config: ModelConfig, arch: HFArchitecture, names: list[str]) -> dict[str, str]:
@@ -187,17 +210,41 @@ def _normalize_hf_names(config: ModelConfig, arch: HFArchitecture, names: list[s
     return out
 
 
+class _StoredAs:
+    """The orionlm names whose (first) Hugging Face tensor the files hold: what quantized_shells asks."""
+
+    def __init__(self, config: ModelConfig, arch: HFArchitecture, stored: Container[str], stacked: bool) -> None:
+        self.config, self.arch, self.stored, self.stacked = config, arch, stored, stacked
+
+    def __contains__(self, name: object) -> bool:
+        return _parts(self.config, self.arch, str(name), self.stacked)[0].hf_name in self.stored
+
+
+def _expected_state(
+    config: ModelConfig, arch: HFArchitecture, stored: Container[str], stacked: bool, source: str
+) -> dict[str, torch.Tensor]:
+    """The state dict (on meta) of the model the files hold: GPTQ layers where they hold codes."""
+    with torch.device("meta"):
+        model = OrionLM(config)
+    if config.quantization_config is not None:
+        quantized_shells(model, config.quantization_config, _StoredAs(config, arch, stored, stacked))
+        if not any(isinstance(module, (QuantLinear, QuantExperts)) for module in model.modules()):
+            raise CheckpointError(f"{source}: config.json has a GPTQ quantization_config, but no layer is stored "
+                                  "as GPTQ codes (qweight)")  # fmt: skip
+    state = model.state_dict()
+    if config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
 def hf_tensors(config: ModelConfig, hf: LazyTensors, source: str) -> LazyTensors:
-    """Hugging Face tensors -> orionlm tensors, read per tensor as the result is read, in the stored dtype.
-    Names and shapes are checked against the config first, so that errors name the tensors as they are in
-    the files."""
+    """Hugging Face tensors -> orionlm tensors, read per tensor as the result is read, in the stored dtype (GPTQ
+    codes as stored). Names and shapes are checked against the config first, so that errors name the tensors as
+    they are in the files."""
     arch = ARCHITECTURES[config.hf_model_type]
     stored = _normalize_hf_names(config, arch, list(hf))
     stacked = arch.expert_names is not None and any(name.endswith(_STACKED_SUFFIXES) for name in stored)
-    with torch.device("meta"):
-        state = OrionLM(config).state_dict()
-    if config.tie_embeddings:
-        state.pop("lm_head.weight")
+    state = _expected_state(config, arch, stored, stacked, source)
     expected = tensors_to_hf(config, arch, state, stacked).specs
     missing = [name for name in expected if name not in stored]
     if missing:
@@ -209,18 +256,22 @@ def hf_tensors(config: ModelConfig, hf: LazyTensors, source: str) -> LazyTensors
         raise CheckpointError(
             f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all); config.json has no place for it"
         )
+    quant = config.quantization_config
     for name, want in expected.items():
         shape = hf.specs[stored[name]].shape
         if shape != want.shape:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {shape}, config.json implies {want.shape}")
+            settings = ""
+            if quant is not None and name.rsplit(".", 1)[-1] in QUANT_BUFFERS:
+                settings = f" with GPTQ bits {quant['bits']} and group_size {quant['group_size']}"
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {shape}, config.json implies {want.shape}"
+                                  f"{settings}")  # fmt: skip
+    parts = {name: _parts(config, arch, name, stacked) for name in state}
 
     def read(name: str) -> torch.Tensor:
-        return _tensor_from_hf(config, arch, name, lambda hf_name: hf[stored[hf_name]], stacked)
+        return _assemble(parts[name], lambda hf_name: hf[stored[hf_name]])
 
-    specs = {
-        name: TensorSpec(tuple(t.shape), hf.specs[stored[_first_hf_name(arch, name, stacked)]].dtype)
-        for name, t in state.items()
-    }
+    specs = {name: TensorSpec(tuple(t.shape), hf.specs[stored[parts[name][0].hf_name]].dtype)
+             for name, t in state.items()}  # fmt: skip
     return LazyTensors(specs, read)
 
 
@@ -233,6 +284,9 @@ def read_hf_config(directory: Path) -> ModelConfig:
     data = read_config_json(directory)
     config = config_from_hf(data, str(directory / "config.json"))
     config.name = directory.name
+    if config.quantization_config is None and (directory / QUANTIZE_CONFIG).is_file():  # older AutoGPTQ
+        path = directory / QUANTIZE_CONFIG
+        config.quantization_config = gptq_settings(read_json_object(path, CheckpointError), str(path))
     generation = read_generation_config(directory)
     token_ids = config.extra.get("hf_token_ids", {}) | {
         key: generation[key] for key in TOKEN_ID_KEYS if generation.get(key) is not None
@@ -290,7 +344,8 @@ def write_hf(
     generation: dict[str, Any] | None = None,
 ) -> Path:
     """Write a Hugging Face model directory that transformers' AutoModelForCausalLM loads: config.json,
-    safetensors (experts per expert), tokenizer files and generation_config.json, atomically. `tensors` are the
+    safetensors (experts per expert), tokenizer files and generation_config.json, atomically; a GPTQ model's
+    codes as they are, with its settings as quantization_config and in quantize_config.json. `tensors` are the
     model's (as checkpoint.model_tensors gives them), read, renamed and written one at a time.
 
     generation_config.json carries the sampling defaults of `generation` (the source's generation_config.json;
@@ -306,10 +361,13 @@ def write_hf(
     tensors = LazyTensors.of(tensors)
     head = tensors.specs.get("lm_head.weight") or tensors.specs["model.embed_tokens.weight"]
     hf_config |= token_ids | {"torch_dtype": str(head.dtype).removeprefix("torch.")}
+    renamed = tensors_to_hf(config, ARCHITECTURES[model_type], tensors)
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        write_safetensors(tensors_to_hf(config, ARCHITECTURES[model_type], tensors), tmp, max_shard_bytes)
+        if config.quantization_config is not None:  # where AutoGPTQ, and GPTQModel, read the settings
+            (tmp / QUANTIZE_CONFIG).write_text(json.dumps(hf_config["quantization_config"], indent=2) + "\n")
+        write_safetensors(renamed, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
         generation = generation_with_stops(config, tokenizer, generation)

@@ -24,7 +24,6 @@ the CPU; a model already in memory takes the same path with nothing left to read
 from __future__ import annotations
 
 import ctypes
-import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -417,7 +416,5 @@ def _record(model: OrionLM, config: QuantConfig, checkpoint_format: str) -> None
 
 def save_quantized(model: OrionLM, directory: Path, tokenizer: Tokenizer | None) -> None:
     """A quantized model's directory: the model (GPTQ tensors, quantization_config in config.json) and
-    quantize_config.json beside it, as AutoGPTQ and GPTQModel write it."""
-    settings = json.dumps(model.config.quantization_config, indent=2) + "\n"
-    save_checkpoint(model, directory, tokenizer, getattr(model, "generation_defaults", None) or None,
-                    write_extra=lambda tmp: (tmp / "quantize_config.json").write_text(settings))  # fmt: skip
+    quantize_config.json beside it, as AutoGPTQ and GPTQModel write it (checkpoint.write_model_directory)."""
+    save_checkpoint(model, directory, tokenizer, getattr(model, "generation_defaults", None) or None)

@@ -226,9 +226,11 @@ def gptq_config(
 
 def checkpoint_format_of(config: dict[str, Any]) -> str:
     """The zero-point convention of a quantize_config.json / quantization_config: "checkpoint_format" (AutoGPTQ,
-    GPTQModel) or "format" (transformers 5), "gptq" when neither is there (AutoGPTQ wrote none before v2 existed)."""
+    GPTQModel) or "format" (transformers 5), "gptq" when neither is there (AutoGPTQ wrote none before v2 existed)
+    but for AutoGPTQ's "is_marlin_format" (a layout this reader refuses)."""
     if config.get("quant_method", "gptq") != "gptq":
         raise OrionError(f"not a GPTQ quantization config: quant_method is {config['quant_method']!r}")
-    checkpoint_format = config.get("checkpoint_format", config.get("format", "gptq"))
+    unnamed = "marlin" if config.get("is_marlin_format") else "gptq"
+    checkpoint_format = config.get("checkpoint_format", config.get("format", unnamed))
     check_format(checkpoint_format)
     return checkpoint_format

@@ -237,7 +237,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
         (_config("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["rope_scaling", "llama3"]),
         (_config("llama", rope_parameters={"rope_type": "yarn", "factor": 4.0}), ["rope_parameters", "yarn"]),
         (_config("llama", partial_rotary_factor=0.5), ["partial_rotary_factor"]),
-        (_config("llama", quantization_config={"quant_method": "gptq"}), ["quantization_config", "gptq"]),
+        (_config("llama", quantization_config={"quant_method": "awq"}), ["quant_method 'awq'", "reads GPTQ"]),
         (_config("llama", hidden_act="gelu"), ["hidden_act", "'gelu'"]),
         (_config("bloom", apply_residual_connection_post_layernorm=True), ["apply_residual_connection_post_layernorm"]),
         (
