@@ -25,7 +25,8 @@ def convert_from_hf(
 
     Architectures: llama, mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe, bloom. The source's tokenizer and
     generation_config.json come along, with every stop id in its eos_token_id (the chat template's end-of-turn
-    token too).
+    token too). A GPTQ checkpoint (quantization_config with quant_method gptq, or quantize_config.json; format
+    gptq or gptq_v2, 2/3/4/8 bits) keeps its packed codes and becomes an orionlm GPTQ model.
 
     Args:
         src: a Hugging Face model directory or Hub id (or any other model: an orionlm or Auron directory, a .gguf
@@ -78,13 +79,14 @@ def convert_to_hf(
     """Export a model as a Hugging Face directory that transformers loads (experts one tensor per expert).
     generation_config.json carries the source's sampling defaults (orionlm's when it has none) and every stop id:
     the model's EOS ids and the chat template's end-of-turn token (<|im_end|>), where transformers' generate then
-    stops as orionlm does.
+    stops as orionlm does. A GPTQ model keeps its codes, with quantization_config in config.json and
+    quantize_config.json, as GPTQModel and transformers read them.
 
     Args:
         src: the model: an orionlm, Hugging Face or Auron directory, a .gguf file, a training run (its newest
             checkpoint) or a Hub id
         dst: the Hugging Face directory to write
-        dtype: the weights' dtype; auto keeps the source's (float32 for a .gguf file)
+        dtype: the weights' dtype; auto keeps the source's (float32 for a .gguf file); GPTQ codes keep theirs
         shard_gb: the largest safetensors file, in GiB; a larger model is written as shards with an index
         force: replace dst if it exists
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,9 +42,9 @@ from ..errors import read_json_object
 from ..model import OrionLM
 from ..quant.linear import QuantExperts, QuantLinear, quantized_shells
 from ..tokenizer import Tokenizer
-from .hf_architectures import ARCHITECTURES, HFArchitecture, hf_architecture
+from .hf_architectures import ARCHITECTURES, GPTQMODEL_NAMES, HFArchitecture, hf_architecture
 from .hf_config import HF_SAMPLING_KEYS, TOKEN_ID_KEYS, ConvertError, HFKeys
-from .hf_gptq import gptq_settings
+from .hf_gptq import gptq_settings, hf_quantization_config
 
 # ---------------------------------------------------------------------------------------------
 # config.json
@@ -76,10 +76,7 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
     if config.thinks:
         raise ConvertError("a Quiet-STaR model's meta embeddings and mixing head have no Hugging Face layout")
     arch = ARCHITECTURES[architecture]
-    data = {"architectures": [arch.class_name], "model_type": architecture} | arch.write(config)
-    if config.quantization_config is not None:
-        data["quantization_config"] = config.quantization_config
-    return data
+    return {"architectures": [arch.class_name], "model_type": architecture} | arch.write(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,11 +234,23 @@ def _expected_state(
     return state
 
 
+def _spelled_as(model_type: str, names: Iterable[str]) -> HFArchitecture:
+    """The architecture's record, in GPTQModel's names where it has its own (GPTQMODEL_NAMES) and the files use
+    them."""
+    arch, gptqmodel = ARCHITECTURES[model_type], GPTQMODEL_NAMES.get(model_type)
+    if gptqmodel is None:
+        return arch
+    down = (
+        re.escape(gptqmodel.expert_names[2].removesuffix("weight")).replace(r"\{i\}", r"\d+").replace(r"\{j\}", r"\d+")
+    )
+    return gptqmodel if any(re.fullmatch(down + r"\w+", name) for name in names) else arch
+
+
 def hf_tensors(config: ModelConfig, hf: LazyTensors, source: str) -> LazyTensors:
     """Hugging Face tensors -> orionlm tensors, read per tensor as the result is read, in the stored dtype (GPTQ
     codes as stored). Names and shapes are checked against the config first, so that errors name the tensors as
     they are in the files."""
-    arch = ARCHITECTURES[config.hf_model_type]
+    arch = _spelled_as(config.hf_model_type, hf)
     stored = _normalize_hf_names(config, arch, list(hf))
     stacked = arch.expert_names is not None and any(name.endswith(_STACKED_SUFFIXES) for name in stored)
     state = _expected_state(config, arch, stored, stacked, source)
@@ -345,7 +354,8 @@ def write_hf(
 ) -> Path:
     """Write a Hugging Face model directory that transformers' AutoModelForCausalLM loads: config.json,
     safetensors (experts per expert), tokenizer files and generation_config.json, atomically; a GPTQ model's
-    codes as they are, with its settings as quantization_config and in quantize_config.json. `tensors` are the
+    codes as they are, with its settings as quantization_config and in quantize_config.json, and its tensors
+    named as GPTQModel names them (GPTQMODEL_NAMES). `tensors` are the
     model's (as checkpoint.model_tensors gives them), read, renamed and written one at a time.
 
     generation_config.json carries the sampling defaults of `generation` (the source's generation_config.json;
@@ -361,11 +371,17 @@ def write_hf(
     tensors = LazyTensors.of(tensors)
     head = tensors.specs.get("lm_head.weight") or tensors.specs["model.embed_tokens.weight"]
     hf_config |= token_ids | {"torch_dtype": str(head.dtype).removeprefix("torch.")}
-    renamed = tensors_to_hf(config, ARCHITECTURES[model_type], tensors)
+    arch = ARCHITECTURES[model_type]
+    quantized = config.quantization_config is not None
+    if quantized:
+        lm_head = "lm_head.qweight" in tensors
+        hf_config["quantization_config"] = hf_quantization_config(config.quantization_config, lm_head)
+        arch = GPTQMODEL_NAMES.get(model_type, arch)
+    renamed = tensors_to_hf(config, arch, tensors)
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if config.quantization_config is not None:  # where AutoGPTQ, and GPTQModel, read the settings
+        if quantized:  # where AutoGPTQ, and GPTQModel, read the settings too
             (tmp / QUANTIZE_CONFIG).write_text(json.dumps(hf_config["quantization_config"], indent=2) + "\n")
         write_safetensors(renamed, tmp, max_shard_bytes)
         if tokenizer is not None:

@@ -9,7 +9,7 @@ expert). orionlm.convert.hf applies them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import BLOOM_LAYOUT, ModelConfig
@@ -183,7 +183,7 @@ QWEN3 = HFArchitecture(
 )
 
 
-_QWEN_EXPERTS = (
+_MLP_EXPERTS = (
     "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
     "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
     "model.layers.{i}.mlp.experts.{j}.down_proj.weight",
@@ -231,7 +231,7 @@ QWEN2_MOE = HFArchitecture(
     },
     read=_from_qwen2_moe,
     write=_to_qwen2_moe,
-    expert_names=_QWEN_EXPERTS,
+    expert_names=_MLP_EXPERTS,
 )
 
 
@@ -275,7 +275,7 @@ QWEN3_MOE = HFArchitecture(
     },
     read=_from_qwen3_moe,
     write=_to_qwen3_moe,
-    expert_names=_QWEN_EXPERTS,
+    expert_names=_MLP_EXPERTS,
 )
 
 
@@ -347,6 +347,10 @@ BLOOM = HFArchitecture(
 ARCHITECTURES: dict[str, HFArchitecture] = {
     arch.model_type: arch for arch in (LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN2_MOE, QWEN3_MOE, BLOOM)
 }
+# GPTQModel (7.x) names Mixtral's tensors as transformers 5 holds them unfused, mlp.gate and
+# mlp.experts.{j}.gate_proj/up_proj/down_proj for w1/w3/w2; AutoGPTQ-era GPTQ files use the Hub's names. Both are
+# read; a GPTQ export is written in GPTQModel's, the loader of GPTQ MoE checkpoints (transformers 5 has none).
+GPTQMODEL_NAMES: dict[str, HFArchitecture] = {"mixtral": replace(MIXTRAL, module_names={}, expert_names=_MLP_EXPERTS)}
 
 
 def hf_architecture(config: ModelConfig) -> str:

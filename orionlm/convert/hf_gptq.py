@@ -46,16 +46,27 @@ def gptq_settings(raw: Any, source: str) -> dict[str, Any]:
     if str(raw.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
         raise ConvertError(f"{source}: GPTQ pack_dtype {raw['pack_dtype']!r} is not supported; {READS}, packed in "
                            "int32 words")  # fmt: skip
+    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}  # GPTQModel 7 keeps these three there
+
+    def setting(key: str, default: Any) -> Any:
+        return raw.get(key, meta.get(key, default))
+
     try:
         return gptq_config(
             raw["bits"],
             raw["group_size"],
             desc_act=bool(raw.get("desc_act", False)),
             sym=bool(raw.get("sym", True)),
-            damp_percent=raw.get("damp_percent") or 0.01,
-            static_groups=bool(raw.get("static_groups", False)),
-            true_sequential=bool(raw.get("true_sequential", True)),
+            damp_percent=setting("damp_percent", 0.01),
+            static_groups=bool(setting("static_groups", False)),
+            true_sequential=bool(setting("true_sequential", True)),
             checkpoint_format=checkpoint_format_of(raw),
         )
     except OrionError as e:
         raise ConvertError(f"{source}: {e}; {READS}") from None
+
+
+def hf_quantization_config(settings: dict[str, Any], lm_head: bool) -> dict[str, Any]:
+    """config.json's quantization_config (and quantize_config.json) of a GPTQ export: orionlm's settings plus the
+    keys GPTQModel writes beside them: whether the head is quantized, and the packing word."""
+    return settings | {"lm_head": lm_head, "pack_dtype": "int32"}

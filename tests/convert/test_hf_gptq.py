@@ -37,7 +37,7 @@ IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 
 OWN = {  # preset -> (method, QuantConfig, a per-expert Hugging Face tensor name or None)
     "tiny-dense": ("gptq", QuantConfig(bits=4, group_size=32, desc_act=True), None),
-    "tiny-moe": ("rtn", QuantConfig(bits=3, group_size=32, sym=False), "block_sparse_moe.experts.3.w3.qweight"),
+    "tiny-moe": ("rtn", QuantConfig(bits=3, group_size=32, sym=False), "mlp.experts.3.up_proj.qweight"),
     "tiny-qwen-moe": ("gptq", QuantConfig(bits=4, group_size=-1, desc_act=True), "mlp.experts.3.up_proj.g_idx"),
     "tiny-alibi": ("rtn", QuantConfig(bits=8, group_size=32), None),
 }
@@ -58,10 +58,11 @@ def test_own_gptq_models_export_to_hugging_face_and_back_bit_for_bit(name, tmp_p
     model, source = _own_quantized(name, tmp_path)
     convert_to_hf(str(source), tmp_path / "hf")
     settings = model.config.quantization_config
-    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_config["quantization_config"] == settings
-    assert json.loads((tmp_path / "hf" / "quantize_config.json").read_text()) == settings
+    written = settings | {"lm_head": False, "pack_dtype": "int32"}  # GPTQModel's keys too
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"] == written
+    assert json.loads((tmp_path / "hf" / "quantize_config.json").read_text()) == written
     tensors = read_safetensors(tmp_path / "hf")
+    assert not any("block_sparse_moe" in n for n in tensors)  # Mixtral's GPTQ tensors as GPTQModel names them
     prefix = "transformer.h.1." if name == "tiny-alibi" else "model.layers.1."
     expert = OWN[name][2]
     assert expert is None or tensors[prefix + expert].dtype == torch.int32
@@ -221,6 +222,27 @@ def test_hand_packed_checkpoints_decode_to_their_codes_and_match_transformers(ar
         torch.testing.assert_close(ours, float_model(IDS).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_mixtral_in_gptqmodel_names_and_in_the_hubs(tmp_path):
+    """GPTQModel writes Mixtral as mlp.gate and mlp.experts.E.gate_proj/up_proj/down_proj; AutoGPTQ-era files (and
+    the hand-packed directory above) as block_sparse_moe.gate and block_sparse_moe.experts.E.w1/w3/w2."""
+    hub, _ = write_gptq_directory("mixtral", tmp_path)
+    tensors = load_file(str(hub / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.0.w2.qweight" in tensors
+    names = {".block_sparse_moe.gate.": ".mlp.gate.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj.",
+             ".block_sparse_moe.experts.": ".mlp.experts."}  # fmt: skip
+    renamed = {}
+    for name, tensor in tensors.items():
+        for old, new in names.items():
+            name = name.replace(old, new)
+        renamed[name] = tensor
+    assert "model.layers.0.mlp.experts.0.down_proj.qweight" in renamed and "model.layers.0.mlp.gate.weight" in renamed
+    gptqmodel = shutil.copytree(hub, tmp_path / "gptqmodel")
+    save_file(renamed, str(gptqmodel / "model.safetensors"))
+    with torch.no_grad():
+        want = load_hf(hub, device="cpu")[0](IDS).logits
+        torch.testing.assert_close(load_hf(gptqmodel, device="cpu")[0](IDS).logits, want, atol=0, rtol=0)
+
+
 def test_autogptq_quantize_config_json_beside_config_json(tmp_path):
     gptq, _ = write_gptq_directory("llama", tmp_path)
     want, _ = load_hf(gptq, device="cpu")
@@ -234,6 +256,21 @@ def test_autogptq_quantize_config_json_beside_config_json(tmp_path):
     assert model.config.quantization_config["checkpoint_format"] == "gptq"
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, want(IDS).logits, atol=0, rtol=0)
+
+
+def test_gptqmodel_quantization_config_is_read():
+    """GPTQModel 7.6's quantization_config (as it saved a tiny Llama here; meta trimmed): damp_percent,
+    static_groups and true_sequential live in its meta."""
+    saved = {"bits": 4, "checkpoint_format": "gptq_v2", "desc_act": True, "format": "gptq_v2", "group_size": 32,
+             "lm_head": False, "meta": {"act_group_aware": False, "damp_percent": 0.05, "static_groups": True,
+             "true_sequential": False, "quantizer": ["gptqmodel:7.6.0"]}, "method": "gptq", "pack_dtype": "int32",
+             "quant_method": "gptq", "sym": False}  # fmt: skip
+    data = AutoConfig.for_model("llama", **SMALL).to_dict() | {"quantization_config": saved}
+    settings = config_from_hf(data).quantization_config
+    assert {k: settings[k] for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")} == dict(
+        bits=4, group_size=32, desc_act=True, sym=False, checkpoint_format="gptq_v2"
+    )
+    assert (settings["damp_percent"], settings["static_groups"], settings["true_sequential"]) == (0.05, True, False)
 
 
 # ---------------------------------------------------------------------------------------------
