@@ -77,7 +77,13 @@ def gptqmodel_quantize(export: Path, samples: torch.Tensor, out: Path, bits: int
     calibration = [{"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]} for ids in samples]
     start = time.perf_counter()
     model = GPTQModel.load(str(export), config, device="cpu", dtype=torch.float32)
-    model.quantize(calibration, batch_size=8)
+    here = Path.cwd()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.chdir(out.parent)  # GPTQModel writes logs/ into the working directory
+    try:
+        model.quantize(calibration, batch_size=8)
+    finally:
+        os.chdir(here)
     model.save(str(out))
     return time.perf_counter() - start
 

@@ -20,7 +20,13 @@ from orionlm.quant.linear import QuantExperts, QuantLinear
 from orionlm.quant.model import MIN_EXPERT_TOKENS, calibration_samples
 from orionlm.tokenizer import Tokenizer
 
-gptqmodel = pytest.importorskip("gptqmodel")
+
+@pytest.fixture(scope="module", autouse=True)
+def gptqmodel():
+    """Skips the module without GPTQModel; imported only when these tests run (its import takes seconds and sets
+    process-wide state), never at collection."""
+    return pytest.importorskip("gptqmodel")
+
 
 BITS, GROUP, NSAMPLES, SEQ_LEN = 4, 32, 16, 64
 ARCHS = ["tiny-dense", "tiny-moe"]  # exported as llama and mixtral
@@ -72,6 +78,7 @@ def gptqmodel_quantize(export: Path, windows: torch.Tensor, out: Path) -> Path:
     calibration = [{"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]} for ids in windows]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel 7.6's default of (cores + 1) // 2 fails on 2 cores
+        env.chdir(out.parent)  # it writes logs/ into the working directory
         model = GPTQModel.load(str(export), config, device="cpu", dtype=torch.float32)
         model.quantize(calibration, batch_size=NSAMPLES)
         model.save(str(out))
