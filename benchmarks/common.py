@@ -41,6 +41,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_line() -> str:
+    """The line every benchmark prints under its title: versions, CPU, cores and torch's threads."""
+    return (f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads")  # fmt: skip
+
+
 def train_tokenizer(data: Path, target: Path, vocab_size: int) -> Tokenizer:
     """A BPE tokenizer trained on the documents of `data`, kept in `target` so a later run reuses it."""
     if not (target / "tokenizer.json").is_file():
@@ -106,8 +112,7 @@ def run_comparison(
     """Print the header, train the shared `vocab`-token tokenizer and every architecture's run. Returns the
     tokenizer, each run's directory, wall-clock seconds and run.json."""
     print(f"# {title}: orionlm {orionlm.__version__}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
+    print(machine_line())
     tokenizer = train_tokenizer(args.data, args.out / "tokenizer", vocab)
     recipes = {
         name: comparison_recipe(model, optim, schedule, args.out, name, args.data, args.steps)

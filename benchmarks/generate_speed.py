@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -24,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
-from common import cpu_name
+from common import machine_line
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
@@ -137,8 +135,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# generate speed: orionlm {orionlm.__version__} vs transformers {transformers.__version__}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
+    print(machine_line())
     print(f"model: {SHAPE}; MoE: 8 experts top-2; float32")
     print(f"prefill: {PROMPT_LEN}-token prompt, 1 new token; decode: {DECODE_PROMPT_LEN}-token prompt, "
           f"{NEW_TOKENS} new tokens, batch 1, greedy; {args.repeats} runs after a warm-up\n")  # fmt: skip

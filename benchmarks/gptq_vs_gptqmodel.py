@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel 7.6 fails on 2 cores with its default of 1
 
 import torch
-from common import cpu_name
+from common import machine_line
 from quant_quality import DATA, divergence, fit_temperature, fold_temperature, leading_documents, log_probs
 from safetensors.torch import load_file, save_file
 
@@ -167,8 +166,7 @@ def main() -> None:
 
     begin = time.perf_counter()
     print(f"# orionlm GPTQ vs GPTQModel: orionlm {orionlm.__version__}, gptqmodel {gptqmodel.__version__}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(machine_line())
     base, tokenizer, _ = load_model(args.model, device="cpu", dtype=torch.float32)
     c = base.eval().config
     print(f"model: {args.model} ({c.name}, {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "

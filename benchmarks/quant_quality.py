@@ -48,15 +48,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import ROOT, cpu_name
+from common import ROOT, machine_line
 
 import orionlm
 from orionlm.checkpoint import save_checkpoint
@@ -281,8 +279,7 @@ def main() -> None:
     begin = time.perf_counter()
 
     print(f"# GPTQ vs RTN quality, size and speed: orionlm {orionlm.__version__}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
+    print(machine_line())
     base, tokenizer, _ = load_model(args.model, device="cpu", dtype=torch.float32)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer; perplexity and calibration need one")

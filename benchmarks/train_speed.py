@@ -26,8 +26,6 @@ do. Prints the setup and a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
-from common import cpu_name
+from common import machine_line
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import orionlm
@@ -140,8 +138,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     peak = machine_peak()
     print(f"# training speed: orionlm {orionlm.__version__} vs transformers {transformers.__version__}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {cpu_name()}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")  # fmt: skip
+    print(machine_line())
     print(f"model: {SHAPE}; MoE: {EXPERTS} experts top-{TOP_K}, aux loss coefficient {AUX_COEF}; float32")
     print(f"step: batch {BATCH} x {SEQ_LEN} tokens, forward + backward + AdamW {ADAMW}; "
           f"median of {args.steps} steps after {args.warmup} warm-up steps, engines alternating\n")  # fmt: skip
