@@ -13,14 +13,16 @@ the model learns to produce; everything else (system, user turns, role headers) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import OrionError
 from ..tokenizer import Tokenizer
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
+T = TypeVar("T")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -59,10 +61,10 @@ def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 
 def tokenize_chat(
-    tokenizer: Tokenizer, messages: list[dict[str, str]], train_on_all: bool = False
+    tokenizer: Tokenizer, messages: list[dict[str, str]], train_on_all: bool = False, train_from: int = 0
 ) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of a rendered conversation: labels are the ids on assistant turns (all of them
-    with `train_on_all`) and -100 elsewhere."""
+    """(input ids, labels) of a rendered conversation: labels are the ids on assistant turns from message
+    `train_from` on (all of them with `train_on_all`) and -100 elsewhere."""
     ids: list[int] = []
     labels: list[int] = []
     rendered = ""
@@ -75,7 +77,8 @@ def tokenize_chat(
         if not text.startswith(rendered):
             raise ChatDataError("the chat template renders a conversation differently from its beginning; "
                                 "assistant-only loss needs a template that only appends turns")  # fmt: skip
-        _extend(tokenizer, ids, labels, text[len(rendered) :], train=train_on_all or message["role"] == "assistant")
+        trained = train_on_all or (message["role"] == "assistant" and i >= train_from)
+        _extend(tokenizer, ids, labels, text[len(rendered) :], train=trained)
         rendered = text
     return ids, labels
 
@@ -86,8 +89,9 @@ def _extend(tokenizer: Tokenizer, ids: list[int], labels: list[int], text: str, 
     labels += new if train else [IGNORE] * len(new)
 
 
-def read_conversations(path: Path) -> list[list[dict[str, str]]]:
-    """Every conversation of a JSONL file (gzipped if .gz), in any supported format."""
+def read_conversations(path: Path, convert: Callable[[dict[str, Any], str], T] = to_messages) -> list[T]:
+    """Every conversation of a JSONL file (gzipped if .gz), in any supported format: each record as `convert`
+    (record, where) makes it (data.preference.to_pair reads preference pairs)."""
     import gzip
 
     from .sources import jsonl_records
@@ -95,6 +99,6 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            return [to_messages(record, f"{path}:{number}") for number, record in jsonl_records(f, path, ChatDataError)]
+            return [convert(record, f"{path}:{number}") for number, record in jsonl_records(f, path, ChatDataError)]
     except OSError as e:
         raise ChatDataError(f"cannot read {path}: {e.strerror or e}") from None

@@ -19,7 +19,7 @@ a weighted mixture over sources, a fresh order every epoch, resumable.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..tokenizer import Tokenizer
-from .chat import IGNORE, read_conversations, to_messages, tokenize_chat
+from .chat import IGNORE, T, read_conversations, to_messages, tokenize_chat
 from .loader import DataConfig, TrainLoader, feistel_permute, stable_key
 from .sources import DataError, SourceConfig, load_hf_dataset, source_files
 
@@ -52,17 +52,24 @@ class Rows:
 FIELDS = ("input_ids", "targets", "position_ids", "document_ids")
 
 
-def layout_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, packed: bool, pad_id: int) -> Rows:
+def layout_rows(
+    examples: list[tuple[list[int], list[int]]], seq_len: int, packed: bool, pad_id: int, together: int = 1
+) -> Rows:
     """Examples (ids, labels), each at most seq_len + 1 tokens, in order: packed greedily (a row is closed
-    when the next example does not fit) or one per row."""
+    when the next example does not fit) or one per row. Packed, each run of `together` consecutive examples
+    (a preference pair: 2) shares a row; their pairs must add up to at most seq_len."""
     placed: list[list[tuple[list[int], list[int]]]] = []
     free = 0
-    for ids, labels in examples:
-        pairs = len(ids) - 1
-        if not packed or pairs > free:
+    for start in range(0, len(examples), together):
+        group = examples[start : start + together]
+        pairs = sum(len(ids) - 1 for ids, _ in group)
+        if packed and pairs > free:
             placed.append([])
             free = seq_len
-        placed[-1].append((ids, labels))
+        for example in group:
+            if not packed:
+                placed.append([])
+            placed[-1].append(example)
         free -= pairs
     shape = (len(placed), seq_len)
     rows = Rows(
@@ -112,14 +119,15 @@ class ChatSource:
         }
 
 
-def read_chat_source(source: SourceConfig) -> list[list[dict[str, str]]]:
-    """Every conversation of a source: JSONL files (gzipped or not) or a Hugging Face dataset."""
+def read_chat_source(source: SourceConfig, convert: Callable[[dict[str, Any], str], T] = to_messages) -> list[T]:
+    """Every conversation of a source: JSONL files (gzipped or not) or a Hugging Face dataset, each record as
+    `convert` (record, where) makes it."""
     if source.is_hf:
         rows = enumerate(load_hf_dataset(source))
-        return [to_messages(dict(row), f"dataset {source.hf_name!r} row {i}") for i, row in rows]
+        return [convert(dict(row), f"dataset {source.hf_name!r} row {i}") for i, row in rows]
     conversations = []
     for path in source_files(source):
-        conversations += read_conversations(Path(path))
+        conversations += read_conversations(Path(path), convert)
     return conversations
 
 
@@ -142,17 +150,33 @@ def build_chat_source(
             dropped += 1
             continue
         examples.append((ids, labels))
-    held = math.ceil(config.val_fraction * len(examples)) if config.val_fraction > 0 else 0
-    if len(examples) - held < 1:
-        raise DataError(
-            f"source {source.name!r}: no conversation left to train on ({len(conversations)} read, {dropped} with "
-            f"no assistant token within seq_len + 1 = {limit} tokens, {held} held out); raise seq_len or add data"
-        )
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    cut = len(examples) - held
-    train = layout_rows(examples[:cut], config.seq_len, packed, pad)
-    val = layout_rows(examples[cut:], config.seq_len, packed, pad)
+    train, val = split_rows(examples, source, config, tokenizer, packed, lambda held: (
+        f"no conversation left to train on ({len(conversations)} read, {dropped} with no assistant token within "
+        f"seq_len + 1 = {limit} tokens, {held} held out); raise seq_len or add data"))  # fmt: skip
     return ChatSource(source.name, source, train, val, len(conversations), truncated, dropped)
+
+
+def split_rows(
+    examples: list[tuple[list[int], list[int]]],
+    source: SourceConfig,
+    config: DataConfig,
+    tokenizer: Tokenizer,
+    packed: bool,
+    nothing_left: Callable[[int], str],
+    together: int = 1,
+) -> tuple[Rows, Rows]:
+    """Training and validation rows of a source's examples (shuffled already): the last val_fraction of them (of
+    their groups of `together`, see layout_rows) held out. With nothing left to train on, a DataError says
+    nothing_left(the number held out)."""
+    groups = len(examples) // together
+    held = math.ceil(config.val_fraction * groups) if config.val_fraction > 0 else 0
+    if groups - held < 1:
+        raise DataError(f"source {source.name!r}: {nothing_left(held)}")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    cut = (groups - held) * together
+    train = layout_rows(examples[:cut], config.seq_len, packed, pad, together)
+    val = layout_rows(examples[cut:], config.seq_len, packed, pad, together)
+    return train, val
 
 
 class ChatDataset:
@@ -194,14 +218,19 @@ class ChatDataset:
         for b in range(batches if max_batches is None else min(batches, max_batches)):
             yield self._batch(picks[b * batch_size : (b + 1) * batch_size])
 
-    def _batch(self, picks: list[tuple[Rows, int]]) -> dict[str, torch.Tensor]:
-        """The model's keyword arguments for these rows, cut after the last column that holds a real token
-        (padding past it would only cost compute)."""
+    def _arrays(self, picks: list[tuple[Rows, int]]) -> dict[str, np.ndarray]:
+        """These rows' fields, cut after the last column that holds a real token (padding past it would only cost
+        compute)."""
         arrays = {name: np.stack([getattr(rows, name)[r] for rows, r in picks]) for name in FIELDS}
         width = int((arrays["document_ids"] != PAD_DOCUMENT).any(axis=0).nonzero()[0].max()) + 1
+        return {name: a[:, :width] for name, a in arrays.items()}
+
+    def _batch(self, picks: list[tuple[Rows, int]]) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for these rows (document_ids when packed)."""
+        arrays = self._arrays(picks)
         if not self.packed:
             del arrays["document_ids"]
-        return {name: torch.from_numpy(np.ascontiguousarray(a[:, :width])) for name, a in arrays.items()}
+        return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
 
     def fingerprint(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,7 @@ reverse.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterator
@@ -90,6 +91,8 @@ def _add_factors(module: nn.Module, in_features: int, out_features: int, rank: i
 class LowRank:
     """What LoRALinear (and quant.lora.LoRAQuantLinear) add to their layer's forward: scaling * B A dropout(x)."""
 
+    adapter_enabled = True  # False inside adapters_disabled: the layer computes its base alone
+
     def _add_adapter(self, config: LoRAConfig, like: torch.Tensor) -> None:
         _add_factors(self, self.in_features, self.out_features, config.r, like)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
@@ -101,7 +104,8 @@ class LowRank:
         return F.linear(h, self.lora_B.weight.to(x.dtype)) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.adapter(x)
+        out = super().forward(x)
+        return out + self.adapter(x) if self.adapter_enabled else out
 
 
 class LoRALinear(LowRank, Linear):
@@ -131,6 +135,8 @@ class ExpertLowRank:
     of the base's flops. weights() (single-token decoding: the k chosen experts; the reference path) builds
     stack + delta."""
 
+    adapter_enabled = True  # False inside adapters_disabled: the stacks compute their base alone
+
     def _add_adapters(
         self, config: LoRAConfig, names: list[str], shapes: dict[str, tuple[int, int]], like: torch.Tensor
     ) -> None:
@@ -157,7 +163,7 @@ class ExpertLowRank:
 
     def grouped(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = super().grouped(name, x, counts)
-        if name not in self.factors:
+        if name not in self.factors or not self.adapter_enabled:
             return out
         B, A = self.delta_factors(name)
         low = grouped_linear(x, A.to(x.dtype), counts) * self.scaling  # (M, r): scaled where it is small
@@ -165,7 +171,7 @@ class ExpertLowRank:
 
     def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         stacks = dict(zip(STACKS, super().weights(experts), strict=True))
-        for name in self.factors:
+        for name in self.factors if self.adapter_enabled else ():
             B, A = self.delta_factors(name, experts)
             dtype = stacks[name].dtype
             stacks[name] = torch.baddbmm(stacks[name], B.to(dtype), A.to(dtype), alpha=self.scaling)
@@ -301,6 +307,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         model.set_submodule(name, _wrapper(EXPERT_WRAPPERS, stacks)(stacks, config, params))
     model.lora_config = config
     return linears + [f"{name}.{param}" for name, params in experts.items() for param in params]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The model without its LoRA adapters inside the block, with them again after: the base model it adapts, with
+    no second copy of its weights (DPO's reference model)."""
+    adapted = [module for module in model.modules() if isinstance(module, ADAPTED)]
+    for module in adapted:
+        module.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for module in adapted:
+            del module.adapter_enabled  # the class's True again
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -81,7 +81,7 @@ class MoE(nn.Module):
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         router_in = router_in.float()
         logits = F.linear(router_in, self.gate.weight.float())
-        if hasattr(self.gate, "lora_A"):  # a LoRA adapter on the router (nn.lora.LoRALinear) moves the logits too
+        if getattr(self.gate, "adapter_enabled", False):  # a LoRA adapter on the router (nn.lora.LoRALinear) too
             logits = logits + self.gate.adapter(router_in)
         probs = logits.softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)

@@ -2,9 +2,10 @@
 statistics, throughput and MFU (model FLOPs over a measured peak), written to metrics.jsonl by rank 0.
 
 metrics.jsonl holds one JSON record a line, keys in this order: step, tokens, loss, lr, Quiet-STaR's loss parts
-(base_loss, talk_loss, ...), grad_norm (when optim.grad_clip is set), tokens_per_s, mfu, then for MoE aux_loss,
-z_loss and expert_fractions (per MoE layer, the share of routed slots each expert took), then val_* entries on
-evaluation steps. Every mode but pretraining begins with a step-0 record: the starting model's val_* entries.
+(base_loss, talk_loss, ...) or DPO's (rewards/chosen, rewards/rejected, rewards/accuracy, rewards/margin),
+grad_norm (when optim.grad_clip is set), tokens_per_s, mfu, then for MoE aux_loss, z_loss and expert_fractions
+(per MoE layer, the share of routed slots each expert took), then val_* entries on evaluation steps.
+Every mode but pretraining begins with a step-0 record: the starting model's val_* entries.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Interval:
     def __init__(self, device: torch.device, grad_accum: int) -> None:
         self.grad_accum = grad_accum
         self.loss = torch.zeros((), device=device)
-        self.parts: dict[str, torch.Tensor] = {}  # Quiet-STaR's loss parts
+        self.parts: dict[str, torch.Tensor] = {}  # Quiet-STaR's loss parts, DPO's rewards
         self.router = torch.zeros(2, device=device)  # aux loss, z-loss
         self.expert_counts: torch.Tensor | None = None
         self.steps = 0
@@ -75,7 +76,7 @@ class Interval:
 
     def add(self, out: Any, weight: torch.Tensor, parts: bool) -> None:
         """A micro-batch's output: its weighted loss, router losses and expert counts, and (`parts`) the
-        Quiet-STaR metrics."""
+        Quiet-STaR or DPO metrics, weighted as the loss."""
         if out.aux_loss is not None:
             self.router += torch.stack([out.aux_loss.detach(), out.z_loss.detach()]) / self.grad_accum
             counts = out.expert_counts.detach().float()
@@ -83,10 +84,10 @@ class Interval:
         self.loss += (out.loss * weight).detach() / self.grad_accum
         if parts:
             for key, value in out.metrics.items():
-                self.parts[key] = self.parts.get(key, 0.0) + value / self.grad_accum
+                self.parts[key] = self.parts.get(key, 0.0) + (value * weight).detach() / self.grad_accum
 
     def losses(self, d: Dist) -> tuple[float, dict[str, float]]:
-        """The mean loss per step over all processes, and the mean of each Quiet-STaR loss part."""
+        """The mean loss per step over all processes, and the mean of each Quiet-STaR loss part or DPO metric."""
         loss = d.mean(self.loss).item() / self.steps
         return loss, {key: d.mean(value).item() / self.steps for key, value in self.parts.items()}
 

@@ -2,15 +2,17 @@
 
 mode:      pretrain (default) | sft (full fine-tuning) | lora (adapters on a frozen base)
            | quietstar (train the model to think before each token; text data)
+           | dpo (preference tuning on prompt / chosen / rejected pairs; with a `lora:` section, adapters only)
 model:     {preset: tiny-moe, overrides: {hidden_size: 128}}   (or {config: {...}}, or {path: DIR} to start from)
 tokenizer: {path: DIR}  or  {train_vocab_size: 4096}            (train a byte-level BPE on the data)
 data:      DataConfig   (sources with weights, seq_len, validation split)
 optim:     OptimConfig  (AdamW or Muon + AdamW)
 schedule:  ScheduleConfig (cosine or WSD; warm-up in steps or as a fraction of the run, 5% by default)
 run:       RunConfig    (length, batch, checkpoints, logging, devices)
-lora:      LoRAConfig   (rank, alpha, dropout, target modules; mode lora only)
+lora:      LoRAConfig   (rank, alpha, dropout, target modules; mode lora, or dpo to train adapters)
 quietstar: QuietStarConfig (thought length, talk-ahead tokens, thoughts per position, policy weight; mode
            quietstar only)
+dpo:       DPOConfig    (beta, label_smoothing, loss_type sigmoid | ipo; mode dpo only)
 
 The run's length (max_steps, max_tokens or max_epochs) and the warm-up (warmup_steps or warmup_fraction) are
 each one of alternatives: one given on the command line replaces the recipe's, so any recipe runs short with
@@ -33,11 +35,12 @@ from ..config import ConfigError, ModelConfig, preset
 from ..data import DataConfig
 from ..errors import OrionError, unknown_names
 from ..nn.lora import LoRAConfig
+from .dpo import DPOConfig
 from .optim import OptimConfig
 from .quietstar import QuietStarConfig
 from .schedule import ScheduleConfig
 
-MODES = ("pretrain", "sft", "lora", "quietstar")
+MODES = ("pretrain", "sft", "lora", "quietstar", "dpo")
 # The recipes that ship with orionlm, as package data: `recipe:NAME` names one wherever a recipe file goes.
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_PREFIX = "recipe:"
@@ -114,26 +117,46 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    lora: LoRAConfig | None = None  # read with mode: lora only; absent: LoRAConfig's defaults
+    lora: LoRAConfig | None = None  # read with mode: lora (absent: LoRAConfig's defaults) and dpo (adapters if given)
     quietstar: QuietStarConfig | None = None  # read with mode: quietstar only; absent: its defaults
+    dpo: DPOConfig | None = None  # read with mode: dpo only; absent: its defaults
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RecipeError(f"mode: {unknown_names([self.mode], MODES)}; use one of {MODES}")
-        if self.mode == "lora":
+        if self.adapters:
             if self.model.path is None:
-                raise RecipeError("mode: lora adapts a trained model: give model.path (a model directory or Hub id)")
+                raise RecipeError(
+                    f"mode: {self.mode} adapts a trained model: give model.path (a model directory or Hub id)"
+                )
             if self.optim.name != "adamw":
-                raise RecipeError("mode: lora trains low-rank factors with AdamW: set optim.name=adamw")
+                raise RecipeError(f"mode: {self.mode} trains low-rank factors with AdamW: set optim.name=adamw")
             if self.run.fsdp:
-                raise RecipeError("mode: lora trains with one process or DDP: set run.fsdp=false")
+                raise RecipeError(f"mode: {self.mode} trains with one process or DDP: set run.fsdp=false")
             self.lora = self.lora or LoRAConfig()
+        if self.dpo is not None and self.mode != "dpo":
+            raise RecipeError(f"the dpo section is read with mode: dpo only (the recipe's mode is {self.mode}); "
+                              "remove it or set mode: dpo")  # fmt: skip
+        if self.mode == "dpo":
+            if self.model.path is None:
+                raise RecipeError("mode: dpo tunes a trained model: give model.path (a model directory or Hub id)")
+            if self.data.format not in (None, "chat") or self.data.train_on_all:
+                raise RecipeError("mode: dpo learns from the responses of preference pairs: set data.format=chat "
+                                  "and data.train_on_all=false")  # fmt: skip
+            if self.run.fsdp:
+                raise RecipeError("mode: dpo trains with one process or DDP: set run.fsdp=false")
+            self.dpo = self.dpo or DPOConfig()
         if self.mode == "quietstar":
             if self.data.format not in (None, "text"):
                 raise RecipeError("mode: quietstar thinks at every position of text windows: set data.format=text")
             if self.run.fsdp:
                 raise RecipeError("mode: quietstar trains with one process or DDP: set run.fsdp=false")
             self.quietstar = self.quietstar or QuietStarConfig()
+
+    @property
+    def adapters(self) -> bool:
+        """Whether the run trains LoRA adapters on a frozen base: mode lora, or dpo with a lora section."""
+        return self.mode == "lora" or (self.mode == "dpo" and self.lora is not None)
 
     @property
     def data_format(self) -> str:

@@ -1,8 +1,9 @@
 """The training loop: one process on a laptop CPU, or many under torchrun (DDP, or FSDP2 to shard).
 
-Four modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
-base), on text windows or chat rows (data/sft.py), and Quiet-STaR (quietstar.py: learning to think, on text
-windows). A run directory holds the resolved recipe, run.json (versions, machine, data), metrics.jsonl, the
+Five modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
+base), on text windows or chat rows (data/sft.py), Quiet-STaR (quietstar.py: learning to think, on text
+windows) and DPO (dpo.py: preference pairs, data/preference.py; full, or adapters with a lora section).
+A run directory holds the resolved recipe, run.json (versions, machine, data), metrics.jsonl, the
 tokenizer it trained (if any), the charts, checkpoints, and model/, the final model. Checkpoints are
 checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning or thinking; each is
 a loadable model directory (a PEFT adapter directory for LoRA) plus the training state (optimizer, data
@@ -14,6 +15,7 @@ training state, written when the run ends (a rerun replaces it). The process wri
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -37,6 +39,7 @@ from ..convert.peft import load_adapter, write_adapter
 from ..data import build_dataset, iter_documents
 from ..data.chat import IGNORE
 from ..data.loader import MixtureDataset
+from ..data.preference import build_preference_dataset
 from ..data.sft import ChatDataset, build_chat_dataset
 from ..errors import OrionError, read_json_object
 from ..loading import MODEL_DIR, STATE_JSON, find_checkpoints, load_model, resolve_model_path
@@ -44,6 +47,7 @@ from ..model import OrionLM, add_router_losses, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
 from .distributed import Dist, full_state, load_full_state, setup_distributed, wrap_model
+from .dpo import DPO
 from .lock import acquire, release
 from .metrics import Interval, MetricsLog, flops_per_token, measure_peak_flops, throughput
 from .optim import build_optimizer
@@ -167,6 +171,13 @@ def as_inputs(batch: Any) -> dict[str, torch.Tensor]:
     return {"input_ids": inputs, "targets": targets}
 
 
+def units(batch: dict[str, torch.Tensor]) -> float:
+    """What a batch's mean loss is over: its targets, or a preference batch's pairs."""
+    if "sequence_ids" in batch:
+        return float(batch["sequence_ids"].max() + 1) / 2
+    return float((batch["targets"] != IGNORE).sum())
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -181,8 +192,10 @@ class Trainer:
         self.recipe, self.run = recipe, recipe.run
         self.d = setup_distributed(recipe.run.device)
         self.out_dir = Path(recipe.run.out_dir)
-        self.lora = recipe.mode == "lora"
+        self.lora = recipe.adapters
         self.thinking = recipe.quietstar if recipe.mode == "quietstar" else None
+        self.preference = recipe.dpo if recipe.mode == "dpo" else None
+        self.parts = self.thinking is not None or self.preference is not None  # outputs with metrics to log
         self.sharded = recipe.run.fsdp and self.d.world_size > 1
         self.step = self.tokens = 0
         self.last_record: dict[str, Any] = {}  # the newest metrics record, summarized in each checkpoint
@@ -224,9 +237,7 @@ class Trainer:
 
         self.model, self.config = self._build_model(base, config)
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.wrapped = wrap_model(
-            self.model if self.thinking is None else QuietStar(self.model, self.thinking), recipe, d
-        )
+        self.wrapped = wrap_model(self._objective(), recipe, d)
         self.optimizer = build_optimizer(self.model, recipe.optim)
         self.loader = self.dataset.train_loader(run.batch_size, rank=d.rank, world_size=d.world_size)
         if self.resume_dir is not None:
@@ -311,9 +322,9 @@ class Trainer:
 
     def _load_base(self) -> tuple[OrionLM | None, Tokenizer | None]:
         """The model to fine-tune and its tokenizer; none when pretraining or resuming a full checkpoint (which
-        holds the model itself). A LoRA run always starts from its base."""
+        holds the model itself). A LoRA run always starts from its base, and so does DPO (its reference model)."""
         path = self.recipe.model.path
-        if path is None or (self.resume_dir is not None and not self.lora):
+        if path is None or (self.resume_dir is not None and not self.lora and self.preference is None):
             return None, None
         base, tokenizer, _ = load_model(path, device="cpu", dtype=torch.float32)
         if base.config.quantization_config and not self.lora:
@@ -324,6 +335,8 @@ class Trainer:
         return base, tokenizer
 
     def _build_dataset(self, packed: bool | None, progress: bool) -> MixtureDataset | ChatDataset:
+        if self.preference is not None:
+            return build_preference_dataset(self.recipe.data, self.tokenizer, packed, progress=progress)
         if packed is not None:
             return build_chat_dataset(self.recipe.data, self.tokenizer, packed, progress=progress)
         return build_dataset(self.recipe.data, self.tokenizer, progress=progress)
@@ -348,6 +361,17 @@ class Trainer:
         model.activation_checkpointing = run.activation_checkpointing
         model.to(self.d.device)
         return model, config
+
+    def _objective(self) -> torch.nn.Module:
+        """What a batch goes through: the model, or the Quiet-STaR or DPO loss around it. DPO's reference is a frozen
+        copy of the starting model (taken before a resumed run loads its weights), or with LoRA none: the model
+        with its adapters disabled."""
+        if self.thinking is not None:
+            return QuietStar(self.model, self.thinking)
+        if self.preference is not None:
+            reference = None if self.lora else copy.deepcopy(self.model).eval()
+            return DPO(self.model, self.preference, reference)
+        return self.model
 
     def _load_state(self) -> None:
         """The resumed checkpoint's weights (a LoRA adapter's are loaded already), optimizer, data position,
@@ -404,10 +428,10 @@ class Trainer:
         )
 
     def target_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Each micro-batch's weight: its targets over the mean count per micro-batch of all processes (all 1.0
-        when every micro-batch has as many). Weighting each micro-batch's mean loss so makes the step's gradient
-        that of the mean over all its targets, however they are spread (chat rows differ in targets)."""
-        counts = [float((b["targets"] != IGNORE).sum()) for b in micro_batches]
+        """Each micro-batch's weight: its targets (DPO: pairs) over the mean count per micro-batch of all processes
+        (all 1.0 when every micro-batch has as many). Weighting each micro-batch's mean loss so makes the step's
+        gradient that of the mean over all its targets, however they are spread (chat rows differ in targets)."""
+        counts = [units(b) for b in micro_batches]
         n_targets = torch.tensor(counts, device=self.d.device)
         return n_targets / self.d.mean(n_targets.mean())
 
@@ -429,7 +453,7 @@ class Trainer:
         weights = self.target_weights(micro_batches)
         for micro, batch in enumerate(micro_batches):
             out = self.forward_backward(batch, weights[micro], sync=micro == len(micro_batches) - 1)
-            self.interval.add(out, weights[micro], parts=self.thinking is not None)
+            self.interval.add(out, weights[micro], parts=self.parts)
         grad_norm = None
         if self.recipe.optim.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
@@ -441,16 +465,16 @@ class Trainer:
         return grad_norm
 
     def evaluate(self) -> dict[str, float]:
-        """The mean loss over the validation targets (chat: every assistant token weighs the same), and
-        Quiet-STaR's metrics, as val_* entries."""
+        """The mean loss over the validation targets (chat: every assistant token weighs the same; DPO: every
+        pair), and Quiet-STaR's or DPO's metrics, as val_* entries."""
         self.wrapped.eval()
         sums: dict[str, float] = {}
         count = 0.0
         with torch.no_grad(), self.autocast:
             for batch in self.val_batches:
-                n = (batch["targets"] != IGNORE).sum().item()
+                n = units(batch)
                 out = self.wrapped(**to_device(batch, self.d.device))
-                values = {"loss": out.loss} | (out.metrics if self.thinking is not None else {})
+                values = {"loss": out.loss} | (out.metrics if self.parts else {})
                 for key, value in values.items():
                     sums[f"val_{key}"] = sums.get(f"val_{key}", 0.0) + value.item() * n
                 count += n
