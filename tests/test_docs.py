@@ -71,6 +71,7 @@ RUN = {
     "--run.eval_batches=1",
     "orionlm train": TRAIN,
     "orionlm train recipe:sft-lora": "--data.seq_len=512",  # a whole GSM8K conversation
+    "orionlm train recipe:dpo-lora": "--data.seq_len=512",  # HH-RLHF pairs whose replies fit
     "orionlm recipes": "",
     "orionlm plot": "",
     "orionlm info": "",
