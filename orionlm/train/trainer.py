@@ -329,8 +329,8 @@ class Trainer:
         base, tokenizer, _ = load_model(path, device="cpu", dtype=torch.float32)
         if base.config.quantization_config and not self.lora:
             raise RecipeError(
-                f"{path} is quantized: its weights are integer codes that cannot be trained; train a "
-                "LoRA adapter on it (mode: lora) or fine-tune the full-precision model"
+                f"{path} is quantized: its weights are integer codes that cannot be trained; train a LoRA "
+                "adapter on it (mode: lora, or a lora section with mode: dpo) or fine-tune the full-precision model"
             )
         return base, tokenizer
 

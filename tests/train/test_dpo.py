@@ -311,6 +311,29 @@ def test_runs_log_rewards_and_resume_bit_identically(tmp_path, base, sections):
     assert (resumed_last / weights).read_bytes() == (last / weights).read_bytes()
 
 
+def test_accumulated_micro_batches_weigh_every_pair_equally(tmp_path):
+    """Packed rows hold different numbers of pairs: two micro-batches of 2 rows must train like one batch of 4 (the
+    mean over all pairs), loss and rewards alike. (A dense model: MoE's load-balancing loss is computed per
+    micro-batch, which is not linear in the batch.)"""
+    base = make_base(tmp_path / "base", "tiny-dense")
+    settings = ["--run.max_steps=2", "--data.seq_len=256"]
+    one = train(load_recipe(write_recipe(tmp_path / "a", base), [*settings, "--run.batch_size=4"]))
+    two = train(load_recipe(write_recipe(tmp_path / "b", base), [*settings, "--run.grad_accum=2"]))
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+    steps = [[r for r in records(run) if r["step"] > 0] for run in (one, two)]
+    # the second step's micro-batches differ in pairs (the first step's rewards are all 0: the model is its reference)
+    assert [int(b["sequence_ids"].max() + 1) // 2 for b in batches_of(base, 2)][2:] == [3, 4]
+    for a, b in zip(*steps, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def batches_of(base: Path, batch_size: int) -> list[dict]:
+    config = DataConfig(sources=[str(base / "pairs.jsonl")], seq_len=256, val_fraction=0.1)
+    loader = build_preference_dataset(config, TOK, packed=True, progress=False).train_loader(batch_size)
+    return [next(loader) for _ in range(4)]
+
+
 def test_dpo_recipe_errors(tmp_path, base):
     with pytest.raises(RecipeError, match="mode: dpo tunes a trained model: give model.path"):
         load_recipe(write_recipe(tmp_path, base), ["--model.path=null", "--model.preset=tiny-dense"])
