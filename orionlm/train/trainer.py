@@ -257,6 +257,8 @@ class Trainer:
         if self.thinking is not None:
             # every thought pass runs the model on the whole batch again (attention grows, uncounted)
             self.step_flops *= self.thinking.n_passes * (self.thinking.n_ahead + self.thinking.n_ahead_talk - 1)
+        if self.preference is not None:  # the reference's forward pass: a third of a training step's
+            self.step_flops *= 4 / 3
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
         )
