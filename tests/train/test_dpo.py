@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from orionlm.checkpoint import save_checkpoint
 from orionlm.cli import main
 from orionlm.config import preset
+from orionlm.convert.peft import load_adapter
 from orionlm.data import DataConfig
 from orionlm.data.chat import IGNORE
 from orionlm.data.preference import build_preference_dataset, to_pair, tokenize_pair
@@ -141,6 +143,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tmp_path):
 def hf_models(tmp_path_factory):
     """A tiny random Hugging Face Llama with the byte-level tokenizer and ChatML template, a second one with other
     weights (the reference, so that the first step's rewards are not all zero), and both converted by from-hf."""
+    pytest.importorskip("trl", minversion="1.16")  # 1.x's loss_weights and default bf16 (see trl_history)
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("hf")
     for seed, name in ((0, "policy"), (1, "reference")):
@@ -154,9 +157,13 @@ def hf_models(tmp_path_factory):
     return root
 
 
-def trl_history(root: Path, pairs: list[dict], settings: DPOConfig, optim: str, lr: float, steps: int) -> list[dict]:
-    """TRL's DPOTrainer on the pairs, all of them in each step: its log record of every step."""
-    trl = pytest.importorskip("trl")
+def trl_history(
+    root: Path, pairs: list[dict], settings: DPOConfig, optim: str, lr: float, steps: int, lora: Any = None
+) -> list[dict]:
+    """TRL's DPOTrainer on the pairs, all of them in each step: its log record of every step. With `lora` (a peft
+    LoraConfig) it trains a new adapter, against the model with the adapter disabled, and saves the adapter as it
+    starts in root/adapter."""
+    import trl
     from datasets import Dataset
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -167,11 +174,14 @@ def trl_history(root: Path, pairs: list[dict], settings: DPOConfig, optim: str, 
                          beta=settings.beta, bf16=False, disable_tqdm=True, **trl_loss(settings))  # fmt: skip
     trainer = trl.DPOTrainer(
         model=LlamaForCausalLM.from_pretrained(root / "policy"),
-        ref_model=LlamaForCausalLM.from_pretrained(root / "reference"),
+        ref_model=None if lora else LlamaForCausalLM.from_pretrained(root / "reference"),
         args=args,
         train_dataset=Dataset.from_list(pairs),
         processing_class=AutoTokenizer.from_pretrained(root / "policy"),
+        peft_config=lora,
     )
+    if lora:
+        trainer.model.save_pretrained(root / "adapter")
     for row in trainer.train_dataset:  # TRL's tokens and response masks are ours
         chosen, rejected = tokenize_pair(TOK, to_pair(row, "pair"))
         prompt = row["prompt_ids"]
@@ -192,15 +202,23 @@ def trl_loss(settings: DPOConfig) -> dict:
     return {"loss_type": [settings.loss_type]}
 
 
-def orion_history(root: Path, batch: dict, settings: DPOConfig, optim: str, lr: float, steps: int) -> list[dict]:
-    """The same steps with orionlm's DPO on the from-hf models."""
+def orion_history(
+    root: Path, batch: dict, settings: DPOConfig, optim: str, lr: float, steps: int, lora: bool = False
+) -> list[dict]:
+    """The same steps with orionlm's DPO on the from-hf models (`lora`: TRL's starting adapter, root/adapter, on the
+    policy, and no reference model)."""
     model, _, _ = load_model(root / "policy-orion", device="cpu", dtype=torch.float32)
-    reference, _, _ = load_model(root / "reference-orion", device="cpu", dtype=torch.float32)
-    dpo = DPO(model, settings, reference.eval()).train()
-    if optim == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    if lora:
+        load_adapter(model, root / "adapter")
+        reference = None
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, eps=1e-8)
+        reference = load_model(root / "reference-orion", device="cpu", dtype=torch.float32)[0].eval()
+    dpo = DPO(model, settings, reference).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if optim == "sgd":
+        optimizer = torch.optim.SGD(trained, lr=lr)
+    else:
+        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, eps=1e-8)
     history = []
     for _ in range(steps):
         out = dpo(**batch)
@@ -238,6 +256,21 @@ def test_agrees_with_trl(hf_models, tmp_path, settings, optim, lr):
         for key, trl_key in TRL_NAMES.items():
             assert a[key] == pytest.approx(b[trl_key], rel=tolerance, abs=tolerance), (step, key)
     assert ours[-1]["loss"] < ours[0]["loss"]
+
+
+def test_lora_agrees_with_trl_and_peft(hf_models, tmp_path):
+    """With a new LoRA adapter TRL's reference is the model with the adapter disabled, as ours: after the first
+    step (rewards 0: the adapter starts at zero) the losses and rewards equal TRL's."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    settings = DPOConfig(beta=0.1)
+    theirs = trl_history(hf_models, [pair(i) for i in range(4)], settings, "sgd", 0.5, steps=3, lora=lora)
+    ours = orion_history(hf_models, batch_of(4, tmp_path), settings, "sgd", 0.5, steps=3, lora=True)
+    assert theirs[0]["rewards/margins"] == 0 and theirs[-1]["rewards/margins"] > 0.1
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        for key, trl_key in TRL_NAMES.items():
+            assert a[key] == pytest.approx(b[trl_key], abs=1e-5), (step, key)
 
 
 # --- whole runs ---------------------------------------------------------------------------------------------------
