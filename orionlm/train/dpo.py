@@ -109,7 +109,15 @@ class DPO(nn.Module):
         super().__init__()
         self.model, self.settings, self.reference = model, settings, reference
         if reference is not None:
-            reference.requires_grad_(False)
+            reference.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> DPO:
+        """Train or evaluate the model; a reference copy stays in eval mode (no router jitter: the same
+        reference log-probabilities for a batch whenever they are computed)."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
 
     def forward(
         self,

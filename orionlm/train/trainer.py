@@ -371,7 +371,7 @@ class Trainer:
         if self.thinking is not None:
             return QuietStar(self.model, self.thinking)
         if self.preference is not None:
-            reference = None if self.lora else copy.deepcopy(self.model).eval()
+            reference = None if self.lora else copy.deepcopy(self.model)
             return DPO(self.model, self.preference, reference)
         return self.model
 

@@ -128,7 +128,9 @@ def test_packed_and_padded_batches_give_the_same_loss(tmp_path):
     model.reset_parameters(seed=0)
     reference = OrionLM(model.config)
     reference.reset_parameters(seed=1)
-    dpo = DPO(model, DPOConfig(), reference).eval()
+    dpo = DPO(model, DPOConfig(), reference)
+    assert model.training and not reference.training  # the reference copy stays in eval mode
+    dpo.eval()
     with torch.no_grad():
         packed, padded = dpo(**batch_of(4, tmp_path)), dpo(**batch_of(4, tmp_path, packed=False))
     torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=0)
