@@ -56,8 +56,9 @@ def run_figures(plt, run_dir: Path, label: str | None = None) -> dict[str, Any]:
     """The charts of a run by file name: loss.png, lr.png and (for MoE runs) expert_load.png."""
     records = read_metrics(run_dir)
     info = read_run_info(run_dir)
+    ylabel = DPO_LOSS if info.get("mode") == "dpo" else CROSS_ENTROPY
     figures = {
-        "loss.png": loss_figure(plt, {label or run_dir.name: records}, info.get("unigram_entropy")),
+        "loss.png": loss_figure(plt, {label or run_dir.name: records}, info.get("unigram_entropy"), ylabel),
         "lr.png": lr_figure(plt, records, _schedule_curve(run_dir, info)),
     }
     moe = [r for r in records if "expert_fractions" in r]
@@ -115,7 +116,12 @@ def lr_figure(plt, records: list[dict[str, Any]], schedule: tuple[list[int], lis
     return fig
 
 
-def loss_figure(plt, runs: dict[str, list[dict[str, Any]]], unigram_entropy: float | None = None) -> Any:
+CROSS_ENTROPY, DPO_LOSS = "cross-entropy (nats/token)", "DPO loss (mean per pair)"
+
+
+def loss_figure(
+    plt, runs: dict[str, list[dict[str, Any]]], unigram_entropy: float | None = None, ylabel: str = CROSS_ENTROPY
+) -> Any:
     """Training and validation loss against tokens, one pair of curves per run, and the unigram entropy of the
     data when known: the loss of the best model that ignores context."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -131,7 +137,7 @@ def loss_figure(plt, runs: dict[str, list[dict[str, Any]]], unigram_entropy: flo
     if unigram_entropy is not None:
         ax.axhline(unigram_entropy, color="gray", linestyle="--",
                    label=f"unigram entropy of the data ({unigram_entropy:.3f})")  # fmt: skip
-    ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title="loss")
+    ax.set(xlabel="tokens", ylabel=ylabel, title="loss")
     _token_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()

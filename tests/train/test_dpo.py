@@ -24,6 +24,7 @@ from orionlm.model import OrionLM
 from orionlm.nn.lora import LoRAConfig, adapters_disabled, apply_lora
 from orionlm.tokenizer import Tokenizer
 from orionlm.train.dpo import DPO, DPOConfig, preference_loss, sequence_logps
+from orionlm.train.plot import pyplot, run_figures
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import find_checkpoints, train
 
@@ -344,6 +345,8 @@ def test_runs_log_rewards_and_resume_bit_identically(tmp_path, base, sections):
     assert [without_timing(r) for r in records(interrupted)] == [without_timing(r) for r in logged]
     resumed_last = find_checkpoints(interrupted)[-1][1]
     assert (resumed_last / weights).read_bytes() == (last / weights).read_bytes()
+    pytest.importorskip("matplotlib")
+    assert run_figures(pyplot(), full)["loss.png"].axes[0].get_ylabel() == "DPO loss (mean per pair)"
 
 
 def test_accumulated_micro_batches_weigh_every_pair_equally(tmp_path):
