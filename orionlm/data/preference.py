@@ -13,7 +13,7 @@ Each response is tokenized after its prompt as chat.tokenize_chat does (the temp
 labels on the response's tokens only: the prompt's turns, earlier assistant turns included, have none. A pair's
 two sequences stay together: packed, they are two documents of one row (chosen, then rejected), and a longer
 pair than seq_len is cut (its longer sequence first) to fit; padded, they are two consecutive rows, each cut at
-seq_len + 1 tokens. A pair left with no response token in either sequence is dropped. Batches carry
+seq_len + 1 tokens. A pair whose chosen or rejected sequence keeps no response token is dropped. Batches carry
 `sequence_ids` (B, T): which sequence of the batch a token belongs to, 2k the chosen and 2k + 1 the rejected
 response of the batch's pair k, -1 on padding.
 """
