@@ -13,7 +13,8 @@ Formats (--formats), each orionlm's against llama.cpp's on the same weights:
     int4  orionlm GPTQ 4-bit, group 128        |  `convert to-gguf --dtype q4_0` (Q4_0: blocks of 32)
 
 The GPTQ checkpoints are written by `quantize --method rtn` (round to nearest: random weights have nothing to
-calibrate on, and the format, hence the speed, is GPTQ's). llama.cpp runs through llama-cpp-python.
+calibrate on, and the format, hence the speed, is GPTQ's). llama.cpp runs through llama-cpp-python; a file it
+cannot load leaves its format out, with a line saying so.
 
 Decode is the whole-request wall time of --tokens greedy tokens after a 32-token prompt (prefill included, as a
 user waits for it); prefill is a --prefill-token prompt and one new token. Every engine runs with --threads threads.
@@ -249,8 +250,12 @@ def main() -> None:
                 path = write_gguf_file(model_dir, work / f"model-{kind}.gguf", kind, work)
                 context = max(args.prefill, DECODE_PROMPT_LEN + args.tokens) + 1
                 row = {"shape": shape, "format": fmt}
-                engines = [orionlm_engine(model_dir, dtype, work, config, row),
-                           llama_cpp_engine(path, args.threads, context, config, row)]  # fmt: skip
+                try:
+                    theirs = llama_cpp_engine(path, args.threads, context, config, row)
+                except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+                    print(f"{shape} {fmt}: llama.cpp does not run {path.name} ({e}); format left out", flush=True)
+                    continue
+                engines = [orionlm_engine(model_dir, dtype, work, config, row), theirs]
                 if fmt == "fp32":
                     engines.append(transformers_engine(model_dir, config, row))
                 outputs = run_format(engines, prompt, long_prompt, args.tokens, args.repeats, data, bandwidth)
