@@ -142,7 +142,7 @@ class Engine:
 def orionlm_engine(model_dir: Path, dtype: torch.dtype | int, work: Path, config: ModelConfig, row: dict) -> Engine:
     if isinstance(dtype, int):  # GPTQ bits
         quantized = work / f"gptq-{dtype}bit"
-        with contextlib.redirect_stdout(io.StringIO()):  # its per-layer report
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its report, bar
             quantize_checkpoint(str(model_dir), quantized, bits=dtype, method="rtn", force=True)
         model, _, _ = load_model(quantized, device="cpu")
         sizes = directory_sizes(quantized)
