@@ -95,17 +95,21 @@ def best_rate(run: Callable[[], None], new_tokens: int, repeats: int) -> float:
     return new_tokens / best
 
 
-def llama_cpp_decode(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> None:
-    generated = 0
-    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-        generated += 1
-        if generated == new_tokens:
-            return
+def llama_cpp_decode(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> list[int]:
+    """llama.cpp's greedy continuation of prompt (its end-of-text token does not stop it)."""
+    output = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        output.append(token)
+        if len(output) == new_tokens:
+            return output
+    return output
 
 
-def orionlm_decode(model: OrionLM, prompt: list[int], new_tokens: int) -> None:
+def orionlm_decode(model: OrionLM, prompt: list[int], new_tokens: int) -> list[int]:
+    """orionlm's greedy continuation of prompt."""
     (output,) = generate_ids(model, [prompt], config=GenerationConfig(max_new_tokens=new_tokens, do_sample=False))
     assert len(output) == new_tokens, "no stop tokens are set: every run generates exactly new_tokens"
+    return output
 
 
 def measure(path: Path, source: ModelSource, stories: list[str], prompt: list[int], args: argparse.Namespace) -> dict:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -184,13 +185,17 @@ def test_lazy_tensors_stream_into_shards(tmp_path):
 
 
 def test_set_threads():
-    from orionlm.checkpoint import set_threads
+    from orionlm.checkpoint import set_threads, usable_cores
 
+    assert usable_cores() == len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     try:
         set_threads(1)
         assert torch.get_num_threads() == 1
         set_threads(None)  # torch's default stays
+        assert torch.get_num_threads() == 1
+        with pytest.raises(OrionError, match="--threads must be from 1 to"):
+            set_threads(usable_cores() + 1)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

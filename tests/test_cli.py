@@ -112,8 +112,44 @@ def test_generate_streams_and_is_reproducible(tiny_model):
     one_thread = orionlm("generate", "Once upon", "--model", tiny_model, "--max-tokens", "12", "--temp", "0",
                          "--threads", "1")  # fmt: skip
     assert one_thread.stdout == greedy.stdout
-    zero = orionlm("generate", "Once upon", "--model", tiny_model, "--threads", "0")
-    assert zero.returncode == 2 and zero.stderr == "orionlm: error: --threads must be at least 1, got 0\n"
+
+
+# The verbs that run torch on the CPU (and so take --threads); the others print, plot or read text only.
+COMPUTING = {"init", "generate", "chat", "quickstart", "train", "serve", "bench", "eval", "leakage", "lm-eval",
+             "merge-lora", "merge", "moe-merge", "quantize", "convert from-hf", "convert to-hf", "convert from-gguf",
+             "convert to-gguf", "convert from-auron", "convert to-auron"}  # fmt: skip
+
+
+def test_every_verb_that_computes_takes_threads():
+    from orionlm.cli import make_parser
+    from orionlm.cli.completion import _commands
+
+    verbs = {path: parser for path, parser in _commands(make_parser()) if parser.get_default("_fn")}
+    assert COMPUTING < set(verbs) and {"info", "plot", "recipes", "tokenizer train", "completion"} <= set(verbs)
+    for path, parser in verbs.items():
+        takes = any("--threads" in action.option_strings for action in parser._actions)
+        assert takes == (path in COMPUTING), path
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core allows only one thread count")
+def test_threads_sets_torchs_threads(tiny_model):
+    """Under OMP_NUM_THREADS=1 torch's default is 1; --threads replaces it. bench reports the count it ran with."""
+    cores = len(os.sched_getaffinity(0))
+    args = ["bench", tiny_model, "--concurrency", "1", "--input-lengths", "4", "--output-tokens", "2",
+            "--requests-per-client", "1", "--json"]  # fmt: skip
+    default = orionlm(*args, env={"OMP_NUM_THREADS": "1"})
+    every_core = orionlm(*args, "--threads", cores, env={"OMP_NUM_THREADS": "1"})
+    assert default.returncode == 0 and every_core.returncode == 0, default.stderr + every_core.stderr
+    assert json.loads(default.stdout)["threads"] == 1 and json.loads(every_core.stdout)["threads"] == cores
+
+
+@pytest.mark.parametrize("threads", [0, -1, len(os.sched_getaffinity(0)) + 1])
+def test_threads_out_of_range_is_one_line(threads, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    result = orionlm("init", tmp_path / "m", "--preset", "tiny-dense", "--threads", threads)
+    assert result.returncode == 2 and not (tmp_path / "m").exists()
+    assert result.stderr == f"orionlm: error: --threads must be from 1 to {cores} (the cores this process may run " \
+                            f"on), got {threads}\n"  # fmt: skip
 
 
 def test_chat_reads_turns_from_stdin(tiny_model):

@@ -14,41 +14,60 @@ import sys
 
 from .._version import __version__
 from ..errors import OrionError
+from .common import compute_setup
 from .parser import Commands, Verb, build_parser, run
 
 COMMANDS: Commands = {
     "info": Verb("model:info", "Print a model's architecture and parameter counts"),
-    "init": Verb("model:init", "Write a randomly initialised model directory for a preset"),
-    "generate": Verb("generate:generate_text", "Generate a continuation of PROMPT and stream it to stdout"),
-    "chat": Verb("generate:chat", "Chat with a model in the terminal, using its chat template"),
-    "quickstart": Verb("train:quickstart", "Train a tiny MoE on the Python standard library's sources"),
-    "train": Verb("train:train_model", "Train a model from a recipe"),
+    "init": Verb("model:init", "Write a randomly initialised model directory for a preset", computes=True),
+    "generate": Verb(
+        "generate:generate_text", "Generate a continuation of PROMPT and stream it to stdout", computes=True
+    ),
+    "chat": Verb("generate:chat", "Chat with a model in the terminal, using its chat template", computes=True),
+    "quickstart": Verb("train:quickstart", "Train a tiny MoE on the Python standard library's sources", computes=True),
+    "train": Verb("train:train_model", "Train a model from a recipe", computes=True),
     "recipes": Verb("train:list_recipes", "List the recipes that ship with orionlm"),
     "plot": Verb("train:plot", "Write charts of a training run"),
-    "serve": Verb("serve:serve_model", "Serve a model over an OpenAI-compatible HTTP API"),
-    "bench": Verb("generate:bench_serving", "Measure serving speed"),
-    "eval": Verb("eval:eval_model", "Evaluate a model"),
-    "leakage": Verb("eval:leakage", "Detect benchmark leakage by shuffling options"),
-    "lm-eval": Verb("eval:lm_eval", "Run lm-evaluation-harness's command line with orionlm registered as a model"),
-    "merge-lora": Verb(
-        "merge:merge_adapter", "Fold a LoRA adapter (PEFT files, written by orionlm or by peft) into its base model"
+    "serve": Verb("serve:serve_model", "Serve a model over an OpenAI-compatible HTTP API", computes=True),
+    "bench": Verb("generate:bench_serving", "Measure serving speed", computes=True),
+    "eval": Verb("eval:eval_model", "Evaluate a model", computes=True),
+    "leakage": Verb("eval:leakage", "Detect benchmark leakage by shuffling options", computes=True),
+    "lm-eval": Verb(
+        "eval:lm_eval", "Run lm-evaluation-harness's command line with orionlm registered as a model", computes=True
     ),
-    "merge": Verb("merge:merge_checkpoints", "Merge models of one architecture into one"),
-    "moe-merge": Verb("merge:assemble_moe", 'Assemble a Mixtral-style MoE ("frankenMoE") from dense models'),
-    "quantize": Verb("quantize:quantize_checkpoint", "Quantize a model's linear layers to GPTQ checkpoints"),
+    "merge-lora": Verb(
+        "merge:merge_adapter",
+        "Fold a LoRA adapter (PEFT files, written by orionlm or by peft) into its base model",
+        computes=True,
+    ),
+    "merge": Verb("merge:merge_checkpoints", "Merge models of one architecture into one", computes=True),
+    "moe-merge": Verb(
+        "merge:assemble_moe", 'Assemble a Mixtral-style MoE ("frankenMoE") from dense models', computes=True
+    ),
+    "quantize": Verb(
+        "quantize:quantize_checkpoint", "Quantize a model's linear layers to GPTQ checkpoints", computes=True
+    ),
     "convert": {
         "from-hf": Verb(
             "convert:convert_from_hf",
             "Convert a Hugging Face model directory (or Hub id) into an orionlm model directory",
+            computes=True,
         ),
-        "to-hf": Verb("convert:convert_to_hf", "Export a model as a Hugging Face directory that transformers loads"),
-        "from-gguf": Verb("convert:convert_from_gguf", "Import a llama- or bloom-architecture GGUF file"),
-        "to-gguf": Verb("convert:convert_to_gguf", "Export a model as a GGUF file for llama.cpp"),
+        "to-hf": Verb(
+            "convert:convert_to_hf", "Export a model as a Hugging Face directory that transformers loads", computes=True
+        ),
+        "from-gguf": Verb(
+            "convert:convert_from_gguf", "Import a llama- or bloom-architecture GGUF file", computes=True
+        ),
+        "to-gguf": Verb("convert:convert_to_gguf", "Export a model as a GGUF file for llama.cpp", computes=True),
         "from-auron": Verb(
             "convert:convert_from_auron",
             "Convert an Auron checkpoint directory (or Hub id) into an orionlm model directory",
+            computes=True,
         ),
-        "to-auron": Verb("convert:convert_to_auron", "Export a chimera-family model in Auron's checkpoint layout"),
+        "to-auron": Verb(
+            "convert:convert_to_auron", "Export a chimera-family model in Auron's checkpoint layout", computes=True
+        ),
     },
     "tokenizer": {"train": Verb("train:tokenizer_train", "Train a byte-level BPE tokenizer on text files")},
     "completion": Verb("completion:completion", "Print a shell completion script (bash or zsh) for orionlm"),
@@ -56,9 +75,9 @@ COMMANDS: Commands = {
 
 
 def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser for the verb that argv names (None: for every verb)."""
+    """The parser for the verb that argv names (None: for every verb); the verbs that compute take --threads."""
     description = "orionlm: define, train, convert, generate with MoE and hybrid language models."
-    return build_parser("orionlm", description, COMMANDS, __version__, argv)
+    return build_parser("orionlm", description, COMMANDS, __version__, argv, compute_setup)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
-"""What several verbs do first: set the CPU threads and load a model (in the dtype asked for), often one that must
-come with its tokenizer."""
+"""What several verbs do first: set the CPU threads (every verb that computes: `compute_setup`, whose options the
+parser gives each of them) and load a model (in the dtype asked for), often one that must come with its
+tokenizer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ from typing import Any, Literal
 from ..errors import OrionError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]  # --dtype; auto: as the weights are stored
+
+
+def compute_setup(*, threads: int | None = None) -> None:
+    """Set up the process for a verb that computes.
+
+    Args:
+        threads: CPU threads for torch (default: one per core this process may use, or OMP_NUM_THREADS); where
+            other processes share the cores, fewer (often 1) can be many times faster
+    """
+    from ..checkpoint import set_threads
+
+    set_threads(threads)
 
 
 def load(model: str, device: str | None, dtype: DType | None):
@@ -30,12 +43,9 @@ def load(model: str, device: str | None, dtype: DType | None):
     return lm, tokenizer, used
 
 
-def load_with_tokenizer(model: str, purpose: str, device: str | None, threads: int | None, dtype: DType | None = None):
-    """(model, tokenizer) on `device` in `dtype`, computing with `threads` CPU threads; a model without a
-    tokenizer is a one-line error saying what needs it."""
-    from ..checkpoint import set_threads
-
-    set_threads(threads)
+def load_with_tokenizer(model: str, purpose: str, device: str | None, dtype: DType | None = None):
+    """(model, tokenizer) on `device` in `dtype`; a model without a tokenizer is a one-line error saying what
+    needs it."""
     lm, tokenizer, _ = load(model, device, dtype)
     if tokenizer is None:
         raise OrionError(f"{model} has no tokenizer.json; {purpose} needs one")

@@ -32,7 +32,6 @@ def eval_model(
     json: bool = False,
     device: str | None = None,
     dtype: DType | None = None,
-    threads: int | None = None,
 ) -> None:
     """Evaluate a model: multiple-choice accuracy (hellaswag, arc_easy, arc_challenge, piqa, mmlu), LAMBADA,
     WikiText perplexity and GSM8K exact match (gsm8k: generation, not in the default list), scored as
@@ -64,7 +63,6 @@ def eval_model(
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
-        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..eval.report import format_table
     from ..eval.run import evaluate
@@ -82,7 +80,7 @@ def eval_model(
         if not sep or not name or not path:
             raise OrionError(f"--task-file takes TASK=PATH, got {item!r}")
         files[name] = Path(path)
-    lm, tokenizer = load_with_tokenizer(model, "evaluation", device, threads, dtype)
+    lm, tokenizer = load_with_tokenizer(model, "evaluation", device, dtype)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     progress = sys.stderr.isatty()  # progress bars on a terminal; in a log they are noise
     report = evaluate(
@@ -139,7 +137,6 @@ def leakage(
     out: Path | None = None,
     device: str | None = None,
     dtype: DType | None = None,
-    threads: int | None = None,
 ) -> None:
     """Detect benchmark leakage by shuffling options (arXiv 2409.01790): for each 4-option item, score all
     24 orderings of its options; flag the items whose published ordering scores highest (max_original,
@@ -159,11 +156,10 @@ def leakage(
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
-        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..eval.leakage import detect, format_report
 
-    lm, tokenizer = load_with_tokenizer(with_revision(model, revision), "scoring", device, threads, dtype)
+    lm, tokenizer = load_with_tokenizer(with_revision(model, revision), "scoring", device, dtype)
     report = detect(lm, tokenizer, items, limit=limit, batch_size=batch_size, progress=sys.stderr.isatty())
     print(format_report(report))
     if out is not None:

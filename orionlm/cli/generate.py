@@ -61,7 +61,6 @@ def generate_text(
     json: bool = False,
     device: str | None = None,
     dtype: DType | None = None,
-    threads: int | None = None,
     **options: Unpack[GenerationOptions],
 ) -> None:
     """Generate a continuation of PROMPT and stream it to stdout; several prompts run as one continuous
@@ -85,12 +84,11 @@ def generate_text(
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
-        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..generation import stream_thoughts
 
     model = with_revision(model, revision)
-    lm, tokenizer = _load(model, "generation", device, threads, dtype, options)
+    lm, tokenizer = _load(model, "generation", device, dtype, options)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts] if chat else prompts
     pieces = stream_thoughts(lm, tokenizer, texts, **_settings(options))
     show = bool(options.get("show_thoughts"))
@@ -100,11 +98,9 @@ def generate_text(
         _print_generation(pieces, len(prompts), show)
 
 
-def _load(
-    model: str, purpose: str, device: str | None, threads: int | None, dtype: DType | None, options: GenerationOptions
-):
+def _load(model: str, purpose: str, device: str | None, dtype: DType | None, options: GenerationOptions):
     """The model and tokenizer, once --show-thoughts is known to have thoughts to show."""
-    lm, tokenizer = load_with_tokenizer(model, purpose, device, threads, dtype)
+    lm, tokenizer = load_with_tokenizer(model, purpose, device, dtype)
     if options.get("show_thoughts") and not lm.config.thinks:
         raise OrionError(
             f"{model} is not a thinking model (it has no <|startthought|> token): it has no thoughts to show"
@@ -162,7 +158,6 @@ def chat(
     system: str | None = None,
     device: str | None = None,
     dtype: DType | None = None,
-    threads: int | None = None,
     **options: Unpack[GenerationOptions],
 ) -> None:
     """Chat with a model in the terminal, using its chat template.
@@ -177,11 +172,10 @@ def chat(
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
-        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     from ..generation import stream_thoughts
 
-    lm, tokenizer = _load(with_revision(model, revision), "chat", device, threads, dtype, options)
+    lm, tokenizer = _load(with_revision(model, revision), "chat", device, dtype, options)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     settings, show = _settings(options), bool(options.get("show_thoughts"))
@@ -222,7 +216,6 @@ def bench_serving(
     json: bool = False,
     device: str | None = None,
     dtype: DType | None = None,
-    threads: int | None = None,
 ) -> None:
     """Measure serving speed: aggregate and per-client tokens/s, time to first token and inter-token
     latency, by concurrency and input length, on the continuous-batching engine the server runs.
@@ -242,14 +235,10 @@ def bench_serving(
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
-        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
     """
     import torch
 
     from ..bench import bench, format_table
-    from ..checkpoint import set_threads
-
-    set_threads(threads)
 
     def numbers(text: str, name: str) -> list[int]:
         try:

@@ -1,6 +1,8 @@
 """Turns typed Python functions into argparse commands: positional-only parameters become
 positional arguments, keyword parameters become --options (and so do the keys of a `**options: Unpack[TD]`
-TypedDict, which lets verbs share options), and the docstring is the --help."""
+TypedDict, which lets verbs share options), and the docstring is the --help. Options that every verb of a kind
+takes and none handles itself (orionlm's --threads for the verbs that compute) are the parameters of one setup
+function, which runs before such a verb."""
 
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ else:  # typing has Unpack from 3.11; before, typing_extensions (a dependency of
 class Verb:
     """A verb of the command table: where its function lives ("module:function", the module in this package)
     and the summary the top-level --help lists. Listing verbs thus imports none of their modules; a test
-    checks that every function's docstring starts with its summary."""
+    checks that every function's docstring starts with its summary. A verb that `computes` also takes the
+    options of the table's setup function (build_parser's `setup`), which runs first."""
 
     target: str
     summary: str
+    computes: bool = False
 
     def load(self) -> Callable[..., Any]:
         module, _, name = self.target.partition(":")
@@ -128,13 +132,20 @@ def _parameters(fn: Callable[..., Any]) -> Iterator[tuple[inspect.Parameter, Any
             yield inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default), key_hint, shared_helps[name]
 
 
-def _add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
-    """fn's docstring as the parser's description, its parameters as arguments."""
+def _add_arguments(
+    parser: argparse.ArgumentParser, fn: Callable[..., Any], setup: Callable[..., None] | None = None
+) -> None:
+    """fn's docstring as the parser's description, its parameters (and setup's, for run to call setup with)
+    as arguments."""
     parser.description = _parse_docstring(fn)[0]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     aliases = getattr(fn, "aliases", {})  # other option names, e.g. {"adapter": ["--lora-model-dir"]}
     for param, hint, help_text in _parameters(fn):
         _add_parameter(parser, param, hint, help_text, aliases.get(param.name, []))
+    if setup is not None:
+        for param, hint, help_text in _parameters(setup):
+            _add_parameter(parser, param, hint, help_text, [])
+        parser.set_defaults(_setup=setup)
     rest = parser.get_default("_rest")
     if rest is not None:  # argparse does not list the words it leaves to the function
         parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()} [{rest.upper()} ...]"
@@ -142,10 +153,17 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> N
 
 
 def build_parser(
-    prog: str, description: str, commands: Commands, version: str, chosen: Sequence[str] | None = None
+    prog: str,
+    description: str,
+    commands: Commands,
+    version: str,
+    chosen: Sequence[str] | None = None,
+    setup: Callable[..., None] | None = None,
 ) -> argparse.ArgumentParser:
     """The parser of a command table. Only the verb that `chosen` (the command line) names gets its arguments,
-    so only its module is imported; chosen=None gives every verb its arguments (for completion scripts)."""
+    so only its module is imported; chosen=None gives every verb its arguments (for completion scripts). The
+    keyword parameters of `setup` are options of every verb that computes too; `run` calls setup with them
+    before the verb."""
     parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"{prog} {version}")
 
@@ -157,7 +175,7 @@ def build_parser(
             if isinstance(entry, Verb):
                 verb_parser = subparsers.add_parser(name, help=entry.summary)
                 if chosen is None or tuple(chosen[: len(here)]) == here:
-                    _add_arguments(verb_parser, entry.load())
+                    _add_arguments(verb_parser, entry.load(), setup if entry.computes else None)
             else:
                 fill(subparsers.add_parser(name, help=f"{name} commands: {', '.join(entry)}"), entry, here)
 
@@ -166,12 +184,14 @@ def build_parser(
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Any:
-    """Parse argv and call the chosen function with the parsed values; a group named without one of its verbs
-    (or no verb at all) prints the group's help and exits with status 2."""
+    """Parse argv and call the chosen function with the parsed values (after the setup function with its own,
+    for a verb that computes); a group named without one of its verbs (or no verb at all) prints the group's help
+    and exits with status 2."""
     namespace, rest = parser.parse_known_args(argv)
     args = vars(namespace)
     group = args.pop("_group")
     fn = args.pop("_fn", None)
+    setup = args.pop("_setup", None)
     rest_name = args.pop("_rest", None)
     if rest_name is not None:
         args[rest_name] = rest
@@ -180,6 +200,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Any:
     if fn is None:
         group.print_help()
         sys.exit(2)
+    if setup is not None:
+        setup(**{name: args.pop(name) for name in inspect.signature(setup).parameters})
     params = inspect.signature(fn).parameters
     positional = []
     for name, param in params.items():

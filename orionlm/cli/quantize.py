@@ -27,7 +27,6 @@ def quantize_checkpoint(
     method: Literal["gptq", "rtn"] = "gptq",
     seed: int = 0,
     device: str | None = None,
-    threads: int | None = None,
     force: bool = False,
     json: bool = False,
 ) -> None:
@@ -61,14 +60,10 @@ def quantize_checkpoint(
         method: gptq (with calibration) or rtn (round to nearest)
         seed: where the calibration samples are taken
         device: cpu, cuda or cuda:N (default: cuda when available)
-        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
         force: replace out if it exists
         json: print the results as one JSON document: out, bits, weight_bytes and each layer's name, method and
             output error (the per-layer lines go to stderr)
     """
-    from ..checkpoint import set_threads
-
-    set_threads(threads)
     from tqdm import tqdm
 
     from ..checkpoint import meta_model, refuse_existing

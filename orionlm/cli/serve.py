@@ -40,7 +40,6 @@ def serve_model(
     no_think: bool = False,
     device: str | None = None,
     dtype: DType | None = None,
-    threads: int | None = None,
     log_level: LogLevel = "warning",
     access_log: bool = False,
 ) -> None:
@@ -74,7 +73,6 @@ def serve_model(
         device: cpu, cuda or cuda:N (default: cuda when available)
         dtype: the weights' dtype in memory: auto (as stored), float32, bfloat16 or float16 (default: float32
             on CPU, bfloat16 on CUDA)
-        threads: CPU threads for torch (default: one per core; on a busy machine fewer can be much faster)
         log_level: uvicorn's log level (warning: only problems; info adds its startup and shutdown)
         access_log: log a line per request (client, method, path, status), whatever the log level
     """
@@ -85,7 +83,7 @@ def serve_model(
     from ..serve.serving import AsyncEngine, Server
 
     with bind(host, port) as sock:
-        lm, tokenizer = load_with_tokenizer(with_revision(model, revision), "the server", device, threads, dtype)
+        lm, tokenizer = load_with_tokenizer(with_revision(model, revision), "the server", device, dtype)
         name = served_model_name or default_served_name(str(model))
         engine = AsyncEngine(
             Engine(lm, max_batch=max_batch, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
