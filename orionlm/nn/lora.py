@@ -51,13 +51,16 @@ class LoRAConfig:
     # "mlp.gate.weight"): the MoE expert stacks, or the weight of a linear layer
     target_parameters: list[str] = field(default_factory=list)
     rslora: bool = False
+    # modules trained fully beside the adapters and saved with them (PEFT's modules_to_save), matched as
+    # target_modules are: a Quiet-STaR run's "thinking" (its mixing head and meta embeddings)
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise OrionError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got {self}")
         if not self.target_modules and not self.target_parameters:
             raise OrionError("LoRA needs target_modules or target_parameters (both are empty)")
-        for key in ("target_modules", "target_parameters"):
+        for key in ("target_modules", "target_parameters", "modules_to_save"):
             value = getattr(self, key)
             if isinstance(value, str) or not all(isinstance(t, str) and t for t in value):
                 raise OrionError(f"LoRA {key} must be a list of non-empty names; got {value!r}")
@@ -72,8 +75,9 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
-    def matches(self, name: str) -> bool:
-        return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in self.target_modules)
+    def matches(self, name: str, targets: list[str] | None = None) -> bool:
+        targets = self.target_modules if targets is None else targets
+        return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
 
     def matches_parameter(self, name: str) -> bool:
         return any(name == t or name.endswith("." + t) for t in self.target_parameters)
@@ -299,8 +303,23 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     for name, params in experts.items():
         stacks = model.get_submodule(name)
         model.set_submodule(name, _wrapper(EXPERT_WRAPPERS, stacks)(stacks, config, params))
+    for name in saved_modules(model, config):
+        model.get_submodule(name).requires_grad_(True)
     model.lora_config = config
     return linears + [f"{name}.{param}" for name, params in experts.items() for param in params]
+
+
+def saved_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The modules config.modules_to_save names: trained fully beside the adapters, so none may hold one."""
+    names = [name for name, _ in model.named_modules() if name and config.matches(name, config.modules_to_save)]
+    unmatched = [t for t in config.modules_to_save if not any(config.matches(n, [t]) for n in names)]
+    if unmatched:
+        raise OrionError(f"no module matches LoRA modules_to_save {unmatched}")
+    for name in names:
+        if any(isinstance(m, ADAPTED) for m in model.get_submodule(name).modules()):
+            raise OrionError(f"LoRA module to save {name} holds adapted layers: a module trains fully or through "
+                             "adapters; narrow target_modules")  # fmt: skip
+    return names
 
 
 def merge_lora(model: nn.Module) -> None:
