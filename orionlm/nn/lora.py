@@ -17,6 +17,9 @@ order, so with both stacks adapted gate_up_proj's factors are `experts.base_laye
 
 The MoE router (target module "gate") is a LoRALinear whose term MoE.route adds to its float32 logits.
 
+LoRAConfig.modules_to_save (PEFT's name) lists modules that train fully beside the adapters, such as a Quiet-STaR
+model's thinking head: apply_lora leaves them trainable, and the adapter file holds their parameters too.
+
 This module knows the full-precision layers only. Which wrapper adapts a layer is looked up by the layer's
 class in LINEAR_WRAPPERS and EXPERT_WRAPPERS, which other packages extend with their own layers (quant.lora:
 the GPTQ ones): the core knows no backend, as in peft, whose GPTQ layer imports its LoRA layer and never the
@@ -51,8 +54,8 @@ class LoRAConfig:
     # "mlp.gate.weight"): the MoE expert stacks, or the weight of a linear layer
     target_parameters: list[str] = field(default_factory=list)
     rslora: bool = False
-    # modules trained fully beside the adapters and saved with them (PEFT's modules_to_save), matched as
-    # target_modules are: a Quiet-STaR run's "thinking" (its mixing head and meta embeddings)
+    # modules trained fully beside the adapters and saved with them (PEFT's modules_to_save), matched as PEFT
+    # matches them, as the end of the module's name: a Quiet-STaR run's "thinking" (mixing head, meta embeddings)
     modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -75,9 +78,8 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
-    def matches(self, name: str, targets: list[str] | None = None) -> bool:
-        targets = self.target_modules if targets is None else targets
-        return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+    def matches(self, name: str) -> bool:
+        return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in self.target_modules)
 
     def matches_parameter(self, name: str) -> bool:
         return any(name == t or name.endswith("." + t) for t in self.target_parameters)
@@ -311,8 +313,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 def saved_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
     """The modules config.modules_to_save names: trained fully beside the adapters, so none may hold one."""
-    names = [name for name, _ in model.named_modules() if name and config.matches(name, config.modules_to_save)]
-    unmatched = [t for t in config.modules_to_save if not any(config.matches(n, [t]) for n in names)]
+    names = [name for name, _ in model.named_modules() if name and name.endswith(tuple(config.modules_to_save))]
+    unmatched = [t for t in config.modules_to_save if not any(name.endswith(t) for name in names)]
     if unmatched:
         raise OrionError(f"no module matches LoRA modules_to_save {unmatched}")
     for name in names:

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from orionlm.checkpoint import save_checkpoint
 from orionlm.cli import main
 from orionlm.config import preset
+from orionlm.convert.peft import thinking_base
 from orionlm.generation import stream_thoughts
-from orionlm.loading import load_model
+from orionlm.loading import load_model, open_adapter_base
 from orionlm.model import END_THOUGHT, START_THOUGHT, OrionLM
 from orionlm.tokenizer import Tokenizer
 from orionlm.train.recipe import RecipeError, load_recipe
@@ -27,7 +28,13 @@ from .test_trainer import write_recipe as write_text_recipe
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 QUIETSTAR = {"n_ahead": 4, "n_ahead_talk": 2, "n_passes": 2}
-IDS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])  # "Hello, world" (bytes)
+# The thinking parts (nn/thinking.py): the meta embeddings and the mixing head (its last layer has no bias)
+THINKING = {"thinking.meta_embeddings", "thinking.mixing_head.4.weight"} | {
+    f"thinking.mixing_head.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")
+}
+FACTORS = {f"model.layers.{i}.self_attn.{m}.lora_{x}.weight" for i in range(2) for m in ("q_proj", "v_proj")
+           for x in "AB"}  # fmt: skip
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +57,8 @@ def trained_by(trainer: Trainer) -> set[str]:
     return {name for name, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def steps_leave_frozen_weights_alone(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Train the run; every frozen tensor is bit for bit what it was, every trained one moved. Returns the
-    trained tensors before training."""
+def steps_leave_frozen_weights_alone(trainer: Trainer) -> None:
+    """Train the run: every frozen tensor is bit for bit what it was, every trained one moved."""
     params = dict(trainer.model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
     try:
@@ -61,7 +67,6 @@ def steps_leave_frozen_weights_alone(trainer: Trainer) -> dict[str, torch.Tensor
         trainer.close()
     for name, p in params.items():
         assert torch.equal(p, before[name]) != p.requires_grad, name
-    return {name: before[name] for name, p in params.items() if p.requires_grad}
 
 
 def untimed(records: list[dict]) -> list[dict]:
@@ -79,41 +84,35 @@ def test_a_lora_section_under_sft_trains_only_the_adapters(tmp_path):
     recipe = load_recipe(write_chat_recipe(tmp_path, base, "sft", lora=LORA, run={"max_steps": 2}))
     assert recipe.mode == "sft" and recipe.adapters.r == 4
     trainer = Trainer(recipe)
-    factors = {f"model.layers.{i}.self_attn.{m}.lora_{x}.weight" for i in range(2) for m in ("q_proj", "v_proj")
-               for x in "AB"}  # fmt: skip
-    assert trained_by(trainer) == factors
+    assert trained_by(trainer) == FACTORS
     steps_leave_frozen_weights_alone(trainer)
     last = find_checkpoints(tmp_path / "run")[-1][1]
     assert not list(last.glob("model*.safetensors"))  # an adapter directory: the frozen base is not copied
-    assert set(load_file(last / "adapter_model.safetensors")) == {f"base_model.model.{n}" for n in factors}
+    assert set(load_file(last / "adapter_model.safetensors")) == {f"base_model.model.{n}" for n in FACTORS}
+
+
+@pytest.fixture(scope="module")
+def thinking_run(tmp_path_factory, text_base) -> tuple[Path, set[str], torch.Tensor]:
+    """A Quiet-STaR run with adapters: its directory, the parameters it trained, its final model's logits."""
+    tmp_path = tmp_path_factory.mktemp("quietstar-lora")
+    trainer = Trainer(quietstar_lora_recipe(tmp_path, text_base))
+    assert trainer.recipe.lora.modules_to_save == ["thinking"]  # said in the saved recipe too
+    trained, model = trained_by(trainer), trainer.model
+    steps_leave_frozen_weights_alone(trainer)
+    return tmp_path / "run", trained, logits(model)
 
 
 def test_quietstar_with_lora_trains_adapters_and_the_thinking_parts_and_merges_into_a_thinking_model(
-    tmp_path, text_base, capsys
+    thinking_run, capsys
 ):
-    trainer = Trainer(quietstar_lora_recipe(tmp_path, text_base))
-    thinking = {
-        "thinking.meta_embeddings",
-        "thinking.mixing_head.0.weight",
-        "thinking.mixing_head.0.bias",
-        "thinking.mixing_head.2.weight",
-        "thinking.mixing_head.2.bias",
-        "thinking.mixing_head.4.weight",
-    }
-    factors = {f"model.layers.{i}.self_attn.{m}.lora_{x}.weight" for i in range(2) for m in ("q_proj", "v_proj")
-               for x in "AB"}  # fmt: skip
-    assert trained_by(trainer) == factors | thinking
-    assert trainer.recipe.lora.modules_to_save == ["thinking"]  # said in the saved recipe too
-    model = trainer.model
-    steps_leave_frozen_weights_alone(trainer)
-    expected = logits(model)
+    run_dir, trained, expected = thinking_run
+    assert trained == FACTORS | THINKING
 
     # The adapter directory: PEFT's files (the thinking head as a module to save) and how the base thinks.
-    run_dir = tmp_path / "run"
     saved = run_dir / "model"
     config = json.loads((saved / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["thinking"]
-    assert set(load_file(saved / "adapter_model.safetensors")) == {f"base_model.model.{n}" for n in factors | thinking}
+    assert set(load_file(saved / "adapter_model.safetensors")) == {f"base_model.model.{n}" for n in FACTORS | THINKING}
     assert json.loads((saved / "thinking_config.json").read_text()) == {"thought_length": 4, "meta_init": "---"}
     assert not list(saved.glob("model*.safetensors"))
     adapted, tokenizer, _ = load_model(saved, device="cpu")  # the base made to think, with the adapter on it
@@ -160,3 +159,17 @@ def test_a_section_that_the_mode_cannot_use_is_an_error(tmp_path, text_base):
         load_recipe(path, ["mode=quietstar", "lora.r=4"])
     with pytest.raises(RecipeError, match="lora: adapters train with one process or DDP: set run.fsdp=false"):
         quietstar_lora_recipe(tmp_path, text_base, "run.fsdp=true")
+
+
+def test_peft_reads_a_quietstar_adapter(thinking_run):
+    """PEFT, given the thinking base, loads the adapter and the thinking head (a module to save) as load_model does."""
+    peft = pytest.importorskip("peft")
+    run_dir, _, expected = thinking_run
+    saved = run_dir / "model"
+    source = open_adapter_base(saved)
+    base = thinking_base(source.load("cpu", torch.float32), source.tokenizer, saved)
+    assert (logits(base) - expected).abs().max() > 1e-4  # what the adapter and the head change
+    config = peft.LoraConfig.from_pretrained(saved)
+    config.task_type = None  # an orionlm model: PEFT's plain wrapper, not the transformers causal-LM one
+    adapted = peft.PeftModel.from_pretrained(base, saved, config=config)
+    torch.testing.assert_close(logits(adapted), expected, atol=1e-6, rtol=0)
