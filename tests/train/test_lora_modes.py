@@ -173,3 +173,11 @@ def test_peft_reads_a_quietstar_adapter(thinking_run):
     config.task_type = None  # an orionlm model: PEFT's plain wrapper, not the transformers causal-LM one
     adapted = peft.PeftModel.from_pretrained(base, saved, config=config)
     torch.testing.assert_close(logits(adapted), expected, atol=1e-6, rtol=0)
+
+
+def test_weight_merges_take_a_quietstar_adapter_only_once_merged(thinking_run):
+    """`orionlm merge` folds factors into base tensors one at a time; the thinking head is no base tensor."""
+    from orionlm.merge.sources import MergeError, open_source
+
+    with pytest.raises(MergeError, match=r"also trains \['thinking'\] fully, .*\(orionlm merge-lora\)"):
+        open_source(str(thinking_run[0] / "model"))
