@@ -190,7 +190,7 @@ def test_convert_round_trip_and_generate(tmp_path, shared_data):
 def thinking_model(tiny_model):
     from orionlm.checkpoint import save_checkpoint
     from orionlm.loading import load_model
-    from orionlm.train.quietstar import add_thought_tokens
+    from orionlm.model import add_thought_tokens
 
     model, tokenizer, _ = load_model(tiny_model)
     model = add_thought_tokens(model, tokenizer, n_ahead=5)

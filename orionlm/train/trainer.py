@@ -1,15 +1,16 @@
 """The training loop: one process on a laptop CPU, or many under torchrun (DDP, or FSDP2 to shard).
 
-Five modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
-base), on text windows or chat rows (data/sft.py), Quiet-STaR (quietstar.py: learning to think, on text
-windows) and DPO (dpo.py: preference pairs, data/preference.py; full, or adapters with a lora section).
-A run directory holds the resolved recipe, run.json (versions, machine, data), metrics.jsonl, the
-tokenizer it trained (if any), the charts, checkpoints, and model/, the final model. Checkpoints are
-checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning or thinking; each is
-a loadable model directory (a PEFT adapter directory for LoRA) plus the training state (optimizer, data
-position, RNG), so `--resume` continues bit-identically on CPU. model/ is the last checkpoint without its
-training state, written when the run ends (a rerun replaces it). The process writing a run holds its lock
-(lock.py): no other run writes into it.
+Its modes: pretraining from scratch, fine-tuning (sft) on text windows or chat rows (data/sft.py), Quiet-STaR
+(quietstar.py: learning to think, on text windows) and DPO (dpo.py: preference pairs, data/preference.py). Every
+mode but pretraining trains either every parameter or, with a `lora:` section (mode lora: sft with adapters), LoRA
+adapters on the frozen base, plus, for Quiet-STaR, the thinking head and meta embeddings in full (DPO's reference
+is then the model with its adapters off). A run directory holds the resolved recipe, run.json (versions, machine,
+data), metrics.jsonl, the tokenizer it trained (if any), the charts, checkpoints, and model/, the final model.
+Checkpoints are checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning or
+thinking; each is a loadable model directory (with adapters: a PEFT adapter directory) plus the training state
+(optimizer, data position, RNG), so `--resume` continues bit-identically on CPU. model/ is the last checkpoint
+without its training state, written when the run ends (a rerun replaces it). The process writing a run holds its
+lock (lock.py): no other run writes into it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from .._version import __version__
 from ..checkpoint import atomic_directory, read_safetensors, save_checkpoint
 from ..config import ModelConfig
-from ..convert.peft import load_adapter, write_adapter
+from ..convert.peft import load_adapter, write_adapter, write_thinking_config
 from ..data import build_dataset, iter_documents
 from ..data.chat import IGNORE
 from ..data.loader import MixtureDataset
@@ -43,7 +44,7 @@ from ..data.preference import build_preference_dataset
 from ..data.sft import ChatDataset, build_chat_dataset
 from ..errors import OrionError, read_json_object
 from ..loading import MODEL_DIR, STATE_JSON, find_checkpoints, load_model, resolve_model_path
-from ..model import OrionLM, add_router_losses, count_parameters
+from ..model import END_THOUGHT, START_THOUGHT, OrionLM, add_router_losses, add_thought_tokens, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
 from .distributed import Dist, full_state, load_full_state, setup_distributed, wrap_model
@@ -52,7 +53,7 @@ from .lock import acquire, release
 from .metrics import Interval, MetricsLog, flops_per_token, measure_peak_flops, throughput
 from .optim import build_optimizer
 from .plot import human_tokens, plot_run
-from .quietstar import QuietStar, add_thought_tokens
+from .quietstar import QuietStar
 from .recipe import Recipe, RecipeError, chat_packing, check_context
 from .schedule import lr_factor
 
@@ -192,7 +193,7 @@ class Trainer:
         self.recipe, self.run = recipe, recipe.run
         self.d = setup_distributed(recipe.run.device)
         self.out_dir = Path(recipe.run.out_dir)
-        self.lora = recipe.adapters
+        self.lora = recipe.adapters is not None
         self.thinking = recipe.quietstar if recipe.mode == "quietstar" else None
         self.preference = recipe.dpo if recipe.mode == "dpo" else None
         self.parts = self.thinking is not None or self.preference is not None  # outputs with metrics to log
@@ -223,8 +224,11 @@ class Trainer:
         self._check_context(base)
         self.tokenizer = prepare_tokenizer(recipe, self.out_dir, d, self.resume_dir, base_tokenizer)
         config = base.config if base is not None else model_config(recipe, self.tokenizer, self.resume_dir)
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise RecipeError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+        # A resumed Quiet-STaR run's tokenizer holds the thought tokens, for which its base model grows (_build_model)
+        thought_tokens = [START_THOUGHT, END_THOUGHT] if self.thinking is not None and not config.thinks else []
+        tokens = self.tokenizer.vocab_size - sum(self.tokenizer.token_to_id(t) is not None for t in thought_tokens)
+        if tokens > config.vocab_size:
+            raise RecipeError(f"the tokenizer has {tokens} tokens, the model {config.vocab_size}")
         packed = chat_packing(recipe, config)
         if d.main:
             self.dataset = self._build_dataset(packed, run.progress)
@@ -344,7 +348,8 @@ class Trainer:
         return build_dataset(self.recipe.data, self.tokenizer, progress=progress)
 
     def _build_model(self, base: OrionLM | None, config: ModelConfig) -> tuple[OrionLM, ModelConfig]:
-        """The model on its device: the base or fresh weights, then the LoRA adapters or the thought tokens."""
+        """The model on its device: the base or fresh weights, then the thought tokens, then the LoRA adapters (which
+        train the thinking head fully: lora.modules_to_save)."""
         run = self.run
         torch.manual_seed(run.seed)
         if base is not None:
@@ -352,14 +357,14 @@ class Trainer:
         else:
             model = OrionLM(config)
             model.reset_parameters(seed=run.seed)
+        if self.thinking is not None:
+            model = add_thought_tokens(model, self.tokenizer, self.thinking.n_ahead, self.thinking.meta_init)
+            config = model.config
         if self.lora:
             if self.resume_dir is not None:
                 load_adapter(model, self.resume_dir)
             else:
-                apply_lora(model, self.recipe.lora)
-        if self.thinking is not None:
-            model = add_thought_tokens(model, self.tokenizer, self.thinking.n_ahead, self.thinking.meta_init)
-            config = model.config
+                apply_lora(model, self.recipe.adapters)
         model.activation_checkpointing = run.activation_checkpointing
         model.to(self.d.device)
         return model, config
@@ -530,6 +535,8 @@ class Trainer:
         if self.lora:
             with atomic_directory(target) as tmp:
                 write_adapter(self.model, tmp, base_model=self.recipe.model.path)
+                if self.thinking is not None:
+                    write_thinking_config(tmp, self.thinking.n_ahead, self.thinking.meta_init)
                 self.tokenizer.save(tmp)
                 write_state(tmp)
         else:
