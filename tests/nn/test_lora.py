@@ -322,3 +322,16 @@ def test_bad_moe_targets_are_refused():
         apply_lora(model, LoRAConfig(target_modules=["lm_head"]))
     with pytest.raises(OrionError, match="target_modules or target_parameters"):
         LoRAConfig(target_modules=[])
+
+
+def test_an_adapted_router_keeps_its_routing_bias_and_merges_with_it():
+    model = _model("tiny-moe", router_bias_update_rate=1e-3)
+    bias = torch.tensor([0.2, -0.1, 0.0, 0.3])
+    model.model.layers[0].mlp.gate.e_score_correction_bias.copy_(bias)
+    names = set(model.state_dict())
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["gate"]))
+    gate = model.model.layers[0].mlp.gate
+    assert isinstance(gate, LoRALinear) and torch.equal(gate.e_score_correction_bias, bias)
+    merge_lora(model)
+    assert set(model.state_dict()) == names
+    assert torch.equal(model.model.layers[0].mlp.gate.e_score_correction_bias, bias)
