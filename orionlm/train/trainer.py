@@ -254,7 +254,7 @@ class Trainer:
             as_inputs(b) for b in self.dataset.val_batches(run.batch_size, max_batches=run.eval_batches)
         ]
         self.interval = Interval(d.device, run.grad_accum)
-        self.expert_load = ExpertLoad(self.config, d)
+        self.expert_load = ExpertLoad(self.config, d, move_bias=not self.lora)
 
     def _plan_steps(self) -> None:
         """Check the run's length and sharding settings and size a step; count the steps when that needs no data."""

@@ -35,6 +35,10 @@ def test_bias_moves_by_the_load_of_the_whole_step():
     biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in model.model.layers])
     torch.testing.assert_close(biases, expected)
     assert load.counts is None  # the next step counts anew
+    frozen = ExpertLoad(model.config, CPU, move_bias=False)  # a LoRA run: the base's bias stays
+    frozen.add(model(_batches(1)[0]))
+    frozen.end_step(model)
+    assert torch.equal(torch.stack([layer.mlp.gate.e_score_correction_bias for layer in model.model.layers]), biases)
 
 
 def test_global_batch_loss_reads_the_step_so_far_and_equals_the_batch_given_at_once():
