@@ -211,7 +211,9 @@ class OrionLM(nn.Module):
         out.router_logits, out.expert_counts = router_logits, torch.stack(counts)
         # The router losses only train the router; generation (inference mode) skips their cost.
         if not torch.is_inference_mode_enabled():
-            out.aux_loss = load_balancing_loss(router_logits, self.config.experts_per_token)
+            out.aux_loss = load_balancing_loss(
+                router_logits, self.config.experts_per_token, out.expert_counts, self.config.router_aux_loss_per_layer
+            )
             out.z_loss = router_z_loss(router_logits)
         return out
 

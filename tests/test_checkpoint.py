@@ -46,6 +46,18 @@ def test_round_trip_is_exact(saved):
     assert generation["eos_token_id"] == [256, 258]  # <|endoftext|>, <|im_end|>
 
 
+def test_a_routing_bias_is_saved_and_used_after_loading(tmp_path):
+    model = OrionLM(preset("tiny-moe", router_bias_update_rate=1e-3)).eval()
+    bias = torch.tensor([0.5, 0.0, -0.5, 0.25])
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias.copy_(bias)
+    loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "model"), device="cpu")
+    assert loaded.config.router_score_bias and loaded.config.router_bias_update_rate == 1e-3
+    assert torch.equal(loaded.model.layers[1].mlp.gate.e_score_correction_bias, bias)
+    x = torch.randn(9, model.config.hidden_size)
+    assert torch.equal(loaded.model.layers[1].mlp.route(x)[2], model.model.layers[1].mlp.route(x)[2])
+
+
 def test_save_model_round_trips_with_load_model(saved, tmp_path):
     import orionlm
 

@@ -120,6 +120,7 @@ class LoRALinear(LowRank, Linear):
     def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # the same parameters, not copies
+        _adopt_buffers(self, base)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -131,7 +132,14 @@ class LoRALinear(LowRank, Linear):
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         layer.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype).contiguous())
         layer.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
+        _adopt_buffers(layer, self)
         return layer
+
+
+def _adopt_buffers(layer: nn.Module, base: nn.Module) -> None:
+    """base's own buffers (a router's e_score_correction_bias), the same tensors, on the layer that replaces it."""
+    for name, buffer in base.named_buffers(recurse=False):
+        layer.register_buffer(name, buffer)
 
 
 class ExpertLowRank:

@@ -110,6 +110,7 @@ class QuietStarOutput:
     aux_loss: torch.Tensor | None  # the text pass's MoE router losses
     z_loss: torch.Tensor | None
     expert_counts: torch.Tensor | None
+    router_logits: list[torch.Tensor] | None  # the text pass's, per MoE layer (global-batch balancing reads them)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for the log
 
 
@@ -199,7 +200,7 @@ def quietstar_loss(
         "policy_loss": policy_loss,
         "mix_weight": _masked_mean(torch.stack(weights).mean(0), scored),
     }
-    return QuietStarOutput(loss, first.aux_loss, first.z_loss, first.expert_counts,
+    return QuietStarOutput(loss, first.aux_loss, first.z_loss, first.expert_counts, first.router_logits,
                            {k: v.detach() for k, v in metrics.items()})  # fmt: skip
 
 

@@ -47,6 +47,7 @@ from ..loading import MODEL_DIR, STATE_JSON, find_checkpoints, load_model, resol
 from ..model import END_THOUGHT, START_THOUGHT, OrionLM, add_router_losses, add_thought_tokens, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
+from .balance import ExpertLoad
 from .distributed import Dist, full_state, load_full_state, setup_distributed, wrap_model
 from .dpo import DPO
 from .lock import acquire, release
@@ -270,6 +271,7 @@ class Trainer:
             as_inputs(b) for b in self.dataset.val_batches(run.batch_size, max_batches=run.eval_batches)
         ]
         self.interval = Interval(d.device, run.grad_accum)
+        self.expert_load = ExpertLoad(self.config, d, move_bias=not self.lora)
 
     def _plan_steps(self) -> None:
         """Check the run's length and sharding settings and size a step; count the steps when that needs no data."""
@@ -449,6 +451,7 @@ class Trainer:
         no_sync = self.d.world_size > 1 and not self.run.fsdp and not sync
         with self.wrapped.no_sync() if no_sync else contextlib.nullcontext(), self.autocast:
             out = self.wrapped(**to_device(batch, self.d.device))
+            self.expert_load.add(out)
             total = add_router_losses(out.loss * weight, out, self.config)
             (total / self.run.grad_accum).backward()
         return out
@@ -466,6 +469,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.expert_load.end_step(self.model)
         self.step += 1
         self.tokens += self.tokens_per_step
         self.interval.steps += 1

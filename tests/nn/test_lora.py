@@ -354,3 +354,16 @@ def test_modules_to_save_must_exist_and_hold_no_adapter(thinking_model):
     adapted_head = LoRAConfig(target_modules=["q_proj", r"thinking\.mixing_head\.0"], modules_to_save=["thinking"])
     with pytest.raises(OrionError, match="LoRA module to save thinking holds adapted layers"):
         apply_lora(thinking_model("tiny-dense"), adapted_head)
+
+
+def test_an_adapted_router_keeps_its_routing_bias_and_merges_with_it():
+    model = _model("tiny-moe", router_bias_update_rate=1e-3)
+    bias = torch.tensor([0.2, -0.1, 0.0, 0.3])
+    model.model.layers[0].mlp.gate.e_score_correction_bias.copy_(bias)
+    names = set(model.state_dict())
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["gate"]))
+    gate = model.model.layers[0].mlp.gate
+    assert isinstance(gate, LoRALinear) and torch.equal(gate.e_score_correction_bias, bias)
+    merge_lora(model)
+    assert set(model.state_dict()) == names
+    assert torch.equal(model.model.layers[0].mlp.gate.e_score_correction_bias, bias)

@@ -375,13 +375,13 @@ def batches_of(base: Path, batch_size: int) -> list[dict]:
 def test_dpo_recipe_errors(tmp_path, base):
     with pytest.raises(RecipeError, match="mode: dpo tunes a trained model: give model.path"):
         load_recipe(write_recipe(tmp_path, base), ["--model.path=null", "--model.preset=tiny-dense"])
-    with pytest.raises(RecipeError, match="the dpo section is read with mode: dpo only"):
+    with pytest.raises(RecipeError, match="dpo: the section is for mode: dpo, not sft"):
         load_recipe(write_recipe(tmp_path, base, mode="sft", dpo={"beta": 0.2}))
     with pytest.raises(RecipeError, match="smooths the sigmoid loss"):
         load_recipe(write_recipe(tmp_path, base, dpo={"loss_type": "ipo", "label_smoothing": 0.1}))
     with pytest.raises(RecipeError, match="set data.format=chat and data.train_on_all=false"):
         load_recipe(write_recipe(tmp_path, base), ["--data.train_on_all=true"])
-    with pytest.raises(RecipeError, match="mode: dpo trains low-rank factors with AdamW"):
+    with pytest.raises(RecipeError, match="lora: adapters train low-rank factors with AdamW"):
         load_recipe(write_recipe(tmp_path, base, lora=LORA), ["--optim.name=muon"])
     assert load_recipe(write_recipe(tmp_path, base, lora=LORA)).adapters
     assert not load_recipe(write_recipe(tmp_path, base)).adapters
