@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_BATCH = 16  # up to this many rows, a product streams the weight: spread its columns over the threads
+SMALL_BATCH = 16  # up to this many rows, a product streams the weight: spread its outputs over the threads
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; a few rows (decoding) times a weight in the decode layout (column-major, or a row-major one
-    with fewer outputs than inputs, outside autograd) run as one bmm over per-thread blocks of the outputs."""
+    """F.linear; a few rows (decoding) times a weight in the decode layout (column-major, or on CPU outside
+    autograd a row-major one with fewer outputs than inputs) run as one bmm over per-thread blocks of the
+    outputs."""
     N, K = weight.shape
     threads = torch.get_num_threads()
     rows = x.numel() // K if K else 0
@@ -32,7 +33,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if weight.stride() == (1, N):
         blocks = weight.t().view(K, threads, N // threads).transpose(0, 1)  # (P, K, N/P), views of the columns
-    elif N < K and weight.stride() == (K, 1) and not torch.is_grad_enabled():
+    elif N < K and weight.stride() == (K, 1) and weight.device.type == "cpu" and not torch.is_grad_enabled():
         blocks = weight.view(threads, N // threads, K).transpose(1, 2)  # (P, K, N/P), views of the rows
     else:
         return F.linear(x, weight, bias)
