@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 import torch
@@ -194,20 +193,3 @@ def test_lazy_tensors_stream_into_shards(tmp_path):
     assert written.specs == lazy.specs
     for name in lazy:
         assert torch.equal(written[name], lazy[name]), name
-
-
-def test_set_threads():
-    from orionlm.checkpoint import set_threads, usable_cores
-
-    assert usable_cores() == len(os.sched_getaffinity(0))
-    before = torch.get_num_threads()
-    try:
-        set_threads(1)
-        assert torch.get_num_threads() == 1
-        set_threads(None)  # torch's default stays
-        assert torch.get_num_threads() == 1
-        with pytest.raises(OrionError, match="--threads must be from 1 to"):
-            set_threads(usable_cores() + 1)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

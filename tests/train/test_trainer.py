@@ -17,15 +17,8 @@ from orionlm.tokenizer import Tokenizer
 from orionlm.train.distributed import Dist
 from orionlm.train.metrics import MetricsLog, flops_per_token, throughput
 from orionlm.train.recipe import RecipeError, load_recipe
-from orionlm.train.trainer import (
-    STATE_FILE,
-    STATE_JSON,
-    TRAINED_FOR,
-    Trainer,
-    find_checkpoints,
-    prepare_tokenizer,
-    train,
-)
+from orionlm.train.run_tokenizer import TRAINED_FOR, prepare_tokenizer
+from orionlm.train.trainer import STATE_FILE, STATE_JSON, Trainer, find_checkpoints, train
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small real text files on every machine
 
