@@ -28,6 +28,8 @@ from orionlm.train.plot import pyplot, run_figures
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import find_checkpoints, train
 
+from .test_finetune import write_recipe as write_chat_recipe
+
 TOK = Tokenizer.byte_level()
 
 
@@ -292,23 +294,10 @@ def base(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("base"), "tiny-moe")
 
 
-def write_recipe(tmp_path: Path, base: Path, **sections) -> Path:
-    import yaml
-
-    recipe = {
-        "mode": "dpo",
-        "model": {"path": str(base / "model")},
-        "data": {"sources": [{"path": str(base / "pairs.jsonl")}], "seq_len": 192, "val_fraction": 0.1},
-        "optim": {"lr": 3e-3},
-        "schedule": {"kind": "cosine", "warmup_steps": 1},
-        "run": {"out_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 2, "log_every": 1,
-                "eval_every": 3, "eval_batches": 2, "save_every_steps": 3, "keep_last": 0, "progress": False,
-                "plot": False, "tensorboard": False},
-    }  # fmt: skip
-    recipe |= sections
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return tmp_path / "recipe.yaml"
+def write_recipe(tmp_path: Path, base: Path, mode: str = "dpo", **sections) -> Path:
+    """test_finetune's recipe (a tiny chat model, 6 steps) on the pairs."""
+    data = {"sources": [{"path": str(base / "pairs.jsonl")}], "seq_len": 192}
+    return write_chat_recipe(tmp_path, base, mode, data=data, **sections)
 
 
 def records(run_dir: Path) -> list[dict]:
