@@ -181,6 +181,11 @@ class Trainer:
         d.barrier()
         if not d.main:  # text: the cache rank 0 wrote
             self.dataset = self._build_dataset(packed, False)
+        if recipe.mode == "dpo" and not packed:  # padded, each of a step's batch_size pairs is two rows
+            self.tokens_per_step *= 2
+            if run.max_tokens is not None:
+                self.total_steps = math.ceil(run.max_tokens / self.tokens_per_step)
+                self._check_schedule()
         if run.max_epochs is not None:
             self.total_steps = max(1, math.ceil(run.max_epochs * sum(self.dataset.train_windows) / self.rows_per_step))
             self._check_schedule()

@@ -355,6 +355,19 @@ def test_accumulated_micro_batches_weigh_every_pair_equally(tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_tokens_count_both_rows_of_a_padded_pair(tmp_path, base, packing):
+    """A step of batch_size packed rows holds batch_size * seq_len token slots; padded, each of its batch_size pairs
+    is two rows, twice that. The token budget (max_tokens) is counted in those slots."""
+    run = train(load_recipe(write_recipe(tmp_path, base), [f"--data.packing={packing}", "--run.max_steps=null",
+                                                              "--run.max_tokens=1500"]))  # fmt: skip
+    slots = 2 * 192 * (1 if packing else 2)
+    assert json.loads((run / "run.json").read_text())["tokens_per_step"] == slots
+    steps = [r for r in records(run) if r["step"] > 0]
+    assert len(steps) == math.ceil(1500 / slots)
+    assert [r["tokens"] for r in steps] == [slots * r["step"] for r in steps]
+
+
 def batches_of(base: Path, batch_size: int) -> list[dict]:
     config = DataConfig(sources=[str(base / "pairs.jsonl")], seq_len=256, val_fraction=0.1)
     loader = build_preference_dataset(config, TOK, packed=True, progress=False).train_loader(batch_size)
