@@ -32,6 +32,9 @@ from .pack import (
 # a block stays in cache and in memory the allocator reuses, where a whole fresh float weight costs page faults.
 DEQUANT_BLOCK = 2**20
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
+# Up to this many float32 input rows (decoding) multiply by the layer's int8 codes; more (prefill, training) by the
+# dequantized weight, whose single large matmul is then faster than a matmul per group.
+CODES_ROWS = 16
 
 
 class QuantLinear(nn.Module):
@@ -126,20 +129,50 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.keep_dequantized:
             return F.linear(x, self._cached("dense", x.dtype, lambda: self.dequantize(x.dtype)), bias)
+        rows = x.reshape(-1, self.in_features)
+        y = None
         # the int4 kernel has no backward: a bf16 input that needs a gradient (adapter training) takes the
         # dequantizing path
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (x.requires_grad and torch.is_grad_enabled()):
-            int4 = self._cached("int4", x.dtype, lambda: self._int4_layout(x.dtype))
-            if int4 is not None:
-                perm, group_size, weight, scales_and_zeros = int4
-                rows = x.reshape(-1, self.in_features)
-                rows = rows[:, perm] if perm is not None else rows.contiguous()
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
-                y = y.reshape(*x.shape[:-1], self.out_features)
-                return y if bias is None else y + bias
+            y = self._int4_matmul(rows)
+        elif x.device.type == "cpu" and x.dtype == torch.float32 and len(rows) <= CODES_ROWS:
+            y = self._codes_matmul(rows)
+        if y is not None:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if bias is None else y + bias
         if x.device.type != "cpu" or self.in_features * self.out_features <= DEQUANT_BLOCK:
             return F.linear(x, self.dequantize(x.dtype), bias)
         return self._blockwise(x, bias)
+
+    def _int4_matmul(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """rows (M, K) bf16 times W through torch's int4 kernel, or None where it cannot run this layer."""
+        int4 = self._cached("int4", rows.dtype, lambda: self._int4_layout(rows.dtype))
+        if int4 is None:
+            return None
+        perm, group_size, weight, scales_and_zeros = int4
+        rows = rows[:, perm] if perm is not None else rows.contiguous()
+        if self.bits == 8:  # the low and the high 4 bits of each code are two inputs of the kernel (_int4_layout)
+            rows = torch.cat([rows, rows], dim=1)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
+
+    def _codes_matmul(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """rows (M, K) float32 times W from the codes (_codes_layout), or None where the groups do not tile K:
+        y = sum over groups g of scale_g * (x_g @ c_g) - (sum of x_g) * scale_g * (zero_g - offset), with c the
+        codes minus offset as int8. Only a chunk of groups is ever float (in cache); the weight stream is one
+        byte per weight."""
+        layout = self._cached("codes", rows.dtype, self._codes_layout)
+        if layout is None:
+            return None
+        perm, codes, scale, zero_term = layout
+        G, group_size, N = codes.shape
+        rows = rows[:, perm] if perm is not None else rows
+        groups = rows.reshape(len(rows), G, group_size).transpose(0, 1)  # (G, M, group_size)
+        y = groups.sum(-1).t() @ zero_term  # (M, N)
+        step = max(1, DEQUANT_BLOCK // (group_size * N))
+        for start in range(0, G, step):
+            part = torch.bmm(groups[start : start + step], codes[start : start + step].float())  # (g, M, N)
+            y = y + (part * scale[start : start + step]).sum(0)
+        return y
 
     def _in_order(self) -> bool:
         """Whether the groups are runs of group_size consecutive inputs that tile in_features exactly, so a
@@ -183,33 +216,65 @@ class QuantLinear(nn.Module):
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
-    def _int4_layout(self, dtype: torch.dtype) -> tuple | None:
-        """What torch's CPU int4 kernel needs, or None where it cannot run this layer: (the permutation of the
-        inputs that makes the groups contiguous, or None, the group size, the weight in the kernel's layout, the
-        scales and zeros (G, N, 2) as `dtype`). The kernel computes (q - 8) * scale + offset, so the offset of
-        scale * (q - zero) is scale * (8 - zero)."""
-        K, N = self.in_features, self.out_features
+    def _group_order(self) -> tuple[torch.Tensor | None, int] | None:
+        """(the permutation of the inputs that makes each group a run of group_size consecutive inputs, or None
+        when they already are, group_size, K for -1), or None where the groups cannot be such runs (a last group
+        shorter than the others)."""
+        K = self.in_features
         group_size = K if self.group_size == -1 else self.group_size
-        if (
-            self.bits > 4
-            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-            or group_size not in INT4_GROUP_SIZES
-            or K % group_size
-            or N % 16
-        ):
+        if K % group_size:
             return None
         perm = torch.argsort(self.g_idx, stable=True)
-        if not torch.equal(self.g_idx[perm], default_g_idx(K, group_size)):
+        if not torch.equal(self.g_idx[perm], default_g_idx(K, group_size, perm.device)):
             return None
-        if torch.equal(perm, torch.arange(K)):
-            perm = None
-        q = unpack_rows(self.qweight, self.bits)  # (K, N)
-        q = (q if perm is None else q[perm]).t().contiguous()
-        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        scale = self.scales.float()
+        return (None if torch.equal(perm, torch.arange(K, device=perm.device)) else perm), group_size
+
+    def _ordered_params(self, perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The codes (K, N) int32 in the order of perm, and the zero points and scales (G, N) (int32, float32)."""
+        q = unpack_rows(self.qweight, self.bits)
         zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
-        scales_and_zeros = torch.stack([scale, scale * (8 - zero)], dim=-1).to(dtype).contiguous()
-        return perm, group_size, weight, scales_and_zeros
+        return (q if perm is None else q[perm]), zero, self.scales.float()
+
+    def _codes_layout(self) -> tuple | None:
+        """What _codes_matmul needs, or None where the groups do not tile the inputs: (the input permutation or
+        None, the codes minus 2**(bits-1) as int8 (G, group_size, N), the scales (G, 1, N) and the zero term
+        -scale * (zero - 2**(bits-1)) (G, N) in float32). Centering the codes keeps the zero term small (0 for
+        symmetric quantization), so the two sums cancel little."""
+        order = self._group_order()
+        if order is None:
+            return None
+        perm, group_size = order
+        q, zero, scale = self._ordered_params(perm)
+        offset = 2 ** (self.bits - 1)
+        codes = (q - offset).to(torch.int8).view(-1, group_size, self.out_features)
+        return perm, codes, scale[:, None], -scale * (zero - offset)
+
+    def _int4_layout(self, dtype: torch.dtype) -> tuple | None:
+        """What torch's CPU int4 kernel needs, or None where it cannot run this layer: (the input permutation or
+        None, the kernel's group size, the weight in the kernel's layout, the scales and zeros (G, N, 2) as
+        `dtype`). The kernel computes (c - 8) * scale + offset for 4-bit values c, so the offset of
+        scale * (c - zero) is scale * (8 - zero). Its group size is the largest it accepts that divides the
+        layer's (whose scales repeat). An 8-bit code q = 16 * h + l is two 4-bit ones: the kernel's inputs are x
+        twice, the first K columns hold l (scale, zero l's part z % 16), the next K h (16 * scale, z // 16)."""
+        order = self._group_order()
+        N = self.out_features
+        if order is None or N % 16 or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return None
+        perm, group_size = order
+        kernel_group = next((size for size in reversed(INT4_GROUP_SIZES) if group_size % size == 0), None)
+        if kernel_group is None:
+            return None
+        q, zero, scale = self._ordered_params(perm)
+        q = q.t()  # (N, K)
+        halves = (
+            [(q, zero, scale)] if self.bits <= 4 else [(q % 16, zero % 16, scale), (q // 16, zero // 16, 16 * scale)]
+        )
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.cat([h[0] for h in halves], dim=1).contiguous(), 1
+        )
+        scales_and_zeros = torch.cat([torch.stack([s, s * (8 - z)], dim=-1) for _, z, s in halves])
+        scales_and_zeros = scales_and_zeros.repeat_interleave(group_size // kernel_group, dim=0)
+        return perm, kernel_group, weight, scales_and_zeros.to(dtype).contiguous()
 
     def _cached(self, kind: str, dtype: torch.dtype, build: Callable[[], Any]) -> Any:
         tensors = (self.qweight, self.qzeros, self.scales, self.g_idx)
