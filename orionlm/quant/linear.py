@@ -167,11 +167,12 @@ class QuantLinear(nn.Module):
         G, group_size, N = codes.shape
         rows = rows[:, perm] if perm is not None else rows
         groups = rows.reshape(len(rows), G, group_size).transpose(0, 1)  # (G, M, group_size)
-        y = groups.sum(-1).t() @ zero_term  # (M, N)
+        y = None if zero_term is None else groups.sum(-1).t() @ zero_term  # (M, N)
         step = max(1, DEQUANT_BLOCK // (group_size * N))
         for start in range(0, G, step):
             part = torch.bmm(groups[start : start + step], codes[start : start + step].float())  # (g, M, N)
-            y = y + (part * scale[start : start + step]).sum(0)
+            part = (part * scale[start : start + step]).sum(0)
+            y = part if y is None else y + part
         return y
 
     def _in_order(self) -> bool:
@@ -238,8 +239,8 @@ class QuantLinear(nn.Module):
     def _codes_layout(self) -> tuple | None:
         """What _codes_matmul needs, or None where the groups do not tile the inputs: (the input permutation or
         None, the codes minus 2**(bits-1) as int8 (G, group_size, N), the scales (G, 1, N) and the zero term
-        -scale * (zero - 2**(bits-1)) (G, N) in float32). Centering the codes keeps the zero term small (0 for
-        symmetric quantization), so the two sums cancel little."""
+        -scale * (zero - 2**(bits-1)) (G, N) in float32, None where it is 0: symmetric quantization). Centering
+        the codes keeps the zero term small, so the two sums cancel little."""
         order = self._group_order()
         if order is None:
             return None
@@ -247,7 +248,8 @@ class QuantLinear(nn.Module):
         q, zero, scale = self._ordered_params(perm)
         offset = 2 ** (self.bits - 1)
         codes = (q - offset).to(torch.int8).view(-1, group_size, self.out_features)
-        return perm, codes, scale[:, None], -scale * (zero - offset)
+        zero_term = None if torch.all(zero == offset) else -scale * (zero - offset)
+        return perm, codes, scale[:, None], zero_term
 
     def _int4_layout(self, dtype: torch.dtype) -> tuple | None:
         """What torch's CPU int4 kernel needs, or None where it cannot run this layer: (the input permutation or
