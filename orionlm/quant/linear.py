@@ -32,8 +32,8 @@ from .pack import (
 # a block stays in cache and in memory the allocator reuses, where a whole fresh float weight costs page faults.
 DEQUANT_BLOCK = 2**20
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
-# Up to this many float32 input rows (decoding) multiply by the layer's int8 codes; more (prefill, training) by the
-# dequantized weight, whose single large matmul is then faster than a matmul per group.
+# Up to this many float32 input rows (decoding) multiply by the layer's int8 codes group by group; more (prefill,
+# training) by the weight dequantized from the codes a block at a time, whose large matmuls are then faster.
 CODES_ROWS = 16
 
 
@@ -44,14 +44,19 @@ class QuantLinear(nn.Module):
     forward(x) returns F.linear(x, W, bias) in x's dtype, W the dequantized weight, through the first of:
     - keep_dequantized=True: W is built once per dtype and device and kept (the speed and the memory of an
       unquantized layer);
-    - on CPU, a bfloat16 x that needs no gradient and 2, 3 or 4 bits (group size 32-256, out_features a
-      multiple of 16; act-order works by permuting x): torch's int4 matrix kernel on the codes repacked as 4-bit
-      values (a 2- or 3-bit code is a 4-bit one that leaves the top values unused), with scales and zeros
-      rounded to bfloat16;
-    - otherwise W is rebuilt on every call; on CPU a large W is built and multiplied a block of input rows at a
-      time, in float32.
-    The int4 layout and the kept W are derived caches, not state: they are rebuilt when the buffers are replaced
-    (load_state_dict, .to()).
+    - on CPU, a bfloat16 x that needs no gradient (group size a multiple of 32, 64, 128 or 256, or -1 with
+      in_features such a multiple; out_features a multiple of 16; act-order works by permuting x): torch's int4
+      matrix kernel on the codes repacked as 4-bit values (a 2- or 3-bit code is a 4-bit one that leaves the top
+      values unused; an 8-bit code is two 4-bit ones, its low and high halves), with scales and zeros rounded to
+      bfloat16;
+    - on CPU, a float32 x (the groups must tile in_features): the codes, kept as int8 (one byte per weight); up to
+      CODES_ROWS rows (decoding) multiply them group by group with the scales applied to the per-group sums, so
+      no float copy of W is made beyond a block of groups at a time; more rows multiply W built from them a block
+      of groups at a time (float32 rounding apart from F.linear; both keep the input's gradient);
+    - otherwise W is rebuilt on every call (unpacked from qweight); on CPU a large W is built and multiplied a block
+      of input rows at a time, in float32.
+    The int4 and int8 layouts and the kept W are derived caches, not state: they are rebuilt when the buffers are
+    replaced (load_state_dict, .to()).
     """
 
     def __init__(
@@ -135,7 +140,7 @@ class QuantLinear(nn.Module):
         # dequantizing path
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (x.requires_grad and torch.is_grad_enabled()):
             y = self._int4_matmul(rows)
-        elif x.device.type == "cpu" and x.dtype == torch.float32 and len(rows) <= CODES_ROWS:
+        elif x.device.type == "cpu" and x.dtype == torch.float32:
             y = self._codes_matmul(rows)
         if y is not None:
             y = y.reshape(*x.shape[:-1], self.out_features)
@@ -156,19 +161,29 @@ class QuantLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
 
     def _codes_matmul(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """rows (M, K) float32 times W from the codes (_codes_layout), or None where the groups do not tile K:
-        y = sum over groups g of scale_g * (x_g @ c_g) - (sum of x_g) * scale_g * (zero_g - offset), with c the
-        codes minus offset as int8. Only a chunk of groups is ever float (in cache); the weight stream is one
-        byte per weight."""
+        """rows (M, K) float32 times W from the codes (_codes_layout), or None where the groups do not tile K.
+        Up to CODES_ROWS rows: y = sum over groups g of scale_g * (x_g @ c_g) + (sum of x_g) * zero_term_g, c the
+        centred codes, so the weight stream is one byte per weight and only a block of groups is ever float (in
+        cache). More rows: W = scale * c + zero_term (exactly dequantize()'s values) a block of groups at a time,
+        each block one matmul."""
         layout = self._cached("codes", rows.dtype, self._codes_layout)
         if layout is None:
             return None
         perm, codes, scale, zero_term = layout
         G, group_size, N = codes.shape
         rows = rows[:, perm] if perm is not None else rows
+        step = max(1, DEQUANT_BLOCK // (group_size * N))
+        if len(rows) > CODES_ROWS:
+            y = rows.new_zeros(len(rows), N)
+            for start in range(0, G, step):
+                weight = codes[start : start + step].float().mul_(scale[start : start + step])
+                if zero_term is not None:
+                    weight.add_(zero_term[start : start + step, None])
+                columns = rows[:, start * group_size : (start + step) * group_size]
+                y.addmm_(columns, weight.view(-1, N))
+            return y
         groups = rows.reshape(len(rows), G, group_size).transpose(0, 1)  # (G, M, group_size)
         y = None if zero_term is None else groups.sum(-1).t() @ zero_term  # (M, N)
-        step = max(1, DEQUANT_BLOCK // (group_size * N))
         for start in range(0, G, step):
             part = torch.bmm(groups[start : start + step], codes[start : start + step].float())  # (g, M, N)
             part = (part * scale[start : start + step]).sum(0)

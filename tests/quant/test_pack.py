@@ -198,12 +198,11 @@ def test_state_dict_is_the_checkpoint():
 @pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (32, True)])
 def test_forward_equals_f_linear_on_the_dequantized_weight(bits, group_size, act_order):
     module, weight, bias = layer(bits=bits, group_size=group_size, act_order=act_order)
-    x = torch.randn(3, CODES_ROWS, 128)  # more rows than decoding: the dequantized weight
-    dequantized = module.dequantize()
-    assert torch.equal(dequantized, weight)
-    # the same values as `weight`, in the layout the module picks (summation order follows the layout)
-    assert torch.equal(module(x), F.linear(x, dequantized, bias))
+    x = torch.randn(3, CODES_ROWS, 128)  # more rows than decoding: the weight built from the codes
+    assert torch.equal(module.dequantize(), weight)
+    # the same weight; act-order permutes the inputs, so the sums run in another order
     torch.testing.assert_close(module(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    assert module._cache[0][0] == "codes"
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -227,13 +226,17 @@ def test_float32_decoding_falls_back_where_the_groups_do_not_tile_the_inputs():
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (64, True), (48, False)])
-def test_blockwise_cpu_path_equals_f_linear(monkeypatch, bits, group_size, act_order):
-    monkeypatch.setattr("orionlm.quant.linear.DEQUANT_BLOCK", 64 * 64)  # blocks of 64 inputs, several per layer
+@pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (64, True), (48, False), (80, False)])
+@pytest.mark.parametrize("rows", [3, CODES_ROWS + 1])
+def test_blockwise_cpu_paths_equal_f_linear(monkeypatch, bits, group_size, act_order, rows):
+    # blocks of 64 inputs, several per layer: from the int8 codes a block of groups at a time, or (groups of 80,
+    # which do not tile 192 inputs) by unpacking a block of rows at a time
+    monkeypatch.setattr("orionlm.quant.linear.DEQUANT_BLOCK", 64 * 64)
     module, weight, bias = layer(N=64, K=192, bits=bits, group_size=group_size, act_order=act_order)
-    x = torch.randn(3, 192)
+    x = torch.randn(rows, 192)
     # blocks of 64 inputs sum in another order than one matmul: float32 rounding of a 192-term sum apart
     torch.testing.assert_close(module(x), F.linear(x, weight, bias), atol=5e-5, rtol=1e-5)
+    assert (module._cache[1] is None) == (group_size == 80)
     assert torch.equal(module.dequantize(), weight)
 
 
