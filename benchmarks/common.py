@@ -47,6 +47,16 @@ def machine_line() -> str:
             f"{torch.get_num_threads()} threads")  # fmt: skip
 
 
+def read_bandwidth(data: torch.Tensor, sums: int = 3) -> float:
+    """Bytes per second of the fastest of `sums` sums over `data` (too large for any cache)."""
+    fastest = float("inf")
+    for _ in range(sums):
+        start = time.perf_counter()
+        data.sum()
+        fastest = min(fastest, time.perf_counter() - start)
+    return data.numel() * data.element_size() / fastest
+
+
 def train_tokenizer(data: Path, target: Path, vocab_size: int) -> Tokenizer:
     """A BPE tokenizer trained on the documents of `data`, kept in `target` so a later run reuses it."""
     if not (target / "tokenizer.json").is_file():

@@ -48,7 +48,7 @@ import llama_cpp
 import torch
 import transformers
 from checkpoints import tokenizer, write_random_mistral
-from common import machine_line
+from common import machine_line, read_bandwidth
 from generate_speed import DECODE_PROMPT_LEN, SHAPE, hf_model
 from gguf_types import llama_cpp_decode, orionlm_decode
 
@@ -180,16 +180,6 @@ def transformers_engine(model_dir: Path, config: ModelConfig, row: dict) -> Engi
     return Engine(run, lambda prompt: run(prompt, 1),
                   Timings(engine="transformers", bytes_per_token=stored_bytes(directory_sizes(model_dir), config),
                           **row))  # fmt: skip
-
-
-def read_bandwidth(data: torch.Tensor, sums: int = 3) -> float:
-    """Bytes per second of the fastest of `sums` sums over `data` (too large for any cache)."""
-    fastest = float("inf")
-    for _ in range(sums):
-        start = time.perf_counter()
-        data.sum()
-        fastest = min(fastest, time.perf_counter() - start)
-    return data.numel() * data.element_size() / fastest
 
 
 def agreement(ours: list[int], other: list[int]) -> str:

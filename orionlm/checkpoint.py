@@ -77,27 +77,6 @@ def _unavailable(device: torch.device) -> str | None:
     return None
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, as torch's default thread count counts them)."""
-    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no affinity mask to ask
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def set_threads(threads: int | None) -> None:
-    """torch's CPU threads for this process (None: torch's default: OMP_NUM_THREADS, else one per usable core).
-    More threads than cores is refused: torch's OpenMP threads spin-wait for each other, so an extra thread only
-    waits for a core; for the same reason, on a machine whose cores are busy with other work, fewer threads than
-    cores can be many times faster. Only the intra-op pool is set: orionlm starts no inter-op work (no
-    torch.jit.fork), so the inter-op pool never starts."""
-    if threads is None:
-        return
-    cores = usable_cores()
-    if not 1 <= threads <= cores:
-        raise OrionError(f"--threads must be from 1 to {cores} (the cores this process may run on), got {threads}")
-    torch.set_num_threads(threads)
-
-
 def read_config_json(directory: Path) -> dict[str, Any]:
     """The parsed config.json of a model directory."""
     path = directory / "config.json"

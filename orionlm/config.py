@@ -69,6 +69,13 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     router_jitter: float = 0.0
+    # Expert balance (nn/moe.py): the balance loss per MoE layer, averaged, rather than over all layers' tokens at
+    # once (Mixtral); its f_e from the step's whole batch (micro-batches and processes, Qwen) rather than each
+    # micro-batch; the per-expert routing bias (DeepSeek-V3) and how far each optimizer step moves it (0: frozen).
+    router_aux_loss_per_layer: bool = False
+    router_aux_loss_global: bool = False
+    router_bias_update_rate: float = 0.0
+    router_score_bias: bool = False  # the gates hold the bias; always when router_bias_update_rate > 0
     # Chimera (architecture "chimera")
     attn_interval: int = 4
     shared_layers: int = 0  # the last n of num_layers: the looped top zone
@@ -109,6 +116,8 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_experts and self.expert_intermediate_size is None:
             self.expert_intermediate_size = self.intermediate_size
+        # a rate moves a bias, so it brings one; a bias without a rate stays as trained (DeepSeek-V3's last stage)
+        self.router_score_bias = bool(self.router_score_bias or self.router_bias_update_rate > 0)
         if self.moe_layers is not None:
             self.moe_layers = sorted(set(int(i) for i in self.moe_layers))
         if self.architecture == "chimera":
@@ -173,6 +182,12 @@ class ModelConfig:
                 "moe_layers and shared experts need num_experts > 0",
             )
         need(self.router_jitter >= 0, "router_jitter must be >= 0")
+        need(self.router_bias_update_rate >= 0, "router_bias_update_rate must be >= 0 (0: the bias stays as it is)")
+        balancing = self.router_score_bias or self.router_aux_loss_per_layer or self.router_aux_loss_global
+        need(
+            self.num_experts or not balancing,
+            "router_score_bias, router_bias_update_rate and router_aux_loss_* balance experts: set num_experts > 0",
+        )
         need(
             self.architecture in ARCHITECTURES,
             f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}",

@@ -20,7 +20,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig
 from .convert.auron import is_auron_config, read_auron
-from .convert.peft import ADAPTER_CONFIG, load_adapter
+from .convert.peft import ADAPTER_CONFIG, load_adapter, thinking_base
 from .errors import OrionError, not_here_nor_on_hub, read_json_object, split_revision
 from .model import OrionLM
 from .tokenizer import Tokenizer
@@ -185,10 +185,11 @@ def open_adapter_base(adapter: Path) -> ModelSource:
 def _load_adapted(
     adapter: Path, device: torch.device | str | None, dtype: torch.dtype | Literal["auto"] | None
 ) -> tuple[OrionLM, Tokenizer | None, torch.device]:
-    """The base model named in a LoRA adapter's config, with the adapter on it (unmerged)."""
+    """The base model named in a LoRA adapter's config, with the adapter on it (unmerged); a Quiet-STaR adapter's
+    base thinks, with its trained thinking head."""
     source = open_adapter_base(adapter)
     device, dtype = resolve_device(device, source.dtype if dtype == "auto" else dtype)
-    model = source.load(device, dtype)
+    model = thinking_base(source.load(device, dtype), source.tokenizer, adapter)
     load_adapter(model, adapter)
     return model, source.tokenizer, device
 

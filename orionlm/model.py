@@ -1,5 +1,5 @@
 """The model for every family: embeddings -> blocks (a plain stack, or Chimera's looped hybrid) -> norm
--> LM head."""
+-> LM head; and add_thought_tokens, which makes a model one that thinks (Quiet-STaR, nn/thinking.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ from .nn.moe import MoE, load_balancing_loss, router_z_loss
 from .nn.norm import make_norm
 from .nn.rope import RotaryEmbedding
 from .nn.thinking import ThinkingHead
+from .tokenizer import Tokenizer
+
+START_THOUGHT, END_THOUGHT = "<|startthought|>", "<|endthought|>"  # a thinking model's meta tokens
 
 
 @dataclass
@@ -208,7 +211,9 @@ class OrionLM(nn.Module):
         out.router_logits, out.expert_counts = router_logits, torch.stack(counts)
         # The router losses only train the router; generation (inference mode) skips their cost.
         if not torch.is_inference_mode_enabled():
-            out.aux_loss = load_balancing_loss(router_logits, self.config.experts_per_token)
+            out.aux_loss = load_balancing_loss(
+                router_logits, self.config.experts_per_token, out.expert_counts, self.config.router_aux_loss_per_layer
+            )
             out.z_loss = router_z_loss(router_logits)
         return out
 
@@ -349,3 +354,38 @@ def virtual_parameters(config: ModelConfig) -> int:
     with torch.device("meta"):
         blocks = ChimeraDecoder(config).layers[config.num_layers - config.shared_layers :]
     return total + (config.loops - 1) * sum(p.numel() for p in blocks.parameters())
+
+
+def add_thought_tokens(model: OrionLM, tokenizer: Tokenizer, n_ahead: int, meta_init: str = "---") -> OrionLM:
+    """A thinking model from `model`: <|startthought|> and <|endthought|> added to the tokenizer (in place),
+    the vocabulary grown when they do not fit, both meta embeddings set to the embedding of the first token
+    of `meta_init`, and a mixing head that starts at w = 0. A model that thinks already only gets the new
+    thought length."""
+    if model.config.thinks:
+        model.config = model.config.replace(thought_length=n_ahead)
+        return model
+    init = tokenizer.encode(meta_init, add_special_tokens=False)
+    if not init:
+        raise OrionError(f"quietstar.meta_init {meta_init!r} encodes to no token")
+    tokenizer.add_special_tokens([START_THOUGHT, END_THOUGHT])
+    ids = [tokenizer.token_to_id(t) for t in (START_THOUGHT, END_THOUGHT)]
+    config = model.config
+    vocab = max(config.vocab_size, -(-(max(ids) + 1) // 64) * 64)
+    thinking = config.replace(vocab_size=vocab, thought_start_id=ids[0], thought_end_id=ids[1], thought_length=n_ahead)
+    new = OrionLM(thinking).to(device=model.device, dtype=model.dtype)
+    embedding = model.model.embed_tokens.weight.detach()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in new.state_dict().items():
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                old = state[name]
+                tensor[: old.shape[0]] = old
+                # New rows: the meta tokens' (their inputs come from the thinking head; they are never targets,
+                # and generation masks them) and padding; the embedding of `meta_init` keeps them harmless.
+                tensor[old.shape[0] :] = embedding[init[0]] if name.startswith("model.") else 0
+            elif name in state:
+                tensor.copy_(state[name])
+        new.thinking.meta_embeddings.copy_(embedding[init[0]].expand(2, -1) / thinking.meta_embedding_scale)
+    new.activation_checkpointing = model.activation_checkpointing
+    new.generation_defaults = getattr(model, "generation_defaults", None)  # the sampling defaults it was loaded with
+    return new

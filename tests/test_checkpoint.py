@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 import torch
@@ -44,6 +43,18 @@ def test_round_trip_is_exact(saved):
         assert f.metadata() == {"format": "pt"}
     generation = json.loads((path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [256, 258]  # <|endoftext|>, <|im_end|>
+
+
+def test_a_routing_bias_is_saved_and_used_after_loading(tmp_path):
+    model = OrionLM(preset("tiny-moe", router_bias_update_rate=1e-3)).eval()
+    bias = torch.tensor([0.5, 0.0, -0.5, 0.25])
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias.copy_(bias)
+    loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "model"), device="cpu")
+    assert loaded.config.router_score_bias and loaded.config.router_bias_update_rate == 1e-3
+    assert torch.equal(loaded.model.layers[1].mlp.gate.e_score_correction_bias, bias)
+    x = torch.randn(9, model.config.hidden_size)
+    assert torch.equal(loaded.model.layers[1].mlp.route(x)[2], model.model.layers[1].mlp.route(x)[2])
 
 
 def test_save_model_round_trips_with_load_model(saved, tmp_path):
@@ -182,20 +193,3 @@ def test_lazy_tensors_stream_into_shards(tmp_path):
     assert written.specs == lazy.specs
     for name in lazy:
         assert torch.equal(written[name], lazy[name]), name
-
-
-def test_set_threads():
-    from orionlm.checkpoint import set_threads, usable_cores
-
-    assert usable_cores() == len(os.sched_getaffinity(0))
-    before = torch.get_num_threads()
-    try:
-        set_threads(1)
-        assert torch.get_num_threads() == 1
-        set_threads(None)  # torch's default stays
-        assert torch.get_num_threads() == 1
-        with pytest.raises(OrionError, match="--threads must be from 1 to"):
-            set_threads(usable_cores() + 1)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

@@ -190,7 +190,7 @@ def test_convert_round_trip_and_generate(tmp_path, shared_data):
 def thinking_model(tiny_model):
     from orionlm.checkpoint import save_checkpoint
     from orionlm.loading import load_model
-    from orionlm.train.quietstar import add_thought_tokens
+    from orionlm.model import add_thought_tokens
 
     model, tokenizer, _ = load_model(tiny_model)
     model = add_thought_tokens(model, tokenizer, n_ahead=5)
@@ -440,3 +440,23 @@ def test_chat_takes_generates_options(tiny_model, capsys, monkeypatch):
     main(["generate", "hello", "--chat", "--model", str(tiny_model), "--max-tokens", "8", "--temp", "0", *penalized])
     assert reply == capsys.readouterr().out and reply.strip()
     assert chat() != reply  # the penalties changed the reply
+
+
+def test_compute_setup_sets_threads():
+    import torch
+
+    from orionlm.cli.common import compute_setup, usable_cores
+    from orionlm.errors import OrionError
+
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        compute_setup(threads=1)
+        assert torch.get_num_threads() == 1
+        compute_setup(threads=None)  # torch's default stays
+        assert torch.get_num_threads() == 1
+        with pytest.raises(OrionError, match="--threads must be from 1 to"):
+            compute_setup(threads=usable_cores() + 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import math
+import os
 import sys
 from contextlib import AbstractContextManager, nullcontext, redirect_stdout
 from typing import Any, Literal
@@ -22,9 +23,23 @@ def compute_setup(*, threads: int | None = None) -> None:
         threads: CPU threads for torch (default: one per core this process may use, or OMP_NUM_THREADS); where
             other processes share the cores, fewer (often 1) can be many times faster
     """
-    from ..checkpoint import set_threads
+    # More threads than cores is refused: torch's OpenMP threads spin-wait for each other, so an extra thread only
+    # waits for a core. Only the intra-op pool is set: orionlm starts no inter-op work (no torch.jit.fork).
+    if threads is None:
+        return
+    import torch
 
-    set_threads(threads)
+    cores = usable_cores()
+    if not 1 <= threads <= cores:
+        raise OrionError(f"--threads must be from 1 to {cores} (the cores this process may run on), got {threads}")
+    torch.set_num_threads(threads)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as torch's default thread count counts them)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no affinity mask to ask
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def load(model: str, device: str | None, dtype: DType | None):

@@ -6,6 +6,7 @@ model. Each verb takes any model `--model` takes elsewhere; the verb names the l
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -124,6 +125,9 @@ def convert_to_hf(
     write_hf(source.config, tensors, source.tokenizer, dst, max_shard_bytes=max_shard_bytes,
              generation=source.generation or None)  # fmt: skip
     print(f"wrote {dst}")
+    if source.config.router_score_bias:
+        print(f"note: {dst} keeps the routing bias (e_score_correction_bias) that orionlm reads back; transformers "
+              "has no such bias for this architecture and routes without it", file=sys.stderr)  # fmt: skip
 
 
 GGUFType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m"]

@@ -111,7 +111,9 @@ def merge_adapter(
     force: bool = False,
 ) -> None:
     """Fold a LoRA adapter (PEFT files, written by orionlm or by peft) into its base model and write the
-    result as an orionlm model directory.
+    result as an orionlm model directory: whatever the run trained, so the adapter of a Quiet-STaR run with a lora
+    section gives a whole thinking model (the base with the thought tokens, the adapters folded in, and the
+    thinking head and meta embeddings it trained), and the tokenizer saved beside the adapter goes with it.
 
     The base model is the one the adapter was trained on, as its adapter_config.json names it
     (base_model_name_or_path), whatever a recipe says. --base gives the base of an adapter that names none or
@@ -127,7 +129,7 @@ def merge_adapter(
       orionlm merge-lora --base runs/m --adapter runs/adapter --out runs/m-merged
 
     Args:
-        recipe: the training recipe (mode: lora), for an adapter that names no base and has no recipe.yaml
+        recipe: the training recipe (with adapters), for an adapter that names no base and has no recipe.yaml
         adapter: the adapter directory (adapter_config.json, adapter_model.safetensors)
         base: the base model (a model directory, a .gguf file or a Hub id), for an adapter that names none or
             whose base has moved
@@ -136,10 +138,11 @@ def merge_adapter(
         force: replace out if it exists
     """
     from ..checkpoint import refuse_existing, save_model
-    from ..convert.peft import attach_adapter, read_adapter
+    from ..convert.peft import attach_adapter, read_adapter, thinking_base
     from ..errors import with_revision
     from ..loading import load_model
     from ..nn.lora import merge_lora
+    from ..tokenizer import Tokenizer
     from ..train.recipe import load_recipe
 
     if adapter is None:
@@ -155,11 +158,15 @@ def merge_adapter(
         out = Path(trained.run.out_dir) / "merged"
     refuse_existing(out, force)
     model, tokenizer, _ = load_model(base, device="cpu")
+    if (adapter / "tokenizer.json").is_file():  # the run's own (a Quiet-STaR run's holds the thought tokens)
+        tokenizer = Tokenizer.load(adapter)
+    model = thinking_base(model, tokenizer, adapter)
     attach_adapter(model, lora, factors, adapter)
     merge_lora(model)
     save_model(model, out, tokenizer)  # with the base's sampling defaults
     targets = ", ".join(lora.target_modules + lora.target_parameters)
-    print(f"wrote {out} ({base} + {adapter}: rank {lora.r} on {targets})")
+    full = f", {', '.join(lora.modules_to_save)} trained fully" if lora.modules_to_save else ""
+    print(f"wrote {out} ({base} + {adapter}: rank {lora.r} on {targets}{full})")
 
 
 def _merge_base(adapter: Path, base: str | None, recipe_base: str | None) -> str:

@@ -12,9 +12,10 @@ def train_model(recipe: Path, /, *overrides: str, print_config: bool = False) ->
     """Train a model from a recipe: data mixture, tokenizer, model, optimizer, schedule, run options.
 
     RECIPE is a YAML file or one of the recipes that ship with orionlm, recipe:NAME (`orionlm recipes` lists
-    them). `mode: pretrain` (the default) trains from scratch on text; `mode: sft` fine-tunes all of a trained
-    model (model.path) and `mode: lora` trains adapters on it, on chat data (see recipe:sft-lora);
-    `mode: quietstar` teaches a trained model to think before every token, on text (recipe:quietstar).
+    them). `mode: pretrain` (the default) trains from scratch on text; `mode: sft` fine-tunes a trained model
+    (model.path) on chat data (see recipe:sft-lora); `mode: quietstar` teaches a trained model to think before
+    every token, on text (recipe:quietstar). Both train every parameter, or with a `lora:` section LoRA adapters
+    on the frozen base (`mode: lora` is sft with adapters).
     Every recipe key can be overridden after the recipe, e.g.
       orionlm train recipe:tinyshakespeare-moe --run.max_steps=200 --optim.lr=1e-3
       orionlm train recipe:sft-lora --model.path=runs/m --lora.r=32

@@ -426,6 +426,8 @@ def _check_exportable(config: ModelConfig) -> None:
         problems.append("shared experts or dense layers between MoE layers (Mixtral has experts in every layer)")
     if config.quantization_config is not None:
         problems.append("GPTQ codes (export the full-precision model)")
+    if config.router_score_bias:
+        problems.append("a routing bias (e_score_correction_bias: llama.cpp's llama architecture routes without one)")
     if config.thinks:
         problems.append("a Quiet-STaR thinking head (meta embeddings and mixing head)")
     if problems:

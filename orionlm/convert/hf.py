@@ -66,6 +66,7 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
     quantization = data.get("quantization_config")
     arch = ARCHITECTURES[model_type]
     fields = arch.read(HFKeys(data, model_type, arch.defaults, source)) | dict(hf_model_type=model_type)
+    fields |= {key: data[key] for key in ROUTER_BIAS_KEYS if key in data}
     if quantization is not None:
         fields["quantization_config"] = gptq_settings(quantization, f"{source}: quantization_config")
     token_ids = {key: data[key] for key in TOKEN_ID_KEYS if data.get(key) is not None}
@@ -82,7 +83,16 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
     if config.thinks:
         raise ConvertError("a Quiet-STaR model's meta embeddings and mixing head have no Hugging Face layout")
     arch = ARCHITECTURES[architecture]
-    return {"architectures": [arch.class_name], "model_type": architecture} | arch.write(config)
+    data = {"architectures": [arch.class_name], "model_type": architecture} | arch.write(config)
+    if config.router_score_bias:
+        data |= {key: getattr(config, key) for key in ROUTER_BIAS_KEYS}
+    return data
+
+
+# A routing bias (aux-loss-free balancing, nn/moe.py) is written as DeepSeek-V3 writes it, the tensor
+# mlp.gate.e_score_correction_bias (under the architecture's name for mlp.gate), with these keys in config.json that
+# say it is there; transformers' mixtral and qwen MoE classes have no such bias and route without it.
+ROUTER_BIAS_KEYS = ("router_score_bias", "router_bias_update_rate")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,6 +63,9 @@ def _folded(base: ModelSource, adapter: Path) -> LazyTensors:
     reading an adapted tensor gives its wrapped layer (built on meta) only that tensor, in float32, and its
     factors, and takes the tensor from the layer's merged()."""
     tensors, (config, factors) = base.tensors, read_adapter(adapter)
+    if config.modules_to_save:
+        raise MergeError(f"{adapter} also trains {config.modules_to_save} fully, beside its factors: fold it into its "
+                         "base first (orionlm merge-lora), then merge that model")  # fmt: skip
     with torch.device("meta"):
         skeleton = OrionLM(base.config)
     attach_adapter(skeleton, config, factors, adapter)

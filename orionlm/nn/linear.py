@@ -3,11 +3,14 @@ every thread.
 
 A decode step multiplies one row per running sequence by every weight matrix, so its speed is the speed
 of streaming the weights. On CPU, MKL's matrix-vector kernel streams a column-major (in, out) matrix about
-1.8x faster than the row-major (out, in) one nn.Linear stores, and runs a product of a few rows on fewer
-threads than torch.get_num_threads() says; splitting the columns into one block per thread and multiplying
-them with one bmm spreads the work over all threads (1.2-1.5x for 2-16 rows, more for one). Matrix-matrix
-products (prefill, training) run at the same speed in either layout. benchmarks/generate_speed.py
-measures the gain.
+1.8x faster than the row-major (out, in) one nn.Linear stores when the matrix has at least as many outputs
+as inputs; with fewer outputs (down projections: 512 outputs from 1408 inputs) the row-major one streams
+about 1.2x faster (one thread, an AMD EPYC: 12.7 against 10.8 GB/s), so those stay row-major. MKL also
+runs a product of a few rows on fewer threads than torch.get_num_threads() says; splitting the outputs
+into one block per thread and multiplying them with one bmm spreads the work over all threads (1.2-1.5x
+for 2-16 rows, more for one). Matrix-matrix products (prefill, training) run at the same speed in either
+layout. benchmarks/generate_speed.py measures the gain, benchmarks/decode_profile.py the streaming speed
+per shape.
 """
 
 from __future__ import annotations
@@ -16,18 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_BATCH = 16  # up to this many rows, a product streams the weight: spread its columns over the threads
+SMALL_BATCH = 16  # up to this many rows, a product streams the weight: spread its outputs over the threads
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; a few rows (decoding) times a column-major weight run as one bmm over per-thread column
-    blocks (the same products, so the result equals F.linear on the same layout)."""
+    """F.linear; a few rows (decoding) times a weight in the decode layout (column-major, or on CPU outside
+    autograd a row-major one with fewer outputs than inputs) run as one bmm over per-thread blocks of the
+    outputs."""
     N, K = weight.shape
     threads = torch.get_num_threads()
     rows = x.numel() // K if K else 0
-    if threads == 1 or not 0 < rows <= SMALL_BATCH or N % threads or weight.stride() != (1, N):
+    if threads == 1 or not 0 < rows <= SMALL_BATCH or N % threads:
         return F.linear(x, weight, bias)
-    blocks = weight.t().view(K, threads, N // threads).transpose(0, 1)  # (P, K, N/P), views of the columns
+    if weight.stride() == (1, N):
+        blocks = weight.t().view(K, threads, N // threads).transpose(0, 1)  # (P, K, N/P), views of the columns
+    elif N < K and weight.stride() == (K, 1) and weight.device.type == "cpu" and not torch.is_grad_enabled():
+        blocks = weight.view(threads, N // threads, K).transpose(1, 2)  # (P, K, N/P), views of the rows
+    else:
+        return F.linear(x, weight, bias)
     y = torch.bmm(x.reshape(1, rows, K).expand(threads, rows, K), blocks)  # (P, rows, N/P)
     y = y.transpose(0, 1).reshape(*x.shape[:-1], N)
     return y if bias is None else y + bias
@@ -88,7 +97,8 @@ def use_decode_layout(model: nn.Module) -> None:
     """Prepare a model for fast decoding on CPU, in place: linear layers that share an input (q/k/v,
     gate/up) are packed into one matrix (see Packed; fewer, larger products stream faster), and every
     other Linear weight (a tied LM head included: embedding lookups barely notice) and every 3-D
-    parameter (stacked expert matrices) becomes column-major. Values, shapes, parameter objects and
+    parameter (stacked expert matrices) with at least as many outputs as inputs becomes column-major
+    (down projections stay row-major: see the module docstring). Values, shapes, parameter objects and
     the state dict are unchanged, and checkpoints are written contiguous. Idempotent."""
     for module in model.modules():
         if not hasattr(module, "packable") or (module.packed is not None and module.packed.valid()):
@@ -100,5 +110,5 @@ def use_decode_layout(model: nn.Module) -> None:
     matrices = [m.weight for m in model.modules() if isinstance(m, Linear)]
     matrices += [p for p in model.parameters() if p.dim() == 3]
     for weight in matrices:
-        if weight.is_contiguous():
+        if weight.is_contiguous() and weight.shape[-2] >= weight.shape[-1]:  # (..., out, in)
             weight.data = to_column_major(weight.data)

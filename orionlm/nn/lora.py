@@ -17,6 +17,9 @@ order, so with both stacks adapted gate_up_proj's factors are `experts.base_laye
 
 The MoE router (target module "gate") is a LoRALinear whose term MoE.route adds to its float32 logits.
 
+LoRAConfig.modules_to_save (PEFT's name) lists modules that train fully beside the adapters, such as a Quiet-STaR
+model's thinking head: apply_lora leaves them trainable, and the adapter file holds their parameters too.
+
 This module knows the full-precision layers only. Which wrapper adapts a layer is looked up by the layer's
 class in LINEAR_WRAPPERS and EXPERT_WRAPPERS, which other packages extend with their own layers (quant.lora:
 the GPTQ ones): the core knows no backend, as in peft, whose GPTQ layer imports its LoRA layer and never the
@@ -52,13 +55,16 @@ class LoRAConfig:
     # "mlp.gate.weight"): the MoE expert stacks, or the weight of a linear layer
     target_parameters: list[str] = field(default_factory=list)
     rslora: bool = False
+    # modules trained fully beside the adapters and saved with them (PEFT's modules_to_save), matched as PEFT
+    # matches them, as the end of the module's name: a Quiet-STaR run's "thinking" (mixing head, meta embeddings)
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise OrionError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got {self}")
         if not self.target_modules and not self.target_parameters:
             raise OrionError("LoRA needs target_modules or target_parameters (both are empty)")
-        for key in ("target_modules", "target_parameters"):
+        for key in ("target_modules", "target_parameters", "modules_to_save"):
             value = getattr(self, key)
             if isinstance(value, str) or not all(isinstance(t, str) and t for t in value):
                 raise OrionError(f"LoRA {key} must be a list of non-empty names; got {value!r}")
@@ -114,6 +120,7 @@ class LoRALinear(LowRank, Linear):
     def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # the same parameters, not copies
+        _adopt_buffers(self, base)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -125,7 +132,14 @@ class LoRALinear(LowRank, Linear):
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         layer.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype).contiguous())
         layer.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
+        _adopt_buffers(layer, self)
         return layer
+
+
+def _adopt_buffers(layer: nn.Module, base: nn.Module) -> None:
+    """base's own buffers (a router's e_score_correction_bias), the same tensors, on the layer that replaces it."""
+    for name, buffer in base.named_buffers(recurse=False):
+        layer.register_buffer(name, buffer)
 
 
 class ExpertLowRank:
@@ -305,6 +319,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     for name, params in experts.items():
         stacks = model.get_submodule(name)
         model.set_submodule(name, _wrapper(EXPERT_WRAPPERS, stacks)(stacks, config, params))
+    for name in saved_modules(model, config):
+        model.get_submodule(name).requires_grad_(True)
     model.lora_config = config
     return linears + [f"{name}.{param}" for name, params in experts.items() for param in params]
 
@@ -321,6 +337,19 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module in adapted:
             del module.adapter_enabled  # the class's True again
+
+
+def saved_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The modules config.modules_to_save names: trained fully beside the adapters, so none may hold one."""
+    names = [name for name, _ in model.named_modules() if name and name.endswith(tuple(config.modules_to_save))]
+    unmatched = [t for t in config.modules_to_save if not any(name.endswith(t) for name in names)]
+    if unmatched:
+        raise OrionError(f"no module matches LoRA modules_to_save {unmatched}")
+    for name in names:
+        if any(isinstance(m, ADAPTED) for m in model.get_submodule(name).modules()):
+            raise OrionError(f"LoRA module to save {name} holds adapted layers: a module trains fully or through "
+                             "adapters; narrow target_modules")  # fmt: skip
+    return names
 
 
 def merge_lora(model: nn.Module) -> None:

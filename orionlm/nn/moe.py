@@ -1,5 +1,18 @@
 """Mixture-of-experts feed-forward: a top-k router over SwiGLU experts, with an optional
-shared expert (Qwen-MoE), the load-balancing loss (Mixtral) and the router z-loss (ST-MoE)."""
+shared expert (Qwen-MoE), the load-balancing loss (Mixtral), the router z-loss (ST-MoE) and the routing bias of
+auxiliary-loss-free balancing (DeepSeek-V3).
+
+Balancing the experts' load, three ways (ModelConfig's router_* options):
+- the load-balancing loss E * sum_e f_e P_e (f_e: the share of routed slots expert e took, P_e: its mean router
+  probability), over all MoE layers' tokens at once as Mixtral and transformers compute it, or per layer and
+  averaged (router_aux_loss_per_layer: no layer can collapse while the others make up for it);
+- global-batch balancing (router_aux_loss_global; Qiu et al. 2025, arXiv 2501.11873): f_e counted over the whole
+  step (its micro-batches so far, on every process; the trainer passes those counts) rather than each micro-batch;
+- auxiliary-loss-free balancing (router_bias_update_rate; DeepSeek-V3, arXiv 2412.19437 section 2.1.2): a
+  per-expert bias added to the router probabilities to choose the top-k experts, never to their weights, moved
+  after each optimizer step toward the mean load (MoE.update_score_bias). It is the gate's buffer
+  `e_score_correction_bias`, as DeepSeek-V3's checkpoints name it, saved with the weights and used at inference.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +78,8 @@ class MoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter = config.router_jitter
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
+        if config.router_score_bias:
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
         self.experts = Experts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
         self.shared_expert = None
         if config.shared_expert_intermediate_size:
@@ -84,7 +99,12 @@ class MoE(nn.Module):
         if getattr(self.gate, "adapter_enabled", False):  # a LoRA adapter on the router (nn.lora.LoRALinear) too
             logits = logits + self.gate.adapter(router_in)
         probs = logits.softmax(dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        if bias is None:
+            weights, ids = probs.topk(self.top_k, dim=-1)
+        else:  # the bias picks the experts; their weights stay the router's probabilities
+            ids = (probs + bias.float()).topk(self.top_k, dim=-1).indices
+            weights = probs.gather(-1, ids)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, ids
@@ -108,6 +128,14 @@ class MoE(nn.Module):
             y = y + shared
         counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
         return y.view(shape), logits, counts
+
+    @torch.no_grad()
+    def update_score_bias(self, load: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3's update after an optimizer step, from load (E,), the slots each expert took during it: an
+        expert that took fewer than the mean gets its bias raised by `rate`, one that took more lowered by it."""
+        bias = self.gate.e_score_correction_bias
+        load = load.to(bias.device, torch.float32)
+        bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sort the N*k (token, expert) slots by expert, run each projection as one grouped matmul over
@@ -188,16 +216,28 @@ def _grouped_mm_layout(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(stride % step == 0 for stride in t.stride() if stride != 1)
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
-    """Mixtral's auxiliary loss over all MoE layers together: E * sum_e f_e * P_e, where f_e is
-    the fraction of routed slots (per top-k rank) sent to expert e and P_e its mean router probability."""
-    logits = torch.cat(router_logits, dim=0)  # (layers * N, E)
-    num_experts = logits.shape[-1]
-    probs = logits.float().softmax(dim=-1)
-    selected = probs.topk(top_k, dim=-1).indices  # (M, k)
-    tokens_per_expert = F.one_hot(selected, num_experts).float().mean(dim=0)  # (k, E)
-    prob_per_expert = probs.mean(dim=0)  # (E,)
-    return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * num_experts
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], top_k: int, counts: torch.Tensor | None = None, per_layer: bool = False
+) -> torch.Tensor:
+    """The auxiliary load-balancing loss E * sum_e f_e P_e (top_k at perfect balance): f_e is the number of routed
+    slots expert e took per token, P_e its mean router probability over these router_logits (per MoE layer, (N, E)).
+
+    counts (layers, E) are the slots the f_e come from: the experts the routers chose for these tokens, or (global-
+    batch balancing) for all the tokens of a step so far; None: each token's top-k by probability, what a router
+    without a score bias picks. Over all layers' tokens at once (Mixtral; transformers' load_balancing_loss_func),
+    or with per_layer each layer's loss and their mean."""
+    layer_probs = [lg.float().softmax(dim=-1) for lg in router_logits]  # (N, E) each
+    probs = torch.stack([p.mean(dim=0) for p in layer_probs])  # (layers, E): P_e
+    num_experts = probs.shape[-1]
+    if counts is None:
+        chosen = [p.topk(top_k, dim=-1).indices.flatten() for p in layer_probs]
+        counts = torch.stack([torch.bincount(ids, minlength=num_experts) for ids in chosen])
+    counts = counts.float()
+    f = top_k * counts / counts.sum(dim=-1, keepdim=True)  # (layers, E), slots per token
+    if per_layer:
+        return num_experts * (f * probs).sum(dim=-1).mean()
+    # all layers' tokens as one batch: every layer routes as many tokens, so f and P are the layers' means
+    return num_experts * (f.mean(dim=0) * probs.mean(dim=0)).sum()
 
 
 def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -30,12 +30,15 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """value summed over the processes (value itself when there is one)."""
         if self.world_size > 1:
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.world_size
         return value
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self.sum(value) / self.world_size if self.world_size > 1 else value
 
 
 def setup_distributed(device: str) -> Dist:

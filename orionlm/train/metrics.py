@@ -28,7 +28,10 @@ def measure_peak_flops(device: torch.device) -> float:
     """FLOP/s of a large matmul in the training dtype: the denominator of the MFU estimate."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: the global one is the run's (a resumed run has just restored it; Quiet-STaR samples
+    # its thoughts from it)
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     for _ in range(2):
         a @ b
     repeats = 20 if device.type == "cuda" else 5

@@ -32,9 +32,6 @@ from ..data.chat import IGNORE
 from ..errors import OrionError
 from ..model import ModelOutput, OrionLM
 from ..nn.cache import PositionStreams
-from ..tokenizer import Tokenizer
-
-START_THOUGHT, END_THOUGHT = "<|startthought|>", "<|endthought|>"
 
 
 @dataclass
@@ -56,40 +53,6 @@ class QuietStarConfig:
         for key in ("thought_temperature", "reinforce_temperature"):
             if getattr(self, key) <= 0:
                 raise OrionError(f"{key} must be positive, got {getattr(self, key)}")
-
-
-def add_thought_tokens(model: OrionLM, tokenizer: Tokenizer, n_ahead: int, meta_init: str = "---") -> OrionLM:
-    """A thinking model from `model`: <|startthought|> and <|endthought|> added to the tokenizer (in place),
-    the vocabulary grown when they do not fit, both meta embeddings set to the embedding of the first token
-    of `meta_init`, and a mixing head that starts at w = 0. A model that thinks already only gets the new
-    thought length."""
-    if model.config.thinks:
-        model.config = model.config.replace(thought_length=n_ahead)
-        return model
-    init = tokenizer.encode(meta_init, add_special_tokens=False)
-    if not init:
-        raise OrionError(f"quietstar.meta_init {meta_init!r} encodes to no token")
-    tokenizer.add_special_tokens([START_THOUGHT, END_THOUGHT])
-    ids = [tokenizer.token_to_id(t) for t in (START_THOUGHT, END_THOUGHT)]
-    config = model.config
-    vocab = max(config.vocab_size, -(-(max(ids) + 1) // 64) * 64)
-    thinking = config.replace(vocab_size=vocab, thought_start_id=ids[0], thought_end_id=ids[1], thought_length=n_ahead)
-    new = OrionLM(thinking).to(device=model.device, dtype=model.dtype)
-    embedding = model.model.embed_tokens.weight.detach()
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in new.state_dict().items():
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                old = state[name]
-                tensor[: old.shape[0]] = old
-                # New rows: the meta tokens' (their inputs come from the thinking head; they are never targets,
-                # and generation masks them) and padding; the embedding of `meta_init` keeps them harmless.
-                tensor[old.shape[0] :] = embedding[init[0]] if name.startswith("model.") else 0
-            elif name in state:
-                tensor.copy_(state[name])
-        new.thinking.meta_embeddings.copy_(embedding[init[0]].expand(2, -1) / thinking.meta_embedding_scale)
-    new.activation_checkpointing = model.activation_checkpointing
-    return new
 
 
 class _GrowingCache:
@@ -147,6 +110,7 @@ class QuietStarOutput:
     aux_loss: torch.Tensor | None  # the text pass's MoE router losses
     z_loss: torch.Tensor | None
     expert_counts: torch.Tensor | None
+    router_logits: list[torch.Tensor] | None  # the text pass's, per MoE layer (global-batch balancing reads them)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for the log
 
 
@@ -236,7 +200,7 @@ def quietstar_loss(
         "policy_loss": policy_loss,
         "mix_weight": _masked_mean(torch.stack(weights).mean(0), scored),
     }
-    return QuietStarOutput(loss, first.aux_loss, first.z_loss, first.expert_counts,
+    return QuietStarOutput(loss, first.aux_loss, first.z_loss, first.expert_counts, first.router_logits,
                            {k: v.detach() for k, v in metrics.items()})  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Training recipes: one YAML file -> typed, validated dataclasses, with `--section.key=value` overrides.
 
-mode:      pretrain (default) | sft (full fine-tuning) | lora (adapters on a frozen base)
+mode:      pretrain (default) | sft (full fine-tuning) | lora (sft with adapters on a frozen base)
            | quietstar (train the model to think before each token; text data)
            | dpo (preference tuning on prompt / chosen / rejected pairs; with a `lora:` section, adapters only)
 model:     {preset: tiny-moe, overrides: {hidden_size: 128}}   (or {config: {...}}, or {path: DIR} to start from)
@@ -9,10 +9,14 @@ data:      DataConfig   (sources with weights, seq_len, validation split)
 optim:     OptimConfig  (AdamW or Muon + AdamW)
 schedule:  ScheduleConfig (cosine or WSD; warm-up in steps or as a fraction of the run, 5% by default)
 run:       RunConfig    (length, batch, checkpoints, logging, devices)
-lora:      LoRAConfig   (rank, alpha, dropout, target modules; mode lora, or dpo to train adapters)
+lora:      LoRAConfig   (rank, alpha, dropout, target modules): train adapters on the frozen base instead of every
+           parameter, under any mode but pretrain (mode lora: sft with adapters, defaults when absent); with
+           quietstar the thinking head and meta embeddings train fully beside them (modules_to_save: thinking)
 quietstar: QuietStarConfig (thought length, talk-ahead tokens, thoughts per position, policy weight; mode
            quietstar only)
 dpo:       DPOConfig    (beta, label_smoothing, loss_type sigmoid | ipo; mode dpo only)
+
+A section that the mode cannot use is an error, never ignored.
 
 The run's length (max_steps, max_tokens or max_epochs) and the warm-up (warmup_steps or warmup_fraction) are
 each one of alternatives: one given on the command line replaces the recipe's, so any recipe runs short with
@@ -117,26 +121,22 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    lora: LoRAConfig | None = None  # read with mode: lora (absent: LoRAConfig's defaults) and dpo (adapters if given)
-    quietstar: QuietStarConfig | None = None  # read with mode: quietstar only; absent: its defaults
-    dpo: DPOConfig | None = None  # read with mode: dpo only; absent: its defaults
+    lora: LoRAConfig | None = None  # adapters under any mode but pretrain; mode lora without it: the defaults
+    quietstar: QuietStarConfig | None = None  # mode quietstar only; absent: its defaults
+    dpo: DPOConfig | None = None  # mode dpo only; absent: its defaults
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RecipeError(f"mode: {unknown_names([self.mode], MODES)}; use one of {MODES}")
-        if self.adapters:
-            if self.model.path is None:
-                raise RecipeError(
-                    f"mode: {self.mode} adapts a trained model: give model.path (a model directory or Hub id)"
-                )
-            if self.optim.name != "adamw":
-                raise RecipeError(f"mode: {self.mode} trains low-rank factors with AdamW: set optim.name=adamw")
-            if self.run.fsdp:
-                raise RecipeError(f"mode: {self.mode} trains with one process or DDP: set run.fsdp=false")
+        if self.mode == "lora":
             self.lora = self.lora or LoRAConfig()
+        if self.lora is not None:
+            self._check_adapters(self.lora)
+        if self.quietstar is not None and self.mode != "quietstar":
+            raise RecipeError(f"quietstar: the section is for mode: quietstar, not {self.mode}; remove it or set "
+                              "mode: quietstar")  # fmt: skip
         if self.dpo is not None and self.mode != "dpo":
-            raise RecipeError(f"the dpo section is read with mode: dpo only (the recipe's mode is {self.mode}); "
-                              "remove it or set mode: dpo")  # fmt: skip
+            raise RecipeError(f"dpo: the section is for mode: dpo, not {self.mode}; remove it or set mode: dpo")
         if self.mode == "dpo":
             if self.model.path is None:
                 raise RecipeError("mode: dpo tunes a trained model: give model.path (a model directory or Hub id)")
@@ -153,10 +153,26 @@ class Recipe:
                 raise RecipeError("mode: quietstar trains with one process or DDP: set run.fsdp=false")
             self.quietstar = self.quietstar or QuietStarConfig()
 
+    def _check_adapters(self, lora: LoRAConfig) -> None:
+        """Adapters need a trained base to adapt, AdamW and whole parameters; Quiet-STaR trains its thinking head
+        and meta embeddings fully beside them."""
+        if self.mode == "pretrain":
+            raise RecipeError("lora: adapters need a trained base, and pretraining starts from scratch: use mode: sft "
+                              "with model.path, or drop the lora section")  # fmt: skip
+        if self.model.path is None:
+            raise RecipeError("lora: adapters need a trained base: give model.path (a model directory or Hub id)")
+        if self.optim.name != "adamw":
+            raise RecipeError("lora: adapters train low-rank factors with AdamW: set optim.name=adamw")
+        if self.run.fsdp:
+            raise RecipeError("lora: adapters train with one process or DDP: set run.fsdp=false")
+        if self.mode == "quietstar" and "thinking" not in lora.modules_to_save:
+            lora.modules_to_save = [*lora.modules_to_save, "thinking"]
+
     @property
-    def adapters(self) -> bool:
-        """Whether the run trains LoRA adapters on a frozen base: mode lora, or dpo with a lora section."""
-        return self.mode == "lora" or (self.mode == "dpo" and self.lora is not None)
+    def adapters(self) -> LoRAConfig | None:
+        """The LoRA adapters the run trains on its frozen base (None: it trains every parameter): the one switch
+        the trainer reads, on whatever the mode."""
+        return self.lora
 
     @property
     def data_format(self) -> str:

@@ -1,15 +1,16 @@
 """The training loop: one process on a laptop CPU, or many under torchrun (DDP, or FSDP2 to shard).
 
-Five modes share it: pretraining from scratch, full fine-tuning (sft) and LoRA (adapters on a frozen
-base), on text windows or chat rows (data/sft.py), Quiet-STaR (quietstar.py: learning to think, on text
-windows) and DPO (dpo.py: preference pairs, data/preference.py; full, or adapters with a lora section).
-A run directory holds the resolved recipe, run.json (versions, machine, data), metrics.jsonl, the
-tokenizer it trained (if any), the charts, checkpoints, and model/, the final model. Checkpoints are
-checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning or thinking; each is
-a loadable model directory (a PEFT adapter directory for LoRA) plus the training state (optimizer, data
-position, RNG), so `--resume` continues bit-identically on CPU. model/ is the last checkpoint without its
-training state, written when the run ends (a rerun replaces it). The process writing a run holds its lock
-(lock.py): no other run writes into it.
+Its modes: pretraining from scratch, fine-tuning (sft) on text windows or chat rows (data/sft.py), Quiet-STaR
+(quietstar.py: learning to think, on text windows) and DPO (dpo.py: preference pairs, data/preference.py). Every
+mode but pretraining trains either every parameter or, with a `lora:` section (mode lora: sft with adapters), LoRA
+adapters on the frozen base, plus, for Quiet-STaR, the thinking head and meta embeddings in full (DPO's reference
+is then the model with its adapters off). A run directory holds the resolved recipe, run.json (versions, machine,
+data), metrics.jsonl, the tokenizer it trained (if any), the charts, checkpoints, and model/, the final model.
+Checkpoints are checkpoints/<tokens seen>/ when pretraining, checkpoints/checkpoint-<step>/ when fine-tuning or
+thinking; each is a loadable model directory (with adapters: a PEFT adapter directory) plus the training state
+(optimizer, data position, RNG), so `--resume` continues bit-identically on CPU. model/ is the last checkpoint
+without its training state, written when the run ends (a rerun replaces it). The process writing a run holds its
+lock (lock.py): no other run writes into it.
 """
 
 from __future__ import annotations
@@ -35,84 +36,30 @@ from tqdm import tqdm
 from .._version import __version__
 from ..checkpoint import atomic_directory, read_safetensors, save_checkpoint
 from ..config import ModelConfig
-from ..convert.peft import load_adapter, write_adapter
-from ..data import build_dataset, iter_documents
+from ..convert.peft import load_adapter, write_adapter, write_thinking_config
+from ..data import build_dataset
 from ..data.chat import IGNORE
 from ..data.loader import MixtureDataset
 from ..data.preference import build_preference_dataset
 from ..data.sft import ChatDataset, build_chat_dataset
 from ..errors import OrionError, read_json_object
 from ..loading import MODEL_DIR, STATE_JSON, find_checkpoints, load_model, resolve_model_path
-from ..model import OrionLM, add_router_losses, count_parameters
+from ..model import END_THOUGHT, START_THOUGHT, OrionLM, add_router_losses, add_thought_tokens, count_parameters
 from ..nn.lora import apply_lora
 from ..tokenizer import Tokenizer
-from .distributed import Dist, full_state, load_full_state, setup_distributed, wrap_model
+from .balance import ExpertLoad
+from .distributed import full_state, load_full_state, setup_distributed, wrap_model
 from .dpo import DPO
 from .lock import acquire, release
 from .metrics import Interval, MetricsLog, flops_per_token, measure_peak_flops, throughput
 from .optim import build_optimizer
 from .plot import human_tokens, plot_run
-from .quietstar import QuietStar, add_thought_tokens
+from .quietstar import QuietStar
 from .recipe import Recipe, RecipeError, chat_packing, check_context
+from .run_tokenizer import prepare_tokenizer
 from .schedule import lr_factor
 
 STATE_FILE = "trainer_state.pt"
-
-
-def prepare_tokenizer(
-    recipe: Recipe, out_dir: Path, d: Dist, resume_dir: Path | None, base_tokenizer: Tokenizer | None
-) -> Tokenizer:
-    """The run's tokenizer: the checkpoint's when resuming, a given one, the base model's, one trained on
-    the data (by rank 0, saved in the run directory), or byte-level."""
-    section = recipe.tokenizer
-    if resume_dir is not None:
-        return Tokenizer.load(resume_dir)
-    if section.path is not None:
-        return Tokenizer.load(section.path)
-    if recipe.model.path is not None:
-        if base_tokenizer is None:
-            raise RecipeError(f"model.path {recipe.model.path} has no tokenizer: give tokenizer.path")
-        return base_tokenizer
-    if section.train_vocab_size is None:
-        return Tokenizer.byte_level()
-    target = out_dir / "tokenizer"
-    if d.main and not reusable_tokenizer(target, section.train_vocab_size):
-        total = sum(s.weight for s in recipe.data.sources)
-        texts = []
-        for source in recipe.data.sources:
-            budget = int(section.train_max_bytes * source.weight / total)
-            for document in iter_documents(source):
-                texts.append(document)
-                budget -= len(document.encode("utf-8", errors="replace"))
-                if budget <= 0:
-                    break
-        print(f"training a {section.train_vocab_size}-token BPE tokenizer on {sum(map(len, texts)):,} characters")
-        tokenizer = Tokenizer.train_bpe_from_texts(texts, section.train_vocab_size)
-        with atomic_directory(target) as tmp:
-            tokenizer.save(tmp)
-            (tmp / TRAINED_FOR).write_text(json.dumps({"train_vocab_size": section.train_vocab_size}) + "\n")
-    d.barrier()
-    return Tokenizer.load(target)
-
-
-TRAINED_FOR = "trained_for.json"  # in a run's tokenizer/: the train_vocab_size it was trained for
-
-
-def reusable_tokenizer(target: Path, vocab_size: int) -> bool:
-    """Whether the run directory holds a tokenizer trained for `vocab_size` (a run that stopped before its first
-    record trained it; reused, not trained again). False when it holds none; RecipeError when it holds another:
-    one trained for another size (BPE on little text may stop short of it, so the size asked is what is kept), or
-    one that no run trained."""
-    if not (target / "tokenizer.json").is_file():
-        return False
-    marker = target / TRAINED_FOR
-    trained_for = read_json_object(marker, RecipeError).get("train_vocab_size") if marker.is_file() else None
-    if trained_for == vocab_size:
-        return True
-    has = f"a {Tokenizer.load(target).vocab_size}-token tokenizer"
-    has += f" trained for train_vocab_size {trained_for}" if trained_for is not None else " that no run trained"
-    raise RecipeError(f"{target} holds {has}, the recipe asks for tokenizer.train_vocab_size {vocab_size}: delete "
-                      f"{target} to train a new one, or choose another --run.out_dir")  # fmt: skip
 
 
 def model_config(recipe: Recipe, tokenizer: Tokenizer, resume_dir: Path | None) -> ModelConfig:
@@ -192,7 +139,7 @@ class Trainer:
         self.recipe, self.run = recipe, recipe.run
         self.d = setup_distributed(recipe.run.device)
         self.out_dir = Path(recipe.run.out_dir)
-        self.lora = recipe.adapters
+        self.lora = recipe.adapters is not None
         self.thinking = recipe.quietstar if recipe.mode == "quietstar" else None
         self.preference = recipe.dpo if recipe.mode == "dpo" else None
         self.parts = self.thinking is not None or self.preference is not None  # outputs with metrics to log
@@ -223,8 +170,11 @@ class Trainer:
         self._check_context(base)
         self.tokenizer = prepare_tokenizer(recipe, self.out_dir, d, self.resume_dir, base_tokenizer)
         config = base.config if base is not None else model_config(recipe, self.tokenizer, self.resume_dir)
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise RecipeError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+        # A resumed Quiet-STaR run's tokenizer holds the thought tokens, for which its base model grows (_build_model)
+        thought_tokens = [START_THOUGHT, END_THOUGHT] if self.thinking is not None and not config.thinks else []
+        tokens = self.tokenizer.vocab_size - sum(self.tokenizer.token_to_id(t) is not None for t in thought_tokens)
+        if tokens > config.vocab_size:
+            raise RecipeError(f"the tokenizer has {tokens} tokens, the model {config.vocab_size}")
         packed = chat_packing(recipe, config)
         if d.main:
             self.dataset = self._build_dataset(packed, run.progress)
@@ -266,6 +216,7 @@ class Trainer:
             as_inputs(b) for b in self.dataset.val_batches(run.batch_size, max_batches=run.eval_batches)
         ]
         self.interval = Interval(d.device, run.grad_accum)
+        self.expert_load = ExpertLoad(self.config, d, move_bias=not self.lora)
 
     def _plan_steps(self) -> None:
         """Check the run's length and sharding settings and size a step; count the steps when that needs no data."""
@@ -344,7 +295,8 @@ class Trainer:
         return build_dataset(self.recipe.data, self.tokenizer, progress=progress)
 
     def _build_model(self, base: OrionLM | None, config: ModelConfig) -> tuple[OrionLM, ModelConfig]:
-        """The model on its device: the base or fresh weights, then the LoRA adapters or the thought tokens."""
+        """The model on its device: the base or fresh weights, then the thought tokens, then the LoRA adapters (which
+        train the thinking head fully: lora.modules_to_save)."""
         run = self.run
         torch.manual_seed(run.seed)
         if base is not None:
@@ -352,14 +304,14 @@ class Trainer:
         else:
             model = OrionLM(config)
             model.reset_parameters(seed=run.seed)
+        if self.thinking is not None:
+            model = add_thought_tokens(model, self.tokenizer, self.thinking.n_ahead, self.thinking.meta_init)
+            config = model.config
         if self.lora:
             if self.resume_dir is not None:
                 load_adapter(model, self.resume_dir)
             else:
-                apply_lora(model, self.recipe.lora)
-        if self.thinking is not None:
-            model = add_thought_tokens(model, self.tokenizer, self.thinking.n_ahead, self.thinking.meta_init)
-            config = model.config
+                apply_lora(model, self.recipe.adapters)
         model.activation_checkpointing = run.activation_checkpointing
         model.to(self.d.device)
         return model, config
@@ -444,6 +396,7 @@ class Trainer:
         no_sync = self.d.world_size > 1 and not self.run.fsdp and not sync
         with self.wrapped.no_sync() if no_sync else contextlib.nullcontext(), self.autocast:
             out = self.wrapped(**to_device(batch, self.d.device))
+            self.expert_load.add(out)
             total = add_router_losses(out.loss * weight, out, self.config)
             (total / self.run.grad_accum).backward()
         return out
@@ -461,6 +414,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.expert_load.end_step(self.model)
         self.step += 1
         self.tokens += self.tokens_per_step
         self.interval.steps += 1
@@ -530,6 +484,8 @@ class Trainer:
         if self.lora:
             with atomic_directory(target) as tmp:
                 write_adapter(self.model, tmp, base_model=self.recipe.model.path)
+                if self.thinking is not None:
+                    write_thinking_config(tmp, self.thinking.n_ahead, self.thinking.meta_init)
                 self.tokenizer.save(tmp)
                 write_state(tmp)
         else:

@@ -105,6 +105,8 @@ def test_refused_models(tokenizer, tmp_path):
         save_gguf(_model("tiny-dense", thought_start_id=300, thought_end_id=301), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="qk_norm"):
         save_gguf(_model("tiny-dense", qk_norm=True), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match=r"a routing bias \(e_score_correction_bias: llama.cpp's llama architecture"):
+        save_gguf(_model("tiny-moe", router_bias_update_rate=1e-3), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="dtype 'q4' is not one of f32, f16, q8_0, q4_0, q4_1, .*, q6_k$"):
         save_gguf(_model("tiny-dense"), tokenizer, tmp_path / "x.gguf", dtype="q4")
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*tmp"))

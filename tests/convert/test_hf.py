@@ -217,6 +217,31 @@ def test_native_models_export_to_the_inferred_architecture(name, changes, arch, 
         assert torch.equal(tensor, again.state_dict()[name]), name
 
 
+def test_a_routing_bias_goes_to_hugging_face_and_back(tmp_path):
+    """The aux-loss-free routing bias is written as DeepSeek-V3 names it (on Mixtral's gate) and read back: the
+    same model, routing as before."""
+    model = OrionLM(preset("tiny-moe", router_bias_update_rate=1e-3)).eval()
+    _randomize(model)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]) * (i + 1))
+    save_hf(model, Tokenizer.byte_level(), tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert (data["router_score_bias"], data["router_bias_update_rate"]) == (True, 1e-3)
+    stored = load_file(tmp_path / "model.safetensors")
+    torch.testing.assert_close(stored["model.layers.1.block_sparse_moe.gate.e_score_correction_bias"],
+                               torch.tensor([0.6, -0.4, 0.2, 0.0]))  # fmt: skip
+    again, _ = load_hf(tmp_path, device="cpu")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+        unbiased = OrionLM(preset("tiny-moe")).eval()
+        unbiased.load_state_dict(model.state_dict(), strict=False)
+        assert not torch.allclose(unbiased(ids).logits, model(ids).logits)  # the bias changes the routing
+
+
 # Errors
 
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from orionlm.config import preset
 from orionlm.model import OrionLM
@@ -9,17 +8,23 @@ from orionlm.nn.linear import linear, to_column_major, use_decode_layout
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 64), (2, 5, 64), (20, 64)])  # the last: over SMALL_BATCH
-def test_threaded_matvec_equals_f_linear(threads, shape):
+@pytest.mark.parametrize("layout", ["column-major", "row-major, fewer outputs"])
+def test_threaded_matvec_equals_f_linear(threads, shape, layout):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        weight = to_column_major(torch.randn(96, 64))
-        bias = torch.randn(96)
+        if layout == "column-major":
+            weight = to_column_major(torch.randn(96, 64))
+            assert weight.stride() == (1, 96)
+        else:  # a down projection's decode layout
+            weight = torch.randn(48, 64)
+        bias = torch.randn(weight.shape[0])
         x = torch.randn(*shape)
-        assert weight.stride() == (1, 96) and torch.equal(weight, weight.contiguous())
-        out = linear(x, weight, bias)
-        assert out.shape == (*shape[:-1], 96)
-        torch.testing.assert_close(out, F.linear(x, weight.contiguous(), bias), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            out = linear(x, weight, bias)
+        assert out.shape == (*shape[:-1], weight.shape[0])
+        expected = x.double() @ weight.double().t() + bias.double()  # an independent reference in float64
+        torch.testing.assert_close(out, expected.float(), atol=1e-4, rtol=1e-5)
     finally:
         torch.set_num_threads(previous)
 
@@ -35,6 +40,9 @@ def test_decode_layout_keeps_outputs_state_dict_and_ties(name):
     use_decode_layout(model)
     use_decode_layout(model)  # idempotent
     assert model.model.layers[1].self_attn.o_proj.weight.stride() == (1, 64)
+    if not model.config.num_experts:  # a down projection stays row-major when it has fewer outputs than inputs
+        down = model.model.layers[-1].mlp.down_proj
+        assert down.weight.is_contiguous() == (down.out_features < down.in_features)
     assert model.lm_head.weight.stride() == (1, 512)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     if model.config.tie_embeddings:
@@ -42,6 +50,8 @@ def test_decode_layout_keeps_outputs_state_dict_and_ties(name):
     if model.config.num_experts:
         experts = model.model.layers[0].mlp.experts
         assert experts.gate_up_proj.stride()[1:] == (1, experts.gate_up_proj.shape[1])
+        out_features, in_features = experts.down_proj.shape[1:]
+        assert experts.down_proj.is_contiguous() == (out_features < in_features)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=0)
         # a single-token decode step takes the threaded matrix-vector path and agrees too

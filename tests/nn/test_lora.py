@@ -322,3 +322,48 @@ def test_bad_moe_targets_are_refused():
         apply_lora(model, LoRAConfig(target_modules=["lm_head"]))
     with pytest.raises(OrionError, match="target_modules or target_parameters"):
         LoRAConfig(target_modules=[])
+
+
+def test_modules_to_save_train_fully_and_round_trip_with_peft(base, tmp_path):
+    """PEFT's modules_to_save: modules trained in full beside the adapters, saved in the adapter file (read here
+    from peft's, and by peft from ours)."""
+    model, hf_dir = base
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["model.norm"])
+    hf = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir), lora)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.requires_grad:  # the factors and the copy of the norm that PEFT trains
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "peft")
+    config = load_adapter(model, tmp_path / "peft")
+    assert config.modules_to_save == ["model.norm"]
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained - {n for n in trained if ".lora_" in n} == {"model.norm.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, hf.eval()(IDS).logits, atol=1e-5, rtol=1e-5)
+    save_adapter(model, tmp_path / "ours", str(hf_dir))
+    again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, hf(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_modules_to_save_must_exist_and_hold_no_adapter(thinking_model):
+    with pytest.raises(OrionError, match=r"no module matches LoRA modules_to_save \['thought'\]"):
+        apply_lora(thinking_model("tiny-dense"), LoRAConfig(modules_to_save=["thinking", "thought"]))
+    adapted_head = LoRAConfig(target_modules=["q_proj", r"thinking\.mixing_head\.0"], modules_to_save=["thinking"])
+    with pytest.raises(OrionError, match="LoRA module to save thinking holds adapted layers"):
+        apply_lora(thinking_model("tiny-dense"), adapted_head)
+
+
+def test_an_adapted_router_keeps_its_routing_bias_and_merges_with_it():
+    model = _model("tiny-moe", router_bias_update_rate=1e-3)
+    bias = torch.tensor([0.2, -0.1, 0.0, 0.3])
+    model.model.layers[0].mlp.gate.e_score_correction_bias.copy_(bias)
+    names = set(model.state_dict())
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["gate"]))
+    gate = model.model.layers[0].mlp.gate
+    assert isinstance(gate, LoRALinear) and torch.equal(gate.e_score_correction_bias, bias)
+    merge_lora(model)
+    assert set(model.state_dict()) == names
+    assert torch.equal(model.model.layers[0].mlp.gate.e_score_correction_bias, bias)

@@ -60,6 +60,64 @@ def test_load_balancing_loss_matches_transformers():
     assert load_balancing_loss([torch.zeros(16, 4)], top_k=2).item() == pytest.approx(2.0, abs=0.6)
 
 
+def test_load_balancing_loss_from_given_counts_and_per_layer():
+    torch.manual_seed(2)
+    logits = [torch.randn(40, 8) for _ in range(3)]
+    chosen = torch.stack([torch.bincount(lg.topk(2, -1).indices.flatten(), minlength=8) for lg in logits])
+    # the experts the routers chose are what the loss counts when none are given
+    torch.testing.assert_close(load_balancing_loss(logits, 2, chosen), load_balancing_loss(logits, top_k=2))
+    # per layer: E * sum_e f_e P_e of each layer, averaged; one layer alone is the same either way
+    per_layer = [load_balancing_loss([lg], 2) for lg in logits]
+    torch.testing.assert_close(load_balancing_loss(logits, 2, per_layer=True), torch.stack(per_layer).mean())
+    # Two layers that collapse onto opposite experts (top-1 of 2): together they look balanced (f = P = 1/2,
+    # the minimum top_k = 1), each alone is the worst case (f_0 = 1, P_0 ~ 1: a loss of ~E = 2).
+    opposite = [torch.tensor([[20.0, 0.0]]).repeat(8, 1), torch.tensor([[0.0, 20.0]]).repeat(8, 1)]
+    assert load_balancing_loss(opposite, 1).item() == pytest.approx(1.0, abs=1e-6)
+    assert load_balancing_loss(opposite, 1, per_layer=True).item() == pytest.approx(2.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_global_batch_loss_of_the_parts_is_the_loss_of_the_whole(per_layer):
+    """Global-batch balancing: each part of a batch (a micro-batch, a process's share) scored with the counts of the
+    whole batch; the mean of the parts' losses is the loss of the whole batch given at once."""
+    torch.manual_seed(3)
+    logits = [torch.randn(48, 8) for _ in range(2)]
+    whole = load_balancing_loss(logits, 2, per_layer=per_layer)
+    counts = torch.stack([torch.bincount(lg.topk(2, -1).indices.flatten(), minlength=8) for lg in logits])
+    parts = [load_balancing_loss([lg[i : i + 16] for lg in logits], 2, counts, per_layer) for i in (0, 16, 32)]
+    torch.testing.assert_close(torch.stack(parts).mean(), whole)
+    alone = torch.stack([load_balancing_loss([lg[i : i + 16] for lg in logits], 2, per_layer=per_layer)
+                         for i in (0, 16, 32)]).mean()  # fmt: skip
+    assert not torch.allclose(alone, whole)  # each part's own counts: another loss
+
+
+def test_score_bias_chooses_the_experts_and_leaves_their_weights():
+    moe = _moe(router_score_bias=True, norm_topk_prob=False)
+    plain = _moe(norm_topk_prob=False)
+    x = torch.randn(32, 64)
+    logits, weights, ids = moe.route(x)
+    assert torch.equal(logits, plain.route(x)[0])
+    assert torch.equal(weights, plain.route(x)[1]) and torch.equal(ids, plain.route(x)[2])  # a zero bias
+    moe.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))  # expert 3 always chosen
+    logits, weights, ids = moe.route(x)
+    assert (ids == 3).any(-1).all()
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(weights, probs.gather(-1, ids))  # the router's probabilities, without the bias
+    second = probs[:, :3].max(-1)  # beside expert 3: the best of the others
+    torch.testing.assert_close(weights.sort(-1).values, torch.stack([probs[:, 3], second.values], -1).sort(-1).values)
+    normed = _moe(router_score_bias=True)
+    normed.gate.e_score_correction_bias.copy_(moe.gate.e_score_correction_bias)
+    torch.testing.assert_close(normed.route(x)[1], weights / weights.sum(-1, keepdim=True))
+
+
+def test_score_bias_update_moves_each_expert_toward_the_mean_load():
+    moe = _moe(router_score_bias=True)
+    moe.update_score_bias(torch.tensor([10.0, 0.0, 6.0, 4.0]), rate=0.1)  # mean 5
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([-0.1, 0.1, -0.1, 0.1]))
+    moe.update_score_bias(torch.tensor([5.0, 3.0, 7.0, 5.0]), rate=0.25)  # at the mean: unchanged
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([-0.1, 0.35, -0.35, 0.1]))
+
+
 def test_z_loss_is_mean_squared_logsumexp():
     logits = [torch.tensor([[0.0, 0.0], [1.0, 3.0]]), torch.tensor([[2.0, 2.0]])]
     lse = torch.log(torch.tensor(2.0))

@@ -13,7 +13,7 @@ import torch
 from orionlm.checkpoint import save_checkpoint
 from orionlm.generation import generate_ids
 from orionlm.loading import load_model
-from orionlm.train.quietstar import add_thought_tokens
+from orionlm.model import add_thought_tokens
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")

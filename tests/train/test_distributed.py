@@ -76,6 +76,25 @@ def test_lora_on_chat_rows_in_two_processes_matches_one(tmp_path):
         torch.testing.assert_close(adapters[1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_expert_balance_counts_the_tokens_of_every_process(tmp_path):
+    """Global-batch balancing and the routing bias under DDP: each process's balance loss takes f_e from the counts
+    of both (all-reduced), and so does each step's bias update, so two processes of 2 rows train as one of 4."""
+    overrides = {"max_seq_len": 64, "router_bias_update_rate": 0.01, "router_aux_loss_global": True}
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        run = {"max_steps": 4, "batch_size": batch, "save_every_steps": 0}
+        orionlm_train(write_recipe(tmp_path / str(processes), model={"preset": "tiny-moe", "overrides": overrides},
+                                   run=run), processes=processes)  # fmt: skip
+        runs[processes] = tmp_path / str(processes) / "run"
+    assert losses(runs[2]) == pytest.approx(losses(runs[1]), abs=1e-5)
+    ours, _, _ = load_model(runs[2] / "model", device="cpu")
+    reference, _, _ = load_model(runs[1] / "model", device="cpu")
+    bias = reference.model.layers[0].mlp.gate.e_score_correction_bias
+    assert bias.abs().sum() > 0
+    for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_fsdp_trains_and_resumes_looped_chimera_as_one_process(tmp_path):
     """FSDP2 shards a Chimera with residual lambdas (fully_shard refuses 0-dim parameters, so they are (1,)) and
     shared top blocks run twice per forward: two processes train as one does, the checkpoint keeps the lambdas

@@ -28,6 +28,8 @@ from orionlm.train.plot import pyplot, run_figures
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import find_checkpoints, train
 
+from .test_finetune import write_recipe as write_chat_recipe
+
 TOK = Tokenizer.byte_level()
 
 
@@ -292,23 +294,10 @@ def base(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("base"), "tiny-moe")
 
 
-def write_recipe(tmp_path: Path, base: Path, **sections) -> Path:
-    import yaml
-
-    recipe = {
-        "mode": "dpo",
-        "model": {"path": str(base / "model")},
-        "data": {"sources": [{"path": str(base / "pairs.jsonl")}], "seq_len": 192, "val_fraction": 0.1},
-        "optim": {"lr": 3e-3},
-        "schedule": {"kind": "cosine", "warmup_steps": 1},
-        "run": {"out_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 2, "log_every": 1,
-                "eval_every": 3, "eval_batches": 2, "save_every_steps": 3, "keep_last": 0, "progress": False,
-                "plot": False, "tensorboard": False},
-    }  # fmt: skip
-    recipe |= sections
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return tmp_path / "recipe.yaml"
+def write_recipe(tmp_path: Path, base: Path, mode: str = "dpo", **sections) -> Path:
+    """test_finetune's recipe (a tiny chat model, 6 steps) on the pairs."""
+    data = {"sources": [{"path": str(base / "pairs.jsonl")}], "seq_len": 192}
+    return write_chat_recipe(tmp_path, base, mode, data=data, **sections)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -375,13 +364,13 @@ def batches_of(base: Path, batch_size: int) -> list[dict]:
 def test_dpo_recipe_errors(tmp_path, base):
     with pytest.raises(RecipeError, match="mode: dpo tunes a trained model: give model.path"):
         load_recipe(write_recipe(tmp_path, base), ["--model.path=null", "--model.preset=tiny-dense"])
-    with pytest.raises(RecipeError, match="the dpo section is read with mode: dpo only"):
+    with pytest.raises(RecipeError, match="dpo: the section is for mode: dpo, not sft"):
         load_recipe(write_recipe(tmp_path, base, mode="sft", dpo={"beta": 0.2}))
     with pytest.raises(RecipeError, match="smooths the sigmoid loss"):
         load_recipe(write_recipe(tmp_path, base, dpo={"loss_type": "ipo", "label_smoothing": 0.1}))
     with pytest.raises(RecipeError, match="set data.format=chat and data.train_on_all=false"):
         load_recipe(write_recipe(tmp_path, base), ["--data.train_on_all=true"])
-    with pytest.raises(RecipeError, match="mode: dpo trains low-rank factors with AdamW"):
+    with pytest.raises(RecipeError, match="lora: adapters train low-rank factors with AdamW"):
         load_recipe(write_recipe(tmp_path, base, lora=LORA), ["--optim.name=muon"])
     assert load_recipe(write_recipe(tmp_path, base, lora=LORA)).adapters
     assert not load_recipe(write_recipe(tmp_path, base)).adapters

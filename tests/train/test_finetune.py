@@ -197,7 +197,7 @@ def test_accumulated_micro_batches_weigh_every_target_equally(tmp_path):
 
 
 def test_fine_tuning_recipe_errors(tmp_path, base):
-    with pytest.raises(RecipeError, match="mode: lora adapts a trained model: give model.path"):
+    with pytest.raises(RecipeError, match=r"lora: adapters need a trained base: give model.path \(a model directory"):
         load_recipe(write_recipe(tmp_path, base, "lora"), ["--model.path=null", "--model.preset=tiny-dense"])
     with pytest.raises(RecipeError, match="did you mean 'lora'"):
         load_recipe(write_recipe(tmp_path, base, "lorra"))

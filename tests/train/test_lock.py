@@ -47,8 +47,11 @@ def test_a_run_in_progress_is_neither_joined_nor_deleted(tmp_path, capsys):
     # its output goes to a file: a pipe nobody reads fills up and blocks the run, even on its way out after Ctrl-C
     log = tmp_path / "other.log"
     with log.open("w") as out:
+        # default Ctrl-C handling whatever this process inherited (Python ignores SIGINT for good when it starts
+        # with the signal ignored)
         other = subprocess.Popen([sys.executable, "-m", "orionlm", "train", str(path)], env=ENV, cwd=tmp_path,
-                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+                                 stdout=out, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         metrics = run_dir / "metrics.jsonl"
         wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, "its first metrics record", other, log)

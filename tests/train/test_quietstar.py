@@ -12,17 +12,9 @@ import torch.nn.functional as F
 
 from orionlm import load_model
 from orionlm.config import preset
-from orionlm.model import OrionLM
+from orionlm.model import END_THOUGHT, START_THOUGHT, OrionLM, add_thought_tokens
 from orionlm.tokenizer import Tokenizer
-from orionlm.train.quietstar import (
-    END_THOUGHT,
-    START_THOUGHT,
-    ParallelThoughts,
-    QuietStarConfig,
-    add_thought_tokens,
-    quietstar_loss,
-    thought_rewards,
-)
+from orionlm.train.quietstar import ParallelThoughts, QuietStarConfig, quietstar_loss, thought_rewards
 from orionlm.train.recipe import RecipeError, load_recipe
 from orionlm.train.trainer import train
 

@@ -17,15 +17,8 @@ from orionlm.tokenizer import Tokenizer
 from orionlm.train.distributed import Dist
 from orionlm.train.metrics import MetricsLog, flops_per_token, throughput
 from orionlm.train.recipe import RecipeError, load_recipe
-from orionlm.train.trainer import (
-    STATE_FILE,
-    STATE_JSON,
-    TRAINED_FOR,
-    Trainer,
-    find_checkpoints,
-    prepare_tokenizer,
-    train,
-)
+from orionlm.train.run_tokenizer import TRAINED_FOR, prepare_tokenizer
+from orionlm.train.trainer import STATE_FILE, STATE_JSON, Trainer, find_checkpoints, train
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small real text files on every machine
 
@@ -119,10 +112,26 @@ def test_training_learns_checkpoints_and_logs(tmp_path):
     assert loss(model) < loss(initial) - 0.3
 
 
-@pytest.mark.parametrize("preset, optim", [("tiny-dense", "adamw"), ("tiny-moe", "muon"), ("tiny-chimera", "muon")])
-def test_resume_is_bit_identical(tmp_path, preset, optim):
-    """A run interrupted after its step-3 checkpoint and resumed gives exactly the uninterrupted losses."""
-    sections = dict(model={"preset": preset}, optim={"name": optim, "lr": 3e-3})
+BALANCED = {"router_bias_update_rate": 0.01, "router_aux_loss_global": True, "router_aux_loss_per_layer": True}
+
+
+@pytest.mark.parametrize(
+    "preset, optim, overrides",
+    [
+        ("tiny-dense", "adamw", {}),
+        ("tiny-moe", "muon", {}),
+        ("tiny-chimera", "muon", {}),
+        ("tiny-moe", "adamw", BALANCED),
+    ],
+)
+def test_resume_is_bit_identical(tmp_path, preset, optim, overrides):
+    """A run interrupted after its step-3 checkpoint and resumed gives exactly the uninterrupted losses (with expert
+    balancing: the routing biases are in the checkpoint, the load counts start anew each step)."""
+    sections = dict(
+        model={"preset": preset, "overrides": {"max_seq_len": 64} | overrides}, optim={"name": optim, "lr": 3e-3}
+    )
+    if overrides:
+        sections["run"] = {"grad_accum": 2, "batch_size": 2}
     full = train(load_recipe(write_recipe(tmp_path / "a", **sections)))
     interrupted = train(load_recipe(write_recipe(tmp_path / "b", **sections)))
     # Forget everything after step 3, as if the process had been killed just after that checkpoint.
