@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Container
 from typing import Any
 
@@ -161,33 +162,40 @@ class QuantLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scales_and_zeros)
 
     def _codes_matmul(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """rows (M, K) float32 times W from the codes (_codes_layout), or None where the groups do not tile K.
-        Up to CODES_ROWS rows: y = sum over groups g of scale_g * (x_g @ c_g) + (sum of x_g) * zero_term_g, c the
-        centred codes, so the weight stream is one byte per weight and only a block of groups is ever float (in
-        cache). More rows: W = scale * c + zero_term (exactly dequantize()'s values) a block of groups at a time,
-        each block one matmul."""
+        """rows (M, K) float32 times W read from qweight's bytes, or None for more than CODES_ROWS rows or where
+        _codes_layout cannot run the layer. y = sum over groups g of scale_g * (x_g @ q_g) + (sum of x_g) *
+        zero_term_g, q the codes 0..2**bits-1, so only a block of groups is ever float (in cache).
+
+        Byte j of word (r, n) holds the 8/bits codes of inputs (32/bits) * r + (8/bits) * j + i, i at bit shift
+        bits * i: a block of groups as float is (g, 8/bits, R, 4N), i the plane, R = words per group, columns
+        (n, j). x in the same order, (g, 4M, 8/bits * R) with rows (m, j), makes one matmul per group whose
+        (m, j) x (n, j) diagonal is x_g @ q_g: 4 times the multiply-adds of a plain matmul, but no transposing
+        copy of the bytes (in torch's elementwise kernels, a strided byte read is several times slower)."""
+        if len(rows) > CODES_ROWS:
+            return None
         layout = self._cached("codes", rows.dtype, self._codes_layout)
         if layout is None:
             return None
-        perm, codes, scale, zero_term = layout
-        G, group_size, N = codes.shape
-        rows = rows[:, perm] if perm is not None else rows
+        scale, zero_term = layout
+        (G, N), M = scale.shape, len(rows)
+        group_size, per_byte = self.in_features // G, 8 // self.bits
+        R = group_size * self.bits // WORD
+        data = self.qweight.view(torch.uint8).view(G, R, 4 * N)  # no copy: qweight's own bytes
+        x = rows.reshape(M, G, R, 4, per_byte).permute(1, 0, 3, 4, 2).reshape(G, 4 * M, per_byte * R)
+        y = rows.reshape(M, G, group_size).sum(-1) @ zero_term  # (M, N)
         step = max(1, DEQUANT_BLOCK // (group_size * N))
-        if len(rows) > CODES_ROWS:
-            y = rows.new_zeros(len(rows), N)
-            for start in range(0, G, step):
-                weight = codes[start : start + step].float().mul_(scale[start : start + step])
-                if zero_term is not None:
-                    weight.add_(zero_term[start : start + step, None])
-                columns = rows[:, start * group_size : (start + step) * group_size]
-                y.addmm_(columns, weight.view(-1, N))
-            return y
-        groups = rows.reshape(len(rows), G, group_size).transpose(0, 1)  # (G, M, group_size)
-        y = None if zero_term is None else groups.sum(-1).t() @ zero_term  # (M, N)
+        # one float block reused, unless autograd keeps each block for the backward pass
+        keep = rows.requires_grad and torch.is_grad_enabled()
+        block = None if keep else rows.new_empty(min(step, G), per_byte, R, 4 * N)
         for start in range(0, G, step):
-            part = torch.bmm(groups[start : start + step], codes[start : start + step].float())  # (g, M, N)
-            part = (part * scale[start : start + step]).sum(0)
-            y = part if y is None else y + part
+            data_block = data[start : start + step]
+            codes = rows.new_empty(len(data_block), per_byte, R, 4 * N) if keep else block[: len(data_block)]
+            for i in range(per_byte):
+                plane = data_block >> (self.bits * i) if i else data_block
+                codes[:, i] = plane & (2**self.bits - 1) if i < per_byte - 1 else plane
+            sums = torch.bmm(x[start : start + step], codes.view(len(codes), per_byte * R, 4 * N))
+            sums = sums.view(len(codes), M, 4, N, 4).diagonal(dim1=2, dim2=4).sum(-1)  # (g, M, N)
+            y = y + (sums * scale[start : start + step, None]).sum(0)
         return y
 
     def _in_order(self) -> bool:
@@ -251,20 +259,17 @@ class QuantLinear(nn.Module):
         zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
         return (q if perm is None else q[perm]), zero, self.scales.float()
 
-    def _codes_layout(self) -> tuple | None:
-        """What _codes_matmul needs, or None where the groups do not tile the inputs: (the input permutation or
-        None, the codes minus 2**(bits-1) as int8 (G, group_size, N), the scales (G, 1, N) and the zero term
-        -scale * (zero - 2**(bits-1)) (G, N) in float32, None where it is 0: symmetric quantization). Centering
-        the codes keeps the zero term small, so the two sums cancel little."""
-        order = self._group_order()
-        if order is None:
+    def _codes_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What _codes_matmul needs beside qweight: the scales and the zero term -scale * zero (G, N) in float32
+        (8 / group_size bytes per weight), or None where it cannot read the codes from qweight's bytes: 3 bits
+        (codes straddle bytes), groups that are not runs of whole words in order (act-order, a last group
+        shorter than the others), or a big-endian host (byte j of a word would not be its bits 8j..8j+7)."""
+        group_size = self.in_features if self.group_size == -1 else self.group_size
+        if self.bits == 3 or group_size * self.bits % WORD or not self._in_order() or sys.byteorder != "little":
             return None
-        perm, group_size = order
-        q, zero, scale = self._ordered_params(perm)
-        offset = 2 ** (self.bits - 1)
-        codes = (q - offset).to(torch.int8).view(-1, group_size, self.out_features)
-        zero_term = None if torch.all(zero == offset) else -scale * (zero - offset)
-        return perm, codes, scale[:, None], zero_term
+        zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
+        scale = self.scales.float()
+        return scale, -scale * zero
 
     def _int4_layout(self, dtype: torch.dtype) -> tuple | None:
         """What torch's CPU int4 kernel needs, or None where it cannot run this layer: (the input permutation or
