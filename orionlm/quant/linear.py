@@ -33,9 +33,10 @@ from .pack import (
 # a block stays in cache and in memory the allocator reuses, where a whole fresh float weight costs page faults.
 DEQUANT_BLOCK = 2**20
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
-# Up to this many float32 input rows (decoding) multiply by the layer's int8 codes group by group; more (prefill,
-# training) by the weight dequantized from the codes a block at a time, whose large matmuls are then faster.
-CODES_ROWS = 16
+# Up to this many float32 input rows (decoding) multiply by the codes read from qweight's bytes group by group;
+# that matmul does 4 times the multiply-adds (_codes_matmul), so from about 8 rows on (measured, one thread) the
+# dequantizing path with plain matmuls is faster.
+CODES_ROWS = 4
 
 
 class QuantLinear(nn.Module):
@@ -50,14 +51,15 @@ class QuantLinear(nn.Module):
       matrix kernel on the codes repacked as 4-bit values (a 2- or 3-bit code is a 4-bit one that leaves the top
       values unused; an 8-bit code is two 4-bit ones, its low and high halves), with scales and zeros rounded to
       bfloat16;
-    - on CPU, a float32 x (the groups must tile in_features): the codes, kept as int8 (one byte per weight); up to
-      CODES_ROWS rows (decoding) multiply them group by group with the scales applied to the per-group sums, so
-      no float copy of W is made beyond a block of groups at a time; more rows multiply W built from them a block
-      of groups at a time (float32 rounding apart from F.linear; both keep the input's gradient);
+    - on CPU, a float32 x of up to CODES_ROWS rows (decoding), 2, 4 or 8 bits, groups in order (no act-order)
+      that tile in_features: the codes are read from qweight's own bytes, a block of groups at a time made
+      float (nothing of the weight's size is kept: the cache holds the float32 scales and zero terms, 8 /
+      group_size bytes per weight), multiplied group by group with the scales applied to the per-group sums
+      (float32 rounding apart from F.linear; keeps the input's gradient);
     - otherwise W is rebuilt on every call (unpacked from qweight); on CPU a large W is built and multiplied a block
       of input rows at a time, in float32.
-    The int4 and int8 layouts and the kept W are derived caches, not state: they are rebuilt when the buffers are
-    replaced (load_state_dict, .to()).
+    The int4 layout, the float32 group parameters and the kept W are derived caches, not state: they are rebuilt
+    when the buffers are replaced (load_state_dict, .to()).
     """
 
     def __init__(
@@ -164,7 +166,7 @@ class QuantLinear(nn.Module):
     def _codes_matmul(self, rows: torch.Tensor) -> torch.Tensor | None:
         """rows (M, K) float32 times W read from qweight's bytes, or None for more than CODES_ROWS rows or where
         _codes_layout cannot run the layer. y = sum over groups g of scale_g * (x_g @ q_g) + (sum of x_g) *
-        zero_term_g, q the codes 0..2**bits-1, so only a block of groups is ever float (in cache).
+        zero_term_g, q the codes 0..2**bits-1, so only a block of about DEQUANT_BLOCK codes is ever float.
 
         Byte j of word (r, n) holds the 8/bits codes of inputs (32/bits) * r + (8/bits) * j + i, i at bit shift
         bits * i: a block of groups as float is (g, 8/bits, R, 4N), i the plane, R = words per group, columns
@@ -183,19 +185,25 @@ class QuantLinear(nn.Module):
         data = self.qweight.view(torch.uint8).view(G, R, 4 * N)  # no copy: qweight's own bytes
         x = rows.reshape(M, G, R, 4, per_byte).permute(1, 0, 3, 4, 2).reshape(G, 4 * M, per_byte * R)
         y = rows.reshape(M, G, group_size).sum(-1) @ zero_term  # (M, N)
-        step = max(1, DEQUANT_BLOCK // (group_size * N))
+        # blocks of about DEQUANT_BLOCK codes: whole groups, or a group's columns in slices where it is larger
+        width = min(N, max(1, DEQUANT_BLOCK // group_size))
+        step = max(1, DEQUANT_BLOCK // (group_size * width))
         # one float block reused, unless autograd keeps each block for the backward pass
         keep = rows.requires_grad and torch.is_grad_enabled()
-        block = None if keep else rows.new_empty(min(step, G), per_byte, R, 4 * N)
-        for start in range(0, G, step):
-            data_block = data[start : start + step]
-            codes = rows.new_empty(len(data_block), per_byte, R, 4 * N) if keep else block[: len(data_block)]
-            for i in range(per_byte):
-                plane = data_block >> (self.bits * i) if i else data_block
-                codes[:, i] = plane & (2**self.bits - 1) if i < per_byte - 1 else plane
-            sums = torch.bmm(x[start : start + step], codes.view(len(codes), per_byte * R, 4 * N))
-            sums = sums.view(len(codes), M, 4, N, 4).diagonal(dim1=2, dim2=4).sum(-1)  # (g, M, N)
-            y = y + (sums * scale[start : start + step, None]).sum(0)
+        block = None if keep else rows.new_empty(min(step, G) * group_size * width)
+        for first in range(0, N, width):
+            columns = slice(first, min(N, first + width))
+            n = columns.stop - first
+            for start in range(0, G, step):
+                data_block = data[start : start + step, :, 4 * first : 4 * columns.stop]
+                shape = (len(data_block), per_byte, R, 4 * n)
+                codes = rows.new_empty(shape) if keep else block[: math.prod(shape)].view(shape)
+                for i in range(per_byte):
+                    plane = data_block >> (self.bits * i) if i else data_block
+                    codes[:, i] = plane & (2**self.bits - 1) if i < per_byte - 1 else plane
+                sums = torch.bmm(x[start : start + step], codes.view(len(codes), per_byte * R, 4 * n))
+                sums = sums.view(len(codes), M, 4, n, 4).diagonal(dim1=2, dim2=4).sum(-1)  # (g, M, n)
+                y[:, columns] += (sums * scale[start : start + step, None, columns]).sum(0)
         return y
 
     def _in_order(self) -> bool:
