@@ -271,9 +271,16 @@ class QuantLinear(nn.Module):
         """What _codes_matmul needs beside qweight: the scales and the zero term -scale * zero (G, N) in float32
         (8 / group_size bytes per weight), or None where it cannot read the codes from qweight's bytes: 3 bits
         (codes straddle bytes), groups that are not runs of whole words in order (act-order, a last group
-        shorter than the others), or a big-endian host (byte j of a word would not be its bits 8j..8j+7)."""
+        shorter than the others), a qweight whose words are not contiguous (its bytes then have no view), or a
+        big-endian host (byte j of a word would not be its bits 8j..8j+7)."""
         group_size = self.in_features if self.group_size == -1 else self.group_size
-        if self.bits == 3 or group_size * self.bits % WORD or not self._in_order() or sys.byteorder != "little":
+        if (
+            self.bits == 3
+            or group_size * self.bits % WORD
+            or not self._in_order()
+            or not self.qweight.is_contiguous()
+            or sys.byteorder != "little"
+        ):
             return None
         zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
         scale = self.scales.float()

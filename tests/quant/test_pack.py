@@ -241,6 +241,14 @@ def test_float32_decoding_falls_back_where_the_groups_do_not_tile_the_inputs():
     assert torch.equal(module(x), F.linear(x, module.dequantize(), bias)) and module._cache[1] is None
 
 
+def test_float32_decoding_falls_back_for_a_qweight_whose_words_are_not_contiguous():
+    module, weight, bias = layer(bits=8)
+    module.qweight = module.qweight.t().contiguous().t()  # the same words, column-major: no byte view
+    x = torch.randn(2, 128)
+    assert torch.equal(module.dequantize(), weight)
+    assert torch.equal(module(x), F.linear(x, module.dequantize(), bias)) and module._cache[1] is None
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (64, True), (48, False), (80, False)])
 @pytest.mark.parametrize("rows", [3, CODES_ROWS + 1])
