@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from orionlm.errors import OrionError
-from orionlm.quant.linear import QuantLinear
+from orionlm.quant.linear import CODES_ROWS, QuantLinear
 from orionlm.quant.pack import (
     checkpoint_format_of,
     default_g_idx,
@@ -165,8 +165,10 @@ def test_shapes_and_values_the_format_cannot_hold(change, message):
         pack_gptq(q, scale, zero, g_idx, 5)
 
 
-def layer(N=64, K=128, bits=4, group_size=32, act_order=False, bias=True, seed=0, **kwargs):
+def layer(N=64, K=128, bits=4, group_size=32, act_order=False, bias=True, seed=0, sym=False, **kwargs):
     q, scale, zero, g_idx = quantized(N, K, bits, group_size, act_order, seed)
+    if sym:  # symmetric quantization's zero point
+        zero.fill_(2 ** (bits - 1))
     linear = torch.nn.Linear(K, N, bias=bias)
     with torch.no_grad():
         if bias:
@@ -196,22 +198,70 @@ def test_state_dict_is_the_checkpoint():
 @pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (32, True)])
 def test_forward_equals_f_linear_on_the_dequantized_weight(bits, group_size, act_order):
     module, weight, bias = layer(bits=bits, group_size=group_size, act_order=act_order)
-    x = torch.randn(2, 5, 128)
+    x = torch.randn(3, CODES_ROWS, 128)  # more rows than decoding: F.linear on the dequantized weight
     dequantized = module.dequantize()
     assert torch.equal(dequantized, weight)
-    # the same values as `weight`, in the layout the module picks (summation order follows the layout)
-    assert torch.equal(module(x), F.linear(x, dequantized, bias))
-    torch.testing.assert_close(module(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    assert torch.equal(module(x), F.linear(x, dequantized, bias)) and module._cache is None
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (64, True), (48, False)])
-def test_blockwise_cpu_path_equals_f_linear(monkeypatch, bits, group_size, act_order):
-    monkeypatch.setattr("orionlm.quant.linear.DEQUANT_BLOCK", 64 * 64)  # blocks of 64 inputs, several per layer
+@pytest.mark.parametrize("group_size, act_order, sym", [(32, False, False), (-1, False, True), (32, True, False),
+                                                        (64, False, True)])  # fmt: skip
+def test_float32_decoding_reads_the_codes_from_qweight(bits, group_size, act_order, sym):
+    module, weight, bias = layer(N=96, bits=bits, group_size=group_size, act_order=act_order, sym=sym)
+    from_bytes = bits != 3 and not act_order  # 3-bit codes straddle bytes; act-order groups are not runs
+    for rows in (1, 4, CODES_ROWS):
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows), requires_grad=True)
+        y = module(x)
+        assert (module._cache[1] is not None) == from_bytes
+        exact = F.linear(x.detach().double(), weight.double(), bias.double())
+        # uncentred codes: per-group sums of x * scale * q minus the zero term, so the rounding scales with
+        # |x| times the largest |scale * q|; measured worst 0.5 float32 epsilon (2**-23) of that, F.linear's own
+        # (the fallbacks) up to 1.3
+        largest = 2**bits * module.scales.float().max().item()
+        assert (y.double() - exact).abs().max() <= 2**-21 * largest * x.detach().abs().sum(-1).max()
+        y.backward(torch.ones_like(y))  # the gradient of x is the weight's column sums (measured worst 1.5 eps)
+        assert (x.grad.double() - weight.double().sum(0)).abs().max() <= 2**-22 * largest * module.out_features
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, 32), (4, 64), (2, -1)])
+def test_float32_decoding_keeps_no_copy_of_the_codes(bits, group_size):
+    module, _, _ = layer(N=96, K=256, bits=bits, group_size=group_size)
+    module(torch.randn(2, 256))
+    groups = module.scales.shape[0]
+    cached = module._cache[1]  # the float32 scales and zero terms (G, N): 8 / group_size bytes per weight
+    assert [tuple(t.shape) for t in cached] == [(groups, 96)] * 2
+    assert sum(t.numel() * t.element_size() for t in cached) == 8 * groups * 96 < 256 * 96
+    assert all(t.untyped_storage().data_ptr() != module.qweight.untyped_storage().data_ptr() for t in cached)
+
+
+def test_float32_decoding_falls_back_where_the_groups_do_not_tile_the_inputs():
+    module, _, bias = layer(N=64, K=128, bits=4, group_size=48)  # groups of 48, 48 and 32
+    x = torch.randn(2, 128)
+    assert torch.equal(module(x), F.linear(x, module.dequantize(), bias)) and module._cache[1] is None
+
+
+def test_float32_decoding_falls_back_for_a_qweight_whose_words_are_not_contiguous():
+    module, weight, bias = layer(bits=8)
+    module.qweight = module.qweight.t().contiguous().t()  # the same words, column-major: no byte view
+    x = torch.randn(2, 128)
+    assert torch.equal(module.dequantize(), weight)
+    assert torch.equal(module(x), F.linear(x, module.dequantize(), bias)) and module._cache[1] is None
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size, act_order", [(32, False), (-1, False), (64, True), (48, False), (80, False)])
+@pytest.mark.parametrize("rows", [3, CODES_ROWS + 1])
+def test_blockwise_cpu_paths_equal_f_linear(monkeypatch, bits, group_size, act_order, rows):
+    # blocks of 64 inputs, several per layer: from qweight's bytes a block of groups at a time (decoding rows,
+    # 2-, 4- and 8-bit, groups that tile 192 inputs in order), else by unpacking a block of rows at a time
+    monkeypatch.setattr("orionlm.quant.linear.DEQUANT_BLOCK", 64 * 64)
     module, weight, bias = layer(N=64, K=192, bits=bits, group_size=group_size, act_order=act_order)
-    x = torch.randn(3, 192)
+    x = torch.randn(rows, 192)
     # blocks of 64 inputs sum in another order than one matmul: float32 rounding of a 192-term sum apart
     torch.testing.assert_close(module(x), F.linear(x, weight, bias), atol=5e-5, rtol=1e-5)
+    from_bytes = rows <= CODES_ROWS and bits != 3 and not act_order and group_size != 80
+    assert (module._cache is not None and module._cache[1] is not None) == from_bytes
     assert torch.equal(module.dequantize(), weight)
 
 
@@ -228,15 +278,19 @@ def test_keep_dequantized_is_rebuilt_when_the_buffers_change():
 
 @pytest.mark.skipif(not HAS_INT4_KERNEL, reason="this torch has no CPU int4 kernel")
 @pytest.mark.parametrize("bits, group_size, act_order", [(4, 32, False), (4, 64, True), (4, -1, False), (3, 32, True),
-                                                        (2, 128, False)])  # fmt: skip
+                                                        (2, 128, False), (8, 32, False), (8, 64, True), (8, -1, False),
+                                                        (4, 96, False)])  # fmt: skip
 def test_bf16_cpu_int4_kernel_path(bits, group_size, act_order):
-    module, weight, bias = layer(N=64, K=128, bits=bits, group_size=group_size, act_order=act_order)
-    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    K = 192 if group_size == 96 else 128  # groups of 96 run as the kernel's groups of 32 with repeated scales
+    module, weight, bias = layer(N=64, K=K, bits=bits, group_size=group_size, act_order=act_order)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(0))
     y = module(x.bfloat16())
     assert y.dtype == torch.bfloat16 and module._cache[0][0] == "int4" and module._cache[1] is not None
     # bf16 activations, scales and offsets: a few bf16 roundings of outputs of size ~1 (over 50 inputs the
     # worst is 2.6 times the error of a bf16 product with the exact weight)
-    torch.testing.assert_close(y.float(), F.linear(x, weight, bias), atol=2e-2, rtol=2e-2)
+    exact = F.linear(x, weight, bias)
+    size = exact.abs().max().item() / 4  # ~1 for 2-4 bits; 8-bit codes make weights and outputs 16 times larger
+    torch.testing.assert_close(y.float(), exact, atol=2e-2 * size, rtol=2e-2)
     reference = F.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16()).float()
     assert (y.float() - F.linear(x, weight, bias)).abs().max() <= 3 * (
         reference - F.linear(x, weight, bias)
@@ -264,7 +318,7 @@ def test_save_load_and_to_dtype(tmp_path):
     loaded.load_state_dict(load_file(tmp_path / "layer.safetensors"))
     x = torch.randn(2, 128)
     assert torch.equal(loaded.dequantize(), weight)
-    assert torch.equal(loaded(x), F.linear(x, loaded.dequantize(), bias))
+    torch.testing.assert_close(loaded(x), F.linear(x, loaded.dequantize(), bias), atol=1e-5, rtol=1e-5)
     loaded.to(torch.bfloat16)  # a model-wide cast must leave the stored format alone
     assert {k: v.dtype for k, v in loaded.state_dict().items()} == {
         "qweight": torch.int32,
