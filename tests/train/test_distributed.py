@@ -76,6 +76,36 @@ def test_lora_on_chat_rows_in_two_processes_matches_one(tmp_path):
         torch.testing.assert_close(adapters[1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_dpo_in_two_processes_matches_one(tmp_path):
+    """DPO with LoRA under DDP: packed rows hold different numbers of pairs on each process, and the step must
+    still be the mean over all pairs of the global batch (loss and rewards), as in one process."""
+    from safetensors.torch import load_file
+
+    from .test_dpo import LORA, make_base
+    from .test_dpo import write_recipe as write_dpo_recipe
+
+    base = make_base(tmp_path / "base", "tiny-dense")
+    lora = LORA | {"target_parameters": []}
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        recipe = write_dpo_recipe(tmp_path / str(processes), base, lora=lora, run={"max_steps": 3, "batch_size": batch})
+        orionlm_train(recipe, processes=processes)
+        runs[processes] = tmp_path / str(processes) / "run"
+    logged = {
+        p: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for p, run in runs.items()
+    }
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+    steps = {p: [r for r in records if r["step"] > 0] for p, records in logged.items()}
+    assert len(steps[2]) == len(steps[1]) == 3
+    for a, b in zip(steps[1], steps[2], strict=True):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    assert steps[1][-1]["rewards/margin"] != 0  # the adapters moved
+    adapters = [load_file(run / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors") for run in runs.values()]
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_expert_balance_counts_the_tokens_of_every_process(tmp_path):
     """Global-batch balancing and the routing bias under DDP: each process's balance loss takes f_e from the counts
     of both (all-reduced), and so does each step's bias update, so two processes of 2 rows train as one of 4."""
