@@ -261,12 +261,6 @@ class QuantLinear(nn.Module):
             return None
         return (None if torch.equal(perm, torch.arange(K, device=perm.device)) else perm), group_size
 
-    def _ordered_params(self, perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The codes (K, N) int32 in the order of perm, and the zero points and scales (G, N) (int32, float32)."""
-        q = unpack_rows(self.qweight, self.bits)
-        zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
-        return (q if perm is None else q[perm]), zero, self.scales.float()
-
     def _codes_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """What _codes_matmul needs beside qweight: the scales and the zero term -scale * zero (G, N) in float32
         (8 / group_size bytes per weight), or None where it cannot read the codes from qweight's bytes: 3 bits
@@ -274,16 +268,15 @@ class QuantLinear(nn.Module):
         shorter than the others), a qweight whose words are not contiguous (its bytes then have no view), or a
         big-endian host (byte j of a word would not be its bits 8j..8j+7)."""
         group_size = self.in_features if self.group_size == -1 else self.group_size
+        zero, scale, in_order = self._group_params()
         if (
             self.bits == 3
             or group_size * self.bits % WORD
-            or not self._in_order()
+            or not in_order
             or not self.qweight.is_contiguous()
             or sys.byteorder != "little"
         ):
             return None
-        zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
-        scale = self.scales.float()
         return scale, -scale * zero
 
     def _int4_layout(self, dtype: torch.dtype) -> tuple | None:
@@ -301,8 +294,10 @@ class QuantLinear(nn.Module):
         kernel_group = next((size for size in reversed(INT4_GROUP_SIZES) if group_size % size == 0), None)
         if kernel_group is None:
             return None
-        q, zero, scale = self._ordered_params(perm)
-        q = q.t()  # (N, K)
+        q = unpack_rows(self.qweight, self.bits)
+        q = (q if perm is None else q[perm]).t()  # (N, K)
+        zero = unpack_zeros(self.qzeros, self.bits, self.checkpoint_format)
+        scale = self.scales.float()
         halves = (
             [(q, zero, scale)] if self.bits <= 4 else [(q % 16, zero % 16, scale), (q // 16, zero // 16, 16 * scale)]
         )
