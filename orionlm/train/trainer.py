@@ -181,7 +181,7 @@ class Trainer:
         d.barrier()
         if not d.main:  # text: the cache rank 0 wrote
             self.dataset = self._build_dataset(packed, False)
-        if recipe.mode == "dpo" and not packed:  # padded, each of a step's batch_size pairs is two rows
+        if self.preference is not None and not packed:  # padded, each of a step's batch_size pairs is two rows
             self.tokens_per_step *= 2
             if run.max_tokens is not None:
                 self.total_steps = math.ceil(run.max_tokens / self.tokens_per_step)
